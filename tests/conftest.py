@@ -1,0 +1,45 @@
+"""Fixtures for the differential tests: one scenario, two implementations.
+
+``ss`` is the module under test: the stdlib's ``socketserver`` or
+``txsocketserver``.  A scenario written against ``ss`` must give the same
+observable result for both.  Run ``-k stdlib`` to check a scenario against the
+reference alone, ``-k tx`` for the implementation.
+"""
+
+from __future__ import annotations
+
+import importlib
+import socketserver
+from collections.abc import Iterator
+from types import ModuleType
+
+import pytest
+
+from support import SelfSignedCert, make_self_signed_cert, unix_socket_path
+
+
+@pytest.fixture(params=["stdlib", "tx"])
+def ss(request: pytest.FixtureRequest) -> ModuleType:
+    """The ``socketserver`` implementation under test."""
+    if request.param == "stdlib":
+        return socketserver
+    return importlib.import_module("txsocketserver")
+
+
+@pytest.fixture
+def tx() -> ModuleType:
+    """``txsocketserver`` alone, for tests of documented improvements over the stdlib."""
+    return importlib.import_module("txsocketserver")
+
+
+@pytest.fixture
+def unix_path() -> Iterator[str]:
+    """A short, unused path for a Unix socket, removed after the test."""
+    with unix_socket_path() as path:
+        yield path
+
+
+@pytest.fixture(scope="session")
+def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> SelfSignedCert:
+    """A self-signed certificate for localhost, made once per session."""
+    return make_self_signed_cert(str(tmp_path_factory.mktemp("tls")))
