@@ -1,0 +1,36 @@
+"""Python's ``socketserver`` API, complete and faithful, running on Twisted.
+
+``import txsocketserver as socketserver`` and code written for the stdlib runs
+unchanged; the same servers also run inside a Twisted application.  Import
+everything from here: the underscored modules are private.
+"""
+
+from txsocketserver._base import BaseServer
+from txsocketserver._handlers import (
+    BaseRequestHandler,
+    DatagramRequestHandler,
+    StreamRequestHandler,
+)
+from txsocketserver._stream import TCPServer, UnixStreamServer
+from txsocketserver._threading import ThreadingMixIn
+
+
+class ThreadingTCPServer(ThreadingMixIn, TCPServer):
+    """A TCP server running each request on a pool thread."""
+
+
+class ThreadingUnixStreamServer(ThreadingMixIn, UnixStreamServer):
+    """A Unix stream server running each request on a pool thread."""
+
+
+__all__ = [
+    "BaseServer",
+    "TCPServer",
+    "ThreadingTCPServer",
+    "BaseRequestHandler",
+    "StreamRequestHandler",
+    "DatagramRequestHandler",
+    "ThreadingMixIn",
+    "UnixStreamServer",
+    "ThreadingUnixStreamServer",
+]

@@ -1,0 +1,274 @@
+"""``BaseServer``: the ``socketserver`` template method, driven by the reactor.
+
+The loop has the stdlib's shape and calls the same hooks in the same order on
+the same thread (the caller of ``serve_forever``/``handle_request``).  What
+changes is how it waits: instead of ``select()`` on the socket it waits on an
+:class:`~txsocketserver._readiness.IRequestReadiness`, which the reactor feeds.
+That gives two things the stdlib lacks: ``shutdown()`` wakes the loop at once
+instead of waiting out ``poll_interval``, and the same server can be fed by a
+Twisted endpoint instead of a socket.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+import threading
+import time
+import traceback
+from types import TracebackType
+from typing import Any
+
+from txsocketserver import _reactor
+from txsocketserver._readiness import IRequestReadiness, SocketReadiness
+
+# accept() failing for lack of resources leaves the request queued, so the
+# socket stays readable; pausing briefly stops the loop from spinning on it
+# while the process is out of fds.
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_RESOURCE_BACKOFF = 0.05
+
+
+class BaseServer:
+    """Base class for server classes.
+
+    Methods for the caller:
+
+    - ``__init__(server_address, RequestHandlerClass)``
+    - ``serve_forever(poll_interval=0.5)``
+    - ``shutdown()``
+    - ``handle_request()``  # if you do not use serve_forever()
+    - ``fileno()`` -> int   # for selectors
+
+    Methods that may be overridden:
+
+    - ``server_bind()``, ``server_activate()``, ``get_request()`` -> request, client_address
+    - ``handle_timeout()``, ``verify_request(request, client_address)``
+    - ``server_close()``, ``process_request(request, client_address)``
+    - ``shutdown_request(request)``, ``close_request(request)``, ``service_actions()``
+    - ``handle_error()``
+
+    Class variables that may be overridden by derived classes or instances:
+    ``timeout``, ``address_family``, ``socket_type``, ``allow_reuse_address``,
+    ``allow_reuse_port``.
+
+    Instance variables: ``RequestHandlerClass``, ``socket``.
+    """
+
+    # Seconds handle_request() waits before calling handle_timeout(); None waits forever.
+    timeout: float | None = None
+
+    def __init__(self, server_address: Any, RequestHandlerClass: Any) -> None:
+        """Constructor.  May be extended, do not override."""
+        self.server_address = server_address
+        self.RequestHandlerClass = RequestHandlerClass
+        self.__is_shut_down = threading.Event()
+        self.__shutdown_request = False
+        self.__readiness: IRequestReadiness | None = None
+        self.__serving_thread: int | None = None
+
+    def server_activate(self) -> None:
+        """Called by the constructor to activate the server.  May be overridden."""
+
+    # -- the serving loop ------------------------------------------------------
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Handle one request at a time until ``shutdown()``.
+
+        ``service_actions()`` runs at least every *poll_interval* seconds;
+        ``shutdown()`` does not wait for that interval to pass.
+
+        Error handling:
+            ``RuntimeError`` if called on the Twisted reactor thread (it would
+            deadlock); use :class:`txsocketserver.ServerService` there.
+        """
+        _reactor.refuse_reactor_thread("serve_forever")
+        self.__is_shut_down.clear()
+        try:
+            with self.__watching() as readiness:
+                while not self.__shutdown_request:
+                    ready = readiness.wait(poll_interval)
+                    if self.__shutdown_request:
+                        break
+                    if ready:
+                        self._handle_request_noblock()
+                    self.service_actions()
+                    self._after_serving_step()
+        finally:
+            self.__shutdown_request = False
+            self.__is_shut_down.set()
+
+    def shutdown(self) -> None:
+        """Stop the ``serve_forever`` loop and wait until it has stopped.
+
+        Called from inside a handler that runs in the serving loop's own thread
+        (every handler of a synchronous server), waiting would deadlock, as it
+        does in the stdlib.  Here it returns at once instead, and
+        ``serve_forever`` returns as soon as that handler finishes.
+
+        Error handling:
+            ``RuntimeError`` if called on the Twisted reactor thread.
+        """
+        _reactor.refuse_reactor_thread("shutdown")
+        self.__shutdown_request = True
+        readiness = self.__readiness
+        if readiness is not None:
+            readiness.wake()
+        if threading.get_ident() == self.__serving_thread:
+            return
+        self.__is_shut_down.wait()
+
+    def service_actions(self) -> None:
+        """Called by ``serve_forever`` once per loop.  May be overridden, e.g. by
+        a mixin that needs to do periodic work."""
+
+    def handle_request(self) -> None:
+        """Handle one request, waiting at most ``timeout`` seconds for it.
+
+        The timeout is the smaller of ``self.timeout`` and the socket's own;
+        ``handle_timeout()`` is called when it passes with no request.
+        """
+        _reactor.refuse_reactor_thread("handle_request")
+        timeout = self._socket_timeout()
+        if timeout is None:
+            timeout = self.timeout
+        elif self.timeout is not None:
+            timeout = min(timeout, self.timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.__watching() as readiness:
+            while True:
+                if readiness.wait(timeout):
+                    return self._handle_request_noblock()
+                if deadline is not None:
+                    timeout = deadline - time.monotonic()
+                    if timeout < 0:
+                        return self.handle_timeout()
+
+    def _handle_request_noblock(self) -> None:
+        """Take one request and run it through the hooks.
+
+        Called when the socket is readable, so ``get_request()`` should not block.
+        """
+        try:
+            request, client_address = self.get_request()
+        except OSError as exc:
+            if exc.errno in _RESOURCE_ERRNOS:
+                time.sleep(_RESOURCE_BACKOFF)
+            return
+        if not self.verify_request(request, client_address):
+            self.shutdown_request(request)
+            return
+        try:
+            self.process_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+        except BaseException:
+            self.shutdown_request(request)
+            raise
+
+    def __watching(self) -> _Watching:
+        return _Watching(self)
+
+    def _request_readiness(self) -> IRequestReadiness:
+        """Make what tells the serving loop that a request is ready (private hook)."""
+        return SocketReadiness(self.fileno())
+
+    def _socket_timeout(self) -> float | None:
+        sock = getattr(self, "socket", None)
+        return None if sock is None else sock.gettimeout()
+
+    def _after_serving_step(self) -> None:
+        """Private upkeep once per loop (mixins trim idle threads here)."""
+
+    # -- the hooks ---------------------------------------------------------------
+
+    def handle_timeout(self) -> None:
+        """Called if no new request arrives within ``self.timeout``.  Overridden
+        by ForkingMixIn."""
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Return True if we should proceed with this request.  May be overridden
+        (access control, for instance)."""
+        return True
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Call ``finish_request``, then ``shutdown_request``.  Overridden by
+        ForkingMixIn and ThreadingMixIn to run the request elsewhere."""
+        self.finish_request(request, client_address)
+        self.shutdown_request(request)
+
+    def server_close(self) -> None:
+        """Called to clean up the server.  May be overridden."""
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Finish one request by instantiating ``RequestHandlerClass``."""
+        self.RequestHandlerClass(request, client_address, self)
+
+    def shutdown_request(self, request: Any) -> None:
+        """Called to shutdown and close an individual request."""
+        self.close_request(request)
+
+    def close_request(self, request: Any) -> None:
+        """Called to clean up an individual request."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Handle an error raised by a handler: print a traceback and continue.
+
+        May be overridden.  Only ``Exception`` reaches here; ``SystemExit`` and
+        ``KeyboardInterrupt`` propagate out of the serving loop.
+        """
+        print("-" * 40, file=sys.stderr)
+        print(
+            "Exception occurred during processing of request from",
+            client_address,
+            file=sys.stderr,
+        )
+        traceback.print_exc()
+        print("-" * 40, file=sys.stderr)
+
+    def __enter__(self) -> BaseServer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.server_close()
+
+    # -- private plumbing shared with _Watching -----------------------------------
+
+    def _begin_serving(self, readiness: IRequestReadiness) -> None:
+        self.__serving_thread = threading.get_ident()
+        self.__readiness = readiness
+
+    def _stop_watching(self) -> None:
+        """Make the reactor forget the socket before it is closed."""
+        readiness = self.__readiness
+        if readiness is not None:
+            readiness.close()
+            readiness.wake()
+
+    def _end_serving(self) -> None:
+        self.__readiness = None
+        self.__serving_thread = None
+
+
+class _Watching:
+    """Context manager: a readiness for the duration of one serving call."""
+
+    def __init__(self, server: BaseServer) -> None:
+        self._server = server
+        self._readiness: IRequestReadiness | None = None
+
+    def __enter__(self) -> IRequestReadiness:
+        self._readiness = self._server._request_readiness()
+        self._server._begin_serving(self._readiness)
+        return self._readiness
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._server._end_serving()
+        assert self._readiness is not None
+        self._readiness.close()

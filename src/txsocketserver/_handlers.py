@@ -1,0 +1,124 @@
+"""Request handler classes: one instance per connection (stream) or datagram.
+
+A handler is plain blocking code.  It never learns whether its server runs on a
+reactor: ``request`` is the real accepted socket for socket servers, and a
+socket-like bridge to a Twisted transport for endpoint servers.  Handlers
+written against the stdlib's ``socketserver.BaseRequestHandler`` work on our
+servers too, since all they use is ``request``, ``client_address`` and
+``server``.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+from typing import Any
+
+
+class BaseRequestHandler:
+    """Base class for request handler classes.
+
+    Instantiated once per request: the constructor sets ``request``,
+    ``client_address`` and ``server``, then calls ``setup()``, ``handle()`` and
+    ``finish()``; ``finish()`` runs even if ``handle()`` raises.  Override
+    ``handle()`` to service the request.
+    """
+
+    def __init__(self, request: Any, client_address: Any, server: Any) -> None:
+        self.request = request
+        self.client_address = client_address
+        self.server = server
+        self.setup()
+        try:
+            self.handle()
+        finally:
+            self.finish()
+
+    def setup(self) -> None:
+        """Called before ``handle()``."""
+
+    def handle(self) -> None:
+        """Service the request."""
+
+    def finish(self) -> None:
+        """Called after ``handle()``, even when it raised."""
+
+
+class StreamRequestHandler(BaseRequestHandler):
+    """Handler for stream sockets: ``rfile`` and ``wfile`` file objects.
+
+    ``connection`` is the socket; ``rfile`` reads from it (buffered by
+    ``rbufsize``), ``wfile`` writes to it (unbuffered by default, so every
+    ``write`` is sent at once).
+    """
+
+    # Buffer size of rfile; -1 means the default (buffered) size.
+    rbufsize = -1
+    # Buffer size of wfile; 0 means unbuffered: each write() goes out at once.
+    wbufsize = 0
+    # Socket timeout in seconds for the whole connection; None means none.
+    # A read or write that takes longer raises TimeoutError in the handler.
+    timeout: float | None = None
+    # Set TCP_NODELAY, so small writes are not held back by Nagle's algorithm.
+    disable_nagle_algorithm = False
+
+    def setup(self) -> None:
+        self.connection = self.request
+        if self.timeout is not None:
+            self.connection.settimeout(self.timeout)
+        if self.disable_nagle_algorithm:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        self.rfile = self.connection.makefile("rb", self.rbufsize)
+        if self.wbufsize == 0:
+            self.wfile: io.BufferedIOBase = _SocketWriter(self.connection)
+        else:
+            self.wfile = self.connection.makefile("wb", self.wbufsize)
+
+    def finish(self) -> None:
+        if not self.wfile.closed:
+            try:
+                self.wfile.flush()
+            except OSError:
+                # The client went away: there is nobody left to send to.
+                pass
+        self.wfile.close()
+        self.rfile.close()
+
+
+class _SocketWriter(io.BufferedIOBase):
+    """An unbuffered write-only file that sends each write with ``sendall``.
+
+    ``makefile('wb', 0)`` would give a raw stream whose ``write`` may send only
+    part of the data; handlers expect every byte written to go out.
+    """
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self._sock.sendall(b)
+        with memoryview(b) as view:
+            return view.nbytes
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+
+class DatagramRequestHandler(BaseRequestHandler):
+    """Handler for datagram sockets.
+
+    ``request`` is ``(data, socket)``.  ``rfile`` reads the datagram (also in
+    ``packet``); whatever is written to ``wfile`` is sent back to
+    ``client_address`` in one datagram by ``finish()``.
+    """
+
+    def setup(self) -> None:
+        self.packet, self.socket = self.request
+        self.rfile = io.BytesIO(self.packet)
+        self.wfile = io.BytesIO()
+
+    def finish(self) -> None:
+        self.socket.sendto(self.wfile.getvalue(), self.client_address)

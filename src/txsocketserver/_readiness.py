@@ -1,0 +1,153 @@
+"""How a serving thread learns that a request can be taken without blocking.
+
+The listening (or datagram) socket is handed to the reactor as a reader.  When
+the kernel reports it readable, the reactor thread stops watching it and drops
+a token into the serving thread's queue; the serving thread then runs the
+stdlib hooks (``get_request`` → ``verify_request`` → ``process_request``) and,
+when it next waits, first asks the kernel directly (a zero-timeout poll) whether
+more requests are queued, so a burst is drained without one reactor round trip
+per request.  Only when nothing is pending does it re-arm the reactor watcher.
+
+While a synchronous server runs a handler nobody watches the socket: new
+connections wait in the kernel backlog and datagrams in the socket buffer, as
+``request_queue_size`` promises.
+"""
+
+from __future__ import annotations
+
+import errno
+import queue
+import select
+import threading
+from collections.abc import Callable
+
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from txsocketserver import _reactor
+
+_READY = "ready"
+_WAKE = "wake"
+
+
+class IRequestReadiness(Interface):
+    """Tells a serving thread when ``get_request()`` will not block."""
+
+    def wait(timeout: float | None) -> bool:
+        """Block the serving thread until a request is ready, ``wake()`` is
+        called, or *timeout* seconds pass (``None``: no limit).  Returns whether
+        a request is ready."""
+
+    def wake() -> None:
+        """Make a current or the next ``wait()`` return ``False`` at once.
+        Callable from any thread."""
+
+    def close() -> None:
+        """Stop watching.  Called once, from the serving thread."""
+
+
+@implementer(IReadDescriptor)
+class _SocketWatcher:
+    """Reactor-thread half: reports a readable fd once, then waits to be re-armed."""
+
+    def __init__(self, fd: int, tokens: queue.SimpleQueue[str]) -> None:
+        self._fd = fd
+        self._tokens = tokens
+        self._watching = False
+        self._closed = False
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def logPrefix(self) -> str:
+        return "txsocketserver"
+
+    def arm(self) -> None:
+        if not self._closed and not self._watching:
+            self._watching = True
+            _reactor.get_reactor().addReader(self)
+
+    def disarm(self) -> None:
+        self._closed = True
+        if self._watching:
+            self._watching = False
+            _reactor.get_reactor().removeReader(self)
+
+    def doRead(self) -> None:
+        # Level-triggered: stop watching until the serving thread has taken
+        # what is queued, or the reactor would report the same fd forever.
+        self._watching = False
+        _reactor.get_reactor().removeReader(self)
+        self._tokens.put(_READY)
+
+    def connectionLost(self, reason: Failure) -> None:
+        # The fd went bad under the reactor (closed behind our back): wake the
+        # serving thread so that its own get_request() meets the error.
+        self._watching = False
+        self._tokens.put(_READY)
+
+
+def _make_poller(fd: int) -> Callable[[], bool]:
+    """Return a function that asks the kernel, without blocking, whether *fd*
+    is readable, and raises ``OSError(EBADF)`` once *fd* has been closed."""
+    if not hasattr(select, "poll"):
+        return lambda: bool(select.select([fd], [], [], 0)[0])
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+
+    def pending_now() -> bool:
+        events = poller.poll(0)
+        if events and events[0][1] & select.POLLNVAL:
+            raise OSError(errno.EBADF, "the server socket was closed while serving")
+        return bool(events)
+
+    return pending_now
+
+
+@implementer(IRequestReadiness)
+class SocketReadiness:
+    """Readiness of a server's own socket, watched by the reactor.
+
+    Args:
+        fd: the listening (stream) or bound (datagram) socket's file descriptor.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._tokens: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._watcher = _SocketWatcher(fd, self._tokens)
+        self._pending_now = _make_poller(fd)
+        self._armed = False
+        self._owner = threading.get_ident()
+        _reactor.running_reactor()
+
+    def wait(self, timeout: float | None) -> bool:
+        if not self._armed:
+            if self._pending_now():
+                return True
+            _reactor.call_soon(self._watcher.arm)
+            self._armed = True
+        try:
+            token = self._tokens.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        if token == _READY:
+            self._armed = False
+            return True
+        return False
+
+    def wake(self) -> None:
+        self._tokens.put(_WAKE)
+
+    def close(self) -> None:
+        # Idempotent and callable from any thread: server_close() may close
+        # the socket while another thread serves, and the reactor must forget
+        # the fd before the kernel can reuse its number.
+        if self._armed or not self._serving_thread_calls():
+            _reactor.call_in_reactor(self._watcher.disarm)
+        else:
+            # Not registered with the reactor and no arm() on its way to it.
+            self._watcher.disarm()
+
+    def _serving_thread_calls(self) -> bool:
+        return threading.get_ident() == self._owner

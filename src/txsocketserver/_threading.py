@@ -1,0 +1,184 @@
+"""``ThreadingMixIn``: each request on a thread of a Twisted ``ThreadPool``.
+
+Differences from the stdlib, all in the caller's favour:
+
+* Threads are reused: a request starts on an idle pool thread when there is
+  one, and a new thread is started only when every thread is busy, so a request
+  never waits for a thread where the stdlib would have started one.
+  ``max_threads`` (ours) caps the pool; requests beyond it wait in order.
+* Idle threads are retired after ``idle_thread_timeout`` seconds, and all of
+  them when the server closes: a burst leaves nothing behind.
+* Pool threads are daemon threads so that an idle pool never holds up
+  interpreter exit.  ``daemon_threads = False`` (the default) keeps its stdlib
+  meaning all the same: at exit, and in ``server_close()`` when
+  ``block_on_close`` is true, we wait for the requests in flight.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from txsocketserver._dispatch import IRequestDispatcher
+
+
+def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
+    return threading.Thread(*args, daemon=True, **kwargs)
+
+
+@implementer(IRequestDispatcher)
+class ThreadDispatcher:
+    """Runs requests on a private Twisted ``ThreadPool``.
+
+    Args:
+        name: names the pool's threads, for debuggers and logs.
+        max_threads: at most this many requests run at once; ``None`` means no
+            limit, as in the stdlib.
+        idle_thread_timeout: seconds a thread may stay idle before it is retired.
+        wait_at_exit: make interpreter exit wait for requests in flight (the
+            stdlib's non-daemon threads).
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        max_threads: int | None,
+        idle_thread_timeout: float,
+        wait_at_exit: bool,
+    ) -> None:
+        self._pool = ThreadPool(0, max_threads or sys.maxsize, name=name)
+        self._pool.threadFactory = _daemon_thread
+        self._pool.start()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._in_flight = 0
+        self._idle_timeout = idle_thread_timeout
+        self._next_trim = time.monotonic() + idle_thread_timeout
+        self._idle_at_last_trim = 0
+        self._wait_at_exit = wait_at_exit
+        if wait_at_exit:
+            _wait_at_exit.add(self)
+
+    def dispatch(self, function: Callable[..., object], *args: Any) -> None:
+        with self._lock:
+            self._in_flight += 1
+        self._pool.callInThread(self._run, function, args)
+
+    def _run(self, function: Callable[..., object], args: tuple[Any, ...]) -> None:
+        try:
+            function(*args)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                if not self._in_flight:
+                    self._idle.notify_all()
+
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._in_flight, timeout)
+
+    def upkeep(self) -> None:
+        now = time.monotonic()
+        if now < self._next_trim:
+            return
+        self._next_trim = now + self._idle_timeout
+        # A thread idle at both of two checks one period apart has been idle
+        # (at least mostly) for the whole period: retire that many.
+        idle_now = len(self._pool.waiters)
+        for _ in range(min(idle_now, self._idle_at_last_trim)):
+            self._pool.stopAWorker()
+        self._idle_at_last_trim = len(self._pool.waiters)
+        self._pool.threads[:] = [t for t in self._pool.threads if t.is_alive()]
+
+    def close(self, wait: bool) -> None:
+        _wait_at_exit.discard(self)
+        if wait:
+            self._pool.stop()
+        else:
+            # stop() joins the pool's threads; let a helper do the joining so
+            # the threads still end once their requests are done.  Like the
+            # request threads, it holds up exit only for non-daemon requests.
+            threading.Thread(
+                target=self._pool.stop,
+                name="txsocketserver-pool-stop",
+                daemon=not self._wait_at_exit,
+            ).start()
+
+
+_wait_at_exit: weakref.WeakSet[ThreadDispatcher] = weakref.WeakSet()
+
+
+def _wait_for_requests_at_exit() -> None:
+    for dispatcher in list(_wait_at_exit):
+        dispatcher.wait_idle(None)
+
+
+# Runs when the main thread finishes, before non-daemon threads are joined:
+# the moment the stdlib's non-daemon request threads would hold up exit.
+if hasattr(threading, "_register_atexit"):
+    threading._register_atexit(_wait_for_requests_at_exit)
+
+
+class ThreadingMixIn:
+    """Mix-in class to handle each request in a thread (of a reused pool)."""
+
+    # Whether request threads should not hold up interpreter exit.
+    daemon_threads = False
+    # Whether server_close() waits for the requests in flight.
+    block_on_close = True
+    # Ours: at most this many requests in flight at once; None means no limit.
+    max_threads: int | None = None
+    # Ours: seconds an idle pool thread lives before it is retired.
+    idle_thread_timeout: float = 5.0
+
+    _thread_dispatcher: ThreadDispatcher | None = None
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Run one request, in a pool thread: ``finish_request``, then
+        ``handle_error`` on an ``Exception``, and ``shutdown_request`` always."""
+        try:
+            self.finish_request(request, client_address)  # type: ignore[attr-defined]
+        except Exception:
+            self.handle_error(request, client_address)  # type: ignore[attr-defined]
+        finally:
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Hand the request to a pool thread and return at once."""
+        self._request_threads().dispatch(self.process_request_thread, request, client_address)
+
+    def _request_threads(self) -> ThreadDispatcher:
+        # Made on first use so that daemon_threads/max_threads set on the
+        # instance after construction still apply.
+        if self._thread_dispatcher is None:
+            self._thread_dispatcher = ThreadDispatcher(
+                name=f"{type(self).__name__}-{id(self):x}",
+                max_threads=self.max_threads,
+                idle_thread_timeout=self.idle_thread_timeout,
+                wait_at_exit=not self.daemon_threads,
+            )
+        return self._thread_dispatcher
+
+    def _after_serving_step(self) -> None:
+        super()._after_serving_step()  # type: ignore[misc]
+        if self._thread_dispatcher is not None:
+            self._thread_dispatcher.upkeep()
+
+    def server_close(self) -> None:
+        """Close the socket; with ``block_on_close`` (and non-daemon threads),
+        wait for every request in flight to finish."""
+        super().server_close()  # type: ignore[misc]
+        dispatcher, self._thread_dispatcher = self._thread_dispatcher, None
+        if dispatcher is not None:
+            dispatcher.close(wait=self.block_on_close and not self.daemon_threads)
