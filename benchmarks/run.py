@@ -1,0 +1,343 @@
+"""Benchmark txsocketserver against stdlib socketserver and native Twisted, in one run.
+
+Usage: python benchmarks/run.py [--quick] [--only NAME[,NAME...]] [--rounds N]
+                                [--duration S] [--impls ours,stdlib,twisted]
+
+For each scenario, one server process per implementation is started (and warmed
+up); then, round after round, each implementation is loaded in turn for
+``--duration`` seconds (the order rotates every round, so no implementation is
+always first or last after another).  The table gives the median requests/s per
+implementation and the ratios ours/stdlib and ours/twisted.  See README.md.
+
+Every process this script starts is killed when it ends, on error or Ctrl-C too;
+servers also exit by themselves when this script's end of their stdin closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import selectors
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import IO
+
+from loads import LoadTools, Measurement, build_dir
+from scenarios import IMPLEMENTATIONS, SCENARIOS, Scenario
+
+HERE = Path(__file__).resolve().parent
+SERVER_START_TIMEOUT = 30.0  # seconds to import, bind and print the port
+SERVER_STOP_TIMEOUT = 2.0  # seconds between SIGTERM and SIGKILL
+
+
+class ServerFailed(RuntimeError):
+    pass
+
+
+class ServerProcess:
+    """One ``server.py`` child: started in its own session (Ctrl-C is ours to
+    handle), its stderr kept in a temporary file to explain a failure."""
+
+    def __init__(self, impl: str, scenario: str) -> None:
+        self.impl = impl
+        self.scenario = scenario
+        self.port: int | None = None
+        self.stderr: IO[bytes] = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(
+            [sys.executable, str(HERE / "server.py"), "--impl", impl, "--scenario", scenario],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            start_new_session=True,
+        )
+
+    def wait_for_port(self, deadline: float) -> int:
+        """Read ``PORT <n>`` from the child's stdout, failing at ``deadline``."""
+        assert self.process.stdout is not None
+        fd = self.process.stdout.fileno()
+        buffer = b""
+        with selectors.DefaultSelector() as selector:
+            selector.register(fd, selectors.EVENT_READ)
+            while b"\n" not in buffer:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ServerFailed(f"no port within {SERVER_START_TIMEOUT:.0f}s{self.log()}")
+                if selector.select(remaining):
+                    chunk = os.read(fd, 4096)
+                    if not chunk:
+                        raise ServerFailed(f"exited before listening{self.log()}")
+                    buffer += chunk
+        line = buffer.split(b"\n", 1)[0].decode(errors="replace")
+        if not line.startswith("PORT "):
+            raise ServerFailed(f"unexpected first line {line!r}{self.log()}")
+        self.port = int(line.split()[1])
+        return self.port
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise ServerFailed(f"exited with status {self.process.returncode}{self.log()}")
+
+    def log(self, lines: int = 15) -> str:
+        self.stderr.seek(0)
+        tail = self.stderr.read().decode(errors="replace").splitlines()[-lines:]
+        return "".join(f"\n    | {line}" for line in tail)
+
+    def stop(self) -> None:
+        try:
+            if self.process.stdin is not None:
+                self.process.stdin.close()
+        except OSError:
+            pass
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(SERVER_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+        # The whole session: catches anything the server itself started.
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        self.stderr.close()
+
+
+def start_servers(scenario: Scenario, impls: list[str]) -> dict[str, ServerProcess]:
+    """Start one server per implementation in parallel; drop (and report) failures."""
+    servers = {impl: ServerProcess(impl, scenario.name) for impl in impls}
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    started = {}
+    for impl, server in servers.items():
+        try:
+            server.wait_for_port(deadline)
+            started[impl] = server
+        except ServerFailed as failure:
+            print(f"  ! {impl} server for {scenario.name} failed: {failure}", file=sys.stderr)
+            server.stop()
+    return started
+
+
+def rotated(items: list[str], by: int) -> list[str]:
+    by %= len(items)
+    return items[by:] + items[:by]
+
+
+def run_scenario(
+    scenario: Scenario, impls: list[str], tools: LoadTools, args: argparse.Namespace
+) -> dict[str, list[Measurement]]:
+    results: dict[str, list[Measurement]] = {impl: [] for impl in impls}
+    servers = start_servers(scenario, impls)
+    try:
+        if args.warmup > 0:
+            for server in servers.values():
+                assert server.port is not None
+                scenario.load(server.port, tools, args.warmup)
+        for round_index in range(args.rounds):
+            line = []
+            for impl in rotated(list(servers), round_index):
+                server = servers[impl]
+                assert server.port is not None
+                try:
+                    server.check_alive()
+                    measurement = scenario.load(server.port, tools, args.duration)
+                    server.check_alive()
+                except (ServerFailed, RuntimeError, subprocess.TimeoutExpired) as failure:
+                    print(f"  ! {impl} on {scenario.name}: {failure}", file=sys.stderr)
+                    server.stop()
+                    del servers[impl]
+                    continue
+                results[impl].append(measurement)
+                errors = f" ({measurement.errors} errors)" if measurement.errors else ""
+                line.append(f"{impl} {measurement.rate:,.0f}{errors}")
+            print(
+                f"  {scenario.name} round {round_index + 1}/{args.rounds}: " + ", ".join(line),
+                file=sys.stderr,
+                flush=True,
+            )
+    finally:
+        for server in servers.values():
+            server.stop()
+    return results
+
+
+def median_rate(measurements: list[Measurement]) -> float | None:
+    return statistics.median(m.rate for m in measurements) if measurements else None
+
+
+def format_rate(measurements: list[Measurement]) -> str:
+    median = median_rate(measurements)
+    if not median:
+        return "failed"
+    rates = [m.rate for m in measurements]
+    spread = (max(rates) - min(rates)) / 2 / median * 100
+    return f"{median:,.0f} ±{spread:.0f}%"
+
+
+def format_ratio(ours: list[Measurement], other: list[Measurement]) -> str:
+    a, b = median_rate(ours), median_rate(other)
+    return f"{a / b:.2f}" if a and b else "-"
+
+
+def print_table(all_results: dict[str, dict[str, list[Measurement]]], impls: list[str]) -> None:
+    headers = ["scenario", *impls]
+    ratios = [other for other in ("stdlib", "twisted") if "ours" in impls and other in impls]
+    headers += [f"ours/{other}" for other in ratios]
+    rows = []
+    for name, results in all_results.items():
+        row = [name, *(format_rate(results[impl]) for impl in impls)]
+        row += [format_ratio(results["ours"], results[other]) for other in ratios]
+        rows.append(row)
+    widths = [
+        max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)
+    ]
+
+    def render(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = (cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True))
+        return "  ".join([first, *rest])
+
+    print()
+    print("median requests/s (± half the min-max range, in % of the median)")
+    print(render(headers))
+    print(render(["-" * width for width in widths]))
+    for row in rows:
+        print(render(row))
+    for name, results in all_results.items():
+        for impl, measurements in results.items():
+            errors = sum(m.errors for m in measurements)
+            if errors:
+                print(
+                    f"note: {name} / {impl}: {errors} client-side errors "
+                    "(connect/read/write failures or non-2xx replies)"
+                )
+
+
+def select_scenarios(only: list[str] | None, quick: bool) -> list[Scenario]:
+    if not only:
+        return [s for s in SCENARIOS.values() if s.quick or not quick]
+    patterns = [p for arg in only for p in arg.split(",") if p]
+    selected = [
+        s for s in SCENARIOS.values() if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)
+    ]
+    if not selected:
+        sys.exit(f"no scenario matches {', '.join(patterns)}; try --list")
+    return selected
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: one scenario per family, 1 round of 0.3 s, no warm-up",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        help="scenario names or glob patterns, comma-separated; repeatable",
+    )
+    parser.add_argument("--rounds", type=int, help="rounds per scenario (default 3; quick 1)")
+    parser.add_argument(
+        "--duration", type=float, help="seconds per measurement (default 3; quick 0.3)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        help="seconds of load per server before the rounds (default 1; quick 0)",
+    )
+    parser.add_argument(
+        "--impls",
+        default=",".join(IMPLEMENTATIONS),
+        help="implementations to run, comma-separated",
+    )
+    parser.add_argument("--echo-client", choices=["auto", "c", "python"], default="auto")
+    parser.add_argument("--http-client", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument("--json", metavar="FILE", help="also write every measurement here")
+    parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    args = parser.parse_args()
+    defaults = (1, 0.3, 0.0) if args.quick else (3, 3.0, 1.0)
+    for name, default in zip(("rounds", "duration", "warmup"), defaults, strict=True):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    return args
+
+
+def raise_system_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.list:
+        for scenario in SCENARIOS.values():
+            print(f"{scenario.name:32} {scenario.description}")
+        return
+    impls = [impl for impl in args.impls.split(",") if impl]
+    unknown = set(impls) - set(IMPLEMENTATIONS)
+    if unknown or not impls:
+        sys.exit(f"unknown implementation(s) {sorted(unknown)}; choose from {IMPLEMENTATIONS}")
+    scenarios = select_scenarios(args.only, args.quick)
+    # SIGTERM/SIGHUP unwind like Ctrl-C, so every finally block stops its processes.
+    signal.signal(signal.SIGTERM, raise_system_exit)
+    signal.signal(signal.SIGHUP, raise_system_exit)
+
+    with build_dir() as tmp:
+        try:
+            tools = LoadTools.find(Path(tmp), args.echo_client, args.http_client)
+        except RuntimeError as error:
+            sys.exit(str(error))
+        print(f"{tools.describe()}", file=sys.stderr)
+        print(
+            f"{len(scenarios)} scenarios x {impls} x {args.rounds} rounds x "
+            f"{args.duration:g}s; {os.cpu_count()} CPUs, load average "
+            f"{os.getloadavg()[0]:.2f}",
+            file=sys.stderr,
+            flush=True,
+        )
+        all_results = {}
+        try:
+            for scenario in scenarios:
+                all_results[scenario.name] = run_scenario(scenario, impls, tools, args)
+        except KeyboardInterrupt:
+            print("\ninterrupted; partial results:", file=sys.stderr)
+        print_table(all_results, impls)
+        print(
+            f"load average at the end: {os.getloadavg()[0]:.2f} "
+            f"(figures are noisy when it is near or above {os.cpu_count()})"
+        )
+        if args.json:
+            dump = {
+                "settings": {
+                    "rounds": args.rounds,
+                    "duration": args.duration,
+                    "warmup": args.warmup,
+                    "impls": impls,
+                },
+                "results": {
+                    name: {
+                        impl: [asdict(m) | {"rate": m.rate} for m in ms]
+                        for impl, ms in results.items()
+                    }
+                    for name, results in all_results.items()
+                },
+            }
+            Path(args.json).write_text(json.dumps(dump, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""The scenario table: what is served, by each implementation, and how it is loaded.
+
+To add a scenario, add a ``Scenario`` to ``SCENARIOS`` with a server factory per
+implementation (``servers.py``: each binds 127.0.0.1 port 0 and returns the port
+and a serve callable) and a load function (``loads.py``: port, tools, duration ->
+``Measurement``).  Nothing else needs to change: ``run.py`` starts each server in
+its own process with ``server.py --impl IMPL --scenario NAME``.
+
+Scenario ideas with the same shape: datagram request/response (``UDPServer`` vs
+a ``DatagramProtocol``, a UDP load function), forking servers
+(``ForkingTCPServer``), TLS echo (``get_request`` wrapping in ``ssl`` vs an
+``ssl:`` endpoint, a TLS load client).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loads import Load, echo_load, http_load
+from servers import ServerFactory, echo_servers, http_servers
+
+IMPLEMENTATIONS = ("ours", "stdlib", "twisted")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    servers: dict[str, ServerFactory]
+    load: Load
+    quick: bool = False  # part of the ``--quick`` smoke run
+
+
+def _table(*scenarios: Scenario) -> dict[str, Scenario]:
+    return {scenario.name: scenario for scenario in scenarios}
+
+
+SCENARIOS = _table(
+    *(
+        Scenario(
+            f"echo-persistent-{n}",
+            f"{n} persistent connections, one line in flight each; ThreadingTCPServer",
+            echo_servers("ThreadingTCPServer"),
+            echo_load("persistent", n),
+            quick=n == 16,
+        )
+        for n in (1, 16, 128)
+    ),
+    Scenario(
+        "echo-persistent-1-sync",
+        "1 persistent connection, one line in flight; TCPServer (no threads)",
+        echo_servers("TCPServer"),
+        echo_load("persistent", 1),
+        quick=True,
+    ),
+    *(
+        Scenario(
+            f"connect-per-request-{kind}-{n}",
+            f"{n} clients, a new connection per line; {server_class}",
+            echo_servers(server_class),
+            echo_load("connect", n),
+            quick=(kind, n) == ("threading", 8),
+        )
+        for kind, server_class in (("sync", "TCPServer"), ("threading", "ThreadingTCPServer"))
+        for n in (1, 8)
+    ),
+    *(
+        Scenario(
+            f"http-{n}",
+            f"{n} HTTP/1.0 clients, a new connection per GET; BaseHTTPRequestHandler",
+            http_servers("HTTP/1.0"),
+            http_load(n, keep_alive=False),
+            quick=n == 16,
+        )
+        for n in (1, 16, 64)
+    ),
+    *(
+        Scenario(
+            f"http-keepalive-{n}",
+            f"{n} HTTP/1.1 keep-alive clients; BaseHTTPRequestHandler",
+            http_servers("HTTP/1.1"),
+            http_load(n, keep_alive=True),
+            quick=n == 16,
+        )
+        for n in (1, 16, 64)
+    ),
+)

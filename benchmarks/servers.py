@@ -1,0 +1,153 @@
+"""Server factories: one per (scenario kind, implementation), run inside ``server.py``.
+
+A factory binds a listening socket on 127.0.0.1 (port 0: the kernel picks one)
+and returns a ``ServerHandle``: the port, and a callable that serves until the
+process is killed.  Factories import their implementation lazily, so the driver
+(``run.py``), which only names them, never imports Twisted or txsocketserver.
+
+The ``socketserver`` factories build the very same class source against either
+module: ``ours`` gets ``txsocketserver``, ``stdlib`` gets ``socketserver``.  The
+``twisted`` factories are what a Twisted programmer would write by hand for the
+same job: the reference for the async ceiling.
+
+Common settings, identical for every implementation:
+- listen backlog 1024 (``request_queue_size`` / ``backlog=``): the stdlib's 5
+  turns connect bursts into one-second SYN retransmits and measures those;
+- request logging off (``log_message``, ``Site.log``): one ``stderr`` line per
+  request would be measured instead of the server;
+- ``daemon_threads``: the process is killed at the end, nothing waits for handlers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from types import ModuleType
+from typing import NamedTuple
+
+HOST = "127.0.0.1"
+BACKLOG = 1024
+HTTP_BODY = (b"Hello from the txsocketserver benchmark. " * 3)[:99] + b"\n"  # 100 bytes
+
+# The module each socketserver-API implementation is imported from.
+SOCKETSERVER_MODULES = {"ours": "txsocketserver", "stdlib": "socketserver"}
+
+
+class ServerHandle(NamedTuple):
+    port: int
+    serve: Callable[[], None]
+
+
+ServerFactory = Callable[[], ServerHandle]
+
+
+def socketserver_module(impl: str) -> ModuleType:
+    return importlib.import_module(SOCKETSERVER_MODULES[impl])
+
+
+def listen_socketserver(module: ModuleType, server_class: str, handler: type) -> ServerHandle:
+    """Bind ``module.<server_class>`` with the common benchmark settings."""
+
+    class BenchServer(getattr(module, server_class)):
+        allow_reuse_address = True
+        request_queue_size = BACKLOG
+        daemon_threads = True
+
+    server = BenchServer((HOST, 0), handler)
+    return ServerHandle(server.server_address[1], server.serve_forever)
+
+
+def listen_twisted(factory: object) -> ServerHandle:
+    """Listen with the default reactor; SIGTERM keeps its default action (exit)."""
+    from twisted.internet import reactor
+
+    port = reactor.listenTCP(0, factory, backlog=BACKLOG, interface=HOST)
+    return ServerHandle(port.getHost().port, lambda: reactor.run(installSignalHandlers=False))
+
+
+# --- line echo -------------------------------------------------------------
+
+
+def socketserver_echo(impl: str, server_class: str) -> ServerHandle:
+    module = socketserver_module(impl)
+
+    class EchoHandler(module.StreamRequestHandler):
+        def handle(self) -> None:
+            for line in self.rfile:
+                self.wfile.write(line)
+
+    return listen_socketserver(module, server_class, EchoHandler)
+
+
+def twisted_echo() -> ServerHandle:
+    from twisted.internet.protocol import Factory
+    from twisted.protocols.basic import LineReceiver
+
+    class Echo(LineReceiver):
+        delimiter = b"\n"
+
+        def lineReceived(self, line: bytes) -> None:
+            self.sendLine(line)
+
+    return listen_twisted(Factory.forProtocol(Echo))
+
+
+def echo_servers(server_class: str) -> dict[str, ServerFactory]:
+    """Echo servers; ``server_class`` is ``TCPServer`` or ``ThreadingTCPServer``."""
+    return {
+        "ours": lambda: socketserver_echo("ours", server_class),
+        "stdlib": lambda: socketserver_echo("stdlib", server_class),
+        "twisted": twisted_echo,
+    }
+
+
+# --- HTTP ------------------------------------------------------------------
+
+
+def socketserver_http(impl: str, protocol_version: str) -> ServerHandle:
+    from http.server import BaseHTTPRequestHandler
+
+    class HelloHandler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(HTTP_BODY)))
+            self.end_headers()
+            self.wfile.write(HTTP_BODY)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    HelloHandler.protocol_version = protocol_version
+    return listen_socketserver(socketserver_module(impl), "ThreadingTCPServer", HelloHandler)
+
+
+def twisted_http() -> ServerHandle:
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    class Hello(Resource):
+        isLeaf = True
+
+        def render_GET(self, request: object) -> bytes:
+            request.setHeader(b"content-type", b"text/plain")
+            return HTTP_BODY
+
+    class QuietSite(Site):
+        def log(self, request: object) -> None:
+            pass
+
+    return listen_twisted(QuietSite(Hello()))
+
+
+def http_servers(protocol_version: str) -> dict[str, ServerFactory]:
+    """HTTP servers; ``HTTP/1.0`` closes after each response, ``HTTP/1.1`` keeps alive.
+
+    twisted.web speaks HTTP/1.1 either way and closes when the client asks
+    (``Connection: close``), which the load client does for the HTTP/1.0 variant.
+    """
+    return {
+        "ours": lambda: socketserver_http("ours", protocol_version),
+        "stdlib": lambda: socketserver_http("stdlib", protocol_version),
+        "twisted": twisted_http,
+    }
