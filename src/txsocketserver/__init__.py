@@ -6,6 +6,7 @@ everything from here: the underscored modules are private.
 """
 
 from txsocketserver._base import BaseServer
+from txsocketserver._datagram import UDPServer, UnixDatagramServer
 from txsocketserver._handlers import (
     BaseRequestHandler,
     DatagramRequestHandler,
@@ -23,14 +24,26 @@ class ThreadingUnixStreamServer(ThreadingMixIn, UnixStreamServer):
     """A Unix stream server running each request on a pool thread."""
 
 
+class ThreadingUDPServer(ThreadingMixIn, UDPServer):
+    """A UDP server running each datagram's handler on a pool thread."""
+
+
+class ThreadingUnixDatagramServer(ThreadingMixIn, UnixDatagramServer):
+    """A Unix datagram server running each datagram's handler on a pool thread."""
+
+
 __all__ = [
     "BaseServer",
     "TCPServer",
+    "UDPServer",
     "ThreadingTCPServer",
+    "ThreadingUDPServer",
     "BaseRequestHandler",
     "StreamRequestHandler",
     "DatagramRequestHandler",
     "ThreadingMixIn",
     "UnixStreamServer",
     "ThreadingUnixStreamServer",
+    "UnixDatagramServer",
+    "ThreadingUnixDatagramServer",
 ]
