@@ -117,9 +117,10 @@ def _compatible(actual: inspect.Signature, expected: str) -> bool:
     """Same parameters as ``expected``, plus optionally keyword-only ones with defaults.
 
     STYLE.md asks for options beyond the stdlib to be keyword-only, so those
-    may follow; everything a stdlib caller can pass must match exactly.
+    may follow; everything a stdlib caller can pass must match exactly.  Type
+    hints (STYLE.md asks for them too) are not part of the comparison.
     """
-    params = list(actual.parameters.values())
+    params = [p.replace(annotation=inspect.Parameter.empty) for p in actual.parameters.values()]
     extra = [
         p
         for p in params
