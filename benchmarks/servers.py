@@ -108,6 +108,10 @@ def socketserver_http(impl: str, protocol_version: str) -> ServerHandle:
     from http.server import BaseHTTPRequestHandler
 
     class HelloHandler(BaseHTTPRequestHandler):
+        # Headers and body are two writes: with Nagle on, keep-alive replies stall
+        # on the client's delayed ACK (~40 ms each) and only the kernel is measured.
+        disable_nagle_algorithm = True
+
         def do_GET(self) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
