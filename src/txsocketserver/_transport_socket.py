@@ -1,0 +1,968 @@
+"""A blocking socket facade over a Twisted transport.
+
+Theory of operation
+===================
+
+When a server listens on a Twisted endpoint (``ssl:``, ``haproxy:``,
+``systemd:``...), the bytes of a connection pass through a Twisted transport:
+Twisted does the TLS, Twisted parses the PROXY header.  Handlers, though, are
+blocking ``socketserver`` code running in a thread that is *not* the reactor
+thread.  This module joins the two with a pair of objects per connection:
+
+* :class:`TransportSocketProtocol` lives on the **reactor thread**.  It is the
+  transport's protocol: it alone calls the transport, and it is the transport's
+  streaming producer.
+* :class:`TransportSocket` lives on the **handler thread**.  It is what the
+  handler gets as ``request``: ``recv``/``sendall``/``makefile``/``close``...
+  with the blocking, timeout and error behaviour of ``socket.socket``.  It never
+  touches the transport; it asks the reactor to, with ``callFromThread``.
+
+Between them sits one :class:`_Bridge`: the only state both threads touch,
+guarded by one lock with two conditions (``readable``, ``writable``).  The
+reactor thread never waits on anything but that lock, which is only ever held
+for a few bookkeeping lines, so the reactor never blocks.
+
+Incoming bytes
+--------------
+``dataReceived`` appends to ``bridge.received`` (a ``bytearray``) and wakes a
+waiting reader; a ``recv`` that finds bytes buffered returns without a reactor
+hop.  When the buffer reaches :data:`RECEIVE_HIGH_WATER`, the protocol calls
+``transport.pauseProducing()`` (``read_paused``); when a reader drains it to
+:data:`RECEIVE_LOW_WATER`, the reader queues *one* hop (``resume_requested``)
+that calls ``resumeProducing()``.  Memory per connection is therefore bounded
+by the high-water mark plus one delivery from the transport.
+
+Outgoing bytes
+--------------
+``send``/``sendall`` append ``bytes`` chunks to ``bridge.outgoing`` and queue a
+flush hop unless one is already queued (``flush_requested``): one hop per call,
+and back-to-back calls share hops.  The flush hop hands the chunks to the
+transport, then subtracts them from ``outgoing_bytes`` and wakes writers.  A
+writer waits while
+
+* ``outgoing_bytes`` has reached :data:`SEND_WINDOW` (the reactor is behind), or
+* ``write_paused`` is set: the protocol registered a streaming producer
+  (:class:`_OutgoingProducer`) with the transport, and the transport pauses it
+  when its own write buffer fills (a client that does not read) and resumes it
+  once the buffer has drained.
+
+So what a slow reader can make the server hold is one window plus the
+transport's buffer, whatever the handler writes.
+
+How a connection ends
+---------------------
+* The peer finishes sending: ``readConnectionLost`` (TCP half-close; we provide
+  ``IHalfCloseableProtocol`` so the handler can still answer) or
+  ``connectionLost`` sets ``read_eof``; readers get what is buffered, then
+  ``b""``.
+* The connection goes away: ``connectionLost`` records ``lost`` (clean, or the
+  errno of a reset), drops unsent bytes and wakes *every* waiter: a handler
+  blocked in ``recv`` returns EOF or raises ``ConnectionResetError``, one blocked
+  in ``sendall`` raises ``BrokenPipeError``/``ConnectionResetError``.
+* The handler closes: ``close()`` sets ``closed`` under the lock (so every later
+  call, and any other thread waiting, raises ``OSError(EBADF)``) and queues a
+  close hop.  Hops run in the order they were queued, so the close hop runs
+  after the flushes of everything written before: it unregisters the producer
+  and calls ``loseConnection()``, which sends what the transport still buffers,
+  then closes.  Nothing written before ``close()`` is lost.
+* ``close()`` racing ``connectionLost``: both the close hop and
+  ``connectionLost`` run on the reactor thread, so they are ordered; the close
+  hop does nothing once ``lost`` is set, and ``connectionLost`` after ``closed``
+  only records what the handler can no longer observe.
+* ``shutdown(SHUT_WR)`` queues a hop that flushes and half-closes with
+  ``loseWriteConnection()`` when the transport really is a TCP connection (a
+  PROXY-protocol wrapper passes bytes through, so it counts; TLS does not
+  support half-close); otherwise the write side is closed locally and the
+  connection ends at ``close()``.
+
+Which thread owns what
+----------------------
+* Reactor thread: the transport, the producer registration, ``lost``,
+  ``read_paused``.
+* Handler thread(s): timeout, makefile reference count, the cached addresses.
+* Both, under the lock: everything in :class:`_Bridge`.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, BinaryIO
+
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.python import threadable
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+# Bytes buffered for the handler before the transport is asked to stop reading.
+RECEIVE_HIGH_WATER = 256 * 1024
+# Bytes left in the buffer when the handler's reads ask the transport to read again.
+RECEIVE_LOW_WATER = 64 * 1024
+# Bytes accepted by send/sendall that the reactor has not yet handed to the
+# transport; a writer waits beyond this.  The transport's own buffer comes on top.
+SEND_WINDOW = 256 * 1024
+
+#: What ``socket.accept()`` returns as the address for each family: ``(host,
+#: port)`` for IPv4, ``(host, port, flowinfo, scope_id)`` for IPv6, a path (``""``
+#: for an unnamed peer) for Unix sockets.
+SocketAddress = tuple[str, int] | tuple[str, int, int, int] | str | bytes
+
+#: ``on_connection(transport_socket, client_address)``: see TransportSocketProtocol.
+ConnectionCallback = Callable[["TransportSocket", SocketAddress], object]
+
+_log = Logger()
+
+
+def _bad_file_descriptor() -> OSError:
+    return OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+
+def socket_address(address: IAddress) -> SocketAddress:
+    """Convert a Twisted address to what ``socket.accept()`` would return.
+
+    Args:
+        address: from ``transport.getPeer()``/``getHost()``.
+
+    Returns:
+        ``(host, port)`` for IPv4, ``(host, port, flowinfo, scope_id)`` for IPv6,
+        the path for Unix (``""`` when unnamed; ``bytes`` for an abstract
+        address).  Any other address object is returned unchanged.
+    """
+    if isinstance(address, IPv6Address):
+        return (address.host, address.port, address.flowInfo, address.scopeID)
+    if isinstance(address, IPv4Address):
+        return (address.host, address.port)
+    if isinstance(address, UNIXAddress):
+        name = address.name
+        if not name:
+            return ""
+        if isinstance(name, bytes) and not name.startswith(b"\0"):
+            return os.fsdecode(name)
+        return name
+    return address  # type: ignore[return-value]
+
+
+def _address_family(address: IAddress) -> socket.AddressFamily:
+    if isinstance(address, IPv6Address):
+        return socket.AF_INET6
+    if isinstance(address, UNIXAddress):
+        return socket.AF_UNIX
+    return socket.AF_INET
+
+
+def _underlying_socket(transport: Any) -> socket.socket | None:
+    """The OS socket under ``transport``, looking through protocol wrappers.
+
+    TLS and PROXY-protocol transports are ``ProtocolWrapper`` objects whose
+    ``transport`` attribute is the TCP transport that owns the socket.
+    """
+    for _ in range(16):
+        get_handle = getattr(transport, "getHandle", None)
+        if get_handle is not None:
+            try:
+                handle = get_handle()
+            except Exception:
+                handle = None
+            if isinstance(handle, socket.socket):
+                return handle
+        if not isinstance(transport, ProtocolWrapper):
+            return None
+        transport = transport.transport
+    return None
+
+
+def _half_close(transport: Any) -> Callable[[], None] | None:
+    """The ``loseWriteConnection`` that half-closes *our* byte stream, if any.
+
+    A wrapper that does not override ``write`` passes our bytes through
+    unchanged (the PROXY-protocol wrapper), so half-closing the transport below
+    it half-closes our stream.  A wrapper that transforms bytes (TLS) forwards
+    unknown attributes to the TCP transport too, and its ``loseWriteConnection``
+    would cut the TLS stream mid-record: we refuse those.
+    """
+    for _ in range(16):
+        if isinstance(transport, ProtocolWrapper):
+            if "loseWriteConnection" in vars(type(transport)):
+                return transport.loseWriteConnection  # type: ignore[no-any-return]
+            if type(transport).write is not ProtocolWrapper.write:
+                return None
+            transport = transport.transport
+            continue
+        method = getattr(transport, "loseWriteConnection", None)
+        return method if callable(method) else None
+    return None
+
+
+def _pending_proxy_header(transport: Any) -> ProtocolWrapper | None:
+    """The PROXY-protocol wrapper around us if its header has not arrived yet.
+
+    Twisted connects the wrapped protocol before the header is parsed, when
+    ``getPeer()`` still names the load balancer.  We must wait for the header
+    to report the real client address.
+    """
+    from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
+
+    if isinstance(transport, HAProxyProtocolWrapper):
+        if getattr(transport, "_proxyInfo", True) is None:
+            return transport
+    return None
+
+
+class _Bridge:
+    """The state both threads share; every field is guarded by ``lock``."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        # Notified when bytes arrive, at EOF, on loss and on close.
+        self.readable = threading.Condition(self.lock)
+        # Notified when the window opens, the producer resumes, on loss and on close.
+        self.writable = threading.Condition(self.lock)
+
+        self.received = bytearray()
+        self.read_eof = False  # the peer will send nothing more
+        self.read_shut = False  # shutdown(SHUT_RD): drop what arrives
+        self.read_paused = False  # transport.pauseProducing() in effect
+        self.resume_requested = False  # a resume hop is queued
+
+        self.outgoing: list[bytes] = []
+        self.outgoing_bytes = 0  # accepted from the handler, not yet in the transport
+        self.flush_requested = False  # a flush hop is queued
+        self.write_paused = False  # the transport paused our producer
+        self.write_shut = False  # shutdown(SHUT_WR) was called
+
+        self.closed = False  # the handler closed the socket
+        self.lost = False  # connectionLost has run
+        self.lost_errno = 0  # 0 for a clean close, else ECONNRESET
+
+
+@implementer(IPushProducer)
+class _OutgoingProducer:
+    """The producer we register with the transport; it only flips ``write_paused``.
+
+    The transport calls it on the reactor thread when its write buffer fills
+    (pause) and drains (resume); handler threads blocked in ``sendall`` wait
+    for the resume.
+    """
+
+    def __init__(self, bridge: _Bridge) -> None:
+        self._bridge = bridge
+
+    def pauseProducing(self) -> None:
+        with self._bridge.lock:
+            self._bridge.write_paused = True
+
+    def resumeProducing(self) -> None:
+        with self._bridge.lock:
+            self._bridge.write_paused = False
+            self._bridge.writable.notify_all()
+
+    def stopProducing(self) -> None:
+        # connectionLost follows and wakes the writers with the right error.
+        pass
+
+
+@implementer(IHalfCloseableProtocol)
+class TransportSocketProtocol(Protocol):
+    """The reactor side: a protocol that hands a :class:`TransportSocket` onwards.
+
+    Use it as the protocol of the factory given to ``endpoint.listen``
+    (:class:`TransportSocketFactory` does exactly that).
+
+    Args:
+        on_connection: called on the reactor thread as
+            ``on_connection(transport_socket, client_address)`` once per
+            connection, ``client_address`` being what ``socket.accept()`` returns
+            for the peer's family (see :func:`socket_address`).  For a
+            ``haproxy:`` endpoint it is called once the PROXY header has arrived,
+            with the real client's address.  It must not block: it typically
+            hands the socket to a handler thread.  From then on the callee owns
+            the socket and must ``close()`` it.
+        reactor: the reactor that runs the transport; the global one by default.
+
+    Error handling:
+        If ``on_connection`` raises, the error is logged and the connection is
+        closed.
+    """
+
+    def __init__(self, on_connection: ConnectionCallback, *, reactor: Any = None) -> None:
+        self._on_connection = on_connection
+        self._reactor = reactor
+        self._bridge = _Bridge()
+        self.socket: TransportSocket | None = None
+
+    # IProtocol ------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        self.transport.registerProducer(_OutgoingProducer(self._bridge), True)
+        proxy = _pending_proxy_header(self.transport)
+        if proxy is None:
+            self._start()
+            return
+        # Start once the wrapper has parsed the header, even if no payload
+        # follows it (protocols where the server speaks first).
+        parse = proxy.dataReceived
+
+        def data_received(data: bytes) -> None:
+            parse(data)
+            if proxy._proxyInfo is not None and self.socket is None and not self._bridge.lost:
+                del proxy.dataReceived
+                self._start()
+
+        proxy.dataReceived = data_received  # type: ignore[method-assign]
+
+    def _start(self) -> None:
+        peer = self.transport.getPeer()
+        self.socket = TransportSocket(
+            self,
+            self._bridge,
+            family=_address_family(peer),
+            peer=socket_address(peer),
+            host=socket_address(self.transport.getHost()),
+            os_socket=_underlying_socket(self.transport),
+        )
+        try:
+            self._on_connection(self.socket, self.socket.getpeername())
+        except Exception:
+            _log.failure("on_connection raised; closing the connection")
+            self.socket.close()
+
+    def dataReceived(self, data: bytes) -> None:
+        bridge = self._bridge
+        with bridge.lock:
+            if bridge.read_shut or bridge.closed:
+                return
+            bridge.received += data
+            pause = not bridge.read_paused and len(bridge.received) >= RECEIVE_HIGH_WATER
+            if pause:
+                bridge.read_paused = True
+            bridge.readable.notify()
+        if pause:
+            self.transport.pauseProducing()
+
+    def readConnectionLost(self) -> None:
+        with self._bridge.lock:
+            self._bridge.read_eof = True
+            self._bridge.readable.notify_all()
+
+    def writeConnectionLost(self) -> None:
+        # Only happens after our own loseWriteConnection: nothing to record.
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        bridge = self._bridge
+        with bridge.lock:
+            bridge.lost = True
+            bridge.read_eof = True
+            if not reason.check(ConnectionDone):
+                bridge.lost_errno = errno.ECONNRESET
+            bridge.outgoing.clear()
+            bridge.outgoing_bytes = 0
+            bridge.readable.notify_all()
+            bridge.writable.notify_all()
+
+    # Hops queued by the handler side (reactor thread) ---------------------------
+
+    def _call_soon(self, function: Callable[[], None]) -> None:
+        """Queue ``function`` for the reactor thread (FIFO with all other hops)."""
+        self._reactor.callFromThread(function)
+
+    def _flush(self) -> None:
+        """Hand everything the handler queued to the transport."""
+        bridge = self._bridge
+        with bridge.lock:
+            chunks, bridge.outgoing = bridge.outgoing, []
+            bridge.flush_requested = False
+            lost = bridge.lost
+        if not chunks or lost:
+            return
+        size = sum(map(len, chunks))
+        # The transport may call our producer's pauseProducing in here, which
+        # takes the lock: hence the write happens outside it.
+        if len(chunks) == 1:
+            self.transport.write(chunks[0])
+        else:
+            self.transport.writeSequence(chunks)
+        with bridge.lock:
+            if not bridge.lost:
+                bridge.outgoing_bytes -= size
+            bridge.writable.notify_all()
+
+    def _resume_reading(self) -> None:
+        bridge = self._bridge
+        with bridge.lock:
+            bridge.resume_requested = False
+            if not bridge.read_paused or bridge.lost:
+                return
+            if len(bridge.received) > RECEIVE_LOW_WATER:
+                return
+            bridge.read_paused = False
+        self.transport.resumeProducing()
+
+    def _shutdown_write(self) -> None:
+        self._flush()
+        if self._bridge.lost:
+            return
+        half_close = _half_close(self.transport)
+        if half_close is not None:
+            self.transport.unregisterProducer()
+            half_close()
+
+    def _close(self, abort: bool = False) -> None:
+        if self._bridge.lost:
+            return
+        if abort:
+            self.transport.abortConnection()
+            return
+        self._flush()
+        if self._bridge.lost:
+            return
+        # A registered producer would keep the transport open: finish first.
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
+
+class TransportSocketFactory(Factory):
+    """A factory of :class:`TransportSocketProtocol`, for ``endpoint.listen()``.
+
+    Args:
+        on_connection: passed to each protocol; see :class:`TransportSocketProtocol`.
+        reactor: the reactor that runs the transports; the global one by default.
+    """
+
+    def __init__(self, on_connection: ConnectionCallback, *, reactor: Any = None) -> None:
+        self._on_connection = on_connection
+        self._reactor = reactor
+
+    def buildProtocol(self, addr: IAddress) -> TransportSocketProtocol:
+        protocol = TransportSocketProtocol(self._on_connection, reactor=self._reactor)
+        protocol.factory = self
+        return protocol
+
+
+class TransportSocket:
+    """A connected stream socket, as a blocking handler sees it, over a transport.
+
+    Created by :class:`TransportSocketProtocol`; handlers use it exactly like the
+    socket ``accept()`` returns: ``recv``, ``recv_into``, ``send``, ``sendall``,
+    ``sendfile``, ``makefile``, ``settimeout``, ``shutdown``, ``close``...  The
+    blocking calls must not be made on the reactor thread (``RuntimeError``).
+
+    Resource handling:
+        ``close()`` (or leaving a ``with`` block) sends everything written so far,
+        then closes the connection; files from ``makefile()`` keep the connection
+        open until they are closed too, as with ``socket.socket``.  Whoever got
+        the socket from ``on_connection`` must close it.
+
+    Error handling:
+        As ``socket.socket``: ``TimeoutError`` when a timeout expires,
+        ``BlockingIOError`` in non-blocking mode, ``ConnectionResetError`` after a
+        peer reset, ``BrokenPipeError`` when writing after the connection ended,
+        ``OSError(EBADF)`` after ``close()``.
+    """
+
+    type = socket.SOCK_STREAM
+    proto = 0
+
+    def __init__(
+        self,
+        protocol: TransportSocketProtocol,
+        bridge: _Bridge,
+        *,
+        family: socket.AddressFamily,
+        peer: SocketAddress,
+        host: SocketAddress,
+        os_socket: socket.socket | None,
+    ) -> None:
+        self._protocol = protocol
+        self._bridge = bridge
+        self.family = family
+        self._peer = peer
+        self._host = host
+        self._os_socket = os_socket
+        self._timeout: float | None = socket.getdefaulttimeout()
+        self._closed = False  # close() called; the connection ends when _io_refs is 0
+        self._io_refs = 0  # open makefile() objects
+
+    def __repr__(self) -> str:
+        state = "closed" if self._bridge.closed else f"laddr={self._host!r}, raddr={self._peer!r}"
+        return f"<{type(self).__name__} fd={self.fileno()}, {state}>"
+
+    def __enter__(self) -> TransportSocket:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self._closed:
+            self.close()
+
+    # Statistics ---------------------------------------------------------------------
+
+    @property
+    def pending_write_bytes(self) -> int:
+        """Bytes accepted by ``send``/``sendall`` not yet handed to the transport."""
+        with self._bridge.lock:
+            return self._bridge.outgoing_bytes
+
+    @property
+    def buffered_read_bytes(self) -> int:
+        """Bytes received from the transport that the handler has not read yet."""
+        with self._bridge.lock:
+            return len(self._bridge.received)
+
+    # Timeouts -----------------------------------------------------------------------
+
+    def settimeout(self, value: float | None) -> None:
+        """Set the timeout of blocking calls: seconds, ``None`` (block), ``0`` (non-blocking)."""
+        if value is not None:
+            value = float(value)
+            if value < 0.0:
+                raise ValueError("Timeout value out of range")
+        self._timeout = value
+
+    def gettimeout(self) -> float | None:
+        """The timeout set by ``settimeout``; ``socket.getdefaulttimeout()`` at first."""
+        return self._timeout
+
+    def setblocking(self, flag: bool) -> None:
+        """``setblocking(True)`` means ``settimeout(None)``; ``False``, ``settimeout(0)``."""
+        self._timeout = None if flag else 0.0
+
+    def getblocking(self) -> bool:
+        """False in non-blocking mode (timeout ``0``), True otherwise."""
+        return self._timeout != 0.0
+
+    # Waiting --------------------------------------------------------------------------
+
+    def _deadline(self, flags: int) -> float | None:
+        """When a call started now gives up: ``None`` never, ``-1.0`` non-blocking."""
+        timeout = 0.0 if flags & socket.MSG_DONTWAIT else self._timeout
+        if timeout is None:
+            return None
+        if timeout == 0.0:
+            return -1.0
+        return time.monotonic() + timeout
+
+    @staticmethod
+    def _wait(
+        condition: threading.Condition, ready: Callable[[], bool], deadline: float | None
+    ) -> None:
+        """Wait, holding the lock, until ``ready()``; raise when the deadline passes."""
+        while not ready():
+            if deadline is None:
+                condition.wait()
+                continue
+            if deadline < 0.0:
+                raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0.0:
+                raise TimeoutError("timed out")
+            condition.wait(remaining)
+
+    def _check_thread(self, call: str) -> None:
+        if threadable.isInIOThread():
+            raise RuntimeError(
+                f"TransportSocket.{call}() was called on the reactor thread: it waits for "
+                "the reactor and would deadlock. Call it from a handler thread "
+                "(e.g. twisted.internet.threads.deferToThread)."
+            )
+
+    # Reading --------------------------------------------------------------------------
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        """Receive up to ``bufsize`` bytes; ``b""`` at end of stream.
+
+        Args:
+            bufsize: the most bytes to return.
+            flags: ``MSG_PEEK``, ``MSG_WAITALL`` and ``MSG_DONTWAIT`` are honoured;
+                others raise ``OSError(EOPNOTSUPP)``.
+
+        Error handling:
+            ``TimeoutError``/``BlockingIOError`` when nothing arrives in time;
+            ``ConnectionResetError`` once after a peer reset (buffered bytes
+            are delivered first); ``OSError(EBADF)`` after ``close()``.
+        """
+        if bufsize < 0:
+            raise ValueError("negative buffersize in recv")
+        if flags & socket.MSG_WAITALL and not flags & socket.MSG_PEEK:
+            buffer = bytearray(bufsize)
+            count = self.recv_into(buffer, bufsize, flags)
+            del buffer[count:]
+            return bytes(buffer)
+        return self._receive(None, bufsize, flags, "recv")  # type: ignore[return-value]
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        """Receive up to ``nbytes`` (default: ``len(buffer)``) bytes into ``buffer``.
+
+        Returns:
+            The number of bytes written into ``buffer``; 0 at end of stream.
+
+        Error handling:
+            As :meth:`recv`.
+        """
+        if nbytes < 0:
+            raise ValueError("negative buffersize in recv_into")
+        with memoryview(buffer) as view, view.cast("B") as target:
+            if nbytes == 0:
+                nbytes = len(target)
+            elif nbytes > len(target):
+                raise ValueError("buffer too small for requested bytes")
+            return self._receive(target, nbytes, flags, "recv_into")  # type: ignore[return-value]
+
+    def _receive(self, target: memoryview | None, size: int, flags: int, call: str) -> bytes | int:
+        """The one read path: copy buffered bytes into ``target``, or return them.
+
+        ``MSG_WAITALL`` (only with a ``target``) keeps copying as bytes arrive,
+        draining the buffer each time so that flow control keeps working when
+        ``size`` exceeds the high-water mark.
+        """
+        self._check_thread(call)
+        if flags & ~(socket.MSG_PEEK | socket.MSG_WAITALL | socket.MSG_DONTWAIT):
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        bridge = self._bridge
+        peek = bool(flags & socket.MSG_PEEK)
+        wait_all = bool(flags & socket.MSG_WAITALL) and not peek and target is not None
+        deadline = self._deadline(flags)
+        received = bridge.received
+
+        def ready() -> bool:
+            return bool(received) or bridge.read_eof or bridge.read_shut or bridge.closed
+
+        done = 0
+        with bridge.lock:
+            while True:
+                if bridge.closed:
+                    raise _bad_file_descriptor()
+                if done == size:
+                    return done if target is not None else b""
+                self._wait(bridge.readable, ready, deadline)
+                if bridge.closed:
+                    raise _bad_file_descriptor()
+                count = min(size - done, len(received))
+                if count == 0:
+                    if done == 0 and bridge.lost_errno and not bridge.read_shut:
+                        code, bridge.lost_errno = bridge.lost_errno, 0
+                        raise ConnectionResetError(code, os.strerror(code))
+                    return done if target is not None else b""
+                with memoryview(received) as source:
+                    if target is None:
+                        data = bytes(source[:count])
+                    else:
+                        target[done : done + count] = source[:count]
+                if not peek:
+                    del received[:count]
+                    self._maybe_resume_reading()
+                done += count
+                if target is None:
+                    return data
+                if not wait_all:
+                    return done
+
+    def _maybe_resume_reading(self) -> None:
+        """Queue a resume hop once the buffer has drained; called with the lock held."""
+        bridge = self._bridge
+        if (
+            bridge.read_paused
+            and not bridge.resume_requested
+            and len(bridge.received) <= RECEIVE_LOW_WATER
+        ):
+            bridge.resume_requested = True
+            self._protocol._call_soon(self._protocol._resume_reading)
+
+    # Writing --------------------------------------------------------------------------
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        """Queue as much of ``data`` as the send window takes; return how much.
+
+        Blocks (up to the timeout) only while nothing at all can be queued.
+
+        Args:
+            data: a bytes-like object.
+            flags: ``MSG_DONTWAIT`` makes this call non-blocking; ``MSG_NOSIGNAL``
+                is accepted (there are no signals); others raise
+                ``OSError(EOPNOTSUPP)``.
+
+        Returns:
+            The number of bytes queued; they reach the peer unless the
+            connection breaks.
+        """
+        with memoryview(data) as view, view.cast("B") as octets:
+            return self._send(data, octets, flags, "send", everything=False)
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        """Queue all of ``data``, waiting while the peer or the reactor is behind.
+
+        The timeout bounds the whole call, as for ``socket.sendall``.
+
+        Error handling:
+            ``TimeoutError`` if the data could not all be queued in time (part
+            of it may have been sent); ``BrokenPipeError`` after the connection
+            ended or ``shutdown(SHUT_WR)``; ``ConnectionResetError`` after a
+            reset; ``OSError(EBADF)`` after ``close()``.
+        """
+        with memoryview(data) as view, view.cast("B") as octets:
+            self._send(data, octets, flags, "sendall", everything=True)
+
+    def _send(self, data: Any, octets: memoryview, flags: int, call: str, everything: bool) -> int:
+        """Queue ``octets`` in window-sized chunks; the shared write path."""
+        self._check_thread(call)
+        if flags & ~(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL):
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        bridge = self._bridge
+        deadline = self._deadline(flags)
+        total = len(octets)
+        sent = 0
+
+        def ready() -> bool:
+            return (
+                bridge.closed
+                or bridge.lost
+                or bridge.write_shut
+                or (not bridge.write_paused and bridge.outgoing_bytes < SEND_WINDOW)
+            )
+
+        with bridge.lock:
+            while True:
+                if bridge.closed:
+                    raise _bad_file_descriptor()
+                if sent == total and (everything or total == 0):
+                    return sent
+                self._wait(bridge.writable, ready, deadline)
+                if bridge.closed:
+                    raise _bad_file_descriptor()
+                if bridge.lost:
+                    code = bridge.lost_errno or errno.EPIPE
+                    error = ConnectionResetError if code == errno.ECONNRESET else BrokenPipeError
+                    raise error(code, os.strerror(code))
+                if bridge.write_shut:
+                    raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+                count = min(total - sent, SEND_WINDOW - bridge.outgoing_bytes)
+                if type(data) is bytes and count == total:
+                    chunk = data  # immutable: no copy needed
+                else:
+                    chunk = bytes(octets[sent : sent + count])
+                bridge.outgoing.append(chunk)
+                bridge.outgoing_bytes += count
+                sent += count
+                if not bridge.flush_requested:
+                    bridge.flush_requested = True
+                    self._protocol._call_soon(self._protocol._flush)
+                if not everything:
+                    return sent
+
+    def sendfile(self, file: BinaryIO, offset: int = 0, count: int | None = None) -> int:
+        """Send a file's contents with ``sendall``, as ``socket.sendfile`` falls back to.
+
+        Returns:
+            The number of bytes sent.  The file position is left after the last
+            byte sent, as with ``socket.sendfile``.
+        """
+        if "b" not in getattr(file, "mode", "b"):
+            raise ValueError("file should be opened in binary mode")
+        if offset:
+            file.seek(offset)
+        total = 0
+        while count is None or total < count:
+            block = SEND_WINDOW if count is None else min(SEND_WINDOW, count - total)
+            data = file.read(block)
+            if not data:
+                break
+            self.sendall(data)
+            total += len(data)
+        return total
+
+    # Files ----------------------------------------------------------------------------
+
+    def makefile(
+        self,
+        mode: str = "r",
+        buffering: int | None = None,
+        *,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
+    ) -> Any:
+        """Return a file object reading/writing this socket, like ``socket.makefile``.
+
+        The raw stream is a ``socket.SocketIO`` over this object, wrapped in
+        ``io.BufferedReader``/``BufferedWriter``/``BufferedRWPair`` and, for text
+        modes, ``io.TextIOWrapper``; only ``r``, ``w`` and ``b`` are allowed in
+        ``mode``.
+
+        Resource handling:
+            The connection stays open until this socket *and* every file made
+            from it are closed.
+        """
+        if not set(mode) <= {"r", "w", "b"}:
+            raise ValueError(f"invalid mode {mode!r} (only r, w, b allowed)")
+        writing = "w" in mode
+        reading = "r" in mode or not writing
+        binary = "b" in mode
+        rawmode = ("r" if reading else "") + ("w" if writing else "")
+        raw = socket.SocketIO(self, rawmode)  # type: ignore[arg-type]
+        self._io_refs += 1
+        if buffering is None or buffering < 0:
+            buffering = io.DEFAULT_BUFFER_SIZE
+        if buffering == 0:
+            if not binary:
+                raise ValueError("unbuffered streams must be binary")
+            return raw
+        buffer: io.BufferedIOBase
+        if reading and writing:
+            buffer = io.BufferedRWPair(raw, raw, buffering)
+        elif reading:
+            buffer = io.BufferedReader(raw, buffering)
+        else:
+            buffer = io.BufferedWriter(raw, buffering)
+        if binary:
+            return buffer
+        text = io.TextIOWrapper(buffer, io.text_encoding(encoding), errors, newline)
+        text.mode = mode  # type: ignore[misc]
+        return text
+
+    def _decref_socketios(self) -> None:
+        """Called by ``SocketIO.close``: the last file closing may end the connection."""
+        if self._io_refs > 0:
+            self._io_refs -= 1
+        if self._closed and self._io_refs <= 0:
+            self._real_close()
+
+    # Ending ---------------------------------------------------------------------------
+
+    def shutdown(self, how: int) -> None:
+        """Shut down reading (``SHUT_RD``), writing (``SHUT_WR``) or both.
+
+        ``SHUT_WR`` sends what was written, then a TCP half-close (FIN) when the
+        transport supports it (TCP, TCP behind a PROXY header); over TLS the write
+        side is only closed locally and the connection ends at ``close()``.
+        ``SHUT_RD`` discards buffered and future incoming bytes; ``recv`` returns
+        ``b""``.
+
+        Error handling:
+            ``OSError(EINVAL)`` for another ``how``; ``OSError(ENOTCONN)`` when
+            the connection has already ended; ``OSError(EBADF)`` after ``close()``.
+        """
+        if how not in (socket.SHUT_RD, socket.SHUT_WR, socket.SHUT_RDWR):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        bridge = self._bridge
+        with bridge.lock:
+            if bridge.closed:
+                raise _bad_file_descriptor()
+            if bridge.lost:
+                raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
+            if how in (socket.SHUT_RD, socket.SHUT_RDWR):
+                bridge.read_shut = True
+                bridge.received.clear()
+                bridge.readable.notify_all()
+                self._maybe_resume_reading()
+            if how in (socket.SHUT_WR, socket.SHUT_RDWR) and not bridge.write_shut:
+                bridge.write_shut = True
+                bridge.writable.notify_all()
+                self._protocol._call_soon(self._protocol._shutdown_write)
+
+    def close(self) -> None:
+        """Close the socket: send everything written so far, then end the connection.
+
+        Never blocks; idempotent.  If files from ``makefile()`` are still open,
+        the connection ends when the last of them is closed.  Other threads
+        blocked on this socket get ``OSError(EBADF)``.
+        """
+        self._closed = True
+        if self._io_refs <= 0:
+            self._real_close()
+
+    def abort(self) -> None:
+        """Close at once, dropping unsent data (like ``SO_LINGER`` 0: the peer sees a reset)."""
+        self._closed = True
+        self._real_close(abort=True)
+
+    def _real_close(self, abort: bool = False) -> None:
+        bridge = self._bridge
+        with bridge.lock:
+            if bridge.closed:
+                return
+            bridge.closed = True
+            bridge.received.clear()
+            if abort:
+                bridge.outgoing.clear()
+            bridge.readable.notify_all()
+            bridge.writable.notify_all()
+        self._protocol._call_soon(lambda: self._protocol._close(abort))
+
+    # Addresses and options ------------------------------------------------------------
+
+    def getpeername(self) -> SocketAddress:
+        """The peer's address as ``socket.accept()`` gives it (the real client behind PROXY)."""
+        if self._bridge.closed:
+            raise _bad_file_descriptor()
+        return self._peer
+
+    def getsockname(self) -> SocketAddress:
+        """The local address (for ``haproxy:``, the destination named by the PROXY header)."""
+        if self._bridge.closed:
+            raise _bad_file_descriptor()
+        return self._host
+
+    def fileno(self) -> int:
+        """The OS socket's descriptor under the transport, or -1.
+
+        -1 when there is no OS socket (an in-memory transport) and after the
+        connection was closed or lost.  Over TLS this is the TCP socket carrying
+        ciphertext: use it to identify the connection or to ``select`` on it
+        knowing that bytes may already wait in this object's buffer, never to
+        read or write.
+        """
+        if self._bridge.closed or self._os_socket is None:
+            return -1
+        return self._os_socket.fileno()
+
+    def setsockopt(self, level: int, optname: int, value: Any, optlen: int | None = None) -> None:
+        """Set an option on the OS socket under the transport; ignored if there is none.
+
+        Called straight on the Python socket object, not through the reactor: a
+        closed socket object raises ``OSError(EBADF)`` rather than touching a
+        reused descriptor, and options do not interact with Twisted's I/O.
+        """
+        if self._bridge.closed:
+            raise _bad_file_descriptor()
+        if self._os_socket is None:
+            return
+        if optlen is None:
+            self._os_socket.setsockopt(level, optname, value)
+        else:
+            self._os_socket.setsockopt(level, optname, value, optlen)
+
+    def getsockopt(self, level: int, optname: int, buflen: int | None = None) -> int | bytes:
+        """Read an option of the OS socket under the transport; 0 (or zero bytes) if none."""
+        if self._bridge.closed:
+            raise _bad_file_descriptor()
+        if self._os_socket is None:
+            return 0 if buflen is None else bytes(buflen)
+        if buflen is None:
+            return self._os_socket.getsockopt(level, optname)
+        return self._os_socket.getsockopt(level, optname, buflen)
+
+
+__all__ = [
+    "RECEIVE_HIGH_WATER",
+    "RECEIVE_LOW_WATER",
+    "SEND_WINDOW",
+    "ConnectionCallback",
+    "SocketAddress",
+    "TransportSocket",
+    "TransportSocketFactory",
+    "TransportSocketProtocol",
+    "socket_address",
+]
