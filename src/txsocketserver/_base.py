@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 import traceback
-from types import TracebackType
 from typing import Any
 
 from txsocketserver import _reactor
@@ -230,12 +229,7 @@ class BaseServer:
     def __enter__(self) -> BaseServer:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *args: object) -> None:
         self.server_close()
 
     # -- private plumbing shared with _Watching -----------------------------------
