@@ -106,14 +106,18 @@ static int do_send(struct conn *c) {
     return 0;
 }
 
-/* Read the reply; returns 1 when a whole line arrived, 0 to wait, -1 on error. */
+/* Read the reply; returns 1 once it equals the request, 0 to wait, -1 on error
+ * (including a reply that is not the echo: a benchmark must not count garbage). */
 static int do_read(struct conn *c) {
     for (;;) {
         ssize_t n = recv(c->fd, rbuf, sizeof rbuf, 0);
         if (n == 0) return -1;
         if (n < 0) return errno == EAGAIN ? 0 : -1;
+        if (c->got + (size_t)n > msglen || memcmp(rbuf, msg + c->got, (size_t)n) != 0) {
+            return -1;
+        }
         c->got += (size_t)n;
-        if (rbuf[n - 1] == '\n' && c->got >= msglen) return 1;
+        if (c->got == msglen) return 1;
     }
 }
 

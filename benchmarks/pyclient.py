@@ -62,9 +62,11 @@ class LoadClient:
                 f"Connection: {connection}\r\n\r\n"
             ).encode()
             self.complete = http_complete
+            self.expected: bytes | None = None
         else:
             self.request = args.message.encode() + b"\n"
             self.complete = line_complete
+            self.expected = self.request
         self.selector = selectors.DefaultSelector()
         self.requests = 0
         self.errors = 0
@@ -104,6 +106,8 @@ class LoadClient:
         conn.reply += data
         if not self.complete(conn.reply):
             return
+        if self.expected is not None and conn.reply != self.expected:
+            raise ConnectionError("the reply is not the echo of the request")
         self.requests += 1
         if self.persistent:
             conn.reply.clear()

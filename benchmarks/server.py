@@ -1,7 +1,8 @@
 """Run one benchmark server: ``server.py --impl {ours,stdlib,twisted} --scenario NAME``.
 
 Binds 127.0.0.1 on a free port, prints ``PORT <n>`` on stdout once listening,
-and serves until killed.  It also exits as soon as its stdin reaches end of file,
+and serves until killed.  When its stdin is a pipe (as ``run.py`` starts it), it
+also exits as soon as that pipe reaches end of file,
 so a server never outlives a driver (``run.py``) that died without cleaning up.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 import threading
 
@@ -28,7 +30,8 @@ def main() -> None:
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), required=True)
     args = parser.parse_args()
     handle = SCENARIOS[args.scenario].servers[args.impl]()
-    threading.Thread(target=exit_when_stdin_closes, daemon=True).start()
+    if stat.S_ISFIFO(os.fstat(0).st_mode):  # started by run.py, not by hand
+        threading.Thread(target=exit_when_stdin_closes, daemon=True).start()
     print(f"PORT {handle.port}", flush=True)
     handle.serve()
 
