@@ -1,0 +1,250 @@
+"""ThreadingMixIn: concurrency, thread reuse, server_close semantics and leaks."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from support import (
+    ANY_PORT,
+    connect_to,
+    fd_count,
+    recv_all,
+    recv_line,
+    request_reply,
+    reset_close,
+    run_in_thread,
+    serve_in_thread,
+    settle_resources,
+    thread_count,
+    wait_until,
+    warm_up,
+)
+
+
+def test_hundred_long_lived_connections_do_not_block_the_next(ss):
+    class Handler(ss.BaseRequestHandler):
+        def handle(self):
+            self.request.sendall(b"hi\n")
+            # Block until the client closes.
+            while self.request.recv(1024):
+                pass
+
+    class Server(ss.ThreadingTCPServer):
+        # Enough backlog for a burst of 100 connects.
+        request_queue_size = 128
+
+    with Server(ANY_PORT, Handler) as server, serve_in_thread(server):
+        clients = []
+        try:
+            for _ in range(100):
+                clients.append(connect_to(server))
+            for sock in clients:
+                assert recv_line(sock) == b"hi\n"
+            started = time.monotonic()
+            with connect_to(server) as extra:
+                assert recv_line(extra) == b"hi\n"
+            assert time.monotonic() - started < 1.0
+        finally:
+            for sock in clients:
+                sock.close()
+
+
+def test_threading_unix_server_is_concurrent(ss, unix_path):
+    barrier = threading.Barrier(3, timeout=5)
+
+    class Handler(ss.StreamRequestHandler):
+        def handle(self):
+            line = self.rfile.readline()
+            barrier.wait()
+            self.wfile.write(line)
+
+    with ss.ThreadingUnixStreamServer(unix_path, Handler) as server, serve_in_thread(server):
+        clients = [run_in_thread(request_reply, server, b"%d\n" % i) for i in range(3)]
+        assert [c.join().value for c in clients] == [b"0\n", b"1\n", b"2\n"]
+
+
+def test_handler_runs_off_the_serving_thread(ss):
+    seen = {}
+
+    class Handler(ss.StreamRequestHandler):
+        def handle(self):
+            seen["handler"] = threading.get_ident()
+            self.wfile.write(self.rfile.readline())
+
+    with ss.ThreadingTCPServer(ANY_PORT, Handler) as server:
+        with serve_in_thread(server) as serving:
+            assert request_reply(server, b"x\n") == b"x\n"
+    assert seen["handler"] not in (serving.thread.ident, threading.get_ident())
+
+
+def test_pool_threads_reused_tx_only(tx):
+    # tx-only: the stdlib starts a new thread per request; txsocketserver runs
+    # requests on a thread pool, so sequential requests reuse threads.
+    idents = []
+
+    class Handler(tx.StreamRequestHandler):
+        def handle(self):
+            idents.append(threading.get_ident())
+            self.wfile.write(self.rfile.readline())
+
+    with tx.ThreadingTCPServer(ANY_PORT, Handler) as server, serve_in_thread(server):
+        for n in range(20):
+            assert request_reply(server, b"%d\n" % n) == b"%d\n" % n
+            time.sleep(0.005)
+    assert len(idents) == 20
+    assert len(set(idents)) < 20
+
+
+EXIT_SCRIPT = """
+import sys, socket, threading, time
+ss = __import__(sys.argv[1])
+out, daemon = sys.argv[2], sys.argv[3] == "1"
+started = threading.Event()
+
+class Handler(ss.StreamRequestHandler):
+    def handle(self):
+        self.rfile.readline()
+        started.set()
+        time.sleep(0.5)
+        with open(out, "w") as f:
+            f.write("handler finished")
+
+class Server(ss.ThreadingTCPServer):
+    daemon_threads = daemon
+
+server = Server(("127.0.0.1", 0), Handler)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+client = socket.create_connection(server.server_address, timeout=5)
+client.sendall(b"go\\n")
+assert started.wait(5)
+# The main thread ends here, without server_close().
+"""
+
+
+@pytest.mark.parametrize("daemon", [False, True])
+def test_interpreter_exit_waits_for_non_daemon_handlers(ss, daemon, tmp_path):
+    """daemon_threads=False: a running handler finishes before the process exits."""
+    out = tmp_path / "out.txt"
+    result = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, ss.__name__, str(out), str(int(daemon))],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert out.exists() is (not daemon)
+
+
+@pytest.mark.parametrize(
+    "daemon, block, waits",
+    [(False, True, True), (False, False, False), (True, True, False)],
+    ids=["block_on_close", "no_block_on_close", "daemon_threads"],
+)
+def test_server_close_and_in_flight_handler(ss, daemon, block, waits):
+    """block_on_close=True joins running handlers in server_close(); otherwise not."""
+    started = threading.Event()
+    finished = threading.Event()
+
+    class Handler(ss.StreamRequestHandler):
+        def handle(self):
+            self.rfile.readline()
+            started.set()
+            time.sleep(0.6)
+            self.wfile.write(b"late\n")
+            finished.set()
+
+    class Server(ss.ThreadingTCPServer):
+        daemon_threads = daemon
+        block_on_close = block
+
+    server = Server(ANY_PORT, Handler)
+    try:
+        with serve_in_thread(server):
+            client = connect_to(server)
+            client.sendall(b"go\n")
+            assert started.wait(5)
+    finally:
+        t0 = time.monotonic()
+        server.server_close()
+        elapsed = time.monotonic() - t0
+    try:
+        if waits:
+            assert finished.is_set()
+            assert elapsed > 0.3
+        else:
+            assert not finished.is_set()
+            assert elapsed < 0.3
+        # Either way the handler completes, and its reply reaches the client.
+        assert finished.wait(5)
+        assert recv_all(client) == b"late\n"
+    finally:
+        client.close()
+
+
+def test_leaks_after_many_connections_errors_and_resets(ss):
+    class Handler(ss.StreamRequestHandler):
+        def handle(self):
+            line = self.rfile.readline()
+            if line == b"raise\n":
+                raise RuntimeError("handler failure")
+            self.wfile.write(line)
+
+    errors = []
+
+    class Server(ss.ThreadingTCPServer):
+        request_queue_size = 64
+
+        def handle_error(self, request, client_address):
+            errors.append(client_address)
+
+    warm_up(ss)
+    fds = fd_count()
+    threads = thread_count()
+    started = time.monotonic()
+    with Server(ANY_PORT, Handler) as server, serve_in_thread(server):
+        for n in range(1000):
+            kind = n % 3
+            sock = connect_to(server)
+            if kind == 0:
+                with sock:
+                    sock.sendall(b"echo\n")
+                    assert recv_all(sock) == b"echo\n"
+            elif kind == 1:
+                with sock:
+                    sock.sendall(b"raise\n")
+                    try:
+                        assert recv_all(sock) == b""
+                    except ConnectionResetError:
+                        pass
+            else:
+                sock.sendall(b"partial")
+                reset_close(sock)
+        assert wait_until(lambda: len(errors) >= 333)
+    assert time.monotonic() - started < 30
+    # Resets may surface as handle_error too (ConnectionResetError in readline).
+    assert 333 <= len(errors) <= 667
+    settle_resources(fds, threads)
+
+
+def test_no_leaks_across_sync_and_unix_servers(ss, unix_path):
+    warm_up(ss)
+    fds = fd_count()
+    threads = thread_count()
+    for n in range(5):
+        with ss.UnixStreamServer(f"{unix_path}{n}", ss.StreamRequestHandler) as server:
+            with serve_in_thread(server):
+                for _ in range(10):
+                    with connect_to(server) as sock:
+                        sock.shutdown(socket.SHUT_WR)
+                        assert recv_all(sock) == b""
+        with ss.TCPServer(ANY_PORT, ss.StreamRequestHandler) as server:
+            with serve_in_thread(server):
+                reset_close(connect_to(server))
+                assert request_reply(server, b"") == b""
+    settle_resources(fds, threads)
