@@ -95,8 +95,13 @@ from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IPushProducer
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import (
+    IAddress,
+    IHalfCloseableProtocol,
+    IPushProducer,
+    ISSLTransport,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
@@ -367,12 +372,24 @@ class TransportSocketProtocol(Protocol):
         with bridge.lock:
             bridge.lost = True
             bridge.read_eof = True
-            if not reason.check(ConnectionDone):
+            if not self._clean_end(reason):
                 bridge.lost_errno = errno.ECONNRESET
             bridge.outgoing.clear()
             bridge.outgoing_bytes = 0
             bridge.readable.notify_all()
             bridge.writable.notify_all()
+
+    def _clean_end(self, reason: Failure) -> bool:
+        """Whether the connection ended as an end of stream rather than a reset.
+
+        Over TLS, Twisted reports a TCP close without a TLS ``close_notify`` as
+        ``ConnectionLost``, as it reports a reset.  Most clients close that way
+        (Python's ``ssl`` does), so, like the ``ssl`` module's default
+        ``suppress_ragged_eofs=True``, we read it as an end of stream.
+        """
+        if reason.check(ConnectionDone):
+            return True
+        return bool(reason.check(ConnectionLost)) and ISSLTransport.providedBy(self.transport)
 
     # Hops queued by the handler side (reactor thread) ---------------------------
 
