@@ -154,29 +154,32 @@ def test_simple_http_server_with_curl(ss, docroot, tmp_path):
     assert sha256(out.read_bytes()) == expected
 
 
-def xmlrpc_server(ss):
+def xmlrpc_server(ss, threaded=False):
     """SimpleXMLRPCServer, rebuilt on ``ss.TCPServer`` the way the stdlib builds it."""
 
     class RequestHandler(xmlrpc.server.SimpleXMLRPCRequestHandler):
         rpc_paths = ("/", "/RPC2")
 
-    class Server(ss.TCPServer, xmlrpc.server.SimpleXMLRPCDispatcher):
+    base = ss.ThreadingTCPServer if threaded else ss.TCPServer
+
+    class Server(base, xmlrpc.server.SimpleXMLRPCDispatcher):
         allow_reuse_address = True
         _send_traceback_header = False
 
         def __init__(self, addr, logRequests=False, allow_none=False, encoding=None):
             self.logRequests = logRequests
             xmlrpc.server.SimpleXMLRPCDispatcher.__init__(self, allow_none, encoding)
-            ss.TCPServer.__init__(self, addr, RequestHandler)
+            base.__init__(self, addr, RequestHandler)
 
     return Server(ANY_PORT)
 
 
-def test_xmlrpc_server(ss):
+@pytest.mark.parametrize("threaded", [False, True], ids=["sync", "threading"])
+def test_xmlrpc_server(ss, threaded):
     def divide(a, b):
         return a / b
 
-    with xmlrpc_server(ss) as server:
+    with xmlrpc_server(ss, threaded) as server:
         server.register_function(pow)
         server.register_function(lambda *xs: sum(xs), "add")
         server.register_function(divide)
