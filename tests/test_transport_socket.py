@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from support import SelfSignedCert
@@ -50,6 +51,23 @@ def reactor() -> Any:
     from txsocketserver._reactor import running_reactor
 
     return running_reactor()
+
+
+@pytest.fixture(autouse=True)
+def no_logged_errors() -> Iterator[None]:
+    """Fail the test if anything on the reactor side logged a failure."""
+    failures: list[Any] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if "log_failure" in event:
+            failures.append(event["log_failure"])
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert not failures, [failure.getTraceback() for failure in failures]
 
 
 def on_reactor(reactor: Any, function: Callable[..., Any], *args: Any) -> Any:
@@ -338,6 +356,25 @@ def test_slow_reader_bounds_server_memory(
         assert digest.hexdigest() == expected
 
 
+def test_writer_blocked_on_a_slow_reader_learns_that_it_left(reactor: Any) -> None:
+    def handler(sock: TransportSocket, address: SocketAddress) -> None:
+        with pytest.raises((ConnectionResetError, BrokenPipeError)):
+            sock.sendall(b"x" * (100 * 1024 * 1024))
+
+    with serving(reactor, TCP, handler) as served:
+        with connect(served) as client:
+            client.recv(1)
+            server_side = served.socket()
+            deadline = time.monotonic() + WAIT
+            while (
+                on_reactor(reactor, transport_write_buffer, server_side._protocol.transport) == 0
+            ):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        served.threads[0].join(WAIT)
+        assert not served.threads[0].is_alive()
+
+
 def test_busy_handler_bounds_incoming_buffer(reactor: Any) -> None:
     payload = os.urandom(50 * 1024 * 1024)
     may_read = threading.Event()
@@ -425,6 +462,21 @@ def test_open_makefile_keeps_the_connection_open(reactor: Any) -> None:
 
     with serving(reactor, TCP, handler) as served, connect(served) as client:
         assert read_to_eof(client) == b"still open"
+
+
+def test_sendfile_and_shutdown_read(reactor: Any, tmp_path: Any) -> None:
+    content = os.urandom(700 * 1024)
+    (tmp_path / "file.bin").write_bytes(content)
+
+    def handler(sock: TransportSocket, address: SocketAddress) -> None:
+        sock.shutdown(socket.SHUT_RD)
+        assert sock.recv(10) == b""
+        with open(tmp_path / "file.bin", "rb") as file:
+            assert sock.sendfile(file, offset=100, count=len(content)) == len(content) - 100
+
+    with serving(reactor, TCP, handler) as served, connect(served) as client:
+        client.sendall(b"ignored")
+        assert read_to_eof(client) == content[100:]
 
 
 def test_addresses_descriptor_and_options(reactor: Any) -> None:

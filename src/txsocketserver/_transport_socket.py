@@ -56,9 +56,11 @@ How a connection ends
   ``connectionLost`` sets ``read_eof``; readers get what is buffered, then
   ``b""``.
 * The connection goes away: ``connectionLost`` records ``lost`` (clean, or the
-  errno of a reset), drops unsent bytes and wakes *every* waiter: a handler
-  blocked in ``recv`` returns EOF or raises ``ConnectionResetError``, one blocked
-  in ``sendall`` raises ``BrokenPipeError``/``ConnectionResetError``.
+  errno of a reset; over TLS a close without ``close_notify`` counts as clean,
+  as with the ``ssl`` module's ``suppress_ragged_eofs``), drops unsent bytes
+  and wakes *every* waiter: a handler blocked in ``recv`` returns EOF or raises
+  ``ConnectionResetError``, one blocked in ``sendall`` raises
+  ``BrokenPipeError``/``ConnectionResetError``.
 * The handler closes: ``close()`` sets ``closed`` under the lock (so every later
   call, and any other thread waiting, raises ``OSError(EBADF)``) and queues a
   close hop.  Hops run in the order they were queued, so the close hop runs
@@ -74,6 +76,15 @@ How a connection ends
   PROXY-protocol wrapper passes bytes through, so it counts; TLS does not
   support half-close); otherwise the write side is closed locally and the
   connection ends at ``close()``.
+
+How a connection starts
+-----------------------
+``connectionMade`` registers the producer, builds the :class:`TransportSocket`
+and calls ``on_connection(transport_socket, client_address)`` on the reactor
+thread.  Behind a ``haproxy:`` endpoint Twisted connects us before the PROXY
+header has arrived, while ``getPeer()`` still names the load balancer: the
+call then waits until the header is parsed (bytes that follow it are buffered
+meanwhile), so ``client_address`` is the real client's.
 
 Which thread owns what
 ----------------------
