@@ -11,8 +11,13 @@ servers too, since all they use is ``request``, ``client_address`` and
 from __future__ import annotations
 
 import io
+import logging
 import socket
+import threading
+import weakref
 from typing import Any
+
+log = logging.getLogger("txsocketserver")
 
 
 class BaseRequestHandler:
@@ -107,12 +112,31 @@ class _SocketWriter(io.BufferedIOBase):
         return self._sock.fileno()
 
 
+# What recvfrom() returns as the address of an unbound Unix datagram socket:
+# None on Linux, '' on some other systems.  Nothing can be sent to it.
+_NO_ADDRESS = (None, "", b"")
+
+# Servers that have already logged the dropped-reply warning (once each);
+# the lock makes "once" hold when several handler threads drop replies at once.
+_warned_no_address: weakref.WeakSet[Any] = weakref.WeakSet()
+_warned_lock = threading.Lock()
+
+
 class DatagramRequestHandler(BaseRequestHandler):
     """Handler for datagram sockets.
 
     ``request`` is ``(data, socket)``.  ``rfile`` reads the datagram (also in
     ``packet``); whatever is written to ``wfile`` is sent back to
-    ``client_address`` in one datagram by ``finish()``.
+    ``client_address`` in one datagram by ``finish()`` (an empty datagram if
+    nothing was written, as in the stdlib).
+
+    Error handling:
+        A client on an unbound Unix datagram socket has no address
+        (``client_address`` is ``None`` or ``''``), so no reply can reach it.
+        ``finish()`` then sends nothing; if the handler wrote a reply, a
+        warning is logged (logger ``"txsocketserver"``, once per server).  The
+        stdlib's ``finish()`` raises ``TypeError``/``OSError`` there instead,
+        which reaches ``handle_error()`` for every such datagram.
     """
 
     def setup(self) -> None:
@@ -121,4 +145,26 @@ class DatagramRequestHandler(BaseRequestHandler):
         self.wfile = io.BytesIO()
 
     def finish(self) -> None:
-        self.socket.sendto(self.wfile.getvalue(), self.client_address)
+        reply = self.wfile.getvalue()
+        if self.client_address in _NO_ADDRESS:
+            if reply and _first_warning_for(self.server):
+                log.warning(
+                    "%s: a %d-byte reply was dropped: the client sent from an unbound "
+                    "Unix socket, which has no address to reply to (the client must "
+                    "bind its socket to a path to receive replies).",
+                    type(self).__name__,
+                    len(reply),
+                )
+            return
+        self.socket.sendto(reply, self.client_address)
+
+
+def _first_warning_for(server: Any) -> bool:
+    with _warned_lock:
+        try:
+            if server in _warned_no_address:
+                return False
+            _warned_no_address.add(server)
+        except TypeError:
+            pass  # not weakly referenceable: warn every time rather than never
+        return True
