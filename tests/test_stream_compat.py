@@ -284,3 +284,59 @@ def test_server_close_twice(ss):
         assert request_reply(server, b"x\n") == b"x\n"
     server.server_close()
     server.server_close()
+
+
+def test_listening_socket_wrapped_in_tls_after_construction(ss, tls_cert):
+    """The common HTTPS recipe: ``server.socket = ctx.wrap_socket(server.socket, ...)``."""
+    import ssl
+
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(tls_cert.cert_path, tls_cert.key_path)
+    client_context = ssl.create_default_context(cafile=tls_cert.cert_path)
+    with ss.TCPServer(ANY_PORT, echo_handler(ss)) as server:
+        server.socket = server_context.wrap_socket(server.socket, server_side=True)
+        with serve_in_thread(server):
+            for _ in range(2):
+                with connect_to(server) as raw:
+                    with client_context.wrap_socket(raw, server_hostname="localhost") as tls:
+                        tls.sendall(b"over tls\n")
+                        assert tls.recv(100) == b"over tls\n"
+
+
+def test_listening_socket_replaced_by_inherited_one(ss):
+    """Socket activation by hand: bind_and_activate=False, then adopt a listening socket."""
+    listener = socket.socket()
+    listener.bind(ANY_PORT)
+    listener.listen(5)
+    with ss.TCPServer(ANY_PORT, echo_handler(ss), bind_and_activate=False) as server:
+        server.socket.close()
+        server.socket = listener
+        server.server_address = listener.getsockname()
+        with serve_in_thread(server):
+            assert request_reply(server, b"adopted\n") == b"adopted\n"
+    assert listener.fileno() == -1
+
+
+def test_no_busy_wait_while_sync_handler_blocks_with_queued_clients(ss):
+    """Queued connections wait in the backlog; nobody spins on the readable socket."""
+    started = threading.Event()
+
+    class Handler(ss.StreamRequestHandler):
+        def handle(self):
+            if not started.is_set():
+                started.set()
+                time.sleep(0.5)
+            self.wfile.write(self.rfile.readline())
+
+    with ss.TCPServer(ANY_PORT, Handler) as server, serve_in_thread(server, poll_interval=0.5):
+        first = run_in_thread(request_reply, server, b"first\n")
+        assert started.wait(WAIT)
+        queued = [connect_to(server) for _ in range(3)]
+        try:
+            cpu = time.process_time()
+            time.sleep(0.3)
+            assert time.process_time() - cpu < 0.15
+        finally:
+            for sock in queued:
+                sock.close()
+        assert first.join().value == b"first\n"
