@@ -7,6 +7,8 @@ competes with the server for a GIL (only, on a small machine, for a core).
 
 Clients, fastest first:
 - ``echoclient.c``, compiled with ``gcc`` at run time: line echo, both modes;
+- ``udpclient.c``, likewise: datagram request/response (``udpclient.py`` when
+  there is no ``gcc`` or with ``--echo-client python``);
 - ``wrk``: HTTP (install: ``apt-get install wrk``); whole seconds only;
 - ``pyclient.py``: both protocols, used when the other two are missing, and for
   HTTP runs shorter than one second (``--quick``, warm-ups).
@@ -49,44 +51,48 @@ class LoadTools:
 
     echo_client: Path | None
     wrk: str | None
+    datagram_client: Path | None = None
 
     @classmethod
     def find(cls, build_dir: Path, echo: str = "auto", http: str = "auto") -> LoadTools:
-        """Compile the C echo client into ``build_dir`` and look for ``wrk``.
+        """Compile the C echo and datagram clients into ``build_dir``; look for ``wrk``.
 
         ``echo`` is ``auto``/``c``/``python``, ``http`` is ``auto``/``wrk``/``python``;
         asking for a native client that cannot be had raises ``RuntimeError``.
         """
-        echo_client = None if echo == "python" else compile_echo_client(build_dir)
+        echo_client = None if echo == "python" else compile_client(build_dir, "echoclient")
+        datagram_client = None if echo == "python" else compile_client(build_dir, "udpclient")
         if echo == "c" and echo_client is None:
             raise RuntimeError("the C echo client needs gcc (apt-get install gcc)")
         wrk = None if http == "python" else shutil.which("wrk")
         if http == "wrk" and wrk is None:
             raise RuntimeError("wrk not found; install it with: apt-get install -y wrk")
-        return cls(echo_client, wrk)
+        return cls(echo_client, wrk, datagram_client)
 
     def describe(self) -> str:
         echo = "echoclient.c" if self.echo_client else "pyclient.py (no gcc)"
         http = self.wrk or "pyclient.py (wrk missing: apt-get install -y wrk)"
-        return f"echo load: {echo}; HTTP load: {http}"
+        datagram = "udpclient.c" if self.datagram_client else "udpclient.py"
+        return f"echo load: {echo}; HTTP load: {http}; datagram load: {datagram}"
 
 
 Load = Callable[[int, LoadTools, float], Measurement]
 
 
-def compile_echo_client(build_dir: Path) -> Path | None:
+def compile_client(build_dir: Path, name: str) -> Path | None:
+    """Compile ``<name>.c`` from this directory into ``build_dir/<name>``."""
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc is None:
         return None
-    binary = build_dir / "echoclient"
+    binary = build_dir / name
     result = subprocess.run(
-        [gcc, "-O2", "-o", str(binary), str(HERE / "echoclient.c")],
+        [gcc, "-O2", "-o", str(binary), str(HERE / f"{name}.c")],
         capture_output=True,
         text=True,
         timeout=60,
     )
     if result.returncode != 0:
-        print(f"warning: could not compile echoclient.c:\n{result.stderr}", file=sys.stderr)
+        print(f"warning: could not compile {name}.c:\n{result.stderr}", file=sys.stderr)
         return None
     return binary
 
@@ -174,3 +180,24 @@ def http_load(conns: int, keep_alive: bool) -> Load:
 
 def build_dir() -> tempfile.TemporaryDirectory[str]:
     return tempfile.TemporaryDirectory(prefix="txss-bench-")
+
+
+DATAGRAM_MESSAGE = "txsocketserver benchmark datagram"
+
+
+def datagram_load(clients: int) -> Load:
+    """Datagram echo: ``clients`` sockets, each keeping one datagram in flight."""
+
+    def load(port: int, tools: LoadTools, duration: float) -> Measurement:
+        if tools.datagram_client is None:
+            cmd = [sys.executable, str(HERE / "udpclient.py"), "--port", str(port)]
+            cmd += ["--clients", str(clients), "--duration", str(duration)]
+            cmd += ["--message", DATAGRAM_MESSAGE]
+            client = "udpclient.py"
+        else:
+            cmd = [str(tools.datagram_client), HOST, str(port), str(clients), "0"]
+            cmd += [str(duration), DATAGRAM_MESSAGE]
+            client = "udpclient"
+        return Measurement(**json.loads(run_client(cmd, duration)), client=client)
+
+    return load

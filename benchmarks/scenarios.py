@@ -6,8 +6,7 @@ and a serve callable) and a load function (``loads.py``: port, tools, duration -
 ``Measurement``).  Nothing else needs to change: ``run.py`` starts each server in
 its own process with ``server.py --impl IMPL --scenario NAME``.
 
-Scenario ideas with the same shape: datagram request/response (``UDPServer`` vs
-a ``DatagramProtocol``, a UDP load function), forking servers
+Scenario ideas with the same shape: forking servers
 (``ForkingTCPServer``), TLS echo (``get_request`` wrapping in ``ssl`` vs an
 ``ssl:`` endpoint, a TLS load client).
 """
@@ -16,8 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loads import Load, echo_load, http_load
-from servers import ServerFactory, echo_servers, http_servers
+from loads import Load, datagram_load, echo_load, http_load
+from servers import ServerFactory, datagram_servers, echo_servers, http_servers
 
 IMPLEMENTATIONS = ("ours", "stdlib", "twisted")
 
@@ -83,5 +82,16 @@ SCENARIOS = _table(
             quick=n == 16,
         )
         for n in (1, 16, 64)
+    ),
+    *(
+        Scenario(
+            f"datagram-{kind}-{n}",
+            f"{n} UDP clients, one datagram in flight each; {server_class}",
+            datagram_servers(server_class),
+            datagram_load(n),
+            quick=(kind, n) == ("threading", 16),
+        )
+        for kind, server_class in (("sync", "UDPServer"), ("threading", "ThreadingUDPServer"))
+        for n in (1, 16)
     ),
 )

@@ -155,3 +155,37 @@ def http_servers(protocol_version: str) -> dict[str, ServerFactory]:
         "stdlib": lambda: socketserver_http("stdlib", protocol_version),
         "twisted": twisted_http,
     }
+
+
+# --- datagram echo ---------------------------------------------------------
+
+
+def socketserver_datagram(impl: str, server_class: str) -> ServerHandle:
+    module = socketserver_module(impl)
+
+    class DatagramEchoHandler(module.DatagramRequestHandler):
+        def handle(self) -> None:
+            self.wfile.write(self.packet)
+
+    return listen_socketserver(module, server_class, DatagramEchoHandler)
+
+
+def twisted_datagram() -> ServerHandle:
+    from twisted.internet import reactor
+    from twisted.internet.protocol import DatagramProtocol
+
+    class Echo(DatagramProtocol):
+        def datagramReceived(self, datagram: bytes, address: object) -> None:
+            self.transport.write(datagram, address)
+
+    port = reactor.listenUDP(0, Echo(), interface=HOST)
+    return ServerHandle(port.getHost().port, lambda: reactor.run(installSignalHandlers=False))
+
+
+def datagram_servers(server_class: str) -> dict[str, ServerFactory]:
+    """Datagram echo servers; ``server_class`` is ``UDPServer`` or ``ThreadingUDPServer``."""
+    return {
+        "ours": lambda: socketserver_datagram("ours", server_class),
+        "stdlib": lambda: socketserver_datagram("stdlib", server_class),
+        "twisted": twisted_datagram,
+    }
