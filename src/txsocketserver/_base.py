@@ -57,6 +57,13 @@ class BaseServer:
     # Seconds handle_request() waits before calling handle_timeout(); None waits forever.
     timeout: float | None = None
 
+    # Private: True when process_request() hands requests to another thread or
+    # process, whose code then calls _request_finished() itself.
+    _requests_finish_elsewhere = False
+    # Private: where handle_error() logs when the server runs as a Twisted
+    # service (a twisted.logger.Logger); None prints to stderr like the stdlib.
+    _error_log: Any = None
+
     def __init__(self, server_address: Any, RequestHandlerClass: Any) -> None:
         """Constructor.  May be extended, do not override."""
         self.server_address = server_address
@@ -65,6 +72,10 @@ class BaseServer:
         self.__shutdown_request = False
         self.__readiness: IRequestReadiness | None = None
         self.__serving_thread: int | None = None
+        # Requests between verify_request() and the end of their handling, so
+        # that a graceful stop can wait for them and close the stragglers.
+        self.__in_flight: dict[int, Any] = {}
+        self.__in_flight_changed = threading.Condition()
 
     def server_activate(self) -> None:
         """Called by the constructor to activate the server.  May be overridden."""
@@ -157,14 +168,20 @@ class BaseServer:
         if not self.verify_request(request, client_address):
             self.shutdown_request(request)
             return
+        self._request_started(request)
         try:
             self.process_request(request, client_address)
         except Exception:
             self.handle_error(request, client_address)
             self.shutdown_request(request)
+            self._request_finished(request)
         except BaseException:
             self.shutdown_request(request)
+            self._request_finished(request)
             raise
+        else:
+            if not self._requests_finish_elsewhere:
+                self._request_finished(request)
 
     def __watching(self) -> _Watching:
         return _Watching(self)
@@ -215,8 +232,16 @@ class BaseServer:
         """Handle an error raised by a handler: print a traceback and continue.
 
         May be overridden.  Only ``Exception`` reaches here; ``SystemExit`` and
-        ``KeyboardInterrupt`` propagate out of the serving loop.
+        ``KeyboardInterrupt`` propagate out of the serving loop.  While the
+        server runs as a Twisted service, the error is logged as a ``Failure``
+        with ``twisted.logger`` instead.
         """
+        if self._error_log is not None:
+            self._error_log.failure(
+                "Exception occurred during processing of request from {client_address}",
+                client_address=client_address,
+            )
+            return
         print("-" * 40, file=sys.stderr)
         print(
             "Exception occurred during processing of request from",
@@ -248,6 +273,27 @@ class BaseServer:
     def _end_serving(self) -> None:
         self.__readiness = None
         self.__serving_thread = None
+
+    # -- requests in flight (graceful stop) ---------------------------------------
+
+    def _request_started(self, request: Any) -> None:
+        with self.__in_flight_changed:
+            self.__in_flight[id(request)] = request
+
+    def _request_finished(self, request: Any) -> None:
+        """The request's handling is over (called once, wherever it ran)."""
+        with self.__in_flight_changed:
+            if self.__in_flight.pop(id(request), None) is not None and not self.__in_flight:
+                self.__in_flight_changed.notify_all()
+
+    def _requests_in_flight(self) -> list[Any]:
+        with self.__in_flight_changed:
+            return list(self.__in_flight.values())
+
+    def _wait_for_requests(self, timeout: float | None) -> bool:
+        """Wait until no request is in flight; return whether that happened in time."""
+        with self.__in_flight_changed:
+            return self.__in_flight_changed.wait_for(lambda: not self.__in_flight, timeout)
 
 
 class _Watching:

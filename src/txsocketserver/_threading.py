@@ -143,6 +143,8 @@ class ThreadingMixIn:
     idle_thread_timeout: float = 5.0
 
     _thread_dispatcher: ThreadDispatcher | None = None
+    # process_request_thread() ends each request's in-flight record.
+    _requests_finish_elsewhere = True
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         """Run one request, in a pool thread: ``finish_request``, then
@@ -152,7 +154,10 @@ class ThreadingMixIn:
         except Exception:
             self.handle_error(request, client_address)  # type: ignore[attr-defined]
         finally:
-            self.shutdown_request(request)  # type: ignore[attr-defined]
+            try:
+                self.shutdown_request(request)  # type: ignore[attr-defined]
+            finally:
+                self._request_finished(request)  # type: ignore[attr-defined]
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Hand the request to a pool thread and return at once."""
