@@ -6,6 +6,11 @@ stdlib's order, so subclasses that set options in ``server_bind`` or change
 the reactor (see ``_readiness``).  Handlers receive the real accepted socket:
 stdlib handlers call ``makefile``, ``setsockopt`` or ``ssl.wrap_socket`` on it,
 and the bytes never cross a thread.
+
+Given a Twisted endpoint as its address (``txsocketserver.Endpoint`` or, for
+the TCP family, a ``str`` containing ``":"``), a stream server owns an
+``EndpointListener`` instead of a socket and the same hooks take their
+connections from it (see ``_endpoints``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import socket
 from typing import Any
 
 from txsocketserver._base import BaseServer
+from txsocketserver._endpoints import EndpointListener, as_endpoint
+from txsocketserver._readiness import IRequestReadiness
 
 
 class TCPServer(BaseServer):
@@ -24,7 +31,11 @@ class TCPServer(BaseServer):
 
     Args:
         server_address: ``(host, port)``; port 0 picks a free port, read back
-            from ``server_address`` after binding.
+            from ``server_address`` after binding.  Or a Twisted server
+            endpoint: ``txsocketserver.Endpoint("ssl:8443:...")`` or a ``str``
+            description such as ``"tcp:8000"`` (endpoint mode: see
+            ``docs/twisted.md``; ``request`` is then a ``TransportSocket``,
+            ``socket`` is ``None`` and ``server_address`` the listening address).
         RequestHandlerClass: called as ``RequestHandlerClass(request,
             client_address, server)`` for each connection.
         bind_and_activate: when false, the caller must call ``server_bind()``
@@ -52,7 +63,15 @@ class TCPServer(BaseServer):
     ) -> None:
         """Constructor.  May be extended, do not override."""
         BaseServer.__init__(self, server_address, RequestHandlerClass)
-        self.socket = socket.socket(self.address_family, self.socket_type)
+        self._endpoint: EndpointListener | None = None
+        endpoint = as_endpoint(server_address, self.address_family)
+        if endpoint is None:
+            self.socket = socket.socket(self.address_family, self.socket_type)
+        elif self.socket_type != socket.SOCK_STREAM:
+            raise TypeError(f"{type(self).__name__} cannot serve a stream endpoint ({endpoint!r})")
+        else:
+            self.socket = None  # type: ignore[assignment]
+            self._endpoint = EndpointListener(endpoint, backlog=self.request_queue_size)
         if bind_and_activate:
             try:
                 self.server_bind()
@@ -62,7 +81,15 @@ class TCPServer(BaseServer):
                 raise
 
     def server_bind(self) -> None:
-        """Called by the constructor to bind the socket.  May be overridden."""
+        """Called by the constructor to bind the socket.  May be overridden.
+
+        In endpoint mode: listen on the endpoint (it binds and listens in one
+        step), then set ``server_address`` and ``address_family`` from it.
+        """
+        if self._endpoint is not None:
+            self._endpoint.listen()
+            self._endpoint_listening()
+            return
         if self.allow_reuse_address and hasattr(socket, "SO_REUSEADDR"):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if self.allow_reuse_port and hasattr(socket, "SO_REUSEPORT"):
@@ -72,21 +99,50 @@ class TCPServer(BaseServer):
 
     def server_activate(self) -> None:
         """Called by the constructor to activate the server.  May be overridden."""
+        if self._endpoint is not None:
+            return  # the endpoint listened in server_bind()
         self.socket.listen(self.request_queue_size)
 
     def server_close(self) -> None:
         """Called to clean up the server.  May be overridden."""
         self._stop_watching()
-        self.socket.close()
+        if self._endpoint is not None:
+            self._endpoint.close()
+        else:
+            self.socket.close()
 
     def fileno(self) -> int:
-        """Return the socket's file descriptor (what the reactor watches)."""
+        """Return the socket's file descriptor (what the reactor watches).
+
+        In endpoint mode, a descriptor that is readable while an accepted
+        connection waits for ``get_request()`` (Twisted accepts on the
+        listening socket, so that one would not tell).
+        """
+        if self._endpoint is not None:
+            return self._endpoint.fileno()
         return self.socket.fileno()
 
     def get_request(self) -> tuple[Any, Any]:
         """Get the request and client address from the socket.  May be
-        overridden (to wrap the accepted socket in TLS, for instance)."""
+        overridden (to wrap the accepted socket in TLS, for instance).
+
+        In endpoint mode: the next connection Twisted accepted, as
+        ``(TransportSocket, client_address)``.
+        """
+        if self._endpoint is not None:
+            return self._endpoint.take()
         return self.socket.accept()
+
+    def _request_readiness(self) -> IRequestReadiness:
+        if self._endpoint is not None:
+            return self._endpoint.readiness()
+        return super()._request_readiness()
+
+    def _endpoint_listening(self) -> None:
+        """Reflect the endpoint's listening address (called once it listens)."""
+        assert self._endpoint is not None
+        self.server_address = self._endpoint.host
+        self.address_family = self._endpoint.family  # type: ignore[assignment]
 
     def shutdown_request(self, request: Any) -> None:
         """Called to shutdown and close an individual request."""
