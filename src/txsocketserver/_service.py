@@ -1,0 +1,293 @@
+"""Servers as Twisted services, and the graceful stop they share with the CLI.
+
+Theory of operation
+===================
+
+A server's hooks are blocking user code, so a service never runs them on the
+reactor thread: :meth:`ServerService.startService` starts a *serving thread*
+that runs ``serve_forever()``, exactly as a blocking program would, against
+the reactor that is already running (``twistd``, ``react``, a ``.tac``).
+Handler errors go to ``twisted.logger`` while the service runs.
+
+Stopping is a *graceful drain* (:func:`stop_gracefully`), run in a helper
+thread so that the reactor keeps running (it carries the bytes of the requests
+being drained):
+
+1. ``shutdown()`` is requested: the serving loop takes no new request.  An
+   endpoint server also stops listening at once (new clients are refused,
+   connections accepted but not yet taken are closed); a socket server closes
+   its listening socket as soon as the loop has left.
+2. The requests in flight (between ``verify_request`` and the end of their
+   ``shutdown_request``, wherever they run) may finish, for up to
+   ``drain_timeout`` seconds.
+3. The stragglers are then shut down (``request.shutdown(SHUT_RDWR)``): a
+   handler blocked reading sees end of file, one writing gets
+   ``BrokenPipeError``, so well-behaved handlers end within moments.
+4. ``server_close()`` runs; if stragglers still remain, without waiting for
+   them (``block_on_close`` is turned off for that call).
+
+The Deferred of ``stopService`` fires when that is done.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txsocketserver import _reactor
+
+#: Seconds ``stopService`` lets requests in flight finish before closing them.
+DEFAULT_DRAIN_TIMEOUT = 30.0
+# Seconds handlers get to end after their connections were shut down under them.
+_STRAGGLER_GRACE = 2.0
+
+_log = Logger(namespace="txsocketserver")
+
+
+def _stop_accepting(server: Any) -> None:
+    """Refuse new connections (stream servers only: a datagram server's socket
+    is also what in-flight handlers reply through)."""
+    listener = getattr(server, "_endpoint", None)
+    if listener is not None:
+        listener.stop_listening()
+        return
+    sock = getattr(server, "socket", None)
+    if sock is not None and getattr(server, "socket_type", None) == socket.SOCK_STREAM:
+        sock.close()
+
+
+def _abort(request: Any) -> None:
+    """Make a handler blocked on ``request`` return: EOF for reads, EPIPE for writes."""
+    shutdown = getattr(request, "shutdown", None)
+    if shutdown is None:
+        return  # a datagram: nothing to interrupt
+    try:
+        shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed or reset: the handler is on its way out
+
+
+def stop_gracefully(
+    server: Any,
+    *,
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+    serving: threading.Thread | None = None,
+) -> bool:
+    """Stop a server: stop accepting, drain the requests in flight, close it.
+
+    Blocking: call it from any thread but the reactor thread (and not from a
+    handler of this server).
+
+    Args:
+        server: a txsocketserver server, serving or not.
+        drain_timeout: seconds the requests in flight may take to finish
+            before their connections are shut down under them.
+        serving: the thread running ``serve_forever``, if any, so that a stop
+            requested before that loop started still waits for it.
+
+    Returns:
+        Whether every request finished by itself within ``drain_timeout``.
+
+    Resource handling:
+        The server is closed (``server_close()``) when this returns, even when
+        stragglers were cut off.
+    """
+    _reactor.refuse_reactor_thread("stop_gracefully")
+    deadline = time.monotonic() + drain_timeout
+    stopper = threading.Thread(target=server.shutdown, name="txsocketserver-shutdown", daemon=True)
+    loop_running = serving is not None and serving.is_alive()
+    if loop_running:
+        stopper.start()
+    if getattr(server, "_endpoint", None) is not None:
+        _stop_accepting(server)
+    elif loop_running:
+        # A socket server's loop may still be waiting on its socket: close it
+        # only once the loop has left (a synchronous server's loop leaves when
+        # the request it is running ends).
+        stopper.join(max(0.0, deadline - time.monotonic()))
+        if not stopper.is_alive():
+            _stop_accepting(server)
+    drained = server._wait_for_requests(max(0.0, deadline - time.monotonic()))
+    if not drained:
+        stragglers = server._requests_in_flight()
+        _log.warn(
+            "{count} request(s) still running after {timeout}s; closing their connections",
+            count=len(stragglers),
+            timeout=drain_timeout,
+        )
+        for request in stragglers:
+            _abort(request)
+        server._wait_for_requests(_STRAGGLER_GRACE)
+    if loop_running:
+        stopper.join(_STRAGGLER_GRACE)
+    if not server._wait_for_requests(0):
+        # Handlers that ignore EOF and EPIPE: close without waiting for them.
+        server.block_on_close = False
+    server.server_close()
+    return drained
+
+
+class ServerService(Service):
+    """Run a txsocketserver server as a Twisted ``IService``.
+
+    ``ServerService(server).setServiceParent(application)`` in a ``.tac`` file,
+    or ``MultiService.addService``: any server (stream or datagram; sync,
+    threading or forking; socket or endpoint address) serves while the service
+    runs, next to other Twisted services on the same reactor.
+
+    Args:
+        server: the server, normally bound and activated by its constructor.
+            An endpoint server made with ``bind_and_activate=False`` starts
+            listening in ``startService`` instead, without blocking the reactor
+            (the way to use endpoints that listen asynchronously).
+        drain_timeout: seconds ``stopService`` lets requests in flight finish
+            before their connections are shut down (default 30).
+        poll_interval: passed to ``serve_forever``; how often
+            ``service_actions()`` runs.
+
+    Resource handling:
+        ``stopService`` closes the server; the service cannot be started again
+        (``RuntimeError``).
+
+    Error handling:
+        While the service runs, handler errors are logged with
+        ``twisted.logger`` (a ``Failure``) rather than printed to stderr, unless
+        ``handle_error`` is overridden.  A failure to start (listening fails,
+        ``serve_forever`` raises) is logged, and fails the Deferred of
+        :func:`start_server`.
+    """
+
+    def __init__(
+        self,
+        server: Any,
+        *,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        poll_interval: float = 0.5,
+    ) -> None:
+        self.server = server
+        self.drain_timeout = drain_timeout
+        self.poll_interval = poll_interval
+        self._serving: threading.Thread | None = None
+        self._started: Deferred[ServerService] | None = None
+        self._stopped: Deferred[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<ServerService {self.name or ''} for {self.server!r}>"
+
+    def startService(self) -> None:
+        """Start serving in a new thread; never blocks the reactor."""
+        # A failure to start is logged where it happens.
+        self._start().addErrback(lambda failure: None)
+
+    def _start(self) -> Deferred[ServerService]:
+        if self._started is not None:
+            raise RuntimeError("a ServerService runs once; make a new server to serve again")
+        Service.startService(self)
+        started: Deferred[ServerService] = Deferred()
+        self._started = started
+        reactor = _reactor.get_reactor()
+        # The serving thread needs the reactor running (it would otherwise
+        # start a private one in the background, and the owner's run() fails).
+        reactor.callWhenRunning(self._listen_then_serve, started)
+        return started
+
+    def _listen_then_serve(self, started: Deferred[ServerService]) -> None:
+        listener = getattr(self.server, "_endpoint", None)
+        if listener is not None and not listener.listening and self._stopped is None:
+            listening = listener.listen_deferred()
+            listening.addCallback(lambda _: self.server._endpoint_listening())
+        else:
+            listening = succeed(None)
+
+        def serve(_: object) -> ServerService:
+            if self._stopped is not None:
+                raise RuntimeError("the service was stopped before it started serving")
+            self._serving = threading.Thread(
+                target=self._serve,
+                name=f"txsocketserver-serve-{self.name or type(self.server).__name__}",
+                daemon=True,
+            )
+            self.server._error_log = _log
+            self._serving.start()
+            return self
+
+        def failed(failure: Failure) -> Failure:
+            _log.failure("{server!r} could not start", failure, server=self.server)
+            return failure
+
+        listening.addCallback(serve).addErrback(failed).chainDeferred(started)
+
+    def _serve(self) -> None:
+        try:
+            self.server.serve_forever(self.poll_interval)
+        except BaseException:
+            if self._stopped is None:
+                _log.failure("serve_forever of {server!r} failed", server=self.server)
+
+    def stopService(self) -> Deferred[None]:
+        """Stop accepting, drain, close; the Deferred fires when that is done.
+
+        See :func:`stop_gracefully` for the steps and ``drain_timeout``.
+        """
+        Service.stopService(self)
+        if self._stopped is not None:
+            return self._stopped
+        stopped: Deferred[None] = Deferred()
+        self._stopped = stopped
+        reactor = _reactor.get_reactor()
+
+        def stop() -> None:
+            try:
+                stop_gracefully(
+                    self.server, drain_timeout=self.drain_timeout, serving=self._serving
+                )
+            except BaseException:
+                reactor.callFromThread(stopped.errback, Failure())
+            else:
+                reactor.callFromThread(stopped.callback, None)
+            finally:
+                self.server._error_log = None
+
+        threading.Thread(target=stop, name="txsocketserver-stop", daemon=True).start()
+        return stopped
+
+
+def start_server(
+    server: Any, *, drain_timeout: float = DEFAULT_DRAIN_TIMEOUT, poll_interval: float = 0.5
+) -> Deferred[ServerService]:
+    """Start serving ``server`` from code running on the reactor; never blocks.
+
+    Args:
+        server: as for :class:`ServerService` (an endpoint server made with
+            ``bind_and_activate=False`` starts listening here).
+        drain_timeout: as for :class:`ServerService`.
+        poll_interval: as for :class:`ServerService`.
+
+    Returns:
+        A Deferred firing with the running :class:`ServerService` once the
+        server listens and its serving thread runs; stop it with
+        ``service.stopService()`` (a Deferred too).  It fails with the
+        listening error instead, the server then being closed.
+    """
+    service = ServerService(server, drain_timeout=drain_timeout, poll_interval=poll_interval)
+    try:
+        started = service._start()
+    except BaseException:
+        return fail()
+
+    def failed(failure: Failure) -> Failure:
+        service.running = False
+        server.server_close()
+        return failure
+
+    return started.addErrback(failed)
+
+
+__all__ = ["DEFAULT_DRAIN_TIMEOUT", "ServerService", "start_server", "stop_gracefully"]
