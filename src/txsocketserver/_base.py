@@ -60,9 +60,6 @@ class BaseServer:
     # Private: True when process_request() hands requests to another thread or
     # process, whose code then calls _request_finished() itself.
     _requests_finish_elsewhere = False
-    # Private: where handle_error() logs when the server runs as a Twisted
-    # service (a twisted.logger.Logger); None prints to stderr like the stdlib.
-    _error_log: Any = None
 
     def __init__(self, server_address: Any, RequestHandlerClass: Any) -> None:
         """Constructor.  May be extended, do not override."""
@@ -76,6 +73,10 @@ class BaseServer:
         # that a graceful stop can wait for them and close the stragglers.
         self.__in_flight: dict[int, Any] = {}
         self.__in_flight_changed = threading.Condition()
+        # Where handle_error() logs while the server runs as a Twisted service
+        # (a twisted.logger.Logger); None prints to stderr like the stdlib.
+        # Name-mangled so that ForkingMixIn does not copy it to its children.
+        self.__error_log: Any = None
 
     def server_activate(self) -> None:
         """Called by the constructor to activate the server.  May be overridden."""
@@ -236,8 +237,8 @@ class BaseServer:
         server runs as a Twisted service, the error is logged as a ``Failure``
         with ``twisted.logger`` instead.
         """
-        if self._error_log is not None:
-            self._error_log.failure(
+        if self.__error_log is not None:
+            self.__error_log.failure(
                 "Exception occurred during processing of request from {client_address}",
                 client_address=client_address,
             )
@@ -273,6 +274,10 @@ class BaseServer:
     def _end_serving(self) -> None:
         self.__readiness = None
         self.__serving_thread = None
+
+    def _log_errors_to(self, logger: Any) -> None:
+        """Route ``handle_error`` to a ``twisted.logger.Logger`` (None: stderr)."""
+        self.__error_log = logger
 
     # -- requests in flight (graceful stop) ---------------------------------------
 

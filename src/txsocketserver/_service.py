@@ -214,7 +214,7 @@ class ServerService(Service):
                 name=f"txsocketserver-serve-{self.name or type(self.server).__name__}",
                 daemon=True,
             )
-            self.server._error_log = _log
+            self.server._log_errors_to(_log)
             self._serving.start()
             return self
 
@@ -253,7 +253,7 @@ class ServerService(Service):
             else:
                 reactor.callFromThread(stopped.callback, None)
             finally:
-                self.server._error_log = None
+                self.server._log_errors_to(None)
 
         threading.Thread(target=stop, name="txsocketserver-stop", daemon=True).start()
         return stopped

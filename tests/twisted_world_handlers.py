@@ -1,0 +1,101 @@
+"""Handlers for the Twisted-world tests, importable by server subprocesses too.
+
+Each handler works with a stdlib socket and a ``TransportSocket`` alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+
+import txsocketserver as socketserver
+
+#: What :class:`FirehoseHandler` sends: this block, repeated.
+FIREHOSE_BLOCK = bytes(range(256)) * 256  # 64 KiB
+
+
+def firehose_digest(size: int) -> str:
+    """sha256 of the first ``size`` bytes :class:`FirehoseHandler` sends."""
+    digest = hashlib.sha256()
+    full, rest = divmod(size, len(FIREHOSE_BLOCK))
+    for _ in range(full):
+        digest.update(FIREHOSE_BLOCK)
+    digest.update(FIREHOSE_BLOCK[:rest])
+    return digest.hexdigest()
+
+
+class EchoHandler(socketserver.StreamRequestHandler):
+    """Send each line back until end of stream."""
+
+    def handle(self) -> None:
+        for line in self.rfile:
+            self.wfile.write(line)
+
+
+class AddressHandler(socketserver.StreamRequestHandler):
+    """Reply with one JSON line: the client address and the server address."""
+
+    def handle(self) -> None:
+        reply = {"client": list(self.client_address), "server": str(self.server.server_address)}
+        self.wfile.write(json.dumps(reply).encode() + b"\n")
+
+
+class FirehoseHandler(socketserver.StreamRequestHandler):
+    """Read a byte count, then send that many bytes of the firehose pattern.
+
+    ``server.written`` (if the server has it) counts the bytes handed to the
+    socket so far, for flow-control tests.
+    """
+
+    def handle(self) -> None:
+        size = int(self.rfile.readline())
+        block = memoryview(FIREHOSE_BLOCK)
+        sent = 0
+        while sent < size:
+            chunk = block[: min(len(block), size - sent)]
+            self.request.sendall(chunk)
+            sent += len(chunk)
+            if hasattr(self.server, "written"):
+                self.server.written = sent
+
+
+class GateHandler(socketserver.StreamRequestHandler):
+    """Read a line, tell the test (``server.started``), wait for
+    ``server.release``, then answer ``done``.  Records in ``server.outcomes``
+    how each request ended."""
+
+    def handle(self) -> None:
+        self.rfile.readline()
+        self.server.started.set()
+        released = self.server.release.wait(10)
+        self.wfile.write(b"done\n" if released else b"timeout\n")
+        self.server.outcomes.append("done")
+
+
+class BlockingReadHandler(socketserver.StreamRequestHandler):
+    """Read lines until end of stream: a handler a drain has to cut off."""
+
+    def handle(self) -> None:
+        self.server.started.set()
+        try:
+            for _ in self.rfile:
+                pass
+        except OSError as error:
+            self.server.outcomes.append(type(error).__name__)
+        else:
+            self.server.outcomes.append("eof")
+
+
+class FailingHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        raise ValueError("handler failure for the test")
+
+
+def make_gate_server(server_class: type, address: object, handler: type) -> object:
+    """A server with the attributes the gate/blocking handlers use."""
+    server = server_class(address, handler)
+    server.started = threading.Event()
+    server.release = threading.Event()
+    server.outcomes = []
+    return server
