@@ -1,0 +1,265 @@
+"""Stream servers on Twisted endpoints: tcp, tcp6, unix, ssl, haproxy (PROXY v1/v2).
+
+In endpoint mode Twisted accepts the connections and handlers get a
+``TransportSocket``; everything else (hooks, threading, addresses) must look
+the same as with a socket address.  ``systemd:`` needs a fresh process (the
+fds and environment systemd passes): see ``test_twistd_cli.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import select
+import socket
+import ssl
+import struct
+import threading
+import time
+from typing import Any
+
+import pytest
+from twisted.internet.endpoints import quoteStringArgument
+
+import txsocketserver
+from support import (
+    LOCALHOST,
+    WAIT,
+    SelfSignedCert,
+    connect,
+    fd_count,
+    ipv6_loopback_available,
+    recv_all,
+    recv_line,
+    serve_in_thread,
+    settle_resources,
+    thread_count,
+    wait_until,
+    warm_up,
+)
+from twisted_world_handlers import (
+    AddressHandler,
+    EchoHandler,
+    FirehoseHandler,
+    firehose_digest,
+)
+from txsocketserver._transport_socket import SEND_WINDOW, TransportSocket
+
+TCP = f"tcp:0:interface={LOCALHOST}"
+SERVER_CLASSES = [txsocketserver.TCPServer, txsocketserver.ThreadingTCPServer]
+
+
+class RecordingAddressHandler(AddressHandler):
+    def handle(self) -> None:
+        self.server.request_types.append(type(self.request))
+        super().handle()
+
+
+def ask_address(client: socket.socket) -> dict[str, Any]:
+    reply: dict[str, Any] = json.loads(recv_line(client))
+    return reply
+
+
+@pytest.mark.parametrize("server_class", SERVER_CLASSES)
+def test_tcp_description_string(server_class: type) -> None:
+    with server_class(TCP, RecordingAddressHandler) as server:
+        server.request_types = []
+        host, port = server.server_address
+        assert host == LOCALHOST and port != 0
+        assert server.address_family == socket.AF_INET
+        assert server.socket is None
+        with serve_in_thread(server):
+            for _ in range(3):
+                with connect(server.server_address) as client:
+                    assert ask_address(client)["client"] == list(client.getsockname())
+        assert server.request_types == [TransportSocket] * 3
+
+
+def test_echo_through_endpoint_wrapper() -> None:
+    with (
+        txsocketserver.ThreadingTCPServer(txsocketserver.Endpoint(TCP), EchoHandler) as server,
+        serve_in_thread(server),
+    ):
+        with connect(server.server_address) as client:
+            for line in (b"one\n", b"two\n"):
+                client.sendall(line)
+                assert recv_line(client) == line
+
+
+@pytest.mark.skipif(not ipv6_loopback_available(), reason="no IPv6 loopback")
+def test_tcp6_endpoint() -> None:
+    with (
+        txsocketserver.ThreadingTCPServer(r"tcp6:0:interface=\:\:1", AddressHandler) as server,
+        serve_in_thread(server),
+    ):
+        assert server.address_family == socket.AF_INET6
+        assert server.server_address[0] == "::1"
+        with connect(server.server_address[:2], socket.AF_INET6) as client:
+            assert ask_address(client)["client"] == list(client.getsockname())
+
+
+@pytest.mark.parametrize(
+    "server_class", [txsocketserver.UnixStreamServer, txsocketserver.ThreadingTCPServer]
+)
+def test_unix_endpoint(server_class: type, unix_path: str) -> None:
+    endpoint = txsocketserver.Endpoint(f"unix:{unix_path}")
+    with server_class(endpoint, EchoHandler) as server, serve_in_thread(server):
+        assert server.server_address == unix_path
+        assert server.address_family == socket.AF_UNIX
+        with connect(unix_path, socket.AF_UNIX) as client:
+            client.sendall(b"over unix\n")
+            assert recv_line(client) == b"over unix\n"
+
+
+def test_plain_str_stays_a_unix_path(unix_path: str) -> None:
+    # A Unix server's str address is a path, colon or not: never an endpoint.
+    with txsocketserver.UnixStreamServer(unix_path, EchoHandler) as server:
+        assert server.socket is not None
+        assert server.server_address == unix_path
+
+
+def tls_description(cert: SelfSignedCert) -> str:
+    return (
+        f"ssl:0:interface={LOCALHOST}:privateKey={quoteStringArgument(cert.key_path)}"
+        f":certKey={quoteStringArgument(cert.cert_path)}"
+    )
+
+
+def test_ssl_endpoint_verified_by_client(tls_cert: SelfSignedCert) -> None:
+    context = ssl.create_default_context(cafile=tls_cert.cert_path)
+    with (
+        txsocketserver.ThreadingTCPServer(tls_description(tls_cert), EchoHandler) as server,
+        serve_in_thread(server),
+    ):
+        with (
+            connect(server.server_address) as raw,
+            context.wrap_socket(raw, server_hostname="localhost") as client,
+        ):
+            assert client.version() is not None
+            for line in (b"secret one\n", b"secret two\n" * 1000):
+                client.sendall(line)
+                received = b""
+                while len(received) < len(line):
+                    received += client.recv(65536)
+                assert received == line
+
+
+def proxy_v2_header(source: tuple[str, int], destination: tuple[str, int]) -> bytes:
+    """A PROXY protocol v2 header for a TCP over IPv4 connection."""
+    addresses = (
+        socket.inet_aton(source[0])
+        + socket.inet_aton(destination[0])
+        + struct.pack("!HH", source[1], destination[1])
+    )
+    signature = b"\r\n\r\n\x00\r\nQUIT\n"
+    return signature + bytes([0x21, 0x11]) + struct.pack("!H", len(addresses)) + addresses
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("server_class", SERVER_CLASSES)
+def test_haproxy_gives_real_client_address(version: int, server_class: type) -> None:
+    client_address = ("198.51.100.7", 40123)
+    balancer_target = ("203.0.113.1", 443)
+    if version == 1:
+        header = (
+            f"PROXY TCP4 {client_address[0]} {balancer_target[0]} "
+            f"{client_address[1]} {balancer_target[1]}\r\n"
+        ).encode()
+    else:
+        header = proxy_v2_header(client_address, balancer_target)
+    with server_class(f"haproxy:{TCP}", AddressHandler) as server, serve_in_thread(server):
+        with connect(server.server_address) as client:
+            client.sendall(header)
+            assert ask_address(client)["client"] == list(client_address)
+
+
+def test_fileno_is_readable_while_a_connection_waits() -> None:
+    with txsocketserver.TCPServer(TCP, EchoHandler) as server:
+        server.timeout = WAIT
+        with connect(server.server_address) as client:
+            ready, _, _ = select.select([server], [], [], WAIT)
+            assert ready == [server]
+            client.sendall(b"selected\n")
+            client.shutdown(socket.SHUT_WR)
+            server.handle_request()
+            assert recv_all(client) == b"selected\n"
+        assert select.select([server], [], [], 0) == ([], [], [])
+
+
+def test_server_close_closes_queued_connections() -> None:
+    server = txsocketserver.TCPServer(TCP, EchoHandler)
+    address = server.server_address
+    with connect(address) as client:
+        assert select.select([server], [], [], WAIT)[0]  # queued, never served
+        server.server_close()
+        assert recv_all(client) == b""
+    with pytest.raises(ConnectionRefusedError):
+        connect(address).close()
+
+
+def test_verify_request_applies() -> None:
+    class Picky(txsocketserver.ThreadingTCPServer):
+        def verify_request(self, request: Any, client_address: Any) -> bool:
+            self.seen = (type(request), client_address)
+            return False
+
+    with Picky(TCP, EchoHandler) as server, serve_in_thread(server):
+        with connect(server.server_address) as client:
+            client.sendall(b"let me in\n")
+            assert recv_all(client) == b""
+            assert server.seen == (TransportSocket, client.getsockname())
+
+
+def test_bad_addresses() -> None:
+    with pytest.raises(ValueError, match="bogus"):
+        txsocketserver.TCPServer("bogus:1234", EchoHandler)
+    with pytest.raises(TypeError, match="stream endpoint"):
+        txsocketserver.UDPServer(txsocketserver.Endpoint(TCP), EchoHandler)
+    with pytest.raises(TypeError):
+        txsocketserver.Endpoint(1234)  # type: ignore[arg-type]
+
+
+def test_flow_control_bounds_memory_for_a_slow_reader() -> None:
+    size = 100 * 1024 * 1024
+    with (
+        txsocketserver.ThreadingTCPServer(TCP, FirehoseHandler) as server,
+        serve_in_thread(server),
+    ):
+        server.written = 0
+        with socket.socket() as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            client.settimeout(WAIT)
+            client.connect(server.server_address)
+            client.sendall(b"%d\n" % size)
+            # The client does not read: the handler must stall, soon.
+            assert wait_until(lambda: server.written > 0)
+            time.sleep(0.5)
+            stalled_at = server.written
+            time.sleep(0.5)
+            assert server.written == stalled_at
+            # What the server holds: the send window, the transport's buffer,
+            # and the kernel's socket buffers on both sides.
+            assert stalled_at < 16 * 1024 * 1024, stalled_at
+            assert stalled_at >= SEND_WINDOW
+            received = bytearray()
+            while len(received) < size:
+                chunk = client.recv(1 << 20)
+                assert chunk, f"EOF after {len(received)} bytes"
+                received += chunk
+        assert firehose_digest(size) == hashlib.sha256(received).hexdigest()
+
+
+def test_endpoint_servers_leave_nothing_behind() -> None:
+    warm_up(txsocketserver)
+    fds, threads = fd_count(), thread_count()
+    for server_class in SERVER_CLASSES:
+        for _ in range(3):
+            with server_class(TCP, EchoHandler) as server, serve_in_thread(server):
+                with connect(server.server_address) as client:
+                    client.sendall(b"x\n")
+                    assert recv_line(client) == b"x\n"
+                with connect(server.server_address):
+                    pass
+    # Let the reactor finish closing the transports.
+    threading.Event().wait(0.1)
+    settle_resources(fds, threads)
