@@ -46,13 +46,14 @@ class ServerProcess:
     """One ``server.py`` child: started in its own session (Ctrl-C is ours to
     handle), its stderr kept in a temporary file to explain a failure."""
 
-    def __init__(self, impl: str, scenario: str) -> None:
+    def __init__(self, impl: str, scenario: str, cpus: str | None) -> None:
         self.impl = impl
         self.scenario = scenario
         self.port: int | None = None
         self.stderr: IO[bytes] = tempfile.TemporaryFile()
+        command = [sys.executable, str(HERE / "server.py"), "--impl", impl, "--scenario", scenario]
         self.process = subprocess.Popen(
-            [sys.executable, str(HERE / "server.py"), "--impl", impl, "--scenario", scenario],
+            command + (["--cpus", cpus] if cpus else []),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.stderr,
@@ -113,9 +114,11 @@ class ServerProcess:
         self.stderr.close()
 
 
-def start_servers(scenario: Scenario, impls: list[str]) -> dict[str, ServerProcess]:
+def start_servers(
+    scenario: Scenario, impls: list[str], cpus: str | None
+) -> dict[str, ServerProcess]:
     """Start one server per implementation in parallel; drop (and report) failures."""
-    servers = {impl: ServerProcess(impl, scenario.name) for impl in impls}
+    servers = {impl: ServerProcess(impl, scenario.name, cpus) for impl in impls}
     deadline = time.monotonic() + SERVER_START_TIMEOUT
     started = {}
     for impl, server in servers.items():
@@ -137,7 +140,7 @@ def run_scenario(
     scenario: Scenario, impls: list[str], tools: LoadTools, args: argparse.Namespace
 ) -> dict[str, list[Measurement]]:
     results: dict[str, list[Measurement]] = {impl: [] for impl in impls}
-    servers = start_servers(scenario, impls)
+    servers = start_servers(scenario, impls, args.server_cpus)
     try:
         if args.warmup > 0:
             for server in servers.values():
@@ -267,6 +270,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--echo-client", choices=["auto", "c", "python"], default="auto")
     parser.add_argument("--http-client", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="servers on CPU 0, load clients on the other CPUs (steadier on small machines)",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write every measurement here")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     args = parser.parse_args()
@@ -275,6 +283,17 @@ def parse_args() -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, default)
     return args
+
+
+def pin_cpus() -> str | None:
+    """Keep this process (so the load clients it starts) off the first allowed CPU
+    and return that CPU for the servers; ``None`` with fewer than two CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        print("--pin ignored: fewer than two CPUs", file=sys.stderr)
+        return None
+    os.sched_setaffinity(0, cpus[1:])
+    return str(cpus[0])
 
 
 def raise_system_exit(signum: int, frame: object) -> None:
@@ -292,6 +311,7 @@ def main() -> None:
     if unknown or not impls:
         sys.exit(f"unknown implementation(s) {sorted(unknown)}; choose from {IMPLEMENTATIONS}")
     scenarios = select_scenarios(args.only, args.quick)
+    args.server_cpus = pin_cpus() if args.pin else None
     # SIGTERM/SIGHUP unwind like Ctrl-C, so every finally block stops its processes.
     signal.signal(signal.SIGTERM, raise_system_exit)
     signal.signal(signal.SIGHUP, raise_system_exit)
@@ -305,7 +325,8 @@ def main() -> None:
         print(
             f"{len(scenarios)} scenarios x {impls} x {args.rounds} rounds x "
             f"{args.duration:g}s; {os.cpu_count()} CPUs, load average "
-            f"{os.getloadavg()[0]:.2f}",
+            f"{os.getloadavg()[0]:.2f}"
+            + (f"; servers pinned to CPU {args.server_cpus}" if args.server_cpus else ""),
             file=sys.stderr,
             flush=True,
         )

@@ -28,7 +28,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--impl", choices=IMPLEMENTATIONS, required=True)
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), required=True)
+    parser.add_argument("--cpus", help="comma-separated CPUs to run on (set before any thread)")
     args = parser.parse_args()
+    if args.cpus:
+        os.sched_setaffinity(0, {int(cpu) for cpu in args.cpus.split(",")})
     handle = SCENARIOS[args.scenario].servers[args.impl]()
     if stat.S_ISFIFO(os.fstat(0).st_mode):  # started by run.py, not by hand
         threading.Thread(target=exit_when_stdin_closes, daemon=True).start()
