@@ -68,14 +68,14 @@ class ServerProcess:
         with selectors.DefaultSelector() as selector:
             selector.register(fd, selectors.EVENT_READ)
             while b"\n" not in buffer:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                # Servers start in parallel and share the deadline: one that is
+                # already listening when another has used it up still counts.
+                if not selector.select(max(0.0, deadline - time.monotonic())):
                     raise ServerFailed(f"no port within {SERVER_START_TIMEOUT:.0f}s{self.log()}")
-                if selector.select(remaining):
-                    chunk = os.read(fd, 4096)
-                    if not chunk:
-                        raise ServerFailed(f"exited before listening{self.log()}")
-                    buffer += chunk
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    raise ServerFailed(f"exited before listening{self.log()}")
+                buffer += chunk
         line = buffer.split(b"\n", 1)[0].decode(errors="replace")
         if not line.startswith("PORT "):
             raise ServerFailed(f"unexpected first line {line!r}{self.log()}")
@@ -132,7 +132,7 @@ def start_servers(
 
 
 def rotated(items: list[str], by: int) -> list[str]:
-    by %= len(items)
+    by %= len(items) or 1
     return items[by:] + items[:by]
 
 
@@ -142,6 +142,8 @@ def run_scenario(
     results: dict[str, list[Measurement]] = {impl: [] for impl in impls}
     servers = start_servers(scenario, impls, args.server_cpus)
     try:
+        if not servers:
+            return results
         if args.warmup > 0:
             for server in servers.values():
                 assert server.port is not None
