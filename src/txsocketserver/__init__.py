@@ -8,6 +8,7 @@ everything from here: the underscored modules are private.
 from txsocketserver._base import BaseServer
 from txsocketserver._datagram import UDPServer, UnixDatagramServer
 from txsocketserver._endpoints import Endpoint
+from txsocketserver._forking import ForkingMixIn
 from txsocketserver._handlers import (
     BaseRequestHandler,
     DatagramRequestHandler,
@@ -34,6 +35,22 @@ class ThreadingUnixDatagramServer(ThreadingMixIn, UnixDatagramServer):
     """A Unix datagram server running each datagram's handler on a pool thread."""
 
 
+class ForkingTCPServer(ForkingMixIn, TCPServer):
+    """A TCP server running each request in a process of its own."""
+
+
+class ForkingUDPServer(ForkingMixIn, UDPServer):
+    """A UDP server running each datagram's handler in a process of its own."""
+
+
+class ForkingUnixStreamServer(ForkingMixIn, UnixStreamServer):
+    """A Unix stream server running each request in a process of its own."""
+
+
+class ForkingUnixDatagramServer(ForkingMixIn, UnixDatagramServer):
+    """A Unix datagram server running each datagram's handler in a process of its own."""
+
+
 __all__ = [
     "BaseServer",
     "TCPServer",
@@ -48,6 +65,11 @@ __all__ = [
     "ThreadingUnixStreamServer",
     "UnixDatagramServer",
     "ThreadingUnixDatagramServer",
+    "ForkingMixIn",
+    "ForkingTCPServer",
+    "ForkingUDPServer",
+    "ForkingUnixStreamServer",
+    "ForkingUnixDatagramServer",
     # Beyond socketserver: the Twisted world.
     "Endpoint",
     "ServerService",

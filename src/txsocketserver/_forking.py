@@ -1,0 +1,572 @@
+"""``ForkingMixIn``: every request in a process of its own, with Twisted doing the spawning.
+
+Theory of operation
+===================
+
+The stdlib forks the *server* process for each request.  We do not: the server
+process runs a reactor thread and a thread pool, and forking a threaded process
+is unsafe (a lock held by another thread stays held forever in the child).
+Starting a fresh interpreter per request with ``spawnProcess`` is safe but
+slow: importing a handler module and txsocketserver costs tenths of a second of
+CPU, against about a millisecond for a fork.  So the two are combined:
+
+* ``reactor.spawnProcess`` (called on the reactor thread) starts one *template*
+  process per server, ahead of need, when serving begins.  It is a new
+  interpreter with no threads, which imports the server's and the handler's
+  modules once (see ``_forking_child`` for its side of the story).
+* For each request the serving thread pickles the server's state and the
+  request, passes the request's sockets as fds (``SCM_RIGHTS``) over a Unix
+  socketpair to the template, and closes its own copy of the connection, as
+  the stdlib's parent does.  The template forks a *worker* that runs exactly
+  that request (``finish_request``, ``handle_error``, ``shutdown_request``,
+  ``os._exit``: the stdlib's child code) and exits.
+* The template reports every worker start and exit on a pipe that our
+  ``ProcessProtocol`` reads on the reactor thread; the serving thread waits on
+  those reports to keep at most ``max_children`` requests running, and to
+  maintain ``active_children`` (the pids of the running workers).
+
+The reactor reaps exactly the template, the template exactly its workers: no
+``waitpid(-1)``, so no child that somebody else started is ever reaped.
+
+Which thread owns what: the serving thread sends requests and closes the
+channel; the reactor thread owns the ``ProcessProtocol`` and the process
+transport; the bookkeeping both touch (requests in flight, worker pids,
+whether the template is up) sits behind one condition variable.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+import types
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from txsocketserver import _reactor
+from txsocketserver._base import BaseServer
+from txsocketserver._dispatch import IRequestDispatcher
+from txsocketserver._forking_child import (
+    CHANNEL_FD,
+    SPEC_TAG,
+    STATUS_FD,
+    dumps_with_fds,
+    main_module_spec,
+    send_message,
+)
+
+# Seconds a closing server waits for an idle template to exit before killing it.
+TEMPLATE_EXIT_TIMEOUT = 10.0
+
+# Instance attributes that are this package's bookkeeping, not the user's:
+# they are not copied to the child's server object.
+_PRIVATE_PREFIXES = ("_BaseServer__", "_forking_")
+
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TEMPLATE_COMMAND = (
+    f"import sys; sys.path.insert(0, {_PACKAGE_ROOT!r}); "
+    "from txsocketserver._forking_child import main; main()"
+)
+
+
+class _MainProbe(pickle.Pickler):
+    """Pickles into nothing, noting whether anything came from ``__main__``."""
+
+    uses_main = False
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, (type, types.FunctionType)) and obj.__module__ == "__main__":
+            self.uses_main = True
+        return NotImplemented
+
+
+class _Discard:
+    def write(self, data: bytes) -> None:
+        pass
+
+
+def check_reachable(role: str, obj: Any) -> bool:
+    """Check that a new interpreter can find *obj* (a class, usually) by name.
+
+    Args:
+        role: what *obj* is, for the message ("request handler class").
+        obj: the object a worker process must unpickle.
+
+    Returns:
+        Whether *obj* needs the main module (then the template loads it).
+
+    Error handling:
+        ``TypeError`` naming *obj* and saying why, e.g. for a class defined
+        inside a function, or one defined in an interactive ``__main__``.
+    """
+    probe = _MainProbe(_Discard(), protocol=pickle.HIGHEST_PROTOCOL)
+    name = getattr(obj, "__qualname__", None) or repr(obj)
+    module = getattr(obj, "__module__", "?")
+    try:
+        probe.dump(obj)
+    except Exception as exc:
+        raise TypeError(
+            f"ForkingMixIn cannot use the {role} {module}.{name}: each request runs in "
+            f"a new process, which finds it by importing {module!r} and looking up "
+            f"{name!r}, and that cannot work ({exc}). Define it at the top level of a "
+            "module or of the main script."
+        ) from exc
+    if probe.uses_main and main_module_spec() is None:
+        raise TypeError(
+            f"ForkingMixIn cannot use the {role} {module}.{name}: it is defined in a "
+            "__main__ module that a new process cannot import (an interactive session "
+            "or python -c). Put it in a module or a script file."
+        )
+    return probe.uses_main
+
+
+def _pickles(value: Any) -> bool:
+    try:
+        dumps_with_fds(value)
+    except Exception:
+        return False
+    return True
+
+
+def _child_server(server_class: type, state: dict[str, Any]) -> Any:
+    """Build the worker's server object; runs in the worker.
+
+    ``BaseServer.__init__`` gives it fresh private bookkeeping (it makes no
+    socket: binding is ``TCPServer.__init__``'s job), then the parent's
+    picklable attributes are copied over.
+    """
+    server = server_class.__new__(server_class)
+    BaseServer.__init__(server, state.get("server_address"), state.get("RequestHandlerClass"))
+    server.__dict__.update(state)
+    return server
+
+
+class _Template:
+    """The parent's view of one template process."""
+
+    def __init__(self, channel: socket.socket) -> None:
+        self.channel = channel
+        self.protocol: _TemplateProtocol | None = None
+        self.tags: set[int] = set()
+        self.ready = False
+        # Closed on purpose (server_close, or replaced after a broken pipe).
+        self.retired = False
+        self.ended = threading.Event()
+
+
+class _TemplateProtocol(ProcessProtocol):
+    """Reactor-thread half: reads the template's status lines, sees it end."""
+
+    def __init__(self, dispatcher: ProcessDispatcher, template: _Template) -> None:
+        self._dispatcher = dispatcher
+        self._template = template
+        self._buffer = b""
+        self._ended = False
+
+    def connectionMade(self) -> None:
+        # The template reads nothing from stdin: give it end of file.
+        self.transport.closeStdin()
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD != STATUS_FD:
+            return
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        self._dispatcher._on_status(self._template, lines)
+
+    def childConnectionLost(self, childFD: int) -> None:
+        if childFD == STATUS_FD:
+            # Without a SIGCHLD handler (ours runs with installSignalHandlers
+            # off) Twisted tries to reap once, when the pipes close, which can
+            # be a moment before the process has finished exiting: retry.
+            self._reap_later(0.005)
+
+    def _reap_later(self, delay: float) -> None:
+        def reap() -> None:
+            if self._ended:
+                return
+            self.transport.reapProcess()
+            if not self._ended:
+                self._reap_later(min(delay * 2, 0.5))
+
+        _reactor.get_reactor().callLater(delay, reap)
+
+    def processEnded(self, reason: Failure) -> None:
+        self._ended = True
+        value = reason.value
+        code = getattr(value, "exitCode", None)
+        signal_number = getattr(value, "signal", None)
+        how = f"killed by signal {signal_number}" if signal_number else f"status {code}"
+        self._dispatcher._on_template_ended(self._template, how)
+
+    def kill(self) -> None:
+        if not self._ended:
+            self.transport.signalProcess("KILL")
+
+
+def _spawn_template(protocol: _TemplateProtocol, channel_fd: int) -> None:
+    """Start a template process; runs on the reactor thread."""
+    flags = getattr(subprocess, "_args_from_interpreter_flags", list)()
+    _reactor.get_reactor().spawnProcess(
+        protocol,
+        sys.executable,
+        [sys.executable, *flags, "-c", _TEMPLATE_COMMAND],
+        env=dict(os.environ),
+        childFDs={0: "w", 1: 1, 2: 2, CHANNEL_FD: channel_fd, STATUS_FD: "r"},
+    )
+
+
+@implementer(IRequestDispatcher)
+class ProcessDispatcher:
+    """Runs each request in a new worker process forked from a template.
+
+    ``dispatch(function, *args)`` takes a *method of the server*: the worker
+    calls the method of that name on its own copy of the server (a new
+    instance of the same class holding :meth:`child_state`) with a copy of
+    *args*, sockets included.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        # tag -> worker pid (None until the template reports the fork).
+        self._running: dict[int, int | None] = {}
+        self._next_tag = SPEC_TAG + 1
+        self._template: _Template | None = None
+        self._last_spec: bytes | None = None
+        self._startup_failure: str | None = None
+        self._closed = False
+        self._picklable: dict[tuple[str, type], bool] = {}
+
+    # -- IRequestDispatcher --------------------------------------------------------
+
+    def dispatch(self, function: Callable[..., object], *args: Any) -> None:
+        server = function.__self__  # type: ignore[attr-defined]
+        body, fds = dumps_with_fds(
+            (_child_server, (type(server), self.child_state(server)), function.__name__, args)
+        )
+        # A template that died since the last request shows up as a broken
+        # pipe: retire it and hand the request to a fresh one.
+        for attempt in (1, 2):
+            template = self._live_template(server)
+            with self._lock:
+                tag = self._next_tag
+                self._next_tag += 1
+                self._running[tag] = None
+                template.tags.add(tag)
+            try:
+                send_message(template.channel, tag, body, fds)
+                return
+            except OSError:
+                with self._changed:
+                    self._running.pop(tag, None)
+                    template.tags.discard(tag)
+                    self._changed.notify_all()
+                self._retire(template)
+                if attempt == 2:
+                    raise
+
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._running, timeout)
+
+    def upkeep(self) -> None:
+        # Keep a template warm: replace one that died (killed from outside)
+        # after it had been ready, so the next request does not wait for it.
+        template = self._template
+        if template is not None and template.ended.is_set() and template.ready:
+            self._retire(template)
+            if self._last_spec is not None and not self._closed:
+                self._start(self._last_spec)
+
+    def close(self, wait: bool) -> None:
+        with self._lock:
+            self._closed = True
+            template, self._template = self._template, None
+        if template is None:
+            return
+        if wait:
+            self.wait_idle(None)
+        template.retired = True
+        template.channel.close()
+        # The template exits once its workers have: wait for that if it is
+        # prompt, so that no process or pipe outlives a server with nothing
+        # running; otherwise the reactor reaps it whenever it ends.
+        if wait or not template.tags:
+            if not template.ended.wait(TEMPLATE_EXIT_TIMEOUT) and template.protocol:
+                _reactor.call_in_reactor(template.protocol.kill)
+                template.ended.wait(TEMPLATE_EXIT_TIMEOUT)
+
+    # -- for ForkingMixIn ------------------------------------------------------------
+
+    def warm_up(self, server: Any) -> None:
+        """Start the template now, if none runs, so the first request finds it ready.
+
+        Best effort: whatever stops it from starting (an unreachable handler
+        class set after construction, a template that failed to start) is
+        raised again by the first request, where ``handle_error`` reports it
+        and the server keeps serving.
+        """
+        with self._lock:
+            if self._startup_failure is not None:
+                return
+        try:
+            self._live_template(server)
+        except Exception:
+            pass
+
+    def wait_below(self, limit: int) -> None:
+        """Block until fewer than *limit* requests are in flight."""
+        with self._changed:
+            self._changed.wait_for(lambda: len(self._running) < limit)
+
+    def running_pids(self) -> set[int]:
+        """The pids of the workers running now."""
+        with self._lock:
+            return {pid for pid in self._running.values() if pid is not None}
+
+    def child_state(self, server: Any) -> dict[str, Any]:
+        """The instance attributes the worker's server object gets.
+
+        Every attribute of *server* that pickles, except this package's private
+        bookkeeping (``BaseServer`` gives the worker fresh bookkeeping of its
+        own); sockets among them travel as fds.  Whether an attribute
+        pickles is decided once per (name, type) and remembered.
+        """
+        state = {}
+        for name, value in vars(server).items():
+            if name.startswith(_PRIVATE_PREFIXES):
+                continue
+            key = (name, type(value))
+            picklable = self._picklable.get(key)
+            if picklable is None:
+                picklable = self._picklable[key] = _pickles(value)
+            if picklable:
+                state[name] = value
+        return state
+
+    # -- the template's life -----------------------------------------------------------
+
+    def _live_template(self, server: Any) -> _Template:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the server's worker processes have been shut down")
+            template = self._template
+            failure, self._startup_failure = self._startup_failure, None
+        if template is not None and not template.ended.is_set():
+            return template
+        if template is not None:
+            self._retire(template)
+        if failure is not None:
+            # Report it once; the next request tries a new template.
+            raise RuntimeError(failure)
+        return self._start(self._spec(server))
+
+    def _spec(self, server: Any) -> bytes:
+        uses_main = check_reachable("server class", type(server))
+        uses_main |= check_reachable("request handler", server.RequestHandlerClass)
+        sys_path = [os.getcwd() if entry == "" else entry for entry in sys.path]
+        return pickle.dumps(
+            {
+                "sys_path": sys_path,
+                "sys_argv": list(sys.argv),
+                "main": main_module_spec() if uses_main else None,
+                "preload": pickle.dumps((type(server), server.RequestHandlerClass)),
+            }
+        )
+
+    def _start(self, spec: bytes) -> _Template:
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        template = _Template(parent_end)
+        template.protocol = _TemplateProtocol(self, template)
+        try:
+            _reactor.call_in_reactor(_spawn_template, template.protocol, child_end.fileno())
+            send_message(parent_end, SPEC_TAG, spec, [])
+        except BaseException:
+            parent_end.close()
+            raise
+        finally:
+            child_end.close()
+        self._last_spec = spec
+        with self._lock:
+            self._template = template
+        return template
+
+    def _retire(self, template: _Template) -> None:
+        with self._lock:
+            if self._template is template:
+                self._template = None
+            template.retired = True
+        template.channel.close()
+
+    # -- reports, on the reactor thread ----------------------------------------------------
+
+    def _on_status(self, template: _Template, lines: list[bytes]) -> None:
+        with self._changed:
+            for line in lines:
+                kind, *fields = line.split()
+                if kind == b"R":
+                    template.ready = True
+                elif kind == b"S":
+                    tag, pid = int(fields[0]), int(fields[1])
+                    if tag in self._running:
+                        self._running[tag] = pid
+                elif kind == b"E":
+                    tag = int(fields[0])
+                    self._running.pop(tag, None)
+                    template.tags.discard(tag)
+            self._changed.notify_all()
+
+    def _on_template_ended(self, template: _Template, how: str) -> None:
+        with self._changed:
+            # Workers it had not reaped yet are no longer ours to count.
+            for tag in template.tags:
+                self._running.pop(tag, None)
+            template.tags.clear()
+            if not template.ready and not template.retired:
+                self._startup_failure = (
+                    f"the ForkingMixIn template process exited ({how}) before it was "
+                    "ready, taking the requests sent to it along; its traceback, if "
+                    "any, is on stderr"
+                )
+            template.ended.set()
+            self._changed.notify_all()
+
+
+class ForkingMixIn:
+    """Mix-in class to handle each request in a new process.
+
+    The request runs in a worker process forked from a template process that
+    Twisted's ``spawnProcess`` started, not from the server process itself: see
+    ``docs/forking.md`` for what the worker sees (module state as imported, a
+    copy of the server's picklable attributes) and what that changes.
+
+    Error handling:
+        Constructing the server raises ``TypeError`` if the server class or
+        the handler class cannot be imported by name in a new process (defined
+        inside a function, say).
+    """
+
+    # Seconds handle_request() waits for a request before collecting children.
+    timeout: float | None = 300
+    # Pids of the worker processes running now; None until the first request.
+    active_children: set[int] | None = None
+    # At most this many requests run at once; the next waits for one to end.
+    max_children = 40
+    # Whether server_close() waits until all child processes complete.
+    block_on_close = True
+
+    _forking_dispatcher: ProcessDispatcher | None = None
+
+    def __init__(
+        self, server_address: Any, RequestHandlerClass: Any, *args: Any, **kwargs: Any
+    ) -> None:
+        check_reachable("server class", type(self))
+        check_reachable("request handler", RequestHandlerClass)
+        super().__init__(server_address, RequestHandlerClass, *args, **kwargs)  # type: ignore[call-arg]
+
+    def collect_children(self, *, blocking: bool = False) -> None:
+        """Forget the children that have exited.
+
+        Waits while ``max_children`` are running, and with *blocking* until all
+        have exited.  The workers are reaped by their template process, so this
+        never reaps a process the server did not start.
+        """
+        if self.active_children is None:
+            return
+        workers = self._forking_dispatcher
+        if workers is not None:
+            workers.wait_below(self.max_children)
+            if blocking:
+                workers.wait_idle(None)
+        self._update_active_children()
+
+    def handle_timeout(self) -> None:
+        """Wait for zombies after self.timeout seconds of inactivity.
+
+        May be extended, do not override.
+        """
+        self.collect_children()
+
+    def service_actions(self) -> None:
+        """Collect the exited child processes regularly (``serve_forever`` calls
+        this once per loop)."""
+        self.collect_children()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Run the request in a new process, then close the parent's copy of it.
+
+        Waits first while ``max_children`` requests are running.
+
+        Error handling:
+            ``TypeError`` if the request cannot be handed over (a socket that
+            ``get_request`` wrapped in TLS); the serving loop then calls
+            ``handle_error`` and ``shutdown_request``, as for any failure here.
+        """
+        workers = self._forking_workers()
+        if self.active_children is None:
+            self.active_children = set()
+        workers.wait_below(self.max_children)
+        workers.dispatch(self._process_request_in_child, request, client_address)
+        self.close_request(request)  # type: ignore[attr-defined]
+
+    def _process_request_in_child(self, request: Any, client_address: Any) -> None:
+        """The stdlib's child: runs in the worker, and never returns."""
+        status = 1
+        try:
+            self.finish_request(request, client_address)  # type: ignore[attr-defined]
+            status = 0
+        except Exception:
+            self.handle_error(request, client_address)  # type: ignore[attr-defined]
+        finally:
+            try:
+                self.shutdown_request(request)  # type: ignore[attr-defined]
+            finally:
+                for stream in (sys.stdout, sys.stderr):
+                    if stream is not None:
+                        try:
+                            stream.flush()
+                        except (OSError, ValueError):
+                            pass
+                os._exit(status)
+
+    def server_close(self) -> None:
+        """Close the socket, then wait for the children (``block_on_close``) and
+        stop the template process."""
+        super().server_close()  # type: ignore[misc]
+        self.collect_children(blocking=self.block_on_close)
+        workers, self._forking_dispatcher = self._forking_dispatcher, None
+        if workers is not None:
+            workers.close(wait=self.block_on_close)
+
+    def _forking_workers(self) -> ProcessDispatcher:
+        if self._forking_dispatcher is None:
+            self._forking_dispatcher = ProcessDispatcher()
+        return self._forking_dispatcher
+
+    def _update_active_children(self) -> None:
+        workers = self._forking_dispatcher
+        pids = workers.running_pids() if workers is not None else set()
+        active = self.active_children
+        if active is not None:
+            active.intersection_update(pids)
+            active.update(pids)
+
+    def _request_readiness(self) -> Any:
+        # Serving begins: start the template now rather than on the first request.
+        self._forking_workers().warm_up(self)
+        return super()._request_readiness()  # type: ignore[misc]
+
+    def _after_serving_step(self) -> None:
+        super()._after_serving_step()  # type: ignore[misc]
+        if self._forking_dispatcher is not None:
+            self._forking_dispatcher.upkeep()

@@ -1,0 +1,361 @@
+"""The process side of ``ForkingMixIn``: the wire format and the worker template.
+
+Theory of operation
+===================
+
+A forking server owns one *template* process, started with Twisted's
+``reactor.spawnProcess`` (see ``_forking``).  The template is a fresh
+interpreter that imports the server's and the handler's modules once (and the
+main script, as ``__mp_main__``, when one of them lives there), then waits.
+For each request it ``fork()``\\ s one *worker*, which runs that one request
+and exits.  The template never runs a request itself, so every worker starts
+from the same pristine state: nothing a request changes reaches the parent,
+the template or any other request, and a worker that crashes takes only its
+own request with it.
+
+File descriptors of the template (fixed numbers, set up by ``spawnProcess``):
+
+* 0: ``/dev/null``-like stdin (the parent closes its end at once);
+* 1, 2: the parent's own stdout and stderr, so handler output and the
+  tracebacks of ``handle_error`` land where the stdlib's forked children
+  would put them;
+* 3 (:data:`CHANNEL_FD`): one end of a Unix stream socketpair.  The parent
+  sends *messages* on it: a header (tag, body length, number of fds), the fds
+  themselves as ``SCM_RIGHTS`` ancillary data on the header, then a pickled
+  body.  Tag 0 is the start-up spec; any other tag is a request.  End of file
+  means the server has closed: the template reaps its running workers, then
+  exits.
+* 4 (:data:`STATUS_FD`): a pipe back to the parent's ``ProcessProtocol``,
+  carrying one short line per event: ``R`` (ready), ``S <tag> <pid>`` (a
+  worker started), ``E <tag> <exit code>`` (a worker was reaped; a negative
+  code is the signal that killed it).  Each line is far below ``PIPE_BUF``,
+  so it is written atomically.
+
+Who reaps whom: the parent's reactor reaps exactly the template (Twisted's
+``reapProcess`` waits on its pid alone); the template reaps exactly its own
+workers, by pid.  Nothing ever calls ``waitpid(-1)``, so a child that some
+other part of the program started is never reaped behind its back.
+
+A request body is the pickle of ``(make_server, make_server_args,
+method_name, args)``: the worker builds its server object with the first two
+and calls the named method of it with *args*.  Sockets anywhere in it (the
+accepted connection, a datagram server's socket, the server's own ``socket``
+attribute) are pickled as *persistent ids* naming one of the message's fds,
+and rebuilt in the worker as ``socket.socket`` objects on those fds; the
+same socket object in the parent is the same object in the worker.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import os
+import pickle
+import runpy
+import select
+import signal
+import socket
+import struct
+import sys
+import traceback
+import types
+from typing import Any
+
+CHANNEL_FD = 3
+STATUS_FD = 4
+
+# tag, body length, number of fds.
+_HEADER = struct.Struct("!QII")
+# Most fds one message may carry: a request needs two (the connection and the
+# server's socket); the kernel's own limit (SCM_MAX_FD) is 253.
+MAX_FDS = 16
+SPEC_TAG = 0
+_SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+
+
+# -- the wire format (used by both sides) ------------------------------------
+
+
+class SocketPickler(pickle.Pickler):
+    """A pickler that turns every ``socket.socket`` it meets into an fd to pass.
+
+    After ``dump()``, :attr:`fds` lists the file descriptors to send with the
+    message, in the order the persistent ids refer to them.
+
+    Error handling:
+        ``TypeError`` for a socket that cannot cross a process boundary: a
+        closed one, or an ``ssl.SSLSocket`` (its TLS state lives in this
+        process's memory).
+    """
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.fds: list[int] = []
+        self._index_of: dict[int, int] = {}
+
+    def persistent_id(self, obj: Any) -> Any:
+        if not isinstance(obj, socket.socket):
+            return None
+        index = self._index_of.get(id(obj))
+        if index is None:
+            ssl = sys.modules.get("ssl")
+            if ssl is not None and isinstance(obj, ssl.SSLSocket):
+                raise TypeError(
+                    "an ssl.SSLSocket cannot be handed to another process (its TLS "
+                    "state lives in this one); ForkingMixIn cannot serve a request "
+                    "that get_request() wrapped in TLS"
+                )
+            fd = obj.fileno()
+            if fd < 0:
+                raise TypeError(f"cannot hand a closed socket to another process: {obj!r}")
+            index = self._index_of[id(obj)] = len(self.fds)
+            self.fds.append(fd)
+        return ("socket", index, int(obj.family), int(obj.type), obj.proto, obj.gettimeout())
+
+
+def dumps_with_fds(obj: Any) -> tuple[bytes, list[int]]:
+    """Pickle *obj*; return the bytes and the fds of the sockets in it."""
+    buffer = io.BytesIO()
+    pickler = SocketPickler(buffer)
+    pickler.dump(obj)
+    return buffer.getvalue(), pickler.fds
+
+
+class _SocketUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, fds: list[int]) -> None:
+        super().__init__(file)
+        self._fds = fds
+        self._sockets: dict[int, socket.socket] = {}
+
+    def persistent_load(self, pid: Any) -> Any:
+        kind, index, family, type_, proto, timeout = pid
+        if kind != "socket":
+            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+        sock = self._sockets.get(index)
+        if sock is None:
+            sock = socket.socket(family, type_, proto, fileno=self._fds[index])
+            self._sockets[index] = sock
+            # The O_NONBLOCK flag is shared with the parent's copy of the fd:
+            # touch it only when the new object disagrees with the old one.
+            if sock.gettimeout() != timeout:
+                sock.settimeout(timeout)
+        return sock
+
+
+def loads_with_fds(data: bytes, fds: list[int]) -> Any:
+    """Unpickle what :func:`dumps_with_fds` made, rebuilding sockets on *fds*."""
+    return _SocketUnpickler(io.BytesIO(data), fds).load()
+
+
+def send_message(sock: socket.socket, tag: int, body: bytes, fds: list[int]) -> None:
+    """Send one message: header and fds in one ``sendmsg``, then the rest of the body.
+
+    Error handling:
+        ``ValueError`` if there are more than :data:`MAX_FDS` fds; ``OSError``
+        (``EPIPE``...) if the other end is gone.
+    """
+    if len(fds) > MAX_FDS:
+        raise ValueError(f"a request can carry at most {MAX_FDS} sockets, not {len(fds)}")
+    header = _HEADER.pack(tag, len(body), len(fds))
+    sent = socket.send_fds(sock, [header, body], fds, _SEND_FLAGS)
+    if sent < len(header) + len(body):
+        sock.sendall((header + body)[sent:], _SEND_FLAGS)
+
+
+def receive_message(sock: socket.socket) -> tuple[int, bytes, list[int]] | None:
+    """Receive one message: ``(tag, body, fds)``, or ``None`` at end of file.
+
+    The caller owns the returned fds.
+    """
+    header, fds, _flags, _address = socket.recv_fds(sock, _HEADER.size, MAX_FDS)
+    if not header:
+        return None
+    try:
+        header += _receive_exactly(sock, _HEADER.size - len(header))
+        tag, length, _count = _HEADER.unpack(header)
+        return tag, _receive_exactly(sock, length), list(fds)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def _receive_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks = []
+    while size:
+        chunk = sock.recv(min(size, 1 << 20))
+        if not chunk:
+            raise EOFError("the channel closed in the middle of a message")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+# -- the start-up spec ---------------------------------------------------------
+
+
+def main_module_spec() -> tuple[str, str] | None:
+    """How a new interpreter can load this program's ``__main__`` module.
+
+    Returns ``("name", module)`` when it was run with ``-m``, ``("path",
+    file)`` when it was run as a script, and ``None`` when it cannot be loaded
+    again (an interactive session, ``python -c``), following the rules of
+    multiprocessing's *spawn* start method.
+    """
+    main = sys.modules.get("__main__")
+    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
+    if spec_name is not None:
+        return ("name", spec_name)
+    path = getattr(main, "__file__", None)
+    if path is None:
+        return None
+    return ("path", os.path.abspath(path))
+
+
+def _load_main(spec: tuple[str, str]) -> None:
+    """Run the parent's main module as ``__mp_main__`` and make it ``__main__``
+    too, so that pickles naming ``__main__.Something`` find it (as
+    multiprocessing's spawn does: the ``if __name__ == "__main__"`` block does
+    not run)."""
+    kind, where = spec
+    if kind == "name":
+        if where == "__main__" or where.endswith(".__main__"):
+            return
+        namespace = runpy.run_module(where, run_name="__mp_main__", alter_sys=True)
+    else:
+        namespace = runpy.run_path(where, run_name="__mp_main__")
+    module = types.ModuleType("__mp_main__")
+    module.__dict__.update(namespace)
+    sys.modules["__main__"] = sys.modules["__mp_main__"] = module
+
+
+# -- the template process -------------------------------------------------------
+
+
+def _report(line: str) -> None:
+    os.write(STATUS_FD, line.encode("ascii") + b"\n")
+
+
+def _flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+
+
+def _prepare(spec: dict[str, Any]) -> None:
+    sys.path[:] = spec["sys_path"]
+    sys.argv[:] = spec["sys_argv"]
+    if spec["main"] is not None:
+        _load_main(spec["main"])
+    # Importing the classes now is what makes each request cheap later.
+    pickle.loads(spec["preload"])
+
+
+def main() -> None:
+    """Entry point of the template process (``spawnProcess`` runs it)."""
+    # Ctrl-C reaches the whole process group: the server's process decides
+    # what happens to its template (it closes the channel), and the workers
+    # get the usual KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    channel = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=CHANNEL_FD)
+    first = receive_message(channel)
+    if first is None:
+        return
+    _tag, body, _fds = first
+    _prepare(pickle.loads(body))
+    _flush_stdio()
+    # Objects imported so far are never freed: keep the collector off their
+    # pages, so that forked workers share them instead of copying them.
+    gc.freeze()
+    _report("R")
+    _serve(channel)
+
+
+def _serve(channel: socket.socket) -> None:
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_read, False)
+    os.set_blocking(wake_write, False)
+    # A SIGCHLD wakes select() through the pipe; the handler itself does nothing.
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    signal.set_wakeup_fd(wake_write)
+    workers: dict[int, int] = {}
+    open_channel: socket.socket | None = channel
+    while open_channel is not None or workers:
+        watched = [wake_read] if open_channel is None else [wake_read, open_channel]
+        readable, _, _ = select.select(watched, [], [])
+        if wake_read in readable:
+            while True:
+                try:
+                    if not os.read(wake_read, 512):
+                        break
+                except BlockingIOError:
+                    break
+            _reap(workers)
+        if open_channel is not None and open_channel in readable:
+            message = receive_message(open_channel)
+            if message is None:
+                open_channel.close()
+                open_channel = None
+            else:
+                _start_worker(message, workers, (wake_read, wake_write))
+    os.close(wake_read)
+    os.close(wake_write)
+
+
+def _reap(workers: dict[int, int]) -> None:
+    for pid in list(workers):
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done, status = pid, 0
+        if done:
+            _report(f"E {workers.pop(pid)} {os.waitstatus_to_exitcode(status)}")
+
+
+def _start_worker(
+    message: tuple[int, bytes, list[int]], workers: dict[int, int], wake_fds: tuple[int, int]
+) -> None:
+    tag, body, fds = message
+    _flush_stdio()
+    try:
+        pid = os.fork()
+    except OSError:
+        traceback.print_exc()
+        for fd in fds:
+            os.close(fd)
+        _report(f"E {tag} 1")
+        return
+    if pid == 0:
+        _run_worker(body, fds, wake_fds)
+    for fd in fds:
+        os.close(fd)
+    workers[pid] = tag
+    _report(f"S {tag} {pid}")
+
+
+def _run_worker(body: bytes, fds: list[int], wake_fds: tuple[int, int]) -> None:
+    """Run one request in a freshly forked worker.  Never returns."""
+    status = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for fd in (CHANNEL_FD, STATUS_FD, *wake_fds):
+            os.close(fd)
+        make_server, make_args, method_name, args = loads_with_fds(body, fds)
+        server = make_server(*make_args)
+        # The method exits the process itself, with the stdlib's status codes.
+        getattr(server, method_name)(*args)
+        status = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        _flush_stdio()
+        os._exit(status)
+
+
+if __name__ == "__main__":
+    main()
