@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 
 import txsocketserver as socketserver
 
@@ -99,3 +100,12 @@ def make_gate_server(server_class: type, address: object, handler: type) -> obje
     server.release = threading.Event()
     server.outcomes = []
     return server
+
+
+class SlowEchoHandler(socketserver.StreamRequestHandler):
+    """Echo one line after half a second: a request still in flight when a stop begins."""
+
+    def handle(self) -> None:
+        line = self.rfile.readline()
+        time.sleep(0.5)
+        self.wfile.write(line)

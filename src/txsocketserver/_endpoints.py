@@ -47,6 +47,7 @@ from twisted.internet.address import IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -56,10 +57,15 @@ from txsocketserver._transport_socket import (
     SocketAddress,
     TransportSocket,
     TransportSocketFactory,
+    TransportSocketProtocol,
     socket_address,
 )
 
 _T = TypeVar("_T")
+
+#: Seconds ``server_close()`` waits for the connections its handlers closed to
+#: finish sending (a transport closes asynchronously, after its buffer drains).
+CLOSE_FLUSH_TIMEOUT = 5.0
 
 
 class Endpoint:
@@ -172,6 +178,32 @@ def wait_for_reactor(function: Callable[[], Any], timeout: float) -> Any:
     return result
 
 
+class _TrackedProtocol(TransportSocketProtocol):
+    """A ``TransportSocketProtocol`` that tells its listener when it is gone."""
+
+    listener: EndpointListener
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        try:
+            super().connectionLost(reason)
+        finally:
+            self.listener._connection_lost(self)
+
+
+class _ListenerFactory(TransportSocketFactory):
+    def __init__(self, listener: EndpointListener, reactor: Any) -> None:
+        super().__init__(listener._on_connection, reactor=reactor)
+        self._listener = listener
+        self._reactor = reactor
+
+    def buildProtocol(self, addr: Any) -> _TrackedProtocol:
+        protocol = _TrackedProtocol(self._listener._on_connection, reactor=self._reactor)
+        protocol.factory = self
+        protocol.listener = self._listener
+        self._listener._connection_made(protocol)
+        return protocol
+
+
 @implementer(IRequestReadiness)
 class EndpointReadiness:
     """Readiness of an endpoint server: a connection waits in the listener's queue."""
@@ -219,6 +251,8 @@ class EndpointListener:
         self._notify: tuple[socket.socket, socket.socket] | None = None
         self.host: SocketAddress | None = None
         self.family: socket.AddressFamily | None = None
+        # Every connection not yet lost (reactor thread adds and removes).
+        self._connections: set[_TrackedProtocol] = set()
 
     # -- listening -------------------------------------------------------------------
 
@@ -257,7 +291,7 @@ class EndpointListener:
         if self._port is not None or self._stopped:
             raise RuntimeError(f"{self.endpoint!r} was already listened on")
         reactor = _reactor.get_reactor()
-        factory = TransportSocketFactory(self._on_connection, reactor=reactor)
+        factory = _ListenerFactory(self, reactor)
         deferred = maybeDeferred(self.endpoint.resolve(reactor).listen, factory)
         return deferred.addCallback(self._listening)
 
@@ -277,6 +311,20 @@ class EndpointListener:
         return self._port is not None
 
     # -- the queue (reactor thread in, serving thread out) -----------------------------
+
+    def _connection_made(self, protocol: _TrackedProtocol) -> None:
+        with self._lock:
+            self._connections.add(protocol)
+
+    def _connection_lost(self, protocol: _TrackedProtocol) -> None:
+        with self._changed:
+            self._connections.discard(protocol)
+            self._changed.notify_all()
+
+    def _closing_connections(self) -> bool:
+        """Whether a connection its handler closed is still sending (lock held)."""
+        # Reads the bridge's flags without its lock: each is a bool set once.
+        return any(p._bridge.closed for p in self._connections)
 
     def _on_connection(self, transport_socket: TransportSocket, address: SocketAddress) -> None:
         with self._lock:
@@ -405,12 +453,23 @@ class EndpointListener:
 
     def close(self) -> None:
         """Stop listening, close queued connections, fail ``get_request`` and
-        any ``wait`` from now on.  Idempotent; any thread."""
+        any ``wait`` from now on.  Idempotent; any thread.
+
+        Off the reactor thread, also waits (at most ``CLOSE_FLUSH_TIMEOUT``
+        seconds) until the connections whose handlers closed them have sent
+        everything and closed.
+        """
         self.stop_listening()
         with self._changed:
             self._closed = True
             self._changed.notify_all()
             notify, self._notify = self._notify, None
+            if not _reactor.in_reactor_thread() and _reactor.get_reactor().running:
+                # Nothing is lost: what handlers wrote before closing reaches
+                # the clients even if the process exits right after this.
+                self._changed.wait_for(
+                    lambda: not self._closing_connections(), CLOSE_FLUSH_TIMEOUT
+                )
         if notify is not None:
             for end in notify:
                 end.close()

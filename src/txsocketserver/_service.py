@@ -245,15 +245,21 @@ class ServerService(Service):
 
         def stop() -> None:
             try:
-                stop_gracefully(
+                drained = stop_gracefully(
                     self.server, drain_timeout=self.drain_timeout, serving=self._serving
                 )
             except BaseException:
-                reactor.callFromThread(stopped.errback, Failure())
-            else:
-                reactor.callFromThread(stopped.callback, None)
-            finally:
+                failure = Failure()
                 self.server._log_errors_to(None)
+                reactor.callFromThread(stopped.errback, failure)
+                return
+            self.server._log_errors_to(None)
+            _log.info(
+                "stopped serving at {address} ({how})",
+                address=self.server.server_address,
+                how="drained" if drained else "stragglers closed",
+            )
+            reactor.callFromThread(stopped.callback, None)
 
         threading.Thread(target=stop, name="txsocketserver-stop", daemon=True).start()
         return stopped
