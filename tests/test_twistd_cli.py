@@ -176,14 +176,12 @@ def test_twist_serves_stdlib_http_over_verified_tls(
     assert server.stop() in (0, -signal.SIGTERM)
 
 
-@pytest.mark.parametrize("mode", ["sync", "threading"])
+@pytest.mark.parametrize("mode", ["sync", "threading", "forking"])
 def test_cli_drains_request_in_flight_on_sigterm(spawn: Spawn, mode: str) -> None:
+    extra = ["--max-threads", "2"] if mode == "threading" else []
     server = spawn(
         *CLI, "--listen", TCP, "--handler", "twisted_world_handlers:SlowEchoHandler",
-        "--mode", mode, "--max-threads", "2",
-    ) if mode == "threading" else spawn(
-        *CLI, "--listen", TCP, "--handler", "twisted_world_handlers:SlowEchoHandler",
-        "--mode", mode,
+        "--mode", mode, *extra,
     )  # fmt: skip
     address = server.address()
     with connect(address) as client:
@@ -207,6 +205,8 @@ def test_cli_drains_request_in_flight_on_sigterm(spawn: Spawn, mode: str) -> Non
          "Unknown endpoint type: 'bogus'"),
         (CLI, ["--handler", "http.server:BaseHTTPRequestHandler", "--server",
                "http.server:HTTPServer"], "not a txsocketserver server"),
+        (CLI, ["--listen", "haproxy:tcp:0", "--handler", "http.server:BaseHTTPRequestHandler",
+               "--mode", "forking"], "forking servers hand each child the accepted OS socket"),
         (TWISTD + ["-n", "--pidfile=", "socketserver"],
          ["--handler", "no_such_module:Handler"], "cannot import module 'no_such_module'"),
     ],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import socket
 import sys
 from typing import Any
 
@@ -66,6 +67,45 @@ def load_object(spec: str, option: str) -> Any:
 
 def _forking_mixin() -> type | None:
     return getattr(txsocketserver, "ForkingMixIn", None)
+
+
+def _split_description(description: str) -> list[str]:
+    """Split an endpoint description on its unescaped colons (``\\:`` is a colon)."""
+    parts = [""]
+    escaped = False
+    for char in description:
+        if escaped:
+            parts[-1] += char
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            parts.append("")
+        else:
+            parts[-1] += char
+    return parts
+
+
+def socket_address(description: str) -> tuple[int, Any] | None:
+    """``(address_family, server_address)`` for a plain ``tcp:``/``tcp6:``/``unix:``
+    description, or ``None`` if it needs Twisted (``ssl:``, ``haproxy:``, options
+    other than ``interface``/``backlog``...).
+
+    Forking servers need this: their children get the accepted OS socket,
+    while an endpoint server's requests live in the parent's reactor.
+    """
+    kind, *arguments = _split_description(description)
+    positional = [a for a in arguments if "=" not in a]
+    options = dict(a.split("=", 1) for a in arguments if "=" in a)
+    if len(positional) != 1 or set(options) - {"interface", "backlog"}:
+        return None
+    if kind in ("tcp", "tcp6") and positional[0].isdigit():
+        family = socket.AF_INET if kind == "tcp" else socket.AF_INET6
+        default = "0.0.0.0" if kind == "tcp" else "::"
+        return family, (options.get("interface", default), int(positional[0]))
+    if kind == "unix" and "interface" not in options:
+        return socket.AF_UNIX, positional[0]
+    return None
 
 
 class Options(usage.Options):
@@ -151,6 +191,46 @@ class Options(usage.Options):
             self["endpoint"].resolve()
         except ValueError as exc:
             raise usage.UsageError(f"--listen: {exc}") from exc
+        forking = _forking_mixin()
+        if forking is not None and issubclass(self["server_class"], forking):
+            address = socket_address(self["listen"])
+            if address is None:
+                raise usage.UsageError(
+                    f"--listen {self['listen']!r}: forking servers hand each child the "
+                    "accepted OS socket, so they need a plain tcp:PORT, tcp6:PORT or "
+                    "unix:PATH (with interface= only); TLS and PROXY-protocol "
+                    "connections live in the parent process (use --mode threading)"
+                )
+            family, self["address"] = address
+            if self["server"] is None:
+                # Children import the server class by name: use module-level ones.
+                self["server_class"] = _FORKING_SERVERS[family]()
+            elif family != self["server_class"].address_family:
+                raise usage.UsageError(
+                    f"--listen {self['listen']!r} needs a server class with "
+                    f"address_family {family!r}; --server {self['server']!r} has "
+                    f"{self['server_class'].address_family!r}"
+                )
+        else:
+            self["address"] = self["endpoint"]
+
+
+def _forking_tcp6_server() -> type:
+    return ForkingTCP6Server
+
+
+_FORKING_SERVERS = {
+    socket.AF_INET: lambda: txsocketserver.ForkingTCPServer,  # type: ignore[attr-defined]
+    socket.AF_INET6: _forking_tcp6_server,
+    socket.AF_UNIX: lambda: txsocketserver.ForkingUnixStreamServer,  # type: ignore[attr-defined]
+}
+
+if _forking_mixin() is not None:
+
+    class ForkingTCP6Server(txsocketserver.ForkingTCPServer):  # type: ignore[name-defined,misc]
+        """``--mode forking --listen tcp6:...``: a forking server on IPv6."""
+
+        address_family = socket.AF_INET6
 
 
 def server_class(spec: str | None, mode: str | None) -> type:
@@ -191,6 +271,16 @@ def server_class(spec: str | None, mode: str | None) -> type:
         )
     if wanted is None or current is wanted:
         return base
+    if mode == "forking":
+        if spec is None:
+            return txsocketserver.ForkingTCPServer  # type: ignore[attr-defined,no-any-return]
+        # A child process imports its server class by name, so a class made
+        # here on the fly would not do.
+        raise usage.UsageError(
+            f"--mode forking needs a forking --server class: define "
+            f"class Forking{base.__name__}(ForkingMixIn, {base.__name__}) at the top "
+            "level of a module and pass that"
+        )
     prefix = "Threading" if mode == "threading" else "Forking"
     return type(f"{prefix}{base.__name__}", (wanted, base), {"__module__": __name__})
 
@@ -203,7 +293,7 @@ def build_server(options: Options) -> Any:
         socket...), naming the endpoint.
     """
     try:
-        server = options["server_class"](options["endpoint"], options["handler_class"])
+        server = options["server_class"](options["address"], options["handler_class"])
     except usage.UsageError:
         raise
     except Exception as exc:
