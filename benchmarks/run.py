@@ -137,13 +137,20 @@ def rotated(items: list[str], by: int) -> list[str]:
 
 
 def run_scenario(
-    scenario: Scenario, impls: list[str], tools: LoadTools, args: argparse.Namespace
-) -> dict[str, list[Measurement]]:
-    results: dict[str, list[Measurement]] = {impl: [] for impl in impls}
+    scenario: Scenario,
+    impls: list[str],
+    tools: LoadTools,
+    args: argparse.Namespace,
+    results: dict[str, list[Measurement]],
+) -> None:
+    """Measure ``scenario``, appending to ``results`` as each measurement ends (so
+    an interrupted run still shows the rounds it completed)."""
+    for impl in impls:
+        results.setdefault(impl, [])
     servers = start_servers(scenario, impls, args.server_cpus)
     try:
         if not servers:
-            return results
+            return
         if args.warmup > 0:
             for server in servers.values():
                 assert server.port is not None
@@ -173,7 +180,6 @@ def run_scenario(
     finally:
         for server in servers.values():
             server.stop()
-    return results
 
 
 def median_rate(measurements: list[Measurement]) -> float | None:
@@ -332,11 +338,15 @@ def main() -> None:
             file=sys.stderr,
             flush=True,
         )
-        all_results = {}
+        all_results: dict[str, dict[str, list[Measurement]]] = {}
+        interrupted = False
         try:
             for scenario in scenarios:
-                all_results[scenario.name] = run_scenario(scenario, impls, tools, args)
+                run_scenario(
+                    scenario, impls, tools, args, all_results.setdefault(scenario.name, {})
+                )
         except KeyboardInterrupt:
+            interrupted = True
             print("\ninterrupted; partial results:", file=sys.stderr)
         print_table(all_results, impls)
         print(
@@ -360,6 +370,8 @@ def main() -> None:
                 },
             }
             Path(args.json).write_text(json.dumps(dump, indent=2) + "\n")
+    if interrupted:
+        sys.exit(130)
 
 
 if __name__ == "__main__":

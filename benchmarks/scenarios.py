@@ -6,8 +6,7 @@ and a serve callable) and a load function (``loads.py``: port, tools, duration -
 ``Measurement``).  Nothing else needs to change: ``run.py`` starts each server in
 its own process with ``server.py --impl IMPL --scenario NAME``.
 
-Scenario ideas with the same shape: forking servers
-(``ForkingTCPServer``), TLS echo (``get_request`` wrapping in ``ssl`` vs an
+Scenario ideas with the same shape: TLS echo (``get_request`` wrapping in ``ssl`` vs an
 ``ssl:`` endpoint, a TLS load client).
 """
 
@@ -16,7 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from loads import Load, datagram_load, echo_load, http_load
-from servers import ServerFactory, datagram_servers, echo_servers, http_servers
+from servers import (
+    ServerFactory,
+    datagram_servers,
+    echo_servers,
+    forking_servers,
+    http_servers,
+)
 
 IMPLEMENTATIONS = ("ours", "stdlib", "twisted")
 
@@ -93,5 +98,22 @@ SCENARIOS = _table(
         )
         for kind, server_class in (("sync", "UDPServer"), ("threading", "ThreadingUDPServer"))
         for n in (1, 16)
+    ),
+    *(
+        Scenario(
+            f"forking-connect-per-request-{n}",
+            f"{n} clients, a new connection per line; ForkingTCPServer (a process each)",
+            forking_servers("echo"),
+            echo_load("connect", n),
+            quick=n == 8,
+        )
+        for n in (1, 8)
+    ),
+    Scenario(
+        "forking-cpu-bound-4",
+        "4 clients, a new connection per line, ~20 ms of pure Python each; ForkingTCPServer",
+        forking_servers("cpu"),
+        echo_load("connect", 4),
+        quick=True,
     ),
 )

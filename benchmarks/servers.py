@@ -157,6 +157,45 @@ def http_servers(protocol_version: str) -> dict[str, ServerFactory]:
     }
 
 
+# --- forking: a process per connection --------------------------------------
+
+
+def socketserver_forking(impl: str, work: str) -> ServerHandle:
+    """``ForkingTCPServer`` with the line echo (``work="echo"``) or the
+    CPU-bound echo (``"cpu"``); classes from ``forking_classes``."""
+    import forking_classes
+
+    server = forking_classes.SERVERS[impl]((HOST, 0), forking_classes.HANDLERS[impl, work])
+    return ServerHandle(server.server_address[1], server.serve_forever)
+
+
+def twisted_cpu_bound_echo() -> ServerHandle:
+    """The same CPU work in a ``LineReceiver``: one process, one core."""
+    from twisted.internet.protocol import Factory
+    from twisted.protocols.basic import LineReceiver
+
+    from forking_classes import burn_cpu
+
+    class CpuBoundEcho(LineReceiver):
+        delimiter = b"\n"
+
+        def lineReceived(self, line: bytes) -> None:
+            burn_cpu()
+            self.sendLine(line)
+            self.transport.loseConnection()
+
+    return listen_twisted(Factory.forProtocol(CpuBoundEcho))
+
+
+def forking_servers(work: str) -> dict[str, ServerFactory]:
+    """Forking servers; ``twisted`` is the single-process reference."""
+    return {
+        "ours": lambda: socketserver_forking("ours", work),
+        "stdlib": lambda: socketserver_forking("stdlib", work),
+        "twisted": twisted_echo if work == "echo" else twisted_cpu_bound_echo,
+    }
+
+
 # --- datagram echo ---------------------------------------------------------
 
 

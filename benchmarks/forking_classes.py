@@ -1,0 +1,86 @@
+"""Classes for the forking scenarios, at module level on purpose.
+
+A txsocketserver forking server runs each request in a worker process that
+finds the server and handler classes by importing them by name, so they cannot
+be defined inside a factory function as in ``servers.py``.  Only server
+processes import this module (it imports txsocketserver); ``servers.py``
+imports it lazily.
+
+Both implementations get the very same class bodies; only the base classes
+differ.
+"""
+
+from __future__ import annotations
+
+import socketserver
+
+import txsocketserver
+
+BACKLOG = 1024
+# Loop iterations of pure Python per CPU-bound request: about 20 ms on the
+# 2-core benchmark machine (Python 3.11).
+CPU_WORK = 300_000
+
+
+def burn_cpu(iterations: int = CPU_WORK) -> int:
+    """A fixed amount of pure-Python work (not a fixed time: on a busy core it
+    takes longer, as real work would)."""
+    total = 0
+    for i in range(iterations):
+        total += i * i
+    return total
+
+
+class _Settings:
+    """The benchmark's common server settings (see ``servers.py``)."""
+
+    allow_reuse_address = True
+    request_queue_size = BACKLOG
+
+
+class _LineEcho:
+    def handle(self) -> None:
+        for line in self.rfile:
+            self.wfile.write(line)
+
+
+class _CpuBoundEcho:
+    """Read one line, do ~20 ms of CPU work, echo the line."""
+
+    def handle(self) -> None:
+        line = self.rfile.readline()
+        burn_cpu()
+        self.wfile.write(line)
+
+
+class OursForkingServer(_Settings, txsocketserver.ForkingTCPServer):
+    pass
+
+
+class StdlibForkingServer(_Settings, socketserver.ForkingTCPServer):
+    pass
+
+
+class OursLineEcho(_LineEcho, txsocketserver.StreamRequestHandler):
+    pass
+
+
+class StdlibLineEcho(_LineEcho, socketserver.StreamRequestHandler):
+    pass
+
+
+class OursCpuBoundEcho(_CpuBoundEcho, txsocketserver.StreamRequestHandler):
+    pass
+
+
+class StdlibCpuBoundEcho(_CpuBoundEcho, socketserver.StreamRequestHandler):
+    pass
+
+
+SERVERS = {"ours": OursForkingServer, "stdlib": StdlibForkingServer}
+HANDLERS = {
+    ("ours", "echo"): OursLineEcho,
+    ("stdlib", "echo"): StdlibLineEcho,
+    ("ours", "cpu"): OursCpuBoundEcho,
+    ("stdlib", "cpu"): StdlibCpuBoundEcho,
+}
