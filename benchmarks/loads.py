@@ -201,3 +201,14 @@ def datagram_load(clients: int) -> Load:
         return Measurement(**json.loads(run_client(cmd, duration)), client=client)
 
     return load
+
+
+def tls_echo_load(conns: int) -> Load:
+    """Line echo over TLS: ``conns`` persistent connections (``tlsclient.py``)."""
+
+    def load(port: int, tools: LoadTools, duration: float) -> Measurement:
+        cmd = [sys.executable, str(HERE / "tlsclient.py"), "--port", str(port)]
+        cmd += ["--conns", str(conns), "--duration", str(duration), "--message", ECHO_MESSAGE]
+        return Measurement(**json.loads(run_client(cmd, duration)), client="tlsclient.py")
+
+    return load

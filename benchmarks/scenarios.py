@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loads import Load, datagram_load, echo_load, http_load
+from loads import Load, datagram_load, echo_load, http_load, tls_echo_load
 from servers import (
     ServerFactory,
     datagram_servers,
     echo_servers,
     forking_servers,
     http_servers,
+    tls_echo_servers,
 )
 
 IMPLEMENTATIONS = ("ours", "stdlib", "twisted")
@@ -115,5 +116,16 @@ SCENARIOS = _table(
         forking_servers("cpu"),
         echo_load("connect", 4),
         quick=True,
+    ),
+    *(
+        Scenario(
+            f"tls-echo-persistent-{n}",
+            f"{n} persistent TLS connections, one line in flight each; ThreadingTCPServer "
+            "on an ssl: endpoint (stdlib: ssl-wrapping get_request)",
+            tls_echo_servers(),
+            tls_echo_load(n),
+            quick=n == 16,
+        )
+        for n in (1, 16)
     ),
 )

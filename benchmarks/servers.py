@@ -228,3 +228,116 @@ def datagram_servers(server_class: str) -> dict[str, ServerFactory]:
         "stdlib": lambda: socketserver_datagram("stdlib", server_class),
         "twisted": twisted_datagram,
     }
+
+
+# --- line echo over TLS -------------------------------------------------------
+
+
+def _self_signed_cert() -> tuple[str, str]:
+    """A throwaway certificate and key for 127.0.0.1, in a temporary directory."""
+    import datetime
+    import tempfile
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    directory = tempfile.mkdtemp(prefix="txss-bench-tls-")
+    cert_path, key_path = f"{directory}/cert.pem", f"{directory}/key.pem"
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    return cert_path, key_path
+
+
+def _tls_endpoint(cert_path: str, key_path: str) -> str:
+    return f"ssl:0:interface={HOST}:backlog={BACKLOG}:privateKey={key_path}:certKey={cert_path}"
+
+
+def ours_tls_echo() -> ServerHandle:
+    """txsocketserver on an ``ssl:`` endpoint: Twisted does the TLS."""
+    module = socketserver_module("ours")
+
+    class EchoHandler(module.StreamRequestHandler):
+        def handle(self) -> None:
+            for line in self.rfile:
+                self.wfile.write(line)
+
+    class BenchServer(module.ThreadingTCPServer):
+        daemon_threads = True
+
+    server = BenchServer(_tls_endpoint(*_self_signed_cert()), EchoHandler)
+    return ServerHandle(server.server_address[1], server.serve_forever)
+
+
+def stdlib_tls_echo() -> ServerHandle:
+    """The stdlib's way: ``get_request`` wraps each accepted socket in ``ssl``
+    (the handshake then happens in the handler's thread, on first read)."""
+    import ssl
+
+    module = socketserver_module("stdlib")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*_self_signed_cert())
+
+    class EchoHandler(module.StreamRequestHandler):
+        def handle(self) -> None:
+            for line in self.rfile:
+                self.wfile.write(line)
+
+    class BenchServer(module.ThreadingTCPServer):
+        allow_reuse_address = True
+        request_queue_size = BACKLOG
+        daemon_threads = True
+
+        def get_request(self) -> tuple[object, object]:
+            sock, address = self.socket.accept()
+            return context.wrap_socket(
+                sock, server_side=True, do_handshake_on_connect=False
+            ), address
+
+    server = BenchServer((HOST, 0), EchoHandler)
+    return ServerHandle(server.server_address[1], server.serve_forever)
+
+
+def twisted_tls_echo() -> ServerHandle:
+    from twisted.internet import endpoints, reactor
+    from twisted.internet.protocol import Factory
+    from twisted.protocols.basic import LineReceiver
+
+    class Echo(LineReceiver):
+        delimiter = b"\n"
+
+        def lineReceived(self, line: bytes) -> None:
+            self.sendLine(line)
+
+    endpoint = endpoints.serverFromString(reactor, _tls_endpoint(*_self_signed_cert()))
+    port = []
+    endpoint.listen(Factory.forProtocol(Echo)).addCallback(port.append)
+    return ServerHandle(port[0].getHost().port, lambda: reactor.run(installSignalHandlers=False))
+
+
+def tls_echo_servers() -> dict[str, ServerFactory]:
+    """Line echo over TLS: ours on an ``ssl:`` endpoint, Twisted natively, and the
+    stdlib wrapping accepted sockets in ``ssl`` (reference)."""
+    return {"ours": ours_tls_echo, "stdlib": stdlib_tls_echo, "twisted": twisted_tls_echo}
