@@ -13,13 +13,15 @@ CPU, against about a millisecond for a fork.  So the two are combined:
 * ``reactor.spawnProcess`` (called on the reactor thread) starts one *template*
   process per server, ahead of need, when serving begins.  It is a new
   interpreter with no threads, which imports the server's and the handler's
-  modules once (see ``_forking_child`` for its side of the story).
+  modules once (see ``_forking_child`` for its side of the story), then
+  forks ``warm_children`` idle *workers*.
 * For each request the serving thread pickles the server's state and the
   request, passes the request's sockets as fds (``SCM_RIGHTS``) over a Unix
   socketpair to the template, and closes its own copy of the connection, as
-  the stdlib's parent does.  The template forks a *worker* that runs exactly
-  that request (``finish_request``, ``handle_error``, ``shutdown_request``,
-  ``os._exit``: the stdlib's child code) and exits.
+  the stdlib's parent does.  The template passes it on to an idle worker,
+  which runs exactly that request (``finish_request``, ``handle_error``,
+  ``shutdown_request``, ``os._exit``: the stdlib's child code) and exits;
+  the template forks a replacement.
 * The template reports every worker start and exit on a pipe that our
   ``ProcessProtocol`` reads on the reactor thread; the serving thread waits on
   those reports to keep at most ``max_children`` requests running, and to
@@ -380,6 +382,7 @@ class ProcessDispatcher:
                 "sys_path": sys_path,
                 "sys_argv": list(sys.argv),
                 "main": main_module_spec() if uses_main else None,
+                "warm": max(1, min(server.warm_children, server.max_children)),
                 "preload": pickle.dumps((type(server), server.RequestHandlerClass)),
             }
         )
@@ -464,6 +467,9 @@ class ForkingMixIn:
     max_children = 40
     # Whether server_close() waits until all child processes complete.
     block_on_close = True
+    # Ours: worker processes kept forked and waiting, so that a request does
+    # not wait for a fork (at most max_children; read when serving starts).
+    warm_children = 2
 
     _forking_dispatcher: ProcessDispatcher | None = None
 

@@ -6,12 +6,13 @@ Theory of operation
 A forking server owns one *template* process, started with Twisted's
 ``reactor.spawnProcess`` (see ``_forking``).  The template is a fresh
 interpreter that imports the server's and the handler's modules once (and the
-main script, as ``__mp_main__``, when one of them lives there), then waits.
-For each request it ``fork()``\\ s one *worker*, which runs that one request
-and exits.  The template never runs a request itself, so every worker starts
-from the same pristine state: nothing a request changes reaches the parent,
-the template or any other request, and a worker that crashes takes only its
-own request with it.
+main script, as ``__mp_main__``, when one of them lives there), then
+forks a few idle *workers* ahead of need (``warm_children``).  Each
+request goes to one idle worker, which runs that one request and exits; the
+template forks a replacement at once.  The template never runs a request
+itself, so every worker starts from the same pristine state: nothing a
+request changes reaches the parent, the template or any other request, and a
+worker that crashes takes only its own request with it.
 
 File descriptors of the template (fixed numbers, set up by ``spawnProcess``):
 
@@ -265,86 +266,154 @@ def main() -> None:
     if first is None:
         return
     _tag, body, _fds = first
-    _prepare(pickle.loads(body))
+    spec = pickle.loads(body)
+    _prepare(spec)
     _flush_stdio()
     # Objects imported so far are never freed: keep the collector off their
     # pages, so that forked workers share them instead of copying them.
     gc.freeze()
-    _report("R")
-    _serve(channel)
+    _Template(channel, spec["warm"]).serve()
 
 
-def _serve(channel: socket.socket) -> None:
-    wake_read, wake_write = os.pipe()
-    os.set_blocking(wake_read, False)
-    os.set_blocking(wake_write, False)
-    # A SIGCHLD wakes select() through the pipe; the handler itself does nothing.
-    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-    signal.set_wakeup_fd(wake_write)
-    workers: dict[int, int] = {}
-    open_channel: socket.socket | None = channel
-    while open_channel is not None or workers:
-        watched = [wake_read] if open_channel is None else [wake_read, open_channel]
-        readable, _, _ = select.select(watched, [], [])
-        if wake_read in readable:
+class _Template:
+    """The template's loop: keep *warm* idle workers forked ahead of need,
+    hand each request to one of them, reap them and report.
+
+    An idle worker waits on a socketpair of its own; the template forwards it
+    exactly one message (header, fds, body, as received) and closes its end,
+    so a worker can never be given a second request.
+    """
+
+    def __init__(self, channel: socket.socket, warm: int) -> None:
+        self.channel: socket.socket | None = channel
+        self.warm = warm
+        self.idle: list[tuple[int, socket.socket]] = []
+        self.running: dict[int, int] = {}
+        self.wake_read, self.wake_write = os.pipe()
+        os.set_blocking(self.wake_read, False)
+        os.set_blocking(self.wake_write, False)
+
+    def serve(self) -> None:
+        # A SIGCHLD wakes select() through the pipe; the handler does nothing.
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        signal.set_wakeup_fd(self.wake_write)
+        self._fill()
+        _report("R")
+        while self.channel is not None or self.running or self.idle:
+            watched = [self.wake_read] if self.channel is None else [self.wake_read, self.channel]
+            readable, _, _ = select.select(watched, [], [])
+            if self.wake_read in readable:
+                self._drain_wake_pipe()
+                self._reap()
+            if self.channel is not None and self.channel in readable:
+                message = receive_message(self.channel)
+                if message is None:
+                    self._stop_accepting()
+                else:
+                    self._hand_over(*message)
+                    self._fill()
+
+    def _stop_accepting(self) -> None:
+        assert self.channel is not None
+        self.channel.close()
+        self.channel = None
+        # Idle workers see end of file and exit; the loop reaps them.
+        for _pid, end in self.idle:
+            end.close()
+
+    def _fill(self) -> None:
+        while self.channel is not None and len(self.idle) < self.warm:
+            try:
+                self.idle.append(self._fork_idle_worker())
+            except OSError:
+                traceback.print_exc()
+                return
+
+    def _hand_over(self, tag: int, body: bytes, fds: list[int]) -> None:
+        try:
             while True:
                 try:
-                    if not os.read(wake_read, 512):
-                        break
-                except BlockingIOError:
-                    break
-            _reap(workers)
-        if open_channel is not None and open_channel in readable:
-            message = receive_message(open_channel)
-            if message is None:
-                open_channel.close()
-                open_channel = None
-            else:
-                _start_worker(message, workers, (wake_read, wake_write))
-    os.close(wake_read)
-    os.close(wake_write)
+                    pid, end = self.idle.pop(0) if self.idle else self._fork_idle_worker(fds)
+                except OSError:
+                    traceback.print_exc()
+                    _report(f"E {tag} 1")
+                    return
+                try:
+                    send_message(end, tag, body, fds)
+                except OSError:
+                    # That idle worker died (killed from outside): next one.
+                    end.close()
+                    continue
+                end.close()
+                self.running[pid] = tag
+                _report(f"S {tag} {pid}")
+                return
+        finally:
+            for fd in fds:
+                os.close(fd)
 
-
-def _reap(workers: dict[int, int]) -> None:
-    for pid in list(workers):
+    def _fork_idle_worker(self, held_fds: list[int] | None = None) -> tuple[int, socket.socket]:
+        """Fork a worker that waits for one request; *held_fds* (a request's
+        fds, open in the template right now) are closed in it."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        _flush_stdio()
         try:
-            done, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            done, status = pid, 0
-        if done:
-            _report(f"E {workers.pop(pid)} {os.waitstatus_to_exitcode(status)}")
+            pid = os.fork()
+        except BaseException:
+            ours.close()
+            theirs.close()
+            raise
+        if pid == 0:
+            # Nothing of the template's may stay open in a worker.
+            for sock in (self.channel, ours, *(end for _pid, end in self.idle)):
+                if sock is not None:
+                    sock.close()
+            _run_worker(theirs, (STATUS_FD, self.wake_read, self.wake_write, *(held_fds or ())))
+        theirs.close()
+        return pid, ours
+
+    def _drain_wake_pipe(self) -> None:
+        while True:
+            try:
+                if not os.read(self.wake_read, 512):
+                    return
+            except BlockingIOError:
+                return
+
+    def _reap(self) -> None:
+        for pid in [*self.running, *(pid for pid, _end in self.idle)]:
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 0
+            if not done:
+                continue
+            if pid in self.running:
+                _report(f"E {self.running.pop(pid)} {os.waitstatus_to_exitcode(status)}")
+            else:
+                for index, (idle_pid, end) in enumerate(self.idle):
+                    if idle_pid == pid:
+                        end.close()
+                        del self.idle[index]
+                        break
 
 
-def _start_worker(
-    message: tuple[int, bytes, list[int]], workers: dict[int, int], wake_fds: tuple[int, int]
-) -> None:
-    tag, body, fds = message
-    _flush_stdio()
-    try:
-        pid = os.fork()
-    except OSError:
-        traceback.print_exc()
-        for fd in fds:
-            os.close(fd)
-        _report(f"E {tag} 1")
-        return
-    if pid == 0:
-        _run_worker(body, fds, wake_fds)
-    for fd in fds:
-        os.close(fd)
-    workers[pid] = tag
-    _report(f"S {tag} {pid}")
-
-
-def _run_worker(body: bytes, fds: list[int], wake_fds: tuple[int, int]) -> None:
-    """Run one request in a freshly forked worker.  Never returns."""
+def _run_worker(own: socket.socket, fds_to_close: tuple[int, ...]) -> None:
+    """Body of a worker: wait for one request on *own*, run it, exit.  Never returns."""
     status = 1
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        for fd in (CHANNEL_FD, STATUS_FD, *wake_fds):
+        for fd in fds_to_close:
             os.close(fd)
+        message = receive_message(own)
+        own.close()
+        if message is None:
+            # Never used: the server closed while this worker was idle.
+            status = 0
+            return
+        _tag, body, fds = message
         make_server, make_args, method_name, args = loads_with_fds(body, fds)
         server = make_server(*make_args)
         # The method exits the process itself, with the stdlib's status codes.
