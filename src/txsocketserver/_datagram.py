@@ -31,11 +31,14 @@ Truncation
 
 A datagram longer than ``max_packet_size`` is truncated, as in the stdlib: the
 handler receives its first ``max_packet_size`` bytes and the rest is lost.
-The stdlib says nothing about it; here ``get_request`` reads with
-``recvmsg``, whose flags carry ``MSG_TRUNC``, counts each such datagram in the
-server's ``truncated_datagrams`` and logs one warning per server (logger
-``"txsocketserver"``).  Where ``recvmsg`` does not exist (Windows), it reads
-with ``recvfrom`` and cannot tell.
+The stdlib says nothing about it; here ``get_request`` asks for one byte
+more than ``max_packet_size``: if it gets it, the datagram was longer, so it
+cuts the data to ``max_packet_size`` (what the stdlib's handler would have
+received), counts the datagram in the server's ``truncated_datagrams`` and
+logs one warning per server (logger ``"txsocketserver"``).  That costs one
+length check per datagram; ``recvmsg`` and its ``MSG_TRUNC`` flag would tell
+the same, but build an ancillary-data list and a 4-tuple for every datagram,
+and do not exist on Windows.
 """
 
 from __future__ import annotations
@@ -52,10 +55,6 @@ from txsocketserver._stream import TCPServer
 # ``logging`` warning reaches stderr even unconfigured.  Under ``twistd``,
 # stderr is itself redirected into the Twisted log, so the warning lands there.
 log = logging.getLogger("txsocketserver")
-
-# A plain int: socket.MSG_TRUNC is an IntFlag, and ``int & IntFlag`` runs
-# enum code in Python, a measurable share of the cost of a small datagram.
-_MSG_TRUNC = int(getattr(socket, "MSG_TRUNC", 0))
 
 
 class UDPServer(TCPServer):
@@ -99,13 +98,11 @@ class UDPServer(TCPServer):
         Called by the serving loop when a datagram is waiting.  May be
         overridden; an override takes over truncation detection too.
         """
-        receive_message = getattr(self.socket, "recvmsg", None)
-        if receive_message is None:
-            data, client_addr = self.socket.recvfrom(self.max_packet_size)
-        else:
-            data, _ancillary, flags, client_addr = receive_message(self.max_packet_size)
-            if flags & _MSG_TRUNC:
-                self._datagram_truncated(client_addr)
+        limit = self.max_packet_size
+        data, client_addr = self.socket.recvfrom(limit + 1)
+        if len(data) > limit:
+            data = data[:limit]
+            self._datagram_truncated(client_addr)
         return (data, self.socket), client_addr
 
     def _datagram_truncated(self, client_address: Any) -> None:
