@@ -290,6 +290,21 @@ def test_threading_handlers_run_concurrently(ss):
     assert replies == [b"%d" % i for i in range(concurrency)]
 
 
+@pytest.mark.parametrize("threading_", [False, True], ids=["sync", "threading"])
+def test_burst_is_served_whole(ss, threading_):
+    """A burst sent without waiting (well within the kernel's receive buffer):
+    every datagram is handled and answered, none lost between kernel and handler."""
+    burst = 100
+
+    with datagram_server(ss, "udp", threading_, echo_handler(ss), None) as server:
+        with serve_in_thread(server), client_for(server) as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            for i in range(burst):
+                client.send(b"%03d" % i)
+            replies = sorted(client.recv(10) for _ in range(burst))
+    assert replies == [b"%03d" % i for i in range(burst)]
+
+
 @pytest.mark.parametrize("kind", ["udp", "unix"])
 def test_threaded_replies_under_load(ss, kind, unix_path):
     """Many handler threads replying on the one socket while datagrams keep
