@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -298,6 +299,15 @@ def test_server_close_stops_every_process(tx, unix_path):
         assert set(descendants()) - before, "a template process runs while serving"
     # Template and workers are gone (what ran before may have ended too).
     assert wait_until(lambda: set(descendants()) <= before), (descendants(), before)
+
+
+def test_template_killed_from_outside_is_replaced(tx, unix_path):
+    with forking_server(tx, "tcp", "Echo", unix_path) as server:
+        assert ask(server, b"a\n").startswith(b"a\npid ")
+        template = server._forking_dispatcher._template
+        os.kill(template.protocol.transport.pid, signal.SIGKILL)
+        assert template.ended.wait(WAIT_FORK)
+        assert ask(server, b"b\n").startswith(b"b\npid ")
 
 
 # -- resources ---------------------------------------------------------------------------

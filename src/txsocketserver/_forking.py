@@ -288,7 +288,12 @@ class ProcessDispatcher:
         if template is not None and template.ended.is_set() and template.ready:
             self._retire(template)
             if self._last_spec is not None and not self._closed:
-                self._start(self._last_spec)
+                try:
+                    self._start(self._last_spec)
+                except Exception:
+                    # Best effort, like warm_up(): the next request tries
+                    # again, and handle_error reports what goes wrong then.
+                    pass
 
     def close(self, wait: bool) -> None:
         with self._lock:
