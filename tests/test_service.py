@@ -25,7 +25,6 @@ from twisted_world_handlers import (
     make_gate_server,
 )
 from txsocketserver import _reactor
-from txsocketserver._endpoints import wait_for_reactor
 
 ADDRESSES = {"socket": ANY_PORT, "endpoint": f"tcp:0:interface={LOCALHOST}"}
 
@@ -33,13 +32,13 @@ ADDRESSES = {"socket": ANY_PORT, "endpoint": f"tcp:0:interface={LOCALHOST}"}
 def on_reactor(function: Any, *args: Any, **kwargs: Any) -> Any:
     """Call ``function(*args, **kwargs)`` on the reactor thread; wait for its
     Deferred's result."""
-    _reactor.running_reactor()
-    return wait_for_reactor(lambda: function(*args, **kwargs), WAIT)
+    return _reactor.call_in_reactor(lambda: function(*args, **kwargs))
 
 
 def deferred_on_reactor(function: Any, *args: Any) -> Deferred[Any]:
     """Call ``function(*args)`` on the reactor thread; return its Deferred unresolved."""
-    return _reactor.call_in_reactor(function, *args)
+    # Boxed, because call_in_reactor waits for a Deferred it is handed back.
+    return _reactor.call_in_reactor(lambda: [function(*args)])[0]
 
 
 @pytest.fixture

@@ -40,7 +40,6 @@ import errno
 import os
 import socket
 import threading
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 from twisted.internet.address import IPv6Address, UNIXAddress
@@ -147,37 +146,6 @@ def _bad_file_descriptor(what: str) -> OSError:
     return OSError(errno.EBADF, f"{os.strerror(errno.EBADF)}: {what}")
 
 
-def wait_for_reactor(function: Callable[[], Any], timeout: float) -> Any:
-    """Run ``function()`` on the reactor thread and wait for its (Deferred) result.
-
-    Called from a thread other than the reactor thread, with the reactor
-    running.
-
-    Error handling:
-        The function's exception or the Deferred's failure is raised here;
-        ``RuntimeError`` if nothing comes back within *timeout* seconds.
-    """
-    done = threading.Event()
-    outcome: list[Any] = []
-
-    def start() -> None:
-        deferred = maybeDeferred(function)
-
-        def finished(result: Any) -> None:
-            outcome.append(result)
-            done.set()
-
-        deferred.addBoth(finished)
-
-    _reactor.call_soon(start)
-    if not done.wait(timeout):
-        raise RuntimeError("the Twisted reactor thread did not answer; is something blocking it?")
-    result = outcome[0]
-    if isinstance(result, Failure):
-        result.raiseException()
-    return result
-
-
 class _TrackedProtocol(TransportSocketProtocol):
     """A ``TransportSocketProtocol`` that tells its listener when it is gone."""
 
@@ -273,7 +241,7 @@ class EndpointListener:
         """
         reactor = _reactor.get_reactor()
         if reactor.running and not _reactor.in_reactor_thread():
-            wait_for_reactor(self.listen_deferred, _reactor.REACTOR_CALL_TIMEOUT)
+            _reactor.call_in_reactor(self.listen_deferred)
             return
         outcome: list[Any] = []
         self.listen_deferred().addBoth(outcome.append)
@@ -436,12 +404,12 @@ class EndpointListener:
         if _reactor.in_reactor_thread():
             port.stopListening()
         elif reactor.running:
-            wait_for_reactor(port.stopListening, _reactor.REACTOR_CALL_TIMEOUT)
+            _reactor.call_in_reactor(port.stopListening)
         else:
             # Listening happened with no reactor running and nothing ran it
             # since: only a running reactor closes a port, so start ours.
             _reactor.running_reactor()
-            wait_for_reactor(port.stopListening, _reactor.REACTOR_CALL_TIMEOUT)
+            _reactor.call_in_reactor(port.stopListening)
 
     def _drain_notify(self) -> None:
         assert self._notify is not None
@@ -475,4 +443,4 @@ class EndpointListener:
                 end.close()
 
 
-__all__ = ["Endpoint", "EndpointListener", "EndpointReadiness", "as_endpoint", "wait_for_reactor"]
+__all__ = ["Endpoint", "EndpointListener", "EndpointReadiness", "as_endpoint"]

@@ -40,13 +40,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import IReactorThreads
 from twisted.python import threadable
 from twisted.python.failure import Failure
-
-_T = TypeVar("_T")
 
 # How long a blocking caller waits for the reactor thread to answer before it
 # concludes that the reactor is wedged (a handler of somebody else's blocking
@@ -122,16 +121,19 @@ def running_reactor() -> Any:
     return reactor
 
 
-def call_in_reactor(function: Callable[..., _T], *args: Any) -> _T:
-    """Run ``function(*args)`` on the reactor thread and return its result.
+def call_in_reactor(function: Callable[..., Any], *args: Any) -> Any:
+    """Run ``function(*args)`` on the reactor thread and wait for its result.
 
-    Runs it directly when already on the reactor thread.  The function must not
-    block; if it returns a Deferred, that is returned unresolved.
+    The function must not block.  If it returns a Deferred, this waits for the
+    Deferred to fire and returns its result.  Called on the reactor thread
+    itself, it calls *function* directly and returns whatever it returns (a
+    Deferred stays unresolved: the reactor thread cannot wait).
 
     Error handling:
-        An exception raised by *function* is re-raised in the caller.  If the
-        reactor thread does not answer within ``REACTOR_CALL_TIMEOUT`` seconds,
-        ``RuntimeError`` is raised rather than hanging.
+        An exception raised by *function*, or the Deferred's failure, is
+        re-raised in the caller.  If nothing comes back within
+        ``REACTOR_CALL_TIMEOUT`` seconds, ``RuntimeError`` is raised rather than
+        hanging.
     """
     reactor = running_reactor()
     if threadable.isInIOThread():
@@ -139,13 +141,12 @@ def call_in_reactor(function: Callable[..., _T], *args: Any) -> _T:
     done = threading.Event()
     outcome: list[Any] = []
 
+    def finished(result: Any) -> None:
+        outcome.append(result)
+        done.set()
+
     def run() -> None:
-        try:
-            outcome.append(function(*args))
-        except BaseException:
-            outcome.append(Failure())
-        finally:
-            done.set()
+        maybeDeferred(function, *args).addBoth(finished)
 
     IReactorThreads(reactor).callFromThread(run)
     if not done.wait(REACTOR_CALL_TIMEOUT):
