@@ -250,9 +250,16 @@ class ProcessDispatcher:
 
     def dispatch(self, function: Callable[..., object], *args: Any) -> None:
         server = function.__self__  # type: ignore[attr-defined]
-        body, fds = dumps_with_fds(
-            (_child_server, (type(server), self.child_state(server)), function.__name__, args)
-        )
+        try:
+            body, fds = dumps_with_fds(
+                (_child_server, (type(server), self.child_state(server)), function.__name__, args)
+            )
+        except Exception as exc:
+            raise TypeError(
+                "ForkingMixIn cannot hand this request to a worker process: the request "
+                "and client address must pickle, with their sockets real socket.socket "
+                f"objects (not, e.g., an endpoint server's socket facade): {exc}"
+            ) from exc
         # A template that died since the last request shows up as a broken
         # pipe: retire it and hand the request to a fresh one.
         for attempt in (1, 2):
