@@ -16,6 +16,22 @@ from typing import Any
 from zope.interface import Interface
 
 
+def run_request(server: Any, request: Any, client_address: Any) -> bool:
+    """Run one request away from the serving thread, as the stdlib's workers do.
+
+    ``finish_request``, then ``handle_error`` if it raised an ``Exception``, and
+    ``shutdown_request`` always.  Returns whether the handler succeeded.
+    """
+    try:
+        server.finish_request(request, client_address)
+        return True
+    except Exception:
+        server.handle_error(request, client_address)
+        return False
+    finally:
+        server.shutdown_request(request)
+
+
 class IRequestDispatcher(Interface):
     """Runs requests somewhere other than the serving thread."""
 

@@ -54,12 +54,13 @@ from zope.interface import implementer
 
 from txsocketserver import _reactor
 from txsocketserver._base import BaseServer
-from txsocketserver._dispatch import IRequestDispatcher
+from txsocketserver._dispatch import IRequestDispatcher, run_request
 from txsocketserver._forking_child import (
     CHANNEL_FD,
     SPEC_TAG,
     STATUS_FD,
     dumps_with_fds,
+    flush_stdio,
     main_module_spec,
     send_message,
 )
@@ -539,23 +540,12 @@ class ForkingMixIn:
 
     def _process_request_in_child(self, request: Any, client_address: Any) -> None:
         """The stdlib's child: runs in the worker, and never returns."""
-        status = 1
+        succeeded = False
         try:
-            self.finish_request(request, client_address)  # type: ignore[attr-defined]
-            status = 0
-        except Exception:
-            self.handle_error(request, client_address)  # type: ignore[attr-defined]
+            succeeded = run_request(self, request, client_address)
         finally:
-            try:
-                self.shutdown_request(request)  # type: ignore[attr-defined]
-            finally:
-                for stream in (sys.stdout, sys.stderr):
-                    if stream is not None:
-                        try:
-                            stream.flush()
-                        except (OSError, ValueError):
-                            pass
-                os._exit(status)
+            flush_stdio()
+            os._exit(0 if succeeded else 1)
 
     def server_close(self) -> None:
         """Close the socket, then wait for the children (``block_on_close``) and

@@ -237,7 +237,7 @@ def _report(line: str) -> None:
     os.write(STATUS_FD, line.encode("ascii") + b"\n")
 
 
-def _flush_stdio() -> None:
+def flush_stdio() -> None:
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:
             try:
@@ -268,7 +268,7 @@ def main() -> None:
     _tag, body, _fds = first
     spec = pickle.loads(body)
     _prepare(spec)
-    _flush_stdio()
+    flush_stdio()
     # Objects imported so far are never freed: keep the collector off their
     # pages, so that forked workers share them instead of copying them.
     gc.freeze()
@@ -356,7 +356,7 @@ class _Template:
         """Fork a worker that waits for one request; *held_fds* (a request's
         fds, open in the template right now) are closed in it."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        _flush_stdio()
+        flush_stdio()
         try:
             pid = os.fork()
         except BaseException:
@@ -422,7 +422,7 @@ def _run_worker(own: socket.socket, fds_to_close: tuple[int, ...]) -> None:
     except BaseException:
         traceback.print_exc()
     finally:
-        _flush_stdio()
+        flush_stdio()
         os._exit(status)
 
 

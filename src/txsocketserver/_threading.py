@@ -26,7 +26,7 @@ from typing import Any
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from txsocketserver._dispatch import IRequestDispatcher
+from txsocketserver._dispatch import IRequestDispatcher, run_request
 
 
 def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
@@ -150,14 +150,9 @@ class ThreadingMixIn:
         """Run one request, in a pool thread: ``finish_request``, then
         ``handle_error`` on an ``Exception``, and ``shutdown_request`` always."""
         try:
-            self.finish_request(request, client_address)  # type: ignore[attr-defined]
-        except Exception:
-            self.handle_error(request, client_address)  # type: ignore[attr-defined]
+            run_request(self, request, client_address)
         finally:
-            try:
-                self.shutdown_request(request)  # type: ignore[attr-defined]
-            finally:
-                self._request_finished(request)  # type: ignore[attr-defined]
+            self._request_finished(request)  # type: ignore[attr-defined]
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Hand the request to a pool thread and return at once."""
