@@ -44,7 +44,6 @@ from typing import Any, TypeVar
 
 from twisted.internet.address import IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
@@ -116,6 +115,11 @@ class Endpoint:
         """
         if self._endpoint is None:
             assert self.description is not None
+            # Imported here: it loads pyOpenSSL and cryptography (some 18 MB),
+            # which every process importing txsocketserver would pay for,
+            # forking workers included.
+            from twisted.internet.endpoints import serverFromString
+
             try:
                 self._endpoint = serverFromString(
                     reactor or _reactor.get_reactor(), self.description
