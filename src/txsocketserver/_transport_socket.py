@@ -139,6 +139,20 @@ ConnectionCallback = Callable[["TransportSocket", SocketAddress], object]
 _log = Logger()
 
 
+# socket.MSG_* are IntFlag members: every ``&`` or ``|`` on them runs enum
+# code, which cost more than the rest of a small recv/sendall together.
+_MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
+_MSG_WAITALL = int(socket.MSG_WAITALL)
+_MSG_PEEK = int(socket.MSG_PEEK)
+_MSG_NOSIGNAL = int(socket.MSG_NOSIGNAL)
+_RECEIVE_FLAGS = _MSG_PEEK | _MSG_WAITALL | _MSG_DONTWAIT
+_SEND_FLAGS = _MSG_DONTWAIT | _MSG_NOSIGNAL
+
+# Looked up once: twisted.python.threadable sits behind a deprecation proxy
+# whose attribute access is slow enough to show on every recv and sendall.
+_in_reactor_thread = threadable.isInIOThread
+
+
 def _bad_file_descriptor() -> OSError:
     return OSError(errno.EBADF, os.strerror(errno.EBADF))
 
@@ -576,7 +590,7 @@ class TransportSocket:
 
     def _deadline(self, flags: int) -> float | None:
         """When a call started now gives up: ``None`` never, ``-1.0`` non-blocking."""
-        timeout = 0.0 if flags & socket.MSG_DONTWAIT else self._timeout
+        timeout = 0.0 if flags & _MSG_DONTWAIT else self._timeout
         if timeout is None:
             return None
         if timeout == 0.0:
@@ -600,7 +614,7 @@ class TransportSocket:
             condition.wait(remaining)
 
     def _check_thread(self, call: str) -> None:
-        if threadable.isInIOThread():
+        if _in_reactor_thread():
             raise RuntimeError(
                 f"TransportSocket.{call}() was called on the reactor thread: it waits for "
                 "the reactor and would deadlock. Call it from a handler thread "
@@ -624,7 +638,7 @@ class TransportSocket:
         """
         if bufsize < 0:
             raise ValueError("negative buffersize in recv")
-        if flags & socket.MSG_WAITALL and not flags & socket.MSG_PEEK:
+        if flags & _MSG_WAITALL and not flags & _MSG_PEEK:
             buffer = bytearray(bufsize)
             count = self.recv_into(buffer, bufsize, flags)
             del buffer[count:]
@@ -657,11 +671,11 @@ class TransportSocket:
         ``size`` exceeds the high-water mark.
         """
         self._check_thread(call)
-        if flags & ~(socket.MSG_PEEK | socket.MSG_WAITALL | socket.MSG_DONTWAIT):
+        if flags & ~_RECEIVE_FLAGS:
             raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
         bridge = self._bridge
-        peek = bool(flags & socket.MSG_PEEK)
-        wait_all = bool(flags & socket.MSG_WAITALL) and not peek and target is not None
+        peek = bool(flags & _MSG_PEEK)
+        wait_all = bool(flags & _MSG_WAITALL) and not peek and target is not None
         deadline = self._deadline(flags)
         received = bridge.received
 
@@ -746,7 +760,7 @@ class TransportSocket:
     def _send(self, data: Any, octets: memoryview, flags: int, call: str, everything: bool) -> int:
         """Queue ``octets`` in window-sized chunks; the shared write path."""
         self._check_thread(call)
-        if flags & ~(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL):
+        if flags & ~_SEND_FLAGS:
             raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
         bridge = self._bridge
         deadline = self._deadline(flags)
