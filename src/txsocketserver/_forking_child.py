@@ -48,6 +48,7 @@ same socket object in the parent is the same object in the worker.
 
 from __future__ import annotations
 
+import _signal
 import gc
 import io
 import os
@@ -402,9 +403,12 @@ def _run_worker(own: socket.socket, fds_to_close: tuple[int, ...]) -> None:
     """Body of a worker: wait for one request on *own*, run it, exit.  Never returns."""
     status = 1
     try:
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # _signal's C functions, not signal's Python wrappers: their enum
+        # conversions would run, for the first time in this process, in every
+        # worker, writing to (and so copying) pages shared with the template.
+        _signal.set_wakeup_fd(-1)
+        _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
+        _signal.signal(_signal.SIGINT, _signal.default_int_handler)
         for fd in fds_to_close:
             os.close(fd)
         message = receive_message(own)
