@@ -312,7 +312,13 @@ class _Template:
                     self._stop_accepting()
                 else:
                     self._hand_over(*message)
-                    self._fill()
+                    # Refill once the last idle worker is taken, forking
+                    # warm_children in a row: every fork makes the pages that
+                    # the template writes afterwards copy-on-write again, so
+                    # back-to-back forks cost fewer page copies than forks
+                    # spread over the loop.
+                    if not self.idle:
+                        self._fill()
 
     def _stop_accepting(self) -> None:
         assert self.channel is not None
