@@ -18,7 +18,12 @@ CPU, against about a millisecond for a fork.  So the two are combined:
 * For each request the serving thread pickles the server's state and the
   request, passes the request's sockets as fds (``SCM_RIGHTS``) over a Unix
   socketpair to the template, and closes its own copy of the connection, as
-  the stdlib's parent does.  The template passes it on to an idle worker,
+  the stdlib's parent does.  The state travels once, not per request: the
+  template *installs* it (builds the worker's server object once; workers
+  forked afterwards inherit it), and a request whose state is the installed
+  one carries only its ``active_children``.  A state that differs from the
+  installed one travels with the request; one seen twice in a row is
+  installed in place of the old.  The template passes it on to an idle worker,
   which runs exactly that request (``finish_request``, ``handle_error``,
   ``shutdown_request``, ``os._exit``: the stdlib's child code) and exits;
   the template forks a replacement.
@@ -57,6 +62,7 @@ from txsocketserver._base import BaseServer
 from txsocketserver._dispatch import IRequestDispatcher, run_request
 from txsocketserver._forking_child import (
     CHANNEL_FD,
+    INSTALL_TAG,
     SPEC_TAG,
     STATUS_FD,
     dumps_with_fds,
@@ -71,6 +77,11 @@ TEMPLATE_EXIT_TIMEOUT = 10.0
 # Instance attributes that are this package's bookkeeping, not the user's:
 # they are not copied to the child's server object.
 _PRIVATE_PREFIXES = ("_BaseServer__", "_forking_")
+
+# Attributes that change from one request to the next (ours): they travel
+# with each request rather than being part of the state installed in the
+# template.
+_VOLATILE = ("active_children",)
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TEMPLATE_COMMAND = (
@@ -158,6 +169,10 @@ class _Template:
         self.channel = channel
         self.protocol: _TemplateProtocol | None = None
         self.tags: set[int] = set()
+        # The server state installed in the template (its pickle, and the
+        # identities of its sockets), and a different one seen once since.
+        self.installed: tuple[bytes, tuple[int, ...]] | None = None
+        self.candidate: tuple[bytes, tuple[int, ...]] | None = None
         self.ready = False
         # Closed on purpose (server_close, or replaced after a broken pipe).
         self.retired = False
@@ -252,9 +267,22 @@ class ProcessDispatcher:
     def dispatch(self, function: Callable[..., object], *args: Any) -> None:
         server = function.__self__  # type: ignore[attr-defined]
         try:
-            body, fds = dumps_with_fds(
-                (_child_server, (type(server), self.child_state(server)), function.__name__, args)
-            )
+            attributes = self.child_state(server)
+            full = (_child_server, (type(server), attributes), function.__name__, args)
+            # What changes with every request travels with it; the rest is
+            # installed in the template once (see _Template._install there).
+            volatile = {name: attributes[name] for name in _VOLATILE if name in attributes}
+            stable = {name: value for name, value in attributes.items() if name not in volatile}
+            state_body, state_fds = dumps_with_fds((_child_server, (type(server), stable)))
+            body, fds = dumps_with_fds((None, volatile, function.__name__, args))
+            key: tuple[bytes, tuple[int, ...]] | None = None
+            if set(state_fds).isdisjoint(fds):
+                # Sockets are told apart by inode: an fd number can be reused.
+                key = (state_body, tuple(os.fstat(fd).st_ino for fd in state_fds))
+            else:
+                # A socket both in the state and in the request (a datagram
+                # server's) must be one object in the worker: one pickle.
+                body, fds = dumps_with_fds(full)
         except Exception as exc:
             raise TypeError(
                 "ForkingMixIn cannot hand this request to a worker process: the request "
@@ -271,7 +299,18 @@ class ProcessDispatcher:
                 self._running[tag] = None
                 template.tags.add(tag)
             try:
-                send_message(template.channel, tag, body, fds)
+                if key is None or template.installed == key:
+                    send_message(template.channel, tag, body, fds)
+                elif template.installed is None or template.candidate == key:
+                    # A state seen for the first time, or twice in a row.
+                    send_message(template.channel, INSTALL_TAG, state_body, state_fds)
+                    template.installed, template.candidate = key, None
+                    send_message(template.channel, tag, body, fds)
+                else:
+                    # A state that changes from request to request travels with it.
+                    template.candidate = key
+                    full_body, full_fds = dumps_with_fds(full)
+                    send_message(template.channel, tag, full_body, full_fds)
                 return
             except OSError:
                 with self._changed:

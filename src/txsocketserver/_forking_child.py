@@ -39,7 +39,13 @@ other part of the program started is never reaped behind its back.
 
 A request body is the pickle of ``(make_server, make_server_args,
 method_name, args)``: the worker builds its server object with the first two
-and calls the named method of it with *args*.  Sockets anywhere in it (the
+and calls the named method of it with *args*.  With ``make_server`` None, the
+worker uses the server object that the template built from the last
+:data:`INSTALL_TAG` message (body: the pickle of ``(make_server,
+make_server_args)``), updated with the dict in the second place: that spares
+each worker unpickling the state and building the object, which costs it page
+copies (its pages are shared copy-on-write with the template) as much as CPU.
+Sockets anywhere in it (the
 accepted connection, a datagram server's socket, the server's own ``socket``
 attribute) are pickled as *persistent ids* naming one of the message's fds,
 and rebuilt in the worker as ``socket.socket`` objects on those fds; the
@@ -72,6 +78,9 @@ _HEADER = struct.Struct("!QII")
 # server's socket); the kernel's own limit (SCM_MAX_FD) is 253.
 MAX_FDS = 16
 SPEC_TAG = 0
+# A message that installs the server's state in the template (see
+# ``_Template._install``) rather than carrying a request.
+INSTALL_TAG = (1 << 64) - 1
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 
 
@@ -127,16 +136,16 @@ class _SocketUnpickler(pickle.Unpickler):
     def __init__(self, file: io.BytesIO, fds: list[int]) -> None:
         super().__init__(file)
         self._fds = fds
-        self._sockets: dict[int, socket.socket] = {}
+        self.sockets: dict[int, socket.socket] = {}
 
     def persistent_load(self, pid: Any) -> Any:
         kind, index, family, type_, proto, timeout = pid
         if kind != "socket":
             raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
-        sock = self._sockets.get(index)
+        sock = self.sockets.get(index)
         if sock is None:
             sock = socket.socket(family, type_, proto, fileno=self._fds[index])
-            self._sockets[index] = sock
+            self.sockets[index] = sock
             # The O_NONBLOCK flag is shared with the parent's copy of the fd:
             # touch it only when the new object disagrees with the old one.
             if sock.gettimeout() != timeout:
@@ -290,6 +299,10 @@ class _Template:
         self.warm = warm
         self.idle: list[tuple[int, socket.socket]] = []
         self.running: dict[int, int] = {}
+        # Idle workers told to exit unused (forked before an install).
+        self.retiring: set[int] = set()
+        # The sockets of the installed server object.
+        self.installed_sockets: list[socket.socket] = []
         self.wake_read, self.wake_write = os.pipe()
         os.set_blocking(self.wake_read, False)
         os.set_blocking(self.wake_write, False)
@@ -300,7 +313,7 @@ class _Template:
         signal.set_wakeup_fd(self.wake_write)
         self._fill()
         _report("R")
-        while self.channel is not None or self.running or self.idle:
+        while self.channel is not None or self.running or self.idle or self.retiring:
             watched = [self.wake_read] if self.channel is None else [self.wake_read, self.channel]
             readable, _, _ = select.select(watched, [], [])
             if self.wake_read in readable:
@@ -310,6 +323,8 @@ class _Template:
                 message = receive_message(self.channel)
                 if message is None:
                     self._stop_accepting()
+                elif message[0] == INSTALL_TAG:
+                    self._install(message[1], message[2])
                 else:
                     self._hand_over(*message)
                     # Refill once the last idle worker is taken, forking
@@ -327,6 +342,42 @@ class _Template:
         # Idle workers see end of file and exit; the loop reaps them.
         for _pid, end in self.idle:
             end.close()
+        self._uninstall()
+
+    def _install(self, body: bytes, fds: list[int]) -> None:
+        """Build the worker's server object once, here, from *body*.
+
+        A request whose server state is the installed one then carries no
+        state: its worker, forked from here afterwards, finds the object
+        already built (a copy-on-write copy of it, of its own), instead of
+        unpickling the state and building the object itself.  Idle workers
+        forked before are retired unused, and replaced.
+        """
+        global _installed_server
+        self._uninstall()
+        unpickler = _SocketUnpickler(io.BytesIO(body), fds)
+        try:
+            make_server, make_args = unpickler.load()
+            _installed_server = make_server(*make_args)
+        except Exception:
+            traceback.print_exc()
+        self.installed_sockets = list(unpickler.sockets.values())
+        used = {sock.fileno() for sock in self.installed_sockets}
+        for fd in fds:
+            if fd not in used:
+                os.close(fd)
+        for pid, end in self.idle:
+            end.close()
+            self.retiring.add(pid)
+        self.idle = []
+        self._fill()
+
+    def _uninstall(self) -> None:
+        global _installed_server
+        _installed_server = None
+        for sock in self.installed_sockets:
+            sock.close()
+        self.installed_sockets = []
 
     def _fill(self) -> None:
         while self.channel is not None and len(self.idle) < self.warm:
@@ -388,7 +439,7 @@ class _Template:
                 return
 
     def _reap(self) -> None:
-        for pid in [*self.running, *(pid for pid, _end in self.idle)]:
+        for pid in [*self.running, *(pid for pid, _end in self.idle), *self.retiring]:
             try:
                 done, status = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
@@ -397,12 +448,19 @@ class _Template:
                 continue
             if pid in self.running:
                 _report(f"E {self.running.pop(pid)} {os.waitstatus_to_exitcode(status)}")
+            elif pid in self.retiring:
+                self.retiring.discard(pid)
             else:
                 for index, (idle_pid, end) in enumerate(self.idle):
                     if idle_pid == pid:
                         end.close()
                         del self.idle[index]
                         break
+
+
+# The server object that ``_Template._install`` built (None if none, or if
+# building it failed): a worker whose request carries no state uses it.
+_installed_server: Any = None
 
 
 def _run_worker(own: socket.socket, fds_to_close: tuple[int, ...]) -> None:
@@ -425,7 +483,17 @@ def _run_worker(own: socket.socket, fds_to_close: tuple[int, ...]) -> None:
             return
         _tag, body, fds = message
         make_server, make_args, method_name, args = loads_with_fds(body, fds)
-        server = make_server(*make_args)
+        if make_server is not None:
+            server = make_server(*make_args)
+        elif _installed_server is not None:
+            # make_args: the attributes that travel with each request.
+            server = _installed_server
+            server.__dict__.update(make_args)
+        else:
+            raise RuntimeError(
+                "the server's state could not be rebuilt in the template process "
+                "(its traceback is above)"
+            )
         # The method exits the process itself, with the stdlib's status codes.
         getattr(server, method_name)(*args)
         status = 0
