@@ -354,6 +354,18 @@ def test_foreign_children_are_not_reaped(tx, unix_path):
         assert before.wait(WAIT_FORK) == 7
 
 
+
+def test_parent_state_changes_reach_later_requests(ss, unix_path):
+    # What os.fork gives: each request's process sees the server as the parent
+    # has it at that moment, and never what an earlier request changed on it.
+    with forking_server(ss, "tcp", "State", unix_path) as server:
+        seen = []
+        for value in ("parent-1", "parent-1", "parent-2", "parent-2"):
+            server.touched_by = value
+            seen.append(ask(server, b"").split()[2])
+        assert seen == [b"parent-1", b"parent-1", b"parent-2", b"parent-2"]
+        assert server.touched_by == "parent-2"
+
 # -- where the handler class lives -----------------------------------------------------
 
 
