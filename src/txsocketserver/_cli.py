@@ -65,10 +65,6 @@ def load_object(spec: str, option: str) -> Any:
     return obj
 
 
-def _forking_mixin() -> type | None:
-    return getattr(txsocketserver, "ForkingMixIn", None)
-
-
 def _split_description(description: str) -> list[str]:
     """Split an endpoint description on its unescaped colons (``\\:`` is a colon)."""
     parts = [""]
@@ -191,8 +187,7 @@ class Options(usage.Options):
             self["endpoint"].resolve()
         except ValueError as exc:
             raise usage.UsageError(f"--listen: {exc}") from exc
-        forking = _forking_mixin()
-        if forking is not None and issubclass(self["server_class"], forking):
+        if issubclass(self["server_class"], txsocketserver.ForkingMixIn):
             address = socket_address(self["listen"])
             if address is None:
                 raise usage.UsageError(
@@ -204,7 +199,7 @@ class Options(usage.Options):
             family, self["address"] = address
             if self["server"] is None:
                 # Children import the server class by name: use module-level ones.
-                self["server_class"] = _FORKING_SERVERS[family]()
+                self["server_class"] = _FORKING_SERVERS[family]
             elif family != self["server_class"].address_family:
                 raise usage.UsageError(
                     f"--listen {self['listen']!r} needs a server class with "
@@ -215,22 +210,18 @@ class Options(usage.Options):
             self["address"] = self["endpoint"]
 
 
-def _forking_tcp6_server() -> type:
-    return ForkingTCP6Server
+class ForkingTCP6Server(txsocketserver.ForkingTCPServer):
+    """``--mode forking --listen tcp6:...``: a forking server on IPv6."""
+
+    address_family = socket.AF_INET6
 
 
-_FORKING_SERVERS = {
-    socket.AF_INET: lambda: txsocketserver.ForkingTCPServer,  # type: ignore[attr-defined]
-    socket.AF_INET6: _forking_tcp6_server,
-    socket.AF_UNIX: lambda: txsocketserver.ForkingUnixStreamServer,  # type: ignore[attr-defined]
+# Children import their server class by name: these live at module level.
+_FORKING_SERVERS: dict[int, type] = {
+    socket.AF_INET: txsocketserver.ForkingTCPServer,
+    socket.AF_INET6: ForkingTCP6Server,
+    socket.AF_UNIX: txsocketserver.ForkingUnixStreamServer,
 }
-
-if _forking_mixin() is not None:
-
-    class ForkingTCP6Server(txsocketserver.ForkingTCPServer):  # type: ignore[name-defined,misc]
-        """``--mode forking --listen tcp6:...``: a forking server on IPv6."""
-
-        address_family = socket.AF_INET6
 
 
 def server_class(spec: str | None, mode: str | None) -> type:
@@ -238,17 +229,12 @@ def server_class(spec: str | None, mode: str | None) -> type:
 
     Error handling:
         ``usage.UsageError`` for a class that is not a txsocketserver stream
-        server, a mode it contradicts, or ``forking`` without ``ForkingMixIn``.
+        server, or a mode it contradicts.
     """
-    forking = _forking_mixin()
-    if mode == "forking" and forking is None:
-        raise usage.UsageError(
-            "--mode forking is not available: this txsocketserver has no ForkingMixIn"
-        )
     mixins: dict[str, type | None] = {
         "sync": None,
         "threading": txsocketserver.ThreadingMixIn,
-        "forking": forking,
+        "forking": txsocketserver.ForkingMixIn,
     }
     if spec is None:
         base: type = txsocketserver.TCPServer
@@ -262,7 +248,7 @@ def server_class(spec: str | None, mode: str | None) -> type:
             raise usage.UsageError(f"--server {spec!r} is not a txsocketserver server{hint}")
         if mode is None:
             return base
-    concurrent = [m for m in (txsocketserver.ThreadingMixIn, forking) if m is not None]
+    concurrent = (txsocketserver.ThreadingMixIn, txsocketserver.ForkingMixIn)
     current = next((m for m in concurrent if issubclass(base, m)), None)
     wanted = mixins[mode]
     if current is not None and current is not wanted:
@@ -273,7 +259,7 @@ def server_class(spec: str | None, mode: str | None) -> type:
         return base
     if mode == "forking":
         if spec is None:
-            return txsocketserver.ForkingTCPServer  # type: ignore[attr-defined,no-any-return]
+            return txsocketserver.ForkingTCPServer
         # A child process imports its server class by name, so a class made
         # here on the fly would not do.
         raise usage.UsageError(
@@ -281,8 +267,8 @@ def server_class(spec: str | None, mode: str | None) -> type:
             f"class Forking{base.__name__}(ForkingMixIn, {base.__name__}) at the top "
             "level of a module and pass that"
         )
-    prefix = "Threading" if mode == "threading" else "Forking"
-    return type(f"{prefix}{base.__name__}", (wanted, base), {"__module__": __name__})
+    # Only threading is left: sync and forking returned above.
+    return type(f"Threading{base.__name__}", (wanted, base), {"__module__": __name__})
 
 
 def build_server(options: Options) -> Any:
