@@ -139,6 +139,32 @@ def test_straggler_closed_after_drain_timeout(mode: str, server_class: type) -> 
         assert recv_all(client) == b""
 
 
+
+class StdlibStyleThreadingServer(txsocketserver.ThreadingTCPServer):
+    """Overrides the public hook with a whole body of its own, no super()."""
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+
+
+def test_stop_does_not_wait_for_finished_requests_of_an_overridden_hook() -> None:
+    # The in-flight record must end outside process_request_thread(), or this
+    # override would leave its finished request "in flight" for drain_timeout.
+    server = StdlibStyleThreadingServer(ANY_PORT, EchoHandler)
+    service = on_reactor(txsocketserver.start_server, server, drain_timeout=20.0)
+    with connect(address_of(server)) as client:
+        client.sendall(b"one\n")
+        assert recv_line(client) == b"one\n"
+    assert wait_until(lambda: not server._requests_in_flight())
+    began = time.monotonic()
+    on_reactor(service.stopService)
+    assert time.monotonic() - began < 3.0
+
 def test_start_server_listens_on_unbound_endpoint_server() -> None:
     server = txsocketserver.ThreadingTCPServer(
         f"tcp:0:interface={LOCALHOST}", EchoHandler, bind_and_activate=False

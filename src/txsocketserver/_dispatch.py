@@ -3,7 +3,7 @@
 ``socketserver`` chooses the strategy by mixin (``ThreadingMixIn``,
 ``ForkingMixIn``), each overriding ``process_request``.  We keep that public
 shape, and behind each mixin sits a dispatcher implementing
-:class:`IRequestDispatcher`, so that limits, draining and upkeep work the same
+:class:`IRequestDispatcher`, so that limits and upkeep work the same
 way whatever runs the request.  A synchronous server needs no dispatcher: its
 requests run in the serving thread, as in the stdlib.
 """
@@ -38,13 +38,6 @@ class IRequestDispatcher(Interface):
     def dispatch(function: Callable[..., object], *args: Any) -> None:
         """Start ``function(*args)`` (a server's ``process_request_thread`` or
         equivalent) and return without waiting for it."""
-
-    def in_flight() -> int:
-        """How many dispatched requests have not finished."""
-
-    def wait_idle(timeout: float | None) -> bool:
-        """Block until no request is in flight or *timeout* passes; return
-        whether it became idle."""
 
     def upkeep() -> None:
         """Periodic housekeeping, called from the serving loop (cheap when there

@@ -321,9 +321,6 @@ class ProcessDispatcher:
                 if attempt == 2:
                     raise
 
-    def in_flight(self) -> int:
-        return len(self._running)
-
     def wait_idle(self, timeout: float | None) -> bool:
         with self._changed:
             return self._changed.wait_for(lambda: not self._running, timeout)

@@ -42,8 +42,8 @@ class ThreadDispatcher:
         max_threads: at most this many requests run at once; ``None`` means no
             limit, as in the stdlib.
         idle_thread_timeout: seconds a thread may stay idle before it is retired.
-        wait_at_exit: make interpreter exit wait for requests in flight (the
-            stdlib's non-daemon threads).
+        hold_exit: whether stopping the pool may hold up interpreter exit
+            (the stdlib's non-daemon request threads).
     """
 
     def __init__(
@@ -52,41 +52,18 @@ class ThreadDispatcher:
         name: str,
         max_threads: int | None,
         idle_thread_timeout: float,
-        wait_at_exit: bool,
+        hold_exit: bool,
     ) -> None:
         self._pool = ThreadPool(0, max_threads or sys.maxsize, name=name)
         self._pool.threadFactory = _daemon_thread
         self._pool.start()
-        self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
-        self._in_flight = 0
         self._idle_timeout = idle_thread_timeout
         self._next_trim = time.monotonic() + idle_thread_timeout
         self._idle_at_last_trim = 0
-        self._wait_at_exit = wait_at_exit
-        if wait_at_exit:
-            _wait_at_exit.add(self)
+        self._hold_exit = hold_exit
 
     def dispatch(self, function: Callable[..., object], *args: Any) -> None:
-        with self._lock:
-            self._in_flight += 1
-        self._pool.callInThread(self._run, function, args)
-
-    def _run(self, function: Callable[..., object], args: tuple[Any, ...]) -> None:
-        try:
-            function(*args)
-        finally:
-            with self._lock:
-                self._in_flight -= 1
-                if not self._in_flight:
-                    self._idle.notify_all()
-
-    def in_flight(self) -> int:
-        return self._in_flight
-
-    def wait_idle(self, timeout: float | None) -> bool:
-        with self._idle:
-            return self._idle.wait_for(lambda: not self._in_flight, timeout)
+        self._pool.callInThread(function, *args)
 
     def upkeep(self) -> None:
         now = time.monotonic()
@@ -102,7 +79,6 @@ class ThreadDispatcher:
         self._pool.threads[:] = [t for t in self._pool.threads if t.is_alive()]
 
     def close(self, wait: bool) -> None:
-        _wait_at_exit.discard(self)
         if wait:
             self._pool.stop()
         else:
@@ -112,16 +88,18 @@ class ThreadDispatcher:
             threading.Thread(
                 target=self._pool.stop,
                 name="txsocketserver-pool-stop",
-                daemon=not self._wait_at_exit,
+                daemon=not self._hold_exit,
             ).start()
 
 
-_wait_at_exit: weakref.WeakSet[ThreadDispatcher] = weakref.WeakSet()
+# Servers whose requests run on non-daemon threads in the stdlib's sense,
+# keyed by id() so that a server class defining __eq__ (unhashable) works too.
+_wait_at_exit: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
 
 def _wait_for_requests_at_exit() -> None:
-    for dispatcher in list(_wait_at_exit):
-        dispatcher.wait_idle(None)
+    for server in list(_wait_at_exit.values()):
+        server._wait_for_requests(None)
 
 
 # Runs when the main thread finishes, before non-daemon threads are joined:
@@ -143,20 +121,26 @@ class ThreadingMixIn:
     idle_thread_timeout: float = 5.0
 
     _thread_dispatcher: ThreadDispatcher | None = None
-    # process_request_thread() ends each request's in-flight record.
+    # _run_request_thread() ends each request's in-flight record.
     _requests_finish_elsewhere = True
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         """Run one request, in a pool thread: ``finish_request``, then
-        ``handle_error`` on an ``Exception``, and ``shutdown_request`` always."""
-        try:
-            run_request(self, request, client_address)
-        finally:
-            self._request_finished(request)  # type: ignore[attr-defined]
+        ``handle_error`` on an ``Exception``, and ``shutdown_request`` always.
+        May be overridden."""
+        run_request(self, request, client_address)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Hand the request to a pool thread and return at once."""
-        self._request_threads().dispatch(self.process_request_thread, request, client_address)
+        self._request_threads().dispatch(self._run_request_thread, request, client_address)
+
+    def _run_request_thread(self, request: Any, client_address: Any) -> None:
+        # Outside the overridable hook, so that an override cannot leave the
+        # request counted as in flight (a graceful stop would wait for it).
+        try:
+            self.process_request_thread(request, client_address)
+        finally:
+            self._request_finished(request)  # type: ignore[attr-defined]
 
     def _request_threads(self) -> ThreadDispatcher:
         # Made on first use so that daemon_threads/max_threads set on the
@@ -166,8 +150,10 @@ class ThreadingMixIn:
                 name=f"{type(self).__name__}-{id(self):x}",
                 max_threads=self.max_threads,
                 idle_thread_timeout=self.idle_thread_timeout,
-                wait_at_exit=not self.daemon_threads,
+                hold_exit=not self.daemon_threads,
             )
+            if not self.daemon_threads:
+                _wait_at_exit[id(self)] = self
         return self._thread_dispatcher
 
     def _after_serving_step(self) -> None:
@@ -179,6 +165,7 @@ class ThreadingMixIn:
         """Close the socket; with ``block_on_close`` (and non-daemon threads),
         wait for every request in flight to finish."""
         super().server_close()  # type: ignore[misc]
+        _wait_at_exit.pop(id(self), None)
         dispatcher, self._thread_dispatcher = self._thread_dispatcher, None
         if dispatcher is not None:
             dispatcher.close(wait=self.block_on_close and not self.daemon_threads)
