@@ -11,11 +11,13 @@ Twisted endpoint instead of a socket.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 from txsocketserver import _reactor
@@ -189,8 +191,18 @@ class BaseServer:
             if not self._requests_finish_elsewhere:
                 self._request_finished(request)
 
-    def __watching(self) -> _Watching:
-        return _Watching(self)
+    @contextlib.contextmanager
+    def __watching(self) -> Iterator[IRequestReadiness]:
+        """A readiness for the duration of one serving call."""
+        readiness = self._request_readiness()
+        self.__serving_thread = threading.get_ident()
+        self.__readiness = readiness
+        try:
+            yield readiness
+        finally:
+            self.__readiness = None
+            self.__serving_thread = None
+            readiness.close()
 
     def _request_readiness(self) -> IRequestReadiness:
         """Make what tells the serving loop that a request is ready (private hook)."""
@@ -263,11 +275,7 @@ class BaseServer:
     def __exit__(self, *args: object) -> None:
         self.server_close()
 
-    # -- private plumbing shared with _Watching -----------------------------------
-
-    def _begin_serving(self, readiness: IRequestReadiness) -> None:
-        self.__serving_thread = threading.get_ident()
-        self.__readiness = readiness
+    # -- private plumbing ---------------------------------------------------------
 
     def _stop_watching(self) -> None:
         """Make the reactor forget the socket before it is closed."""
@@ -275,10 +283,6 @@ class BaseServer:
         if readiness is not None:
             readiness.close()
             readiness.wake()
-
-    def _end_serving(self) -> None:
-        self.__readiness = None
-        self.__serving_thread = None
 
     def _log_errors_to(self, logger: Any) -> None:
         """Route ``handle_error`` to a ``twisted.logger.Logger`` (None: stderr)."""
@@ -312,21 +316,3 @@ class BaseServer:
                 return self.__in_flight_changed.wait_for(lambda: not self.__in_flight, timeout)
             finally:
                 self.__drain_waiters -= 1
-
-
-class _Watching:
-    """Context manager: a readiness for the duration of one serving call."""
-
-    def __init__(self, server: BaseServer) -> None:
-        self._server = server
-        self._readiness: IRequestReadiness | None = None
-
-    def __enter__(self) -> IRequestReadiness:
-        self._readiness = self._server._request_readiness()
-        self._server._begin_serving(self._readiness)
-        return self._readiness
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._server._end_serving()
-        assert self._readiness is not None
-        self._readiness.close()

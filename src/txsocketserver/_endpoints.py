@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import collections
 import errno
-import os
 import socket
 import threading
 from typing import Any, TypeVar
@@ -56,6 +55,7 @@ from txsocketserver._transport_socket import (
     TransportSocket,
     TransportSocketFactory,
     TransportSocketProtocol,
+    bad_file_descriptor,
     socket_address,
 )
 
@@ -144,10 +144,6 @@ def as_endpoint(server_address: Any, address_family: int) -> Endpoint | None:
     ):
         return Endpoint(server_address)
     return None
-
-
-def _bad_file_descriptor(what: str) -> OSError:
-    return OSError(errno.EBADF, f"{os.strerror(errno.EBADF)}: {what}")
 
 
 class _TrackedProtocol(TransportSocketProtocol):
@@ -326,7 +322,7 @@ class EndpointListener:
         """
         with self._lock:
             if self._closed:
-                raise _bad_file_descriptor("the server was closed")
+                raise bad_file_descriptor("the server was closed")
             if not self._queue:
                 raise BlockingIOError(errno.EAGAIN, "no connection is queued")
             request = self._queue.popleft()
@@ -350,7 +346,7 @@ class EndpointListener:
         with self._changed:
             self._changed.wait_for(lambda: self._queue or self._closed or readiness.wakes, timeout)
             if self._closed:
-                raise _bad_file_descriptor("the server was closed while serving")
+                raise bad_file_descriptor("the server was closed while serving")
             if readiness.wakes:
                 readiness.wakes -= 1
                 return False
@@ -374,7 +370,7 @@ class EndpointListener:
         """
         with self._lock:
             if self._closed:
-                raise _bad_file_descriptor("the server was closed")
+                raise bad_file_descriptor("the server was closed")
             if self._notify is None:
                 reader, writer = socket.socketpair()
                 reader.setblocking(False)

@@ -249,11 +249,10 @@ class ServerService(Service):
                     self.server, drain_timeout=self.drain_timeout, serving=self._serving
                 )
             except BaseException:
-                failure = Failure()
-                self.server._log_errors_to(None)
-                reactor.callFromThread(stopped.errback, failure)
+                reactor.callFromThread(stopped.errback, Failure())
                 return
-            self.server._log_errors_to(None)
+            finally:
+                self.server._log_errors_to(None)
             _log.info(
                 "stopped serving at {address} ({how})",
                 address=self.server.server_address,

@@ -153,8 +153,10 @@ _SEND_FLAGS = _MSG_DONTWAIT | _MSG_NOSIGNAL
 _in_reactor_thread = threadable.isInIOThread
 
 
-def _bad_file_descriptor() -> OSError:
-    return OSError(errno.EBADF, os.strerror(errno.EBADF))
+def bad_file_descriptor(detail: str | None = None) -> OSError:
+    """The ``OSError(EBADF)`` a closed socket raises, with *detail* appended."""
+    message = os.strerror(errno.EBADF)
+    return OSError(errno.EBADF, message if detail is None else f"{message}: {detail}")
 
 
 def socket_address(address: IAddress) -> SocketAddress:
@@ -686,12 +688,12 @@ class TransportSocket:
         with bridge.lock:
             while True:
                 if bridge.closed:
-                    raise _bad_file_descriptor()
+                    raise bad_file_descriptor()
                 if done == size:
                     return done if target is not None else b""
                 self._wait(bridge.readable, ready, deadline)
                 if bridge.closed:
-                    raise _bad_file_descriptor()
+                    raise bad_file_descriptor()
                 count = min(size - done, len(received))
                 if count == 0:
                     if done == 0 and bridge.lost_errno and not bridge.read_shut:
@@ -778,12 +780,12 @@ class TransportSocket:
         with bridge.lock:
             while True:
                 if bridge.closed:
-                    raise _bad_file_descriptor()
+                    raise bad_file_descriptor()
                 if sent == total and (everything or total == 0):
                     return sent
                 self._wait(bridge.writable, ready, deadline)
                 if bridge.closed:
-                    raise _bad_file_descriptor()
+                    raise bad_file_descriptor()
                 if bridge.lost:
                     code = bridge.lost_errno or errno.EPIPE
                     error = ConnectionResetError if code == errno.ECONNRESET else BrokenPipeError
@@ -901,7 +903,7 @@ class TransportSocket:
         bridge = self._bridge
         with bridge.lock:
             if bridge.closed:
-                raise _bad_file_descriptor()
+                raise bad_file_descriptor()
             if bridge.lost:
                 raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
             if how in (socket.SHUT_RD, socket.SHUT_RDWR):
@@ -948,13 +950,13 @@ class TransportSocket:
     def getpeername(self) -> SocketAddress:
         """The peer's address as ``socket.accept()`` gives it (the real client behind PROXY)."""
         if self._bridge.closed:
-            raise _bad_file_descriptor()
+            raise bad_file_descriptor()
         return self._peer
 
     def getsockname(self) -> SocketAddress:
         """The local address (for ``haproxy:``, the destination named by the PROXY header)."""
         if self._bridge.closed:
-            raise _bad_file_descriptor()
+            raise bad_file_descriptor()
         return self._host
 
     def fileno(self) -> int:
@@ -978,7 +980,7 @@ class TransportSocket:
         reused descriptor, and options do not interact with Twisted's I/O.
         """
         if self._bridge.closed:
-            raise _bad_file_descriptor()
+            raise bad_file_descriptor()
         if self._os_socket is None:
             return
         if optlen is None:
@@ -989,7 +991,7 @@ class TransportSocket:
     def getsockopt(self, level: int, optname: int, buflen: int | None = None) -> int | bytes:
         """Read an option of the OS socket under the transport; 0 (or zero bytes) if none."""
         if self._bridge.closed:
-            raise _bad_file_descriptor()
+            raise bad_file_descriptor()
         if self._os_socket is None:
             return 0 if buflen is None else bytes(buflen)
         if buflen is None:
