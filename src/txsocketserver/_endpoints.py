@@ -41,7 +41,6 @@ import socket
 import threading
 from typing import Any, TypeVar
 
-from twisted.internet.address import IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import connectionDone
@@ -57,6 +56,7 @@ from txsocketserver._transport_socket import (
     TransportSocketProtocol,
     bad_file_descriptor,
     socket_address,
+    socket_family,
 )
 
 _T = TypeVar("_T")
@@ -267,12 +267,7 @@ class EndpointListener:
         self._port = port
         address = port.getHost()
         self.host = socket_address(address)
-        if isinstance(address, IPv6Address):
-            self.family = socket.AF_INET6
-        elif isinstance(address, UNIXAddress):
-            self.family = socket.AF_UNIX
-        else:
-            self.family = socket.AF_INET
+        self.family = socket_family(address)
 
     @property
     def listening(self) -> bool:

@@ -184,7 +184,8 @@ def socket_address(address: IAddress) -> SocketAddress:
     return address  # type: ignore[return-value]
 
 
-def _address_family(address: IAddress) -> socket.AddressFamily:
+def socket_family(address: IAddress) -> socket.AddressFamily:
+    """The socket family of a Twisted address (IPv4 unless IPv6 or Unix)."""
     if isinstance(address, IPv6Address):
         return socket.AF_INET6
     if isinstance(address, UNIXAddress):
@@ -361,7 +362,7 @@ class TransportSocketProtocol(Protocol):
         self.socket = TransportSocket(
             self,
             self._bridge,
-            family=_address_family(peer),
+            family=socket_family(peer),
             peer=socket_address(peer),
             host=socket_address(self.transport.getHost()),
             os_socket=_underlying_socket(self.transport),
