@@ -276,7 +276,8 @@ def _tls_endpoint(cert_path: str, key_path: str) -> str:
 
 
 def ours_tls_echo() -> ServerHandle:
-    """txsocketserver on an ``ssl:`` endpoint: Twisted does the TLS."""
+    """txsocketserver on an ``ssl:`` endpoint description (served on the
+    server's own socket, TLS by ``ssl`` in the handler's thread)."""
     module = socketserver_module("ours")
 
     class EchoHandler(module.StreamRequestHandler):

@@ -1,9 +1,13 @@
 """Stream servers on Twisted endpoints: tcp, tcp6, unix, ssl, haproxy (PROXY v1/v2).
 
-In endpoint mode Twisted accepts the connections and handlers get a
-``TransportSocket``; everything else (hooks, threading, addresses) must look
-the same as with a socket address.  ``systemd:`` needs a fresh process (the
-fds and environment systemd passes): see ``test_twistd_cli.py``.
+``tcp:``, ``tcp6:``, ``unix:`` and ``ssl:`` are listening sockets: the server
+binds and accepts them itself and handlers get real sockets (``test_tls.py``
+covers ``ssl:``).  Every other endpoint is served through Twisted: Twisted
+accepts the connections and handlers get a ``TransportSocket``, exercised
+here with :func:`twisted_tcp`.  Either way, everything else (hooks,
+threading, addresses) must look the same as with a socket address.
+``systemd:`` needs a fresh process (the fds and environment systemd passes):
+see ``test_twistd_cli.py``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,11 @@ import time
 from typing import Any
 
 import pytest
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import quoteStringArgument
+from twisted.internet.interfaces import IStreamServerEndpoint
+from zope.interface import implementer
 
 import txsocketserver
 from support import (
@@ -49,6 +57,23 @@ TCP = f"tcp:0:interface={LOCALHOST}"
 SERVER_CLASSES = [txsocketserver.TCPServer, txsocketserver.ThreadingTCPServer]
 
 
+@implementer(IStreamServerEndpoint)
+class _ListenTCP:
+    """A TCP endpoint of a type txsocketserver does not serve on a socket of
+    its own, as a custom or third-party endpoint would be."""
+
+    def listen(self, factory: Any) -> Deferred[Any]:
+        from txsocketserver import _reactor
+
+        reactor = _reactor.get_reactor()
+        return defer.execute(reactor.listenTCP, 0, factory, interface=LOCALHOST)
+
+
+def twisted_tcp() -> txsocketserver.Endpoint:
+    """An endpoint whose connections Twisted accepts (handlers get TransportSockets)."""
+    return txsocketserver.Endpoint(_ListenTCP())
+
+
 class RecordingAddressHandler(AddressHandler):
     def handle(self) -> None:
         self.server.request_types.append(type(self.request))
@@ -67,7 +92,22 @@ def test_tcp_description_string(server_class: type) -> None:
         host, port = server.server_address
         assert host == LOCALHOST and port != 0
         assert server.address_family == socket.AF_INET
+        # A listening socket of its own, as for ("127.0.0.1", 0).
+        assert server.socket.getsockname() == server.server_address
+        assert server.request_queue_size == 50  # Twisted's default backlog
+        with serve_in_thread(server):
+            for _ in range(3):
+                with connect(server.server_address) as client:
+                    assert ask_address(client)["client"] == list(client.getsockname())
+        assert server.request_types == [socket.socket] * 3
+
+
+@pytest.mark.parametrize("server_class", SERVER_CLASSES)
+def test_other_endpoints_go_through_twisted(server_class: type) -> None:
+    with server_class(twisted_tcp(), RecordingAddressHandler) as server:
+        server.request_types = []
         assert server.socket is None
+        assert server.server_address[0] == LOCALHOST
         with serve_in_thread(server):
             for _ in range(3):
                 with connect(server.server_address) as client:
@@ -174,7 +214,7 @@ def test_haproxy_gives_real_client_address(version: int, server_class: type) -> 
 
 
 def test_fileno_is_readable_while_a_connection_waits() -> None:
-    with txsocketserver.TCPServer(TCP, EchoHandler) as server:
+    with txsocketserver.TCPServer(twisted_tcp(), EchoHandler) as server:
         server.timeout = WAIT
         with connect(server.server_address) as client:
             ready, _, _ = select.select([server], [], [], WAIT)
@@ -187,7 +227,7 @@ def test_fileno_is_readable_while_a_connection_waits() -> None:
 
 
 def test_server_close_closes_queued_connections() -> None:
-    server = txsocketserver.TCPServer(TCP, EchoHandler)
+    server = txsocketserver.TCPServer(twisted_tcp(), EchoHandler)
     address = server.server_address
     with connect(address) as client:
         assert select.select([server], [], [], WAIT)[0]  # queued, never served
@@ -203,7 +243,7 @@ def test_verify_request_applies() -> None:
             self.seen = (type(request), client_address)
             return False
 
-    with Picky(TCP, EchoHandler) as server, serve_in_thread(server):
+    with Picky(twisted_tcp(), EchoHandler) as server, serve_in_thread(server):
         with connect(server.server_address) as client:
             client.sendall(b"let me in\n")
             assert recv_all(client) == b""
@@ -222,7 +262,7 @@ def test_bad_addresses() -> None:
 def test_flow_control_bounds_memory_for_a_slow_reader() -> None:
     size = 100 * 1024 * 1024
     with (
-        txsocketserver.ThreadingTCPServer(TCP, FirehoseHandler) as server,
+        txsocketserver.ThreadingTCPServer(twisted_tcp(), FirehoseHandler) as server,
         serve_in_thread(server),
     ):
         server.written = 0
@@ -253,8 +293,8 @@ def test_endpoint_servers_leave_nothing_behind() -> None:
     warm_up(txsocketserver)
     fds, threads = fd_count(), thread_count()
     for server_class in SERVER_CLASSES:
-        for _ in range(3):
-            with server_class(TCP, EchoHandler) as server, serve_in_thread(server):
+        for address in (TCP, TCP, twisted_tcp(), twisted_tcp()):
+            with server_class(address, EchoHandler) as server, serve_in_thread(server):
                 with connect(server.server_address) as client:
                     client.sendall(b"x\n")
                     assert recv_line(client) == b"x\n"

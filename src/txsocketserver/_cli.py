@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import importlib
 import os
-import socket
 import sys
 from typing import Any
 
 from twisted.python import usage
 
 import txsocketserver
-from txsocketserver._endpoints import Endpoint
+from txsocketserver._endpoints import Endpoint, listening_socket
 from txsocketserver._service import DEFAULT_DRAIN_TIMEOUT
 
 MODES = ("sync", "threading", "forking")
@@ -63,45 +62,6 @@ def load_object(spec: str, option: str) -> Any:
     if not isinstance(obj, type):
         raise usage.UsageError(f"{option} {spec!r} is not a class")
     return obj
-
-
-def _split_description(description: str) -> list[str]:
-    """Split an endpoint description on its unescaped colons (``\\:`` is a colon)."""
-    parts = [""]
-    escaped = False
-    for char in description:
-        if escaped:
-            parts[-1] += char
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ":":
-            parts.append("")
-        else:
-            parts[-1] += char
-    return parts
-
-
-def socket_address(description: str) -> tuple[int, Any] | None:
-    """``(address_family, server_address)`` for a plain ``tcp:``/``tcp6:``/``unix:``
-    description, or ``None`` if it needs Twisted (``ssl:``, ``haproxy:``, options
-    other than ``interface``/``backlog``...).
-
-    Forking servers need this: their children get the accepted OS socket,
-    while an endpoint server's requests live in the parent's reactor.
-    """
-    kind, *arguments = _split_description(description)
-    positional = [a for a in arguments if "=" not in a]
-    options = dict(a.split("=", 1) for a in arguments if "=" in a)
-    if len(positional) != 1 or set(options) - {"interface", "backlog"}:
-        return None
-    if kind in ("tcp", "tcp6") and positional[0].isdigit():
-        family = socket.AF_INET if kind == "tcp" else socket.AF_INET6
-        default = "0.0.0.0" if kind == "tcp" else "::"
-        return family, (options.get("interface", default), int(positional[0]))
-    if kind == "unix" and "interface" not in options:
-        return socket.AF_UNIX, positional[0]
-    return None
 
 
 class Options(usage.Options):
@@ -188,40 +148,15 @@ class Options(usage.Options):
         except ValueError as exc:
             raise usage.UsageError(f"--listen: {exc}") from exc
         if issubclass(self["server_class"], txsocketserver.ForkingMixIn):
-            address = socket_address(self["listen"])
-            if address is None:
+            listening = listening_socket(self["endpoint"])
+            if listening is None or listening.tls is not None:
                 raise usage.UsageError(
                     f"--listen {self['listen']!r}: forking servers hand each child the "
                     "accepted OS socket, so they need a plain tcp:PORT, tcp6:PORT or "
-                    "unix:PATH (with interface= only); TLS and PROXY-protocol "
-                    "connections live in the parent process (use --mode threading)"
+                    "unix:PATH; TLS and PROXY-protocol connections live in the parent "
+                    "process (use --mode threading)"
                 )
-            family, self["address"] = address
-            if self["server"] is None:
-                # Children import the server class by name: use module-level ones.
-                self["server_class"] = _FORKING_SERVERS[family]
-            elif family != self["server_class"].address_family:
-                raise usage.UsageError(
-                    f"--listen {self['listen']!r} needs a server class with "
-                    f"address_family {family!r}; --server {self['server']!r} has "
-                    f"{self['server_class'].address_family!r}"
-                )
-        else:
-            self["address"] = self["endpoint"]
-
-
-class ForkingTCP6Server(txsocketserver.ForkingTCPServer):
-    """``--mode forking --listen tcp6:...``: a forking server on IPv6."""
-
-    address_family = socket.AF_INET6
-
-
-# Children import their server class by name: these live at module level.
-_FORKING_SERVERS: dict[int, type] = {
-    socket.AF_INET: txsocketserver.ForkingTCPServer,
-    socket.AF_INET6: ForkingTCP6Server,
-    socket.AF_UNIX: txsocketserver.ForkingUnixStreamServer,
-}
+        self["address"] = self["endpoint"]
 
 
 def server_class(spec: str | None, mode: str | None) -> type:

@@ -38,8 +38,9 @@ from __future__ import annotations
 import collections
 import errno
 import socket
+import ssl
 import threading
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
@@ -127,6 +128,68 @@ class Endpoint:
             except Exception as exc:
                 raise ValueError(f"bad endpoint description {self.description!r}: {exc}") from exc
         return self._endpoint
+
+
+class ListeningSocket(NamedTuple):
+    """An endpoint that is nothing but a listening socket, which a stream
+    server makes and accepts itself (see ``TCPServer.__init__``)."""
+
+    family: socket.AddressFamily
+    # (host, port), or a Unix socket path.
+    address: Any
+    backlog: int
+    # For ssl: descriptions: what each accepted socket is wrapped with.
+    tls: ssl.SSLContext | None = None
+    # The permissions Twisted gives a Unix socket's file.
+    unix_mode: int | None = None
+
+
+def listening_socket(endpoint: Endpoint) -> ListeningSocket | None:
+    """How to serve *endpoint* on a listening socket of the server's own, or
+    ``None`` if only Twisted can serve it.
+
+    Twisted's ``tcp:``, ``tcp6:`` and ``unix:`` (without ``lockfile``)
+    endpoints are plain listening sockets, and an ``ssl:`` description is
+    one plus TLS options: a stream server binds and accepts them itself, so
+    handlers get real sockets (``ssl.SSLSocket`` objects for ``ssl:``, see
+    ``_tls``) with no thread hop per read and write.  Subclasses and every
+    other endpoint (``haproxy:``, ``systemd:``, an ``SSL4ServerEndpoint``
+    object with its own TLS configuration...) go through Twisted
+    (:class:`EndpointListener`).
+
+    Error handling:
+        ``ValueError`` as for :meth:`Endpoint.resolve`.
+    """
+    from twisted.internet import abstract, endpoints
+
+    resolved = endpoint.resolve()
+    kind = type(resolved)
+    # The endpoints' attributes are private, but have kept these names since
+    # Twisted 10; any other type simply takes the Twisted path.
+    tls = None
+    if kind is endpoints.SSL4ServerEndpoint:
+        if endpoint.description is None:
+            return None
+        from txsocketserver import _tls
+
+        tls = _tls.server_context(endpoint.description)
+        if tls is None:
+            return None
+    elif kind not in (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint):
+        if kind is endpoints.UNIXServerEndpoint and not resolved._wantPID:  # type: ignore[attr-defined]
+            return ListeningSocket(
+                socket.AF_UNIX,
+                resolved._address,  # type: ignore[attr-defined]
+                resolved._backlog,  # type: ignore[attr-defined]
+                unix_mode=resolved._mode,  # type: ignore[attr-defined]
+            )
+        return None
+    interface = resolved._interface  # type: ignore[attr-defined]
+    ipv6 = kind is endpoints.TCP6ServerEndpoint or abstract.isIPv6Address(interface)
+    family = socket.AF_INET6 if ipv6 else socket.AF_INET
+    host = interface or ("::" if ipv6 else "0.0.0.0")
+    port = resolved._port  # type: ignore[attr-defined]
+    return ListeningSocket(family, (host, port), resolved._backlog, tls)  # type: ignore[attr-defined]
 
 
 def as_endpoint(server_address: Any, address_family: int) -> Endpoint | None:

@@ -109,12 +109,13 @@ class SocketPickler(pickle.Pickler):
             return None
         index = self._index_of.get(id(obj))
         if index is None:
-            ssl = sys.modules.get("ssl")
-            if ssl is not None and isinstance(obj, ssl.SSLSocket):
+            if type(obj) is not socket.socket:
+                # ssl.SSLSocket, our TLSSocket: their TLS state lives in this
+                # process, and the bare fd would speak cleartext.
                 raise TypeError(
-                    "an ssl.SSLSocket cannot be handed to another process (its TLS "
-                    "state lives in this one); ForkingMixIn cannot serve a request "
-                    "that get_request() wrapped in TLS"
+                    f"a {type(obj).__name__} cannot be handed to another process, only a "
+                    "plain socket.socket can; ForkingMixIn cannot serve a request that "
+                    "is wrapped in TLS (an ssl: endpoint, or a get_request() that wraps)"
                 )
             fd = obj.fileno()
             if fd < 0:

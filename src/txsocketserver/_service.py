@@ -37,7 +37,7 @@ import time
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -203,6 +203,9 @@ class ServerService(Service):
         if listener is not None and not listener.listening and self._stopped is None:
             listening = listener.listen_deferred()
             listening.addCallback(lambda _: self.server._endpoint_listening())
+        elif _unbound_endpoint_socket(self.server) and self._stopped is None:
+            listening = maybeDeferred(self.server.server_bind)
+            listening.addCallback(lambda _: self.server.server_activate())
         else:
             listening = succeed(None)
 
@@ -262,6 +265,15 @@ class ServerService(Service):
 
         threading.Thread(target=stop, name="txsocketserver-stop", daemon=True).start()
         return stopped
+
+
+def _unbound_endpoint_socket(server: Any) -> bool:
+    """Whether *server* listens on its own socket for an endpoint (``tcp:``,
+    ``ssl:``...) but was made with ``bind_and_activate=False`` and has not
+    listened yet: ``start_server`` then binds it, as it would an endpoint."""
+    if not getattr(server, "_endpoint_socket", False) or server.socket.fileno() == -1:
+        return False
+    return not server.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
 
 
 def start_server(

@@ -15,12 +15,16 @@ connections from it (see ``_endpoints``).
 
 from __future__ import annotations
 
+import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from txsocketserver._base import BaseServer
-from txsocketserver._endpoints import EndpointListener, as_endpoint
+from txsocketserver._endpoints import EndpointListener, as_endpoint, listening_socket
 from txsocketserver._readiness import IRequestReadiness
+
+if TYPE_CHECKING:
+    import ssl
 
 
 class TCPServer(BaseServer):
@@ -64,7 +68,25 @@ class TCPServer(BaseServer):
         """Constructor.  May be extended, do not override."""
         BaseServer.__init__(self, server_address, RequestHandlerClass)
         self._endpoint: EndpointListener | None = None
+        # Set for tcp:, tcp6:, unix: and ssl: endpoints, which are served on
+        # a socket of our own (see _endpoints.listening_socket).
+        self._endpoint_socket = False
+        self._tls: ssl.SSLContext | None = None
+        self._unix_mode: int | None = None
         endpoint = as_endpoint(server_address, self.address_family)
+        listening = None
+        if endpoint is not None and self.socket_type == socket.SOCK_STREAM:
+            listening = listening_socket(endpoint)
+        if listening is not None:
+            # An endpoint that is just a listening socket is served as one:
+            # the stdlib's hooks bind and accept it, handlers get real sockets.
+            self.server_address = listening.address
+            self.address_family = listening.family
+            self.request_queue_size = listening.backlog
+            self._tls = listening.tls
+            self._unix_mode = listening.unix_mode
+            self._endpoint_socket = True
+            endpoint = None
         if endpoint is None:
             self.socket = socket.socket(self.address_family, self.socket_type)
         elif self.socket_type != socket.SOCK_STREAM:
@@ -90,11 +112,17 @@ class TCPServer(BaseServer):
             self._endpoint.listen()
             self._endpoint_listening()
             return
-        if self.allow_reuse_address and hasattr(socket, "SO_REUSEADDR"):
+        # Twisted's TCP ports always reuse the address, so endpoints do too.
+        reuse_address = self.allow_reuse_address or (
+            self._endpoint_socket and self.address_family != getattr(socket, "AF_UNIX", None)
+        )
+        if reuse_address and hasattr(socket, "SO_REUSEADDR"):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if self.allow_reuse_port and hasattr(socket, "SO_REUSEPORT"):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         self.socket.bind(self.server_address)
+        if self._unix_mode is not None and not self.server_address.startswith("\0"):
+            os.chmod(self.server_address, self._unix_mode)
         self.server_address = self.socket.getsockname()
 
     def server_activate(self) -> None:
@@ -131,7 +159,30 @@ class TCPServer(BaseServer):
         """
         if self._endpoint is not None:
             return self._endpoint.take()
-        return self.socket.accept()
+        request, client_address = self.socket.accept()
+        if self._tls is not None:
+            from txsocketserver import _tls
+
+            try:
+                request = _tls.wrap(self._tls, request)
+            except BaseException:
+                request.close()
+                raise
+        return request, client_address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Finish one request by instantiating RequestHandlerClass.
+
+        On an ``ssl:`` endpoint the TLS handshake happens here first, in the
+        thread that runs the request; a client that leaves during it is not
+        an error.
+        """
+        if self._tls is not None:
+            from txsocketserver import _tls
+
+            if not _tls.handshake(request):
+                return
+        super().finish_request(request, client_address)
 
     def _request_readiness(self) -> IRequestReadiness:
         if self._endpoint is not None:
@@ -146,6 +197,10 @@ class TCPServer(BaseServer):
 
     def shutdown_request(self, request: Any) -> None:
         """Called to shutdown and close an individual request."""
+        if self._tls is not None:
+            from txsocketserver import _tls
+
+            _tls.send_close_notify(request)
         try:
             # Half-close first so the client sees EOF after every byte written,
             # even if something else still holds the socket open.
