@@ -6,7 +6,6 @@ process is killed in a finalizer, every wait is bounded.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import signal
@@ -23,7 +22,7 @@ import pytest
 from twisted.internet.endpoints import quoteStringArgument
 
 from support import LOCALHOST, WAIT, SelfSignedCert, connect, recv_all, recv_line, wait_until
-from twisted_world_handlers import firehose_digest
+from twisted_world_handlers import firehose_digest, receive_firehose_digest
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -269,13 +268,7 @@ def test_flow_control_over_tls_bounds_server_memory(
                 time.sleep(0.1)
                 rss.append(server.rss_bytes())
             assert max(rss) - baseline < 32 * 1024 * 1024, (baseline, rss)
-            digest = hashlib.sha256()
-            received = 0
-            while received < size:
-                chunk = client.recv(1 << 20)
-                assert chunk, f"EOF after {received} bytes"
-                digest.update(chunk)
-                received += len(chunk)
-    assert digest.hexdigest() == firehose_digest(size)
+            digest = receive_firehose_digest(client, size)
+    assert digest == firehose_digest(size)
     assert wait_until(lambda: server.process.poll() is None)
     assert server.stop() == 0

@@ -9,6 +9,7 @@ import hashlib
 import json
 import threading
 import time
+from typing import Any
 
 import txsocketserver as socketserver
 
@@ -24,6 +25,33 @@ def firehose_digest(size: int) -> str:
         digest.update(FIREHOSE_BLOCK)
     digest.update(FIREHOSE_BLOCK[:rest])
     return digest.hexdigest()
+
+
+def receive_firehose_digest(client: Any, size: int) -> str:
+    """Read *size* bytes from *client* (a socket); return their sha256, to
+    compare with :func:`firehose_digest`."""
+    digest = hashlib.sha256()
+    received = 0
+    while received < size:
+        chunk = client.recv(1 << 20)
+        assert chunk, f"EOF after {received} bytes"
+        digest.update(chunk)
+        received += len(chunk)
+    return digest.hexdigest()
+
+
+def stalled_firehose(server: Any) -> int:
+    """Wait until a :class:`FirehoseHandler` whose client does not read stops
+    writing; return how many bytes it wrote (``server.written``)."""
+    deadline = time.monotonic() + 10
+    while not server.written:
+        assert time.monotonic() < deadline, "the handler never wrote"
+        time.sleep(0.01)
+    time.sleep(0.5)
+    stalled_at: int = server.written
+    time.sleep(0.5)
+    assert server.written == stalled_at, "the handler kept writing to a client that does not read"
+    return stalled_at
 
 
 class EchoHandler(socketserver.StreamRequestHandler):
