@@ -12,12 +12,7 @@ Run from the repository root (so that ``examples`` is importable)::
 Then::
 
     printf 'hello\\n' | nc -q1 127.0.0.1 8000                           # line echo
-    curl --no-alpn --cacert examples/cert.pem https://localhost:8443/   # http.server, TLS
-
-(``--no-alpn``: with Twisted 26.10, a TLS handshake that offers ALPN to an
-``ssl:`` endpoint whose factory negotiates no protocol ends in an "internal
-error" alert; a native Twisted ``Factory`` does the same.  Python's ``ssl``
-offers no ALPN unless asked to.)
+    curl --cacert examples/cert.pem https://localhost:8443/   # http.server, TLS
 
 ``twistd`` stops both gracefully on SIGTERM/Ctrl-C: each stops accepting, lets
 its requests in flight finish (up to ``drain_timeout`` seconds), then closes.
@@ -36,7 +31,8 @@ application = Application("txsocketserver example")
 echo = txsocketserver.ThreadingTCPServer(("127.0.0.1", 8000), EchoHandler)
 txsocketserver.ServerService(echo).setServiceParent(application)
 
-# An endpoint description: Twisted does the TLS, handlers get a TransportSocket.
+# An ssl: endpoint description: the server listens on its own socket and each
+# handler gets an ssl.SSLSocket (the handshake runs in the handler's thread).
 https = txsocketserver.ThreadingTCPServer(
     "ssl:8443:interface=127.0.0.1:privateKey=examples/key.pem:certKey=examples/cert.pem",
     SimpleHTTPRequestHandler,

@@ -1,0 +1,110 @@
+"""The examples run as documented: the ``.tac`` under ``twistd``, the mixed
+``twisted.web`` program under Python, each talked to by real clients.
+
+Each runs from a copy whose fixed ports (and, for the ``.tac``, certificate
+paths) are replaced by free ones, so that tests never collide with anything
+listening on the machine.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import ssl
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from support import LOCALHOST, WAIT, SelfSignedCert, connect, recv_line
+from test_twistd_cli import REPO, TWISTD, Spawn, spawn  # noqa: F401 - the fixture
+
+EXAMPLES = REPO / "examples"
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nobody listens on right now (the kernel's choice, then released)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((LOCALHOST, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def copy_example(name: str, directory: Path, replacements: dict[str, str]) -> Path:
+    text = (EXAMPLES / name).read_text()
+    for old, new in replacements.items():
+        assert old in text, f"{name} no longer contains {old!r}"
+        text = text.replace(old, new)
+    copy = directory / name
+    copy.write_text(text)
+    return copy
+
+
+def wait_for_connect(port: int) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            connect((LOCALHOST, port)).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing listens on {port}"
+            time.sleep(0.05)
+
+
+def test_two_handlers_tac_under_twistd(
+    spawn: Spawn,  # noqa: F811
+    tls_cert: SelfSignedCert,
+    tmp_path: Path,
+) -> None:
+    echo_port, https_port = free_ports(2)
+    tac = copy_example(
+        "two_handlers.tac",
+        tmp_path,
+        {
+            "8000)": f"{echo_port})",
+            "ssl:8443:": f"ssl:{https_port}:",
+            "examples/key.pem": tls_cert.key_path,
+            "examples/cert.pem": tls_cert.cert_path,
+        },
+    )
+    (tmp_path / "index.html").write_text("<p>served by the example</p>\n")
+    server = spawn(*TWISTD, "-n", "--pidfile=", "-y", str(tac), cwd=tmp_path)
+    wait_for_connect(echo_port)
+    wait_for_connect(https_port)
+    with connect((LOCALHOST, echo_port)) as client:
+        client.sendall(b"hello\n")
+        assert recv_line(client) == b"hello\n"
+    context = ssl.create_default_context(cafile=tls_cert.cert_path)
+    url = f"https://{LOCALHOST}:{https_port}/index.html"
+    with urllib.request.urlopen(url, context=context, timeout=WAIT) as reply:
+        assert reply.read() == b"<p>served by the example</p>\n"
+    assert server.stop() in (0, -signal.SIGTERM)
+    assert "Traceback" not in server.output()
+
+
+def test_with_twisted_web_serves_both_in_one_process(
+    spawn: Spawn,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    web_port, handler_port = free_ports(2)
+    program = copy_example(
+        "with_twisted_web.py",
+        tmp_path,
+        {"tcp:8080:": f"tcp:{web_port}:", "tcp:8081:": f"tcp:{handler_port}:"},
+    )
+    server = spawn(sys.executable, str(program))
+    wait_for_connect(web_port)
+    wait_for_connect(handler_port)
+    bodies = []
+    for port in (web_port, handler_port, web_port):
+        with urllib.request.urlopen(f"http://{LOCALHOST}:{port}/", timeout=WAIT) as reply:
+            bodies.append(reply.read().decode())
+    assert bodies[0].startswith("twisted.web resource, request #1 ")
+    assert bodies[1].startswith("http.server handler, request #2 ")
+    assert bodies[2].startswith("twisted.web resource, request #3 ")
+    assert server.stop(signal.SIGINT) == 0
+    assert "Traceback" not in server.output()
