@@ -366,6 +366,49 @@ def test_parent_state_changes_reach_later_requests(ss, unix_path):
         assert seen == [b"parent-1", b"parent-1", b"parent-2", b"parent-2"]
         assert server.touched_by == "parent-2"
 
+# -- what the worker carries -------------------------------------------------------------
+
+# Every fork copies the page tables of the template's memory, and every worker
+# copies the pages it writes: a template that imported Twisted and
+# zope.interface (some 20 MB) makes each request cost about twice the CPU.
+IMPORT_LIGHT_SCRIPT = """
+    import sys
+    sys.path.insert(0, {src!r})
+    import txsocketserver
+
+    class Server(txsocketserver.ForkingTCPServer):
+        pass
+
+    class Handler(txsocketserver.StreamRequestHandler):
+        pass
+
+    heavy = sorted(name for name in sys.modules if name.split(".")[0] in ("twisted", "zope"))
+    assert not heavy, heavy
+    # The Twisted world's names are there all the same, loaded on first use.
+    assert "start_server" in dir(txsocketserver)
+    assert txsocketserver.Endpoint("tcp:0").description == "tcp:0"
+    from txsocketserver import *
+    assert ServerService.__module__ == "txsocketserver._service"
+    print("ok")
+"""
+
+
+def test_importing_the_package_loads_no_twisted():
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(IMPORT_LIGHT_SCRIPT.format(src=SRC))],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_FORK,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "ok\n"
+
+
+def test_workers_import_no_twisted(tx, unix_path):
+    with forking_server(tx, "tcp", "Modules", unix_path) as server:
+        assert ask(server, b"") == b"loaded: \n"
+
+
 # -- where the handler class lives -----------------------------------------------------
 
 

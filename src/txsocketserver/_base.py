@@ -18,16 +18,35 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from txsocketserver import _reactor
-from txsocketserver._readiness import IRequestReadiness, SocketReadiness
+
+if TYPE_CHECKING:
+    from txsocketserver._readiness import IRequestReadiness
 
 # accept() failing for lack of resources leaves the request queued, so the
 # socket stays readable; pausing briefly stops the loop from spinning on it
 # while the process is out of fds.
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _RESOURCE_BACKOFF = 0.05
+
+
+def run_request(server: Any, request: Any, client_address: Any) -> bool:
+    """Run one request away from the serving thread, as the stdlib's workers do.
+
+    ``finish_request``, then ``handle_error`` if it raised an ``Exception``, and
+    ``shutdown_request`` always.  Returns whether the handler succeeded.  Both
+    mixins' workers (a pool thread, a worker process) run this.
+    """
+    try:
+        server.finish_request(request, client_address)
+        return True
+    except Exception:
+        server.handle_error(request, client_address)
+        return False
+    finally:
+        server.shutdown_request(request)
 
 
 class BaseServer:
@@ -206,6 +225,10 @@ class BaseServer:
 
     def _request_readiness(self) -> IRequestReadiness:
         """Make what tells the serving loop that a request is ready (private hook)."""
+        # Imported here, where serving begins: it imports Twisted, which a
+        # process that only defines or runs handlers never needs.
+        from txsocketserver._readiness import SocketReadiness
+
         return SocketReadiness(self.fileno())
 
     def _socket_timeout(self) -> float | None:

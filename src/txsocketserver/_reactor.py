@@ -42,10 +42,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import maybeDeferred
-from twisted.internet.interfaces import IReactorThreads
-from twisted.python import threadable
-from twisted.python.failure import Failure
+# Twisted is imported inside the functions below, never at module level: the
+# server classes import this module, and so does every process that only
+# defines or runs them (a forking server's template and workers), which must
+# not pay for Twisted (see ``_forking``).
 
 # How long a blocking caller waits for the reactor thread to answer before it
 # concludes that the reactor is wedged (a handler of somebody else's blocking
@@ -69,6 +69,8 @@ def get_reactor() -> Any:
 
 def in_reactor_thread() -> bool:
     """Whether the calling thread is the thread that runs the reactor."""
+    from twisted.python import threadable
+
     return bool(get_reactor().running and threadable.isInIOThread())
 
 
@@ -135,6 +137,11 @@ def call_in_reactor(function: Callable[..., Any], *args: Any) -> Any:
         ``REACTOR_CALL_TIMEOUT`` seconds, ``RuntimeError`` is raised rather than
         hanging.
     """
+    from twisted.internet.defer import maybeDeferred
+    from twisted.internet.interfaces import IReactorThreads
+    from twisted.python import threadable
+    from twisted.python.failure import Failure
+
     reactor = running_reactor()
     if threadable.isInIOThread():
         return function(*args)
@@ -159,6 +166,9 @@ def call_in_reactor(function: Callable[..., Any], *args: Any) -> Any:
 
 def call_soon(function: Callable[..., object], *args: Any) -> None:
     """Schedule ``function(*args)`` on the reactor thread without waiting."""
+    from twisted.internet.interfaces import IReactorThreads
+    from twisted.python import threadable
+
     reactor = get_reactor()
     if reactor.running and threadable.isInIOThread():
         function(*args)

@@ -16,11 +16,13 @@ connections from it (see ``_endpoints``).
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from txsocketserver._base import BaseServer
-from txsocketserver._endpoints import EndpointListener, as_endpoint
-from txsocketserver._readiness import IRequestReadiness
+
+if TYPE_CHECKING:
+    from txsocketserver._endpoints import EndpointListener
+    from txsocketserver._readiness import IRequestReadiness
 
 
 class TCPServer(BaseServer):
@@ -62,6 +64,10 @@ class TCPServer(BaseServer):
         bind_and_activate: bool = True,
     ) -> None:
         """Constructor.  May be extended, do not override."""
+        # Imported here, not with the class: it imports Twisted, which a
+        # process that only defines the class (a forking worker) never needs.
+        from txsocketserver._endpoints import EndpointListener, as_endpoint
+
         BaseServer.__init__(self, server_address, RequestHandlerClass)
         self._endpoint: EndpointListener | None = None
         endpoint = as_endpoint(server_address, self.address_family)
