@@ -384,6 +384,9 @@ IMPORT_LIGHT_SCRIPT = """
 
     heavy = sorted(name for name in sys.modules if name.split(".")[0] in ("twisted", "zope"))
     assert not heavy, heavy
+    # Nor what socketserver does without: each costs every fork a megabyte.
+    extra = {{"typing", "logging", "traceback", "pickle"}} & set(sys.modules)
+    assert not extra, extra
     # The Twisted world's names are there all the same, loaded on first use.
     assert "start_server" in dir(txsocketserver)
     assert txsocketserver.Endpoint("tcp:0").description == "tcp:0"

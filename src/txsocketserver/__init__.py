@@ -14,8 +14,6 @@ server and handler classes but never serve, stay small and cheap to fork
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from txsocketserver._base import BaseServer
 from txsocketserver._datagram import UDPServer, UnixDatagramServer
 from txsocketserver._forking import ForkingMixIn
@@ -27,7 +25,11 @@ from txsocketserver._handlers import (
 from txsocketserver._stream import TCPServer, UnixStreamServer
 from txsocketserver._threading import ThreadingMixIn
 
+# typing costs every process that imports the package a megabyte.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from txsocketserver._endpoints import Endpoint
     from txsocketserver._service import ServerService, start_server
 

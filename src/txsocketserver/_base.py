@@ -16,13 +16,17 @@ import errno
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
 
 from txsocketserver import _reactor
 
+# Not typing's: importing typing (like logging and traceback, imported where
+# they are used) would add a megabyte to every process that only defines or
+# runs handlers, and every fork of a forking server's template copies it.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from txsocketserver._readiness import IRequestReadiness
 
 # accept() failing for lack of resources leaves the request queued, so the
@@ -30,6 +34,18 @@ if TYPE_CHECKING:
 # while the process is out of fds.
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _RESOURCE_BACKOFF = 0.05
+
+
+def log_warning(message: str, *args: Any) -> None:
+    """Log a warning on the ``"txsocketserver"`` logger (``logging`` loaded on first use)."""
+    # The stdlib's ``logging`` rather than ``twisted.logger``: servers run
+    # mostly in programs that never start a Twisted log observer, where a
+    # twisted.logger event would sit unseen in its start-up buffer, while a
+    # ``logging`` warning reaches stderr even unconfigured.  Under ``twistd``,
+    # stderr is itself redirected into the Twisted log, so the warning lands there.
+    import logging
+
+    logging.getLogger("txsocketserver").warning(message, *args)
 
 
 def run_request(server: Any, request: Any, client_address: Any) -> bool:
@@ -283,6 +299,8 @@ class BaseServer:
                 client_address=client_address,
             )
             return
+        import traceback
+
         print("-" * 40, file=sys.stderr)
         print(
             "Exception occurred during processing of request from",

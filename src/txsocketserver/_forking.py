@@ -53,19 +53,21 @@ nearly double the CPU a request costs.
 
 from __future__ import annotations
 
+import _pickle
 import os
-import pickle
 import types
-from typing import TYPE_CHECKING, Any
 
 from txsocketserver._base import BaseServer, run_request
 from txsocketserver._forking_child import flush_stdio, main_module_spec
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from txsocketserver._process_dispatcher import ProcessDispatcher
 
 
-class _MainProbe(pickle.Pickler):
+class _MainProbe(_pickle.Pickler):
     """Pickles into nothing, noting whether anything came from ``__main__``."""
 
     uses_main = False
@@ -95,7 +97,7 @@ def check_reachable(role: str, obj: Any) -> bool:
         ``TypeError`` naming *obj* and saying why, e.g. for a class defined
         inside a function, or one defined in an interactive ``__main__``.
     """
-    probe = _MainProbe(_Discard(), protocol=pickle.HIGHEST_PROTOCOL)
+    probe = _MainProbe(_Discard(), protocol=-1)
     name = getattr(obj, "__qualname__", None) or repr(obj)
     module = getattr(obj, "__module__", "?")
     try:

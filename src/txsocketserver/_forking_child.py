@@ -47,27 +47,32 @@ each worker unpickling the state and building the object, which costs it page
 copies (its pages are shared copy-on-write with the template) as much as CPU.
 Sockets anywhere in it (the
 accepted connection, a datagram server's socket, the server's own ``socket``
-attribute) are pickled as *persistent ids* naming one of the message's fds,
-and rebuilt in the worker as ``socket.socket`` objects on those fds; the
-same socket object in the parent is the same object in the worker.
+attribute) are pickled as references to one of the message's fds, and
+rebuilt in the worker as ``socket.socket`` objects on those fds; the same
+socket object in the parent is the same object in the worker.
 """
 
 from __future__ import annotations
 
+import _pickle
 import _signal
+import _socket
 import gc
 import io
 import os
-import pickle
-import runpy
 import select
 import signal
 import socket
 import struct
 import sys
-import traceback
 import types
-from typing import Any
+
+# What the template imports, every worker carries and every fork copies:
+# _pickle rather than pickle (which imports re), no typing, and traceback
+# and runpy imported where they are used.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 CHANNEL_FD = 3
 STATUS_FD = 4
@@ -87,11 +92,15 @@ _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 # -- the wire format (used by both sides) ------------------------------------
 
 
-class SocketPickler(pickle.Pickler):
+class SocketPickler(_pickle.Pickler):
     """A pickler that turns every ``socket.socket`` it meets into an fd to pass.
 
     After ``dump()``, :attr:`fds` lists the file descriptors to send with the
-    message, in the order the persistent ids refer to them.
+    message, in the order the pickle refers to them.  A socket is reduced to
+    a call of :func:`_socket_from_message` with its fd's index: a
+    ``reducer_override``, which the C pickler consults only for objects of
+    classes it does not know (a persistent id function would be called for
+    every object, each int and str included).
 
     Error handling:
         ``TypeError`` for a socket that cannot cross a process boundary: a
@@ -100,28 +109,38 @@ class SocketPickler(pickle.Pickler):
     """
 
     def __init__(self, file: io.BytesIO) -> None:
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        super().__init__(file, protocol=-1)  # the highest
         self.fds: list[int] = []
-        self._index_of: dict[int, int] = {}
 
-    def persistent_id(self, obj: Any) -> Any:
+    def reducer_override(self, obj: Any) -> Any:
+        # The pickler's memo makes a second reference to the same socket a
+        # reference to the first one's result: one fd, one object there too.
         if not isinstance(obj, socket.socket):
-            return None
-        index = self._index_of.get(id(obj))
-        if index is None:
-            ssl = sys.modules.get("ssl")
-            if ssl is not None and isinstance(obj, ssl.SSLSocket):
-                raise TypeError(
-                    "an ssl.SSLSocket cannot be handed to another process (its TLS "
-                    "state lives in this one); ForkingMixIn cannot serve a request "
-                    "that get_request() wrapped in TLS"
-                )
-            fd = obj.fileno()
-            if fd < 0:
-                raise TypeError(f"cannot hand a closed socket to another process: {obj!r}")
-            index = self._index_of[id(obj)] = len(self.fds)
-            self.fds.append(fd)
-        return ("socket", index, int(obj.family), int(obj.type), obj.proto, obj.gettimeout())
+            return NotImplemented
+        ssl = sys.modules.get("ssl")
+        if ssl is not None and isinstance(obj, ssl.SSLSocket):
+            raise TypeError(
+                "an ssl.SSLSocket cannot be handed to another process (its TLS "
+                "state lives in this one); ForkingMixIn cannot serve a request "
+                "that get_request() wrapped in TLS"
+            )
+        fd = obj.fileno()
+        if fd < 0:
+            raise TypeError(f"cannot hand a closed socket to another process: {obj!r}")
+        self.fds.append(fd)
+        # The C-level attributes: socket.socket's own properties convert them
+        # to enums, a dozen Python calls each.
+        details = (_RAW_FAMILY.__get__(obj), _RAW_TYPE.__get__(obj), obj.proto, obj.gettimeout())
+        return _socket_from_message, (len(self.fds) - 1, *details)
+
+
+_RAW_FAMILY = _socket.socket.family
+_RAW_TYPE = _socket.socket.type
+
+
+def _socket_from_message(index: int, family: int, type_: int, proto: int, timeout: Any) -> Any:
+    """What a pickled socket names; only :func:`loads_with_fds` can rebuild one."""
+    raise _pickle.UnpicklingError("a socket passed as an fd can only be rebuilt by loads_with_fds")
 
 
 def dumps_with_fds(obj: Any) -> tuple[bytes, list[int]]:
@@ -132,24 +151,26 @@ def dumps_with_fds(obj: Any) -> tuple[bytes, list[int]]:
     return buffer.getvalue(), pickler.fds
 
 
-class _SocketUnpickler(pickle.Unpickler):
+class _SocketUnpickler(_pickle.Unpickler):
     def __init__(self, file: io.BytesIO, fds: list[int]) -> None:
         super().__init__(file)
         self._fds = fds
         self.sockets: dict[int, socket.socket] = {}
 
-    def persistent_load(self, pid: Any) -> Any:
-        kind, index, family, type_, proto, timeout = pid
-        if kind != "socket":
-            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
-        sock = self.sockets.get(index)
-        if sock is None:
-            sock = socket.socket(family, type_, proto, fileno=self._fds[index])
-            self.sockets[index] = sock
-            # The O_NONBLOCK flag is shared with the parent's copy of the fd:
-            # touch it only when the new object disagrees with the old one.
-            if sock.gettimeout() != timeout:
-                sock.settimeout(timeout)
+    def find_class(self, module: str, name: str) -> Any:
+        if module == __name__ and name == _socket_from_message.__name__:
+            return self._socket_from_message
+        return super().find_class(module, name)
+
+    def _socket_from_message(
+        self, index: int, family: int, type_: int, proto: int, timeout: Any
+    ) -> socket.socket:
+        sock = socket.socket(family, type_, proto, fileno=self._fds[index])
+        self.sockets[index] = sock
+        # The O_NONBLOCK flag is shared with the parent's copy of the fd:
+        # touch it only when the new object disagrees with the old one.
+        if sock.gettimeout() != timeout:
+            sock.settimeout(timeout)
         return sock
 
 
@@ -228,6 +249,8 @@ def _load_main(spec: tuple[str, str]) -> None:
     too, so that pickles naming ``__main__.Something`` find it (as
     multiprocessing's spawn does: the ``if __name__ == "__main__"`` block does
     not run)."""
+    import runpy
+
     kind, where = spec
     if kind == "name":
         if where == "__main__" or where.endswith(".__main__"):
@@ -241,6 +264,12 @@ def _load_main(spec: tuple[str, str]) -> None:
 
 
 # -- the template process -------------------------------------------------------
+
+
+def _print_exc() -> None:
+    import traceback
+
+    traceback.print_exc()
 
 
 def _report(line: str) -> None:
@@ -262,7 +291,7 @@ def _prepare(spec: dict[str, Any]) -> None:
     if spec["main"] is not None:
         _load_main(spec["main"])
     # Importing the classes now is what makes each request cheap later.
-    pickle.loads(spec["preload"])
+    _pickle.loads(spec["preload"])
 
 
 def main() -> None:
@@ -276,7 +305,7 @@ def main() -> None:
     if first is None:
         return
     _tag, body, _fds = first
-    spec = pickle.loads(body)
+    spec = _pickle.loads(body)
     _prepare(spec)
     flush_stdio()
     # Objects imported so far are never freed: keep the collector off their
@@ -360,7 +389,7 @@ class _Template:
             make_server, make_args = unpickler.load()
             _installed_server = make_server(*make_args)
         except Exception:
-            traceback.print_exc()
+            _print_exc()
         self.installed_sockets = list(unpickler.sockets.values())
         used = {sock.fileno() for sock in self.installed_sockets}
         for fd in fds:
@@ -384,7 +413,7 @@ class _Template:
             try:
                 self.idle.append(self._fork_idle_worker())
             except OSError:
-                traceback.print_exc()
+                _print_exc()
                 return
 
     def _hand_over(self, tag: int, body: bytes, fds: list[int]) -> None:
@@ -393,7 +422,7 @@ class _Template:
                 try:
                     pid, end = self.idle.pop(0) if self.idle else self._fork_idle_worker(fds)
                 except OSError:
-                    traceback.print_exc()
+                    _print_exc()
                     _report(f"E {tag} 1")
                     return
                 try:
@@ -498,7 +527,7 @@ def _run_worker(own: socket.socket, fds_to_close: tuple[int, ...]) -> None:
         getattr(server, method_name)(*args)
         status = 0
     except BaseException:
-        traceback.print_exc()
+        _print_exc()
     finally:
         flush_stdio()
         os._exit(status)

@@ -40,7 +40,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 # Twisted is imported inside the functions below, never at module level: the
 # server classes import this module, and so does every process that only

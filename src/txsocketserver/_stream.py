@@ -16,11 +16,13 @@ connections from it (see ``_endpoints``).
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING, Any
 
 from txsocketserver._base import BaseServer
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from txsocketserver._endpoints import EndpointListener
     from txsocketserver._readiness import IRequestReadiness
 

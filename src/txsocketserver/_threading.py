@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
 
 from txsocketserver._base import run_request
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from txsocketserver._thread_dispatcher import ThreadDispatcher
 
 
