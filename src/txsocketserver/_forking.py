@@ -27,18 +27,22 @@ CPU, against about a millisecond for a fork.  So the two are combined:
   which runs exactly that request (``finish_request``, ``handle_error``,
   ``shutdown_request``, ``os._exit``: the stdlib's child code) and exits;
   the template forks a replacement.
-* The template reports every worker start and exit on a pipe that our
-  ``ProcessProtocol`` reads on the reactor thread; the serving thread waits on
-  those reports to keep at most ``max_children`` requests running, and to
-  maintain ``active_children`` (the pids of the running workers).
+* The template reports every worker start and exit back on the same
+  socketpair.  The serving thread reads those reports when it needs them (to
+  keep at most ``max_children`` requests running, to maintain
+  ``active_children``, the pids of the running workers, once per serving
+  loop), so a request costs the reactor thread nothing; the reactor only
+  starts the template, sees it get ready (one line on a pipe) and reaps it.
 
 The reactor reaps exactly the template, the template exactly its workers: no
 ``waitpid(-1)``, so no child that somebody else started is ever reaped.
 
 Which thread owns what: the serving thread sends requests and closes the
-channel; the reactor thread owns the ``ProcessProtocol`` and the process
-transport; the bookkeeping both touch (requests in flight, worker pids,
-whether the template is up) sits behind one condition variable.
+channel; whichever thread waits for a request to end (the serving thread, or
+``server_close``'s) reads the reports, one thread at a time; the reactor
+thread owns the ``ProcessProtocol`` and the process transport; the
+bookkeeping they touch (requests in flight, worker pids, whether the
+template is up) sits behind one condition variable.
 
 Where the code lives, and why it is split so: this module holds what every
 process needs (the mixin, which the template imports with the server class);

@@ -25,12 +25,13 @@ File descriptors of the template (fixed numbers, set up by ``spawnProcess``):
   themselves as ``SCM_RIGHTS`` ancillary data on the header, then a pickled
   body.  Tag 0 is the start-up spec; any other tag is a request.  End of file
   means the server has closed: the template reaps its running workers, then
-  exits.
-* 4 (:data:`STATUS_FD`): a pipe back to the parent's ``ProcessProtocol``,
-  carrying one short line per event: ``R`` (ready), ``S <tag> <pid>`` (a
-  worker started), ``E <tag> <exit code>`` (a worker was reaped; a negative
-  code is the signal that killed it).  Each line is far below ``PIPE_BUF``,
-  so it is written atomically.
+  exits.  The template sends back, on the same socket, one short line per
+  event: ``S <tag> <pid>`` (a worker started), ``E <tag> <exit code>`` (a
+  worker was reaped; a negative code is the signal that killed it); the
+  server's serving thread reads them when it needs them.
+* 4 (:data:`STATUS_FD`): a pipe to the parent's ``ProcessProtocol``, on
+  the reactor thread: one ``R`` line once the template is ready, then
+  nothing; its end of file tells the reactor that the template is exiting.
 
 Who reaps whom: the parent's reactor reaps exactly the template (Twisted's
 ``reapProcess`` waits on its pid alone); the template reaps exactly its own
@@ -272,8 +273,11 @@ def _print_exc() -> None:
     traceback.print_exc()
 
 
-def _report(line: str) -> None:
-    os.write(STATUS_FD, line.encode("ascii") + b"\n")
+def _report_ready() -> None:
+    try:
+        os.write(STATUS_FD, b"R\n")
+    except OSError:
+        pass  # the server process is gone: the channel's end of file follows
 
 
 def flush_stdio() -> None:
@@ -332,6 +336,8 @@ class _Template:
         self.retiring: set[int] = set()
         # The sockets of the installed server object.
         self.installed_sockets: list[socket.socket] = []
+        # Status lines for the server, sent once per turn of the loop.
+        self.status: list[bytes] = []
         self.wake_read, self.wake_write = os.pipe()
         os.set_blocking(self.wake_read, False)
         os.set_blocking(self.wake_write, False)
@@ -341,8 +347,9 @@ class _Template:
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         signal.set_wakeup_fd(self.wake_write)
         self._fill()
-        _report("R")
+        _report_ready()
         while self.channel is not None or self.running or self.idle or self.retiring:
+            self._send_status()
             watched = [self.wake_read] if self.channel is None else [self.wake_read, self.channel]
             readable, _, _ = select.select(watched, [], [])
             if self.wake_read in readable:
@@ -363,6 +370,26 @@ class _Template:
                     # spread over the loop.
                     if not self.idle:
                         self._fill()
+
+    def _send_status(self) -> None:
+        """Send the status lines of this turn of the loop, in one write.
+
+        They go back on the channel, where the server's serving thread
+        reads them when it next hands over a request or waits for a worker
+        to end (not on the reactor thread: a request then costs the server
+        no thread switch).  Once the server has closed the channel, nobody
+        waits for them any more: the server counts what is left of this
+        template's requests as ended when the template exits.
+        """
+        if not self.status:
+            return
+        lines, self.status = b"".join(self.status), []
+        if self.channel is None:
+            return
+        try:
+            self.channel.sendall(lines, _SEND_FLAGS)
+        except OSError:
+            pass  # the server process is gone: the channel's end of file follows
 
     def _stop_accepting(self) -> None:
         assert self.channel is not None
@@ -423,7 +450,7 @@ class _Template:
                     pid, end = self.idle.pop(0) if self.idle else self._fork_idle_worker(fds)
                 except OSError:
                     _print_exc()
-                    _report(f"E {tag} 1")
+                    self.status.append(b"E %d 1\n" % tag)
                     return
                 try:
                     send_message(end, tag, body, fds)
@@ -433,7 +460,7 @@ class _Template:
                     continue
                 end.close()
                 self.running[pid] = tag
-                _report(f"S {tag} {pid}")
+                self.status.append(b"S %d %d\n" % (tag, pid))
                 return
         finally:
             for fd in fds:
@@ -476,7 +503,8 @@ class _Template:
             if not done:
                 continue
             if pid in self.running:
-                _report(f"E {self.running.pop(pid)} {os.waitstatus_to_exitcode(status)}")
+                code = os.waitstatus_to_exitcode(status)
+                self.status.append(b"E %d %d\n" % (self.running.pop(pid), code))
             elif pid in self.retiring:
                 self.retiring.discard(pid)
             else:

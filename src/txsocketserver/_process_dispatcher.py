@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import select
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +35,9 @@ from txsocketserver._forking_child import (
     main_module_spec,
     send_message,
 )
+
+# recv() flags: take what has arrived, never wait (the socket itself blocks).
+_RECEIVE_NOW = getattr(socket, "MSG_DONTWAIT", 0)
 
 # Seconds a closing server waits for an idle template to exit before killing it.
 TEMPLATE_EXIT_TIMEOUT = 10.0
@@ -76,15 +81,26 @@ class _Template:
         # Closed on purpose (server_close, or replaced after a broken pipe).
         self.retired = False
         self.ended = threading.Event()
+        # Its status lines come back on the channel: a thread is reading
+        # them now, the channel has reached end of file, an unfinished line.
+        self.reading = False
+        self.channel_ended = False
+        self.partial_line = b""
+        self.poller = select.poll()
+        self.poller.register(channel, select.POLLIN)
+
+    def has_status_to_read(self) -> bool:
+        """Whether a thread may read the status now, and some will come:
+        a request is in flight, so an ``E`` line (or end of file) will."""
+        return bool(self.tags and not (self.reading or self.retired or self.channel_ended))
 
 
 class _TemplateProtocol(ProcessProtocol):
-    """Reactor-thread half: reads the template's status lines, sees it end."""
+    """Reactor-thread half: sees the template get ready, and end."""
 
     def __init__(self, dispatcher: ProcessDispatcher, template: _Template) -> None:
         self._dispatcher = dispatcher
         self._template = template
-        self._buffer = b""
         self._ended = False
 
     def connectionMade(self) -> None:
@@ -92,10 +108,9 @@ class _TemplateProtocol(ProcessProtocol):
         self.transport.closeStdin()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
-        if childFD != STATUS_FD:
-            return
-        *lines, self._buffer = (self._buffer + data).split(b"\n")
-        self._dispatcher._on_status(self._template, lines)
+        # Only ever "R": the rest of the status comes on the channel.
+        if childFD == STATUS_FD and data:
+            self._dispatcher._on_ready(self._template)
 
     def childConnectionLost(self, childFD: int) -> None:
         if childFD == STATUS_FD:
@@ -156,6 +171,8 @@ class ProcessDispatcher:
         self._running: dict[int, int | None] = {}
         self._next_tag = SPEC_TAG + 1
         self._template: _Template | None = None
+        # Every template not yet ended (the current one, retired ones).
+        self._templates: set[_Template] = set()
         self._last_spec: bytes | None = None
         self._startup_failure: str | None = None
         self._closed = False
@@ -221,8 +238,7 @@ class ProcessDispatcher:
                     raise
 
     def wait_idle(self, timeout: float | None) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: not self._running, timeout)
+        return self._wait_until(lambda: not self._running, timeout)
 
     def upkeep(self) -> None:
         # Keep a template warm: replace one that died (killed from outside)
@@ -246,8 +262,7 @@ class ProcessDispatcher:
             return
         if wait:
             self.wait_idle(None)
-        template.retired = True
-        template.channel.close()
+        self._retire(template)
         # The template exits once its workers have: wait for that if it is
         # prompt, so that no process or pipe outlives a server with nothing
         # running; otherwise the reactor reaps it whenever it ends.
@@ -276,12 +291,14 @@ class ProcessDispatcher:
 
     def wait_below(self, limit: int) -> None:
         """Block until fewer than *limit* requests are in flight."""
-        with self._changed:
-            self._changed.wait_for(lambda: len(self._running) < limit)
+        self._wait_until(lambda: len(self._running) < limit, None)
 
     def running_pids(self) -> set[int]:
         """The pids of the workers running now."""
         with self._lock:
+            template = self._template
+            if template is not None and template.has_status_to_read():
+                self._read_status(template, 0)
             return {pid for pid in self._running.values() if pid is not None}
 
     def child_state(self, server: Any) -> dict[str, Any]:
@@ -350,31 +367,87 @@ class ProcessDispatcher:
         self._last_spec = spec
         with self._lock:
             self._template = template
+            self._templates.add(template)
         return template
 
     def _retire(self, template: _Template) -> None:
         with self._lock:
             if self._template is template:
                 self._template = None
+            if template.retired:
+                return
             template.retired = True
+            if template.reading:
+                # Wake the reader; it closes the channel once it is done
+                # with it, so that the fd cannot be reused under it.
+                template.channel.shutdown(socket.SHUT_RDWR)
+                return
         template.channel.close()
+
+    # -- the status, read from the channel ------------------------------------------------
+
+    def _wait_until(self, done: Callable[[], bool], timeout: float | None) -> bool:
+        """Wait until ``done()`` (called with the lock held), reading status
+        lines meanwhile; return whether it became true within *timeout*."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._changed:
+            while not done():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                readable = [t for t in self._templates if t.has_status_to_read()]
+                if readable:
+                    self._read_status(readable[0], remaining)
+                else:
+                    # Another thread reads the status, or only the reactor
+                    # can tell what comes next (a template that ended):
+                    # either notifies.
+                    self._changed.wait(remaining)
+            return True
+
+    def _read_status(self, template: _Template, timeout: float | None) -> None:
+        """Apply the status lines that *template* sent, waiting up to
+        *timeout* seconds for the first (0: take only what is there).
+
+        Called with the lock held, which is released while waiting; one
+        thread at a time reads (``template.reading``).
+        """
+        template.reading = True
+        self._lock.release()
+        data: bytes | None = None
+        try:
+            if timeout == 0 or template.poller.poll(None if timeout is None else timeout * 1000):
+                data = template.channel.recv(1 << 16, _RECEIVE_NOW)
+        except BlockingIOError:
+            pass
+        except OSError:
+            data = b""  # gone: as good as end of file
+        finally:
+            self._lock.acquire()
+            template.reading = False
+        if template.retired:
+            template.channel.close()
+        if data == b"":
+            # The template exits (processEnded will count its requests as
+            # ended), or the channel was retired under the reader.
+            template.channel_ended = True
+        elif data:
+            *lines, template.partial_line = (template.partial_line + data).split(b"\n")
+            for line in lines:
+                kind, tag, value = line.split()
+                if kind == b"S":
+                    if int(tag) in self._running:
+                        self._running[int(tag)] = int(value)
+                elif kind == b"E":
+                    self._running.pop(int(tag), None)
+                    template.tags.discard(int(tag))
+        self._changed.notify_all()
 
     # -- reports, on the reactor thread ----------------------------------------------------
 
-    def _on_status(self, template: _Template, lines: list[bytes]) -> None:
+    def _on_ready(self, template: _Template) -> None:
         with self._changed:
-            for line in lines:
-                kind, *fields = line.split()
-                if kind == b"R":
-                    template.ready = True
-                elif kind == b"S":
-                    tag, pid = int(fields[0]), int(fields[1])
-                    if tag in self._running:
-                        self._running[tag] = pid
-                elif kind == b"E":
-                    tag = int(fields[0])
-                    self._running.pop(tag, None)
-                    template.tags.discard(tag)
+            template.ready = True
             self._changed.notify_all()
 
     def _on_template_ended(self, template: _Template, how: str) -> None:
@@ -383,6 +456,7 @@ class ProcessDispatcher:
             for tag in template.tags:
                 self._running.pop(tag, None)
             template.tags.clear()
+            self._templates.discard(template)
             if not template.ready and not template.retired:
                 self._startup_failure = (
                     f"the ForkingMixIn template process exited ({how}) before it was "
