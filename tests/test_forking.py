@@ -310,6 +310,44 @@ def test_template_killed_from_outside_is_replaced(tx, unix_path):
         assert ask(server, b"b\n").startswith(b"b\npid ")
 
 
+KILLED_SERVER_SCRIPT = """
+    import sys
+    sys.path.insert(0, {src!r})
+    sys.path.insert(0, {tests!r})
+    import txsocketserver
+    import forking_handlers
+
+    server = txsocketserver.ForkingTCPServer(("127.0.0.1", 0), forking_handlers.TxEcho)
+    print(server.server_address[1], flush=True)
+    server.serve_forever()
+"""
+
+
+def test_server_process_killed_leaves_no_process_and_no_noise(tmp_path):
+    # The template sees the channel end (reset, with status lines unread)
+    # and exits quietly, its idle workers with it.
+    script = tmp_path / "killed_server.py"
+    script.write_text(textwrap.dedent(KILLED_SERVER_SCRIPT.format(src=SRC, tests=HERE)))
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        port = int(proc.stdout.readline())
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", port), timeout=WAIT_FORK) as sock:
+                sock.sendall(b"x\n")
+                sock.shutdown(socket.SHUT_WR)
+                assert recv_all(sock).startswith(b"x\npid ")
+        spawned = [pid for pid, (ppid, _state) in process_states().items() if ppid == proc.pid]
+        assert spawned, "the template runs"
+    finally:
+        proc.kill()
+        # End of file on stderr: the template and its workers have all exited.
+        _out, err = proc.communicate(timeout=WAIT_FORK)
+    assert err == b""
+    assert all(process_states().get(pid, (0, "Z"))[1] == "Z" for pid in spawned)
+
+
 # -- resources ---------------------------------------------------------------------------
 
 

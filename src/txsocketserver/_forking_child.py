@@ -356,7 +356,12 @@ class _Template:
                 self._drain_wake_pipe()
                 self._reap()
             if self.channel is not None and self.channel in readable:
-                message = receive_message(self.channel)
+                try:
+                    message = receive_message(self.channel)
+                except (OSError, EOFError):
+                    # The server process died (with status lines unread, a
+                    # reset): what its closing would have told us.
+                    message = None
                 if message is None:
                     self._stop_accepting()
                 elif message[0] == INSTALL_TAG:
