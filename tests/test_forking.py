@@ -393,6 +393,47 @@ def test_foreign_children_are_not_reaped(tx, unix_path):
 
 
 
+TEMPLATE_REAPS_ONLY_ITS_OWN = """
+    import os, socket, subprocess, sys, time
+    sys.path.insert(0, {src!r})
+    from txsocketserver import _forking_child
+
+    # A child of the template's that is no worker (a handler module may start
+    # one at import): it exits first, and must stay for its owner to reap.
+    foreign = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(5)"])
+    time.sleep(0.5)
+    ours, theirs = socket.socketpair()
+    template = _forking_child._Template(ours, warm=2)
+    template._fill()
+    (pid, end), _other = template.idle
+    end.close()  # end of file: this idle worker exits unused
+    deadline = time.monotonic() + 20
+    while any(p == pid for p, _ in template.idle) and time.monotonic() < deadline:
+        time.sleep(0.01)
+        template._reap()
+    assert not any(p == pid for p, _ in template.idle), "the worker was reaped"
+    assert foreign.wait(20) == 5, "the foreign child was left to its owner"
+    for _pid, end in template.idle:
+        end.close()
+    while template.idle and time.monotonic() < deadline:
+        time.sleep(0.01)
+        template._reap()
+    assert not template.idle
+    print("ok")
+"""
+
+
+def test_template_reaps_only_its_workers():
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(TEMPLATE_REAPS_ONLY_ITS_OWN.format(src=SRC))],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_FORK * 2,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "ok\n"
+
+
 def test_parent_state_changes_reach_later_requests(ss, unix_path):
     # What os.fork gives: each request's process sees the server as the parent
     # has it at that moment, and never what an earlier request changed on it.
