@@ -444,6 +444,11 @@ def test_parent_state_changes_reach_later_requests(ss, unix_path):
             seen.append(ask(server, b"").split()[2])
         assert seen == [b"parent-1", b"parent-1", b"parent-2", b"parent-2"]
         assert server.touched_by == "parent-2"
+        # A change made inside a mutable attribute reaches the next request too.
+        server.touched_by = ["parent-3"]
+        assert ask(server, b"").split(maxsplit=2)[2] == b"['parent-3']\n"
+        server.touched_by.append("parent-4")
+        assert ask(server, b"").split(maxsplit=2)[2] == b"['parent-3', 'parent-4']\n"
 
 # -- what the worker carries -------------------------------------------------------------
 

@@ -8,6 +8,7 @@ template and the workers never import.
 
 from __future__ import annotations
 
+import enum
 import os
 import pickle
 import select
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -56,6 +58,23 @@ _TEMPLATE_COMMAND = (
     f"import sys; sys.path.insert(0, {_PACKAGE_ROOT!r}); "
     "from txsocketserver._forking_child import main; main()"
 )
+
+
+# Types whose instances pickle the same for as long as they are the same
+# object (classes and functions pickle as their names).
+_IMMUTABLE_TYPES = frozenset(
+    {type(None), bool, int, float, complex, str, bytes, type, types.FunctionType}
+)
+
+
+def _immutable(value: Any) -> bool:
+    """Whether *value* pickles the same for as long as it is the same object."""
+    kind = type(value)
+    if kind in _IMMUTABLE_TYPES or isinstance(value, (socket.socket, enum.Enum)):
+        return True
+    if kind is tuple or kind is frozenset:
+        return all(_immutable(item) for item in value)
+    return False
 
 
 def _pickles(value: Any) -> bool:
@@ -176,7 +195,12 @@ class ProcessDispatcher:
         self._last_spec: bytes | None = None
         self._startup_failure: str | None = None
         self._closed = False
-        self._picklable: dict[tuple[str, type], bool] = {}
+        self._copied: dict[tuple[str, type], bool] = {}
+        # The last state pickled, while its values are all immutable (see
+        # _state_pickle): class, names, values, sockets' fds and timeouts,
+        # then the pickle and its fds.  Holding the values keeps their
+        # identities from being reused by new objects.
+        self._state_cache: tuple[Any, ...] | None = None
 
     # -- IRequestDispatcher --------------------------------------------------------
 
@@ -189,7 +213,7 @@ class ProcessDispatcher:
             # installed in the template once (see _Template._install there).
             volatile = {name: attributes[name] for name in _VOLATILE if name in attributes}
             stable = {name: value for name, value in attributes.items() if name not in volatile}
-            state_body, state_fds = dumps_with_fds((_child_server, (type(server), stable)))
+            state_body, state_fds = self._state_pickle(type(server), stable)
             body, fds = dumps_with_fds((None, volatile, function.__name__, args))
             key: tuple[bytes, tuple[int, ...]] | None = None
             if set(state_fds).isdisjoint(fds):
@@ -236,6 +260,37 @@ class ProcessDispatcher:
                 self._retire(template)
                 if attempt == 2:
                     raise
+
+    def _state_pickle(self, server_class: type, stable: dict[str, Any]) -> tuple[bytes, list[int]]:
+        """The pickle of the state to install, and its fds: remade only when it may differ.
+
+        A state made of the very same objects as last time, all immutable,
+        pickles the same (a socket: while its fd and timeout stay the same),
+        so its last pickle serves again.  A state holding anything mutable (a
+        list, a user object) is pickled anew for every request: a change
+        made inside it must reach the next request, as after ``os.fork``.
+        """
+        values = tuple(stable.values())
+        sockets = tuple(
+            (value.fileno(), value.gettimeout())
+            for value in values
+            if isinstance(value, socket.socket)
+        )
+        cached = self._state_cache
+        if (
+            cached is not None
+            and cached[0] is server_class
+            and cached[1] == tuple(stable)
+            and all(old is new for old, new in zip(cached[2], values, strict=True))
+            and cached[3] == sockets
+        ):
+            return cached[4], cached[5]
+        body, fds = dumps_with_fds((_child_server, (server_class, stable)))
+        if all(_immutable(value) for value in values):
+            self._state_cache = (server_class, tuple(stable), values, sockets, body, fds)
+        else:
+            self._state_cache = None
+        return body, fds
 
     def wait_idle(self, timeout: float | None) -> bool:
         return self._wait_until(lambda: not self._running, timeout)
@@ -298,7 +353,7 @@ class ProcessDispatcher:
         with self._lock:
             template = self._template
             if template is not None and template.has_status_to_read():
-                self._read_status(template, 0)
+                self._take_status(template)
             return {pid for pid in self._running.values() if pid is not None}
 
     def child_state(self, server: Any) -> dict[str, Any]:
@@ -306,18 +361,17 @@ class ProcessDispatcher:
 
         Every attribute of *server* that pickles, except this package's private
         bookkeeping (``BaseServer`` gives the worker fresh bookkeeping of its
-        own); sockets among them travel as fds.  Whether an attribute
-        pickles is decided once per (name, type) and remembered.
+        own); sockets among them travel as fds.  Whether an attribute is
+        copied is decided once per (name, type) and remembered.
         """
         state = {}
+        decided = self._copied
         for name, value in vars(server).items():
-            if name.startswith(_PRIVATE_PREFIXES):
-                continue
             key = (name, type(value))
-            picklable = self._picklable.get(key)
-            if picklable is None:
-                picklable = self._picklable[key] = _pickles(value)
-            if picklable:
+            copied = decided.get(key)
+            if copied is None:
+                copied = decided[key] = not name.startswith(_PRIVATE_PREFIXES) and _pickles(value)
+            if copied:
                 state[name] = value
         return state
 
@@ -389,8 +443,13 @@ class ProcessDispatcher:
     def _wait_until(self, done: Callable[[], bool], timeout: float | None) -> bool:
         """Wait until ``done()`` (called with the lock held), reading status
         lines meanwhile; return whether it became true within *timeout*."""
+        # The plain lock (the condition's own): its C-level context manager
+        # costs a fraction of the condition's, on the path of every request.
+        with self._lock:
+            if done():
+                return True
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._changed:
+        with self._lock:
             while not done():
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -406,27 +465,38 @@ class ProcessDispatcher:
             return True
 
     def _read_status(self, template: _Template, timeout: float | None) -> None:
-        """Apply the status lines that *template* sent, waiting up to
-        *timeout* seconds for the first (0: take only what is there).
+        """Wait up to *timeout* seconds for status lines from *template*,
+        and apply them.
 
         Called with the lock held, which is released while waiting; one
         thread at a time reads (``template.reading``).
         """
         template.reading = True
         self._lock.release()
-        data: bytes | None = None
         try:
-            if timeout == 0 or template.poller.poll(None if timeout is None else timeout * 1000):
-                data = template.channel.recv(1 << 16, _RECEIVE_NOW)
-        except BlockingIOError:
-            pass
-        except OSError:
-            data = b""  # gone: as good as end of file
+            ready = template.poller.poll(None if timeout is None else timeout * 1000)
         finally:
             self._lock.acquire()
             template.reading = False
         if template.retired:
             template.channel.close()
+        elif ready:
+            self._take_status(template)
+        # Whatever happened, the waiters look again: one of them may have to
+        # take over the reading.
+        self._changed.notify_all()
+
+    def _take_status(self, template: _Template) -> None:
+        """Apply the status lines that have arrived from *template*, if any
+        (lock held; no waiting)."""
+        if not template.poller.poll(0):
+            return
+        try:
+            data = template.channel.recv(1 << 16, _RECEIVE_NOW)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""  # gone: as good as end of file
         if data == b"":
             # The template exits (processEnded will count its requests as
             # ended), or the channel was retired under the reader.
