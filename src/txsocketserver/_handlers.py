@@ -10,9 +10,9 @@ servers too, since all they use is ``request``, ``client_address`` and
 
 from __future__ import annotations
 
+import _thread
 import io
 import socket
-import threading
 import weakref
 
 from txsocketserver._base import log_warning
@@ -121,7 +121,7 @@ _NO_ADDRESS = (None, "", b"")
 # Servers that have already logged the dropped-reply warning (once each);
 # the lock makes "once" hold when several handler threads drop replies at once.
 _warned_no_address: weakref.WeakSet[Any] = weakref.WeakSet()
-_warned_lock = threading.Lock()
+_warned_lock = _thread.allocate_lock()
 
 
 class DatagramRequestHandler(BaseRequestHandler):

@@ -16,7 +16,6 @@ Differences from the stdlib, all in the caller's favour:
 
 from __future__ import annotations
 
-import threading
 import weakref
 
 from txsocketserver._base import run_request
@@ -38,10 +37,24 @@ def _wait_for_requests_at_exit() -> None:
         server._wait_for_requests(None)
 
 
-# Runs when the main thread finishes, before non-daemon threads are joined:
-# the moment the stdlib's non-daemon request threads would hold up exit.
-if hasattr(threading, "_register_atexit"):
-    threading._register_atexit(_wait_for_requests_at_exit)
+_registered_at_exit = False
+
+
+def _wait_at_exit_for(server: Any) -> None:
+    """Have interpreter exit wait for *server*'s requests in flight."""
+    global _registered_at_exit
+    _wait_at_exit[id(server)] = server
+    if not _registered_at_exit:
+        # Imported here, not with the module: a process that only defines
+        # the classes (a forking worker) must not carry threading's at-fork
+        # hook.  Runs when the main thread finishes, before non-daemon
+        # threads are joined: the moment the stdlib's non-daemon request
+        # threads would hold up exit.
+        import threading
+
+        _registered_at_exit = True
+        if hasattr(threading, "_register_atexit"):
+            threading._register_atexit(_wait_for_requests_at_exit)
 
 
 class ThreadingMixIn:
@@ -91,7 +104,7 @@ class ThreadingMixIn:
                 hold_exit=not self.daemon_threads,
             )
             if not self.daemon_threads:
-                _wait_at_exit[id(self)] = self
+                _wait_at_exit_for(self)
         return self._thread_dispatcher
 
     def _after_serving_step(self) -> None:
