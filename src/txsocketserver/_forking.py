@@ -15,8 +15,9 @@ CPU, against about a millisecond for a fork.  So the two are combined:
   interpreter with no threads, which imports the server's and the handler's
   modules once (see ``_forking_child`` for its side of the story), then
   forks ``warm_children`` idle *workers*.
-* For each request the serving thread pickles the server's state and the
-  request, passes the request's sockets as fds (``SCM_RIGHTS``) over a Unix
+* For each request the serving thread pickles the server's state (unless it
+  cannot have changed since the last request: the same immutable objects) and
+  the request, passes the request's sockets as fds (``SCM_RIGHTS``) over a Unix
   socketpair to the template, and closes its own copy of the connection, as
   the stdlib's parent does.  The state travels once, not per request: the
   template *installs* it (builds the worker's server object once; workers

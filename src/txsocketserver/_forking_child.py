@@ -35,8 +35,10 @@ File descriptors of the template (fixed numbers, set up by ``spawnProcess``):
 
 Who reaps whom: the parent's reactor reaps exactly the template (Twisted's
 ``reapProcess`` waits on its pid alone); the template reaps exactly its own
-workers, by pid.  Nothing ever calls ``waitpid(-1)``, so a child that some
-other part of the program started is never reaped behind its back.
+workers, by pid (it may ask which child has exited first, with ``waitid``'s
+``WNOWAIT``, which reaps nothing).  Nothing ever calls ``waitpid(-1)``, so a
+child that some other part of the program started is never reaped behind its
+back.
 
 A request body is the pickle of ``(make_server, make_server_args,
 method_name, args)``: the worker builds its server object with the first two
