@@ -2,19 +2,16 @@
 
 A txsocketserver forking server runs each request in a worker process that
 finds the server and handler classes by importing them by name, so they cannot
-be defined inside a factory function as in ``servers.py``.  Only server
-processes import this module (it imports txsocketserver); ``servers.py``
-imports it lazily.
+be defined inside a factory function as in ``servers.py``.
 
-Both implementations get the very same class bodies; only the base classes
-differ.
+Both implementations get the very same class bodies, defined here; only the
+base classes differ, and each implementation's concrete classes live in a
+module of its own (``forking_ours``, ``forking_stdlib``) so that a server
+process imports only the implementation it runs: the stdlib's server must not
+carry txsocketserver or Twisted, whose memory every fork would copy.
 """
 
 from __future__ import annotations
-
-import socketserver
-
-import txsocketserver
 
 BACKLOG = 1024
 # Loop iterations of pure Python per CPU-bound request: about 20 ms on the
@@ -31,56 +28,23 @@ def burn_cpu(iterations: int = CPU_WORK) -> int:
     return total
 
 
-class _Settings:
+class Settings:
     """The benchmark's common server settings (see ``servers.py``)."""
 
     allow_reuse_address = True
     request_queue_size = BACKLOG
 
 
-class _LineEcho:
+class LineEcho:
     def handle(self) -> None:
         for line in self.rfile:
             self.wfile.write(line)
 
 
-class _CpuBoundEcho:
+class CpuBoundEcho:
     """Read one line, do ~20 ms of CPU work, echo the line."""
 
     def handle(self) -> None:
         line = self.rfile.readline()
         burn_cpu()
         self.wfile.write(line)
-
-
-class OursForkingServer(_Settings, txsocketserver.ForkingTCPServer):
-    pass
-
-
-class StdlibForkingServer(_Settings, socketserver.ForkingTCPServer):
-    pass
-
-
-class OursLineEcho(_LineEcho, txsocketserver.StreamRequestHandler):
-    pass
-
-
-class StdlibLineEcho(_LineEcho, socketserver.StreamRequestHandler):
-    pass
-
-
-class OursCpuBoundEcho(_CpuBoundEcho, txsocketserver.StreamRequestHandler):
-    pass
-
-
-class StdlibCpuBoundEcho(_CpuBoundEcho, socketserver.StreamRequestHandler):
-    pass
-
-
-SERVERS = {"ours": OursForkingServer, "stdlib": StdlibForkingServer}
-HANDLERS = {
-    ("ours", "echo"): OursLineEcho,
-    ("stdlib", "echo"): StdlibLineEcho,
-    ("ours", "cpu"): OursCpuBoundEcho,
-    ("stdlib", "cpu"): StdlibCpuBoundEcho,
-}

@@ -162,10 +162,11 @@ def http_servers(protocol_version: str) -> dict[str, ServerFactory]:
 
 def socketserver_forking(impl: str, work: str) -> ServerHandle:
     """``ForkingTCPServer`` with the line echo (``work="echo"``) or the
-    CPU-bound echo (``"cpu"``); classes from ``forking_classes``."""
-    import forking_classes
+    CPU-bound echo (``"cpu"``); classes from ``forking_ours`` or
+    ``forking_stdlib``, so that the server process imports only *impl*."""
+    classes = importlib.import_module(f"forking_{impl}")
 
-    server = forking_classes.SERVERS[impl]((HOST, 0), forking_classes.HANDLERS[impl, work])
+    server = classes.Server((HOST, 0), classes.HANDLERS[work])
     return ServerHandle(server.server_address[1], server.serve_forever)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import socketserver
 import ssl
+import sys
 import time
 from types import ModuleType
 
@@ -99,6 +100,14 @@ class _Slow:
         self.wfile.write(b"done\n")
 
 
+class _Modules:
+    """Reply with which of Twisted and zope.interface this process has imported."""
+
+    def handle(self) -> None:
+        loaded = [name for name in ("twisted", "zope.interface") if name in sys.modules]
+        self.wfile.write(b"loaded: %s\n" % " ".join(loaded).encode())
+
+
 class StdlibEcho(_Echo, socketserver.StreamRequestHandler):
     pass
 
@@ -144,6 +153,10 @@ class TxTimed(_Timed, txsocketserver.StreamRequestHandler):
 
 
 class TxSlow(_Slow, txsocketserver.StreamRequestHandler):
+    pass
+
+
+class TxModules(_Modules, txsocketserver.StreamRequestHandler):
     pass
 
 

@@ -310,6 +310,44 @@ def test_template_killed_from_outside_is_replaced(tx, unix_path):
         assert ask(server, b"b\n").startswith(b"b\npid ")
 
 
+KILLED_SERVER_SCRIPT = """
+    import sys
+    sys.path.insert(0, {src!r})
+    sys.path.insert(0, {tests!r})
+    import txsocketserver
+    import forking_handlers
+
+    server = txsocketserver.ForkingTCPServer(("127.0.0.1", 0), forking_handlers.TxEcho)
+    print(server.server_address[1], flush=True)
+    server.serve_forever()
+"""
+
+
+def test_server_process_killed_leaves_no_process_and_no_noise(tmp_path):
+    # The template sees the channel end (reset, with status lines unread)
+    # and exits quietly, its idle workers with it.
+    script = tmp_path / "killed_server.py"
+    script.write_text(textwrap.dedent(KILLED_SERVER_SCRIPT.format(src=SRC, tests=HERE)))
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        port = int(proc.stdout.readline())
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", port), timeout=WAIT_FORK) as sock:
+                sock.sendall(b"x\n")
+                sock.shutdown(socket.SHUT_WR)
+                assert recv_all(sock).startswith(b"x\npid ")
+        spawned = [pid for pid, (ppid, _state) in process_states().items() if ppid == proc.pid]
+        assert spawned, "the template runs"
+    finally:
+        proc.kill()
+        # End of file on stderr: the template and its workers have all exited.
+        _out, err = proc.communicate(timeout=WAIT_FORK)
+    assert err == b""
+    assert all(process_states().get(pid, (0, "Z"))[1] == "Z" for pid in spawned)
+
+
 # -- resources ---------------------------------------------------------------------------
 
 
@@ -355,6 +393,47 @@ def test_foreign_children_are_not_reaped(tx, unix_path):
 
 
 
+TEMPLATE_REAPS_ONLY_ITS_OWN = """
+    import os, socket, subprocess, sys, time
+    sys.path.insert(0, {src!r})
+    from txsocketserver import _forking_child
+
+    # A child of the template's that is no worker (a handler module may start
+    # one at import): it exits first, and must stay for its owner to reap.
+    foreign = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(5)"])
+    time.sleep(0.5)
+    ours, theirs = socket.socketpair()
+    template = _forking_child._Template(ours, warm=2)
+    template._fill()
+    (pid, end), _other = template.idle
+    end.close()  # end of file: this idle worker exits unused
+    deadline = time.monotonic() + 20
+    while any(p == pid for p, _ in template.idle) and time.monotonic() < deadline:
+        time.sleep(0.01)
+        template._reap()
+    assert not any(p == pid for p, _ in template.idle), "the worker was reaped"
+    assert foreign.wait(20) == 5, "the foreign child was left to its owner"
+    for _pid, end in template.idle:
+        end.close()
+    while template.idle and time.monotonic() < deadline:
+        time.sleep(0.01)
+        template._reap()
+    assert not template.idle
+    print("ok")
+"""
+
+
+def test_template_reaps_only_its_workers():
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(TEMPLATE_REAPS_ONLY_ITS_OWN.format(src=SRC))],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_FORK * 2,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "ok\n"
+
+
 def test_parent_state_changes_reach_later_requests(ss, unix_path):
     # What os.fork gives: each request's process sees the server as the parent
     # has it at that moment, and never what an earlier request changed on it.
@@ -365,6 +444,62 @@ def test_parent_state_changes_reach_later_requests(ss, unix_path):
             seen.append(ask(server, b"").split()[2])
         assert seen == [b"parent-1", b"parent-1", b"parent-2", b"parent-2"]
         assert server.touched_by == "parent-2"
+        # A change made inside a mutable attribute reaches the next request too.
+        server.touched_by = ["parent-3"]
+        assert ask(server, b"").split(maxsplit=2)[2] == b"['parent-3']\n"
+        server.touched_by.append("parent-4")
+        assert ask(server, b"").split(maxsplit=2)[2] == b"['parent-3', 'parent-4']\n"
+
+# -- what the worker carries -------------------------------------------------------------
+
+# Every fork copies the page tables of the template's memory, and every worker
+# copies the pages it writes: a template that imported Twisted and
+# zope.interface (some 20 MB) makes each request cost about twice the CPU.
+IMPORT_LIGHT_SCRIPT = """
+    import sys
+    sys.path.insert(0, {src!r})
+    # What the interpreter loaded at start-up (site may import more here
+    # than elsewhere) is not the package's doing.
+    preloaded = set(sys.modules)
+    import txsocketserver
+
+    class Server(txsocketserver.ForkingTCPServer):
+        pass
+
+    class Handler(txsocketserver.StreamRequestHandler):
+        pass
+
+    heavy = sorted(name for name in sys.modules if name.split(".")[0] in ("twisted", "zope"))
+    assert not heavy, heavy
+    # Nor what socketserver does without (each costs every fork a megabyte),
+    # nor threading (its at-fork hook runs in every worker).
+    heavy = {{"typing", "logging", "traceback", "pickle", "threading"}}
+    extra = heavy & (set(sys.modules) - preloaded)
+    assert not extra, extra
+    # The Twisted world's names are there all the same, loaded on first use.
+    assert "start_server" in dir(txsocketserver)
+    assert txsocketserver.Endpoint("tcp:0").description == "tcp:0"
+    from txsocketserver import *
+    assert ServerService.__module__ == "txsocketserver._service"
+    print("ok")
+"""
+
+
+def test_importing_the_package_loads_no_twisted():
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(IMPORT_LIGHT_SCRIPT.format(src=SRC))],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_FORK,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "ok\n"
+
+
+def test_workers_import_no_twisted(tx, unix_path):
+    with forking_server(tx, "tcp", "Modules", unix_path) as server:
+        assert ask(server, b"") == b"loaded: \n"
+
 
 # -- where the handler class lives -----------------------------------------------------
 

@@ -3,20 +3,57 @@
 ``import txsocketserver as socketserver`` and code written for the stdlib runs
 unchanged; the same servers also run inside a Twisted application.  Import
 everything from here: the underscored modules are private.
+
+Importing the package imports neither Twisted nor ``zope.interface``: the
+socketserver names are defined without them, and Twisted is loaded when a
+server first needs the reactor.  A forking server's workers, which import the
+server and handler classes but never serve, stay small and cheap to fork
+(see ``_forking``).  The Twisted world's names (``Endpoint``,
+``ServerService``, ``start_server``) are imported on first use.
 """
+
+from __future__ import annotations
 
 from txsocketserver._base import BaseServer
 from txsocketserver._datagram import UDPServer, UnixDatagramServer
-from txsocketserver._endpoints import Endpoint
 from txsocketserver._forking import ForkingMixIn
 from txsocketserver._handlers import (
     BaseRequestHandler,
     DatagramRequestHandler,
     StreamRequestHandler,
 )
-from txsocketserver._service import ServerService, start_server
 from txsocketserver._stream import TCPServer, UnixStreamServer
 from txsocketserver._threading import ThreadingMixIn
+
+# typing costs every process that imports the package a megabyte.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from txsocketserver._endpoints import Endpoint
+    from txsocketserver._service import ServerService, start_server
+
+# The Twisted world's names, and the module that defines each.
+_TWISTED_WORLD = {
+    "Endpoint": "txsocketserver._endpoints",
+    "ServerService": "txsocketserver._service",
+    "start_server": "txsocketserver._service",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _TWISTED_WORLD.get(name)
+    if module_name is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_TWISTED_WORLD))
 
 
 class ThreadingTCPServer(ThreadingMixIn, TCPServer):

@@ -11,23 +11,58 @@ Twisted endpoint instead of a socket.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import errno
 import sys
-import threading
 import time
-import traceback
 from collections.abc import Iterator
-from typing import Any
 
 from txsocketserver import _reactor
-from txsocketserver._readiness import IRequestReadiness, SocketReadiness
+
+# Not typing's: importing typing (like logging and traceback, imported where
+# they are used) would add a megabyte to every process that only defines or
+# runs handlers, and every fork of a forking server's template copies it.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from txsocketserver._readiness import IRequestReadiness
 
 # accept() failing for lack of resources leaves the request queued, so the
 # socket stays readable; pausing briefly stops the loop from spinning on it
 # while the process is out of fds.
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _RESOURCE_BACKOFF = 0.05
+
+
+def log_warning(message: str, *args: Any) -> None:
+    """Log a warning on the ``"txsocketserver"`` logger (``logging`` loaded on first use)."""
+    # The stdlib's ``logging`` rather than ``twisted.logger``: servers run
+    # mostly in programs that never start a Twisted log observer, where a
+    # twisted.logger event would sit unseen in its start-up buffer, while a
+    # ``logging`` warning reaches stderr even unconfigured.  Under ``twistd``,
+    # stderr is itself redirected into the Twisted log, so the warning lands there.
+    import logging
+
+    logging.getLogger("txsocketserver").warning(message, *args)
+
+
+def run_request(server: Any, request: Any, client_address: Any) -> bool:
+    """Run one request away from the serving thread, as the stdlib's workers do.
+
+    ``finish_request``, then ``handle_error`` if it raised an ``Exception``, and
+    ``shutdown_request`` always.  Returns whether the handler succeeded.  Both
+    mixins' workers (a pool thread, a worker process) run this.
+    """
+    try:
+        server.finish_request(request, client_address)
+        return True
+    except Exception:
+        server.handle_error(request, client_address)
+        return False
+    finally:
+        server.shutdown_request(request)
 
 
 class BaseServer:
@@ -67,7 +102,9 @@ class BaseServer:
         """Constructor.  May be extended, do not override."""
         self.server_address = server_address
         self.RequestHandlerClass = RequestHandlerClass
-        self.__is_shut_down = threading.Event()
+        # Made on first use, by __sync(): see there.
+        self.__is_shut_down: Any = None
+        self.__sync_lock = _thread.allocate_lock()
         self.__shutdown_request = False
         self.__readiness: IRequestReadiness | None = None
         self.__serving_thread: int | None = None
@@ -77,8 +114,8 @@ class BaseServer:
         # The hot path (every request) takes the plain lock, whose C-level
         # context manager costs a fraction of the Condition's, and notifies
         # only when a drain is waiting: a few microseconds per small request.
-        self.__in_flight_lock = threading.Lock()
-        self.__in_flight_changed = threading.Condition(self.__in_flight_lock)
+        self.__in_flight_lock = _thread.allocate_lock()
+        self.__in_flight_changed: Any = None  # a Condition on it, made by __sync()
         self.__drain_waiters = 0
         # Where handle_error() logs while the server runs as a Twisted service
         # (a twisted.logger.Logger); None prints to stderr like the stdlib.
@@ -101,7 +138,7 @@ class BaseServer:
             deadlock); use :class:`txsocketserver.ServerService` there.
         """
         _reactor.refuse_reactor_thread("serve_forever")
-        self.__is_shut_down.clear()
+        self.__sync()[0].clear()
         try:
             with self.__watching() as readiness:
                 while not self.__shutdown_request:
@@ -114,7 +151,7 @@ class BaseServer:
                     self._after_serving_step()
         finally:
             self.__shutdown_request = False
-            self.__is_shut_down.set()
+            self.__sync()[0].set()
 
     def shutdown(self) -> None:
         """Stop the ``serve_forever`` loop and wait until it has stopped.
@@ -132,9 +169,9 @@ class BaseServer:
         readiness = self.__readiness
         if readiness is not None:
             readiness.wake()
-        if threading.get_ident() == self.__serving_thread:
+        if _thread.get_ident() == self.__serving_thread:
             return
-        self.__is_shut_down.wait()
+        self.__sync()[0].wait()
 
     def service_actions(self) -> None:
         """Called by ``serve_forever`` once per loop.  May be overridden, e.g. by
@@ -195,7 +232,7 @@ class BaseServer:
     def __watching(self) -> Iterator[IRequestReadiness]:
         """A readiness for the duration of one serving call."""
         readiness = self._request_readiness()
-        self.__serving_thread = threading.get_ident()
+        self.__serving_thread = _thread.get_ident()
         self.__readiness = readiness
         try:
             yield readiness
@@ -206,6 +243,10 @@ class BaseServer:
 
     def _request_readiness(self) -> IRequestReadiness:
         """Make what tells the serving loop that a request is ready (private hook)."""
+        # Imported here, where serving begins: it imports Twisted, which a
+        # process that only defines or runs handlers never needs.
+        from txsocketserver._readiness import SocketReadiness
+
         return SocketReadiness(self.fileno())
 
     def _socket_timeout(self) -> float | None:
@@ -260,6 +301,8 @@ class BaseServer:
                 client_address=client_address,
             )
             return
+        import traceback
+
         print("-" * 40, file=sys.stderr)
         print(
             "Exception occurred during processing of request from",
@@ -288,6 +331,24 @@ class BaseServer:
         """Route ``handle_error`` to a ``twisted.logger.Logger`` (None: stderr)."""
         self.__error_log = logger
 
+    def __sync(self) -> tuple[Any, Any]:
+        """The event ``serve_forever`` sets once it has stopped, and the
+        condition a graceful stop waits on for the requests in flight.
+
+        Made on first use, not in ``__init__``: a forking server's template
+        builds the workers' server object, and importing ``threading`` there
+        would make every worker run its at-fork hook (about 140 page copies
+        and 0.3 ms of CPU per request).
+        """
+        if self.__is_shut_down is None:
+            import threading
+
+            with self.__sync_lock:
+                if self.__is_shut_down is None:
+                    self.__in_flight_changed = threading.Condition(self.__in_flight_lock)
+                    self.__is_shut_down = threading.Event()
+        return self.__is_shut_down, self.__in_flight_changed
+
     # -- requests in flight (graceful stop) ---------------------------------------
 
     def _request_started(self, request: Any) -> None:
@@ -305,14 +366,15 @@ class BaseServer:
                 self.__in_flight_changed.notify_all()
 
     def _requests_in_flight(self) -> list[Any]:
-        with self.__in_flight_changed:
+        with self.__in_flight_lock:
             return list(self.__in_flight.values())
 
     def _wait_for_requests(self, timeout: float | None) -> bool:
         """Wait until no request is in flight; return whether that happened in time."""
-        with self.__in_flight_changed:
+        changed = self.__sync()[1]
+        with changed:
             self.__drain_waiters += 1
             try:
-                return self.__in_flight_changed.wait_for(lambda: not self.__in_flight, timeout)
+                return changed.wait_for(lambda: not self.__in_flight, timeout)
             finally:
                 self.__drain_waiters -= 1

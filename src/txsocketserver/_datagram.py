@@ -43,18 +43,14 @@ and do not exist on Windows.
 
 from __future__ import annotations
 
-import logging
 import socket
-from typing import Any
 
+from txsocketserver._base import log_warning
 from txsocketserver._stream import TCPServer
 
-# The stdlib's ``logging`` rather than ``twisted.logger``: datagram servers run
-# mostly in programs that never start a Twisted log observer, where a
-# twisted.logger event would sit unseen in its start-up buffer, while a
-# ``logging`` warning reaches stderr even unconfigured.  Under ``twistd``,
-# stderr is itself redirected into the Twisted log, so the warning lands there.
-log = logging.getLogger("txsocketserver")
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class UDPServer(TCPServer):
@@ -108,7 +104,7 @@ class UDPServer(TCPServer):
     def _datagram_truncated(self, client_address: Any) -> None:
         self.truncated_datagrams += 1
         if self.truncated_datagrams == 1:
-            log.warning(
+            log_warning(
                 "%s at %r: a datagram from %r was longer than max_packet_size (%d bytes) "
                 "and was truncated, as socketserver does; set max_packet_size higher to "
                 "receive such datagrams whole. Further ones are only counted in "

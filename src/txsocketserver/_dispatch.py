@@ -6,6 +6,12 @@ shape, and behind each mixin sits a dispatcher implementing
 :class:`IRequestDispatcher`, so that limits and upkeep work the same
 way whatever runs the request.  A synchronous server needs no dispatcher: its
 requests run in the serving thread, as in the stdlib.
+
+The dispatchers (``_thread_dispatcher``, ``_process_dispatcher``) are imported
+by their mixins only when a server first dispatches a request: they and this
+interface need Twisted and ``zope.interface``, which a process that merely
+defines the server classes (a forking server's template and workers) must not
+import.  What the workers run, ``run_request``, lives in ``_base``.
 """
 
 from __future__ import annotations
@@ -14,22 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 from zope.interface import Interface
-
-
-def run_request(server: Any, request: Any, client_address: Any) -> bool:
-    """Run one request away from the serving thread, as the stdlib's workers do.
-
-    ``finish_request``, then ``handle_error`` if it raised an ``Exception``, and
-    ``shutdown_request`` always.  Returns whether the handler succeeded.
-    """
-    try:
-        server.finish_request(request, client_address)
-        return True
-    except Exception:
-        server.handle_error(request, client_address)
-        return False
-    finally:
-        server.shutdown_request(request)
 
 
 class IRequestDispatcher(Interface):

@@ -15,8 +15,9 @@ CPU, against about a millisecond for a fork.  So the two are combined:
   interpreter with no threads, which imports the server's and the handler's
   modules once (see ``_forking_child`` for its side of the story), then
   forks ``warm_children`` idle *workers*.
-* For each request the serving thread pickles the server's state and the
-  request, passes the request's sockets as fds (``SCM_RIGHTS``) over a Unix
+* For each request the serving thread pickles the server's state (unless it
+  cannot have changed since the last request: the same immutable objects) and
+  the request, passes the request's sockets as fds (``SCM_RIGHTS``) over a Unix
   socketpair to the template, and closes its own copy of the connection, as
   the stdlib's parent does.  The state travels once, not per request: the
   template *installs* it (builds the worker's server object once; workers
@@ -27,70 +28,51 @@ CPU, against about a millisecond for a fork.  So the two are combined:
   which runs exactly that request (``finish_request``, ``handle_error``,
   ``shutdown_request``, ``os._exit``: the stdlib's child code) and exits;
   the template forks a replacement.
-* The template reports every worker start and exit on a pipe that our
-  ``ProcessProtocol`` reads on the reactor thread; the serving thread waits on
-  those reports to keep at most ``max_children`` requests running, and to
-  maintain ``active_children`` (the pids of the running workers).
+* The template reports every worker start and exit back on the same
+  socketpair.  The serving thread reads those reports when it needs them (to
+  keep at most ``max_children`` requests running, to maintain
+  ``active_children``, the pids of the running workers, once per serving
+  loop), so a request costs the reactor thread nothing; the reactor only
+  starts the template, sees it get ready (one line on a pipe) and reaps it.
 
 The reactor reaps exactly the template, the template exactly its workers: no
 ``waitpid(-1)``, so no child that somebody else started is ever reaped.
 
 Which thread owns what: the serving thread sends requests and closes the
-channel; the reactor thread owns the ``ProcessProtocol`` and the process
-transport; the bookkeeping both touch (requests in flight, worker pids,
-whether the template is up) sits behind one condition variable.
+channel; whichever thread waits for a request to end (the serving thread, or
+``server_close``'s) reads the reports, one thread at a time; the reactor
+thread owns the ``ProcessProtocol`` and the process transport; the
+bookkeeping they touch (requests in flight, worker pids, whether the
+template is up) sits behind one condition variable.
+
+Where the code lives, and why it is split so: this module holds what every
+process needs (the mixin, which the template imports with the server class);
+``_process_dispatcher`` the server process's side (``ProcessDispatcher``,
+the ``ProcessProtocol``), which needs Twisted and is imported only when the
+server first starts its template; ``_forking_child`` the template's and the
+workers' side.  The template and the workers never import Twisted or
+``zope.interface``: each fork copies the page tables of the template's
+memory and each worker copies the pages it writes, so their 20 MB would
+nearly double the CPU a request costs.
 """
 
 from __future__ import annotations
 
+import _pickle
 import os
-import pickle
-import socket
-import subprocess
-import sys
-import threading
 import types
-from collections.abc import Callable
-from typing import Any
 
-from twisted.internet.protocol import ProcessProtocol
-from twisted.python.failure import Failure
-from zope.interface import implementer
+from txsocketserver._base import BaseServer, run_request
+from txsocketserver._forking_child import flush_stdio, main_module_spec
 
-from txsocketserver import _reactor
-from txsocketserver._base import BaseServer
-from txsocketserver._dispatch import IRequestDispatcher, run_request
-from txsocketserver._forking_child import (
-    CHANNEL_FD,
-    INSTALL_TAG,
-    SPEC_TAG,
-    STATUS_FD,
-    dumps_with_fds,
-    flush_stdio,
-    main_module_spec,
-    send_message,
-)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
-# Seconds a closing server waits for an idle template to exit before killing it.
-TEMPLATE_EXIT_TIMEOUT = 10.0
-
-# Instance attributes that are this package's bookkeeping, not the user's:
-# they are not copied to the child's server object.
-_PRIVATE_PREFIXES = ("_BaseServer__", "_forking_")
-
-# Attributes that change from one request to the next (ours): they travel
-# with each request rather than being part of the state installed in the
-# template.
-_VOLATILE = ("active_children",)
-
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_TEMPLATE_COMMAND = (
-    f"import sys; sys.path.insert(0, {_PACKAGE_ROOT!r}); "
-    "from txsocketserver._forking_child import main; main()"
-)
+    from txsocketserver._process_dispatcher import ProcessDispatcher
 
 
-class _MainProbe(pickle.Pickler):
+class _MainProbe(_pickle.Pickler):
     """Pickles into nothing, noting whether anything came from ``__main__``."""
 
     uses_main = False
@@ -120,7 +102,7 @@ def check_reachable(role: str, obj: Any) -> bool:
         ``TypeError`` naming *obj* and saying why, e.g. for a class defined
         inside a function, or one defined in an interactive ``__main__``.
     """
-    probe = _MainProbe(_Discard(), protocol=pickle.HIGHEST_PROTOCOL)
+    probe = _MainProbe(_Discard(), protocol=-1)
     name = getattr(obj, "__qualname__", None) or repr(obj)
     module = getattr(obj, "__module__", "?")
     try:
@@ -141,14 +123,6 @@ def check_reachable(role: str, obj: Any) -> bool:
     return probe.uses_main
 
 
-def _pickles(value: Any) -> bool:
-    try:
-        dumps_with_fds(value)
-    except Exception:
-        return False
-    return True
-
-
 def _child_server(server_class: type, state: dict[str, Any]) -> Any:
     """Build the worker's server object; runs in the worker.
 
@@ -160,338 +134,6 @@ def _child_server(server_class: type, state: dict[str, Any]) -> Any:
     BaseServer.__init__(server, state.get("server_address"), state.get("RequestHandlerClass"))
     server.__dict__.update(state)
     return server
-
-
-class _Template:
-    """The parent's view of one template process."""
-
-    def __init__(self, channel: socket.socket) -> None:
-        self.channel = channel
-        self.protocol: _TemplateProtocol | None = None
-        self.tags: set[int] = set()
-        # The server state installed in the template (its pickle, and the
-        # identities of its sockets), and a different one seen once since.
-        self.installed: tuple[bytes, tuple[int, ...]] | None = None
-        self.candidate: tuple[bytes, tuple[int, ...]] | None = None
-        self.ready = False
-        # Closed on purpose (server_close, or replaced after a broken pipe).
-        self.retired = False
-        self.ended = threading.Event()
-
-
-class _TemplateProtocol(ProcessProtocol):
-    """Reactor-thread half: reads the template's status lines, sees it end."""
-
-    def __init__(self, dispatcher: ProcessDispatcher, template: _Template) -> None:
-        self._dispatcher = dispatcher
-        self._template = template
-        self._buffer = b""
-        self._ended = False
-
-    def connectionMade(self) -> None:
-        # The template reads nothing from stdin: give it end of file.
-        self.transport.closeStdin()
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        if childFD != STATUS_FD:
-            return
-        *lines, self._buffer = (self._buffer + data).split(b"\n")
-        self._dispatcher._on_status(self._template, lines)
-
-    def childConnectionLost(self, childFD: int) -> None:
-        if childFD == STATUS_FD:
-            # Without a SIGCHLD handler (ours runs with installSignalHandlers
-            # off) Twisted tries to reap once, when the pipes close, which can
-            # be a moment before the process has finished exiting: retry.
-            self._reap_later(0.005)
-
-    def _reap_later(self, delay: float) -> None:
-        def reap() -> None:
-            if self._ended:
-                return
-            self.transport.reapProcess()
-            if not self._ended:
-                self._reap_later(min(delay * 2, 0.5))
-
-        _reactor.get_reactor().callLater(delay, reap)
-
-    def processEnded(self, reason: Failure) -> None:
-        self._ended = True
-        value = reason.value
-        code = getattr(value, "exitCode", None)
-        signal_number = getattr(value, "signal", None)
-        how = f"killed by signal {signal_number}" if signal_number else f"status {code}"
-        self._dispatcher._on_template_ended(self._template, how)
-
-    def kill(self) -> None:
-        if not self._ended:
-            self.transport.signalProcess("KILL")
-
-
-def _spawn_template(protocol: _TemplateProtocol, channel_fd: int) -> None:
-    """Start a template process; runs on the reactor thread."""
-    flags = getattr(subprocess, "_args_from_interpreter_flags", list)()
-    _reactor.get_reactor().spawnProcess(
-        protocol,
-        sys.executable,
-        [sys.executable, *flags, "-c", _TEMPLATE_COMMAND],
-        env=dict(os.environ),
-        childFDs={0: "w", 1: 1, 2: 2, CHANNEL_FD: channel_fd, STATUS_FD: "r"},
-    )
-
-
-@implementer(IRequestDispatcher)
-class ProcessDispatcher:
-    """Runs each request in a new worker process forked from a template.
-
-    ``dispatch(function, *args)`` takes a *method of the server*: the worker
-    calls the method of that name on its own copy of the server (a new
-    instance of the same class holding :meth:`child_state`) with a copy of
-    *args*, sockets included.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        # tag -> worker pid (None until the template reports the fork).
-        self._running: dict[int, int | None] = {}
-        self._next_tag = SPEC_TAG + 1
-        self._template: _Template | None = None
-        self._last_spec: bytes | None = None
-        self._startup_failure: str | None = None
-        self._closed = False
-        self._picklable: dict[tuple[str, type], bool] = {}
-
-    # -- IRequestDispatcher --------------------------------------------------------
-
-    def dispatch(self, function: Callable[..., object], *args: Any) -> None:
-        server = function.__self__  # type: ignore[attr-defined]
-        try:
-            attributes = self.child_state(server)
-            full = (_child_server, (type(server), attributes), function.__name__, args)
-            # What changes with every request travels with it; the rest is
-            # installed in the template once (see _Template._install there).
-            volatile = {name: attributes[name] for name in _VOLATILE if name in attributes}
-            stable = {name: value for name, value in attributes.items() if name not in volatile}
-            state_body, state_fds = dumps_with_fds((_child_server, (type(server), stable)))
-            body, fds = dumps_with_fds((None, volatile, function.__name__, args))
-            key: tuple[bytes, tuple[int, ...]] | None = None
-            if set(state_fds).isdisjoint(fds):
-                # Sockets are told apart by inode: an fd number can be reused.
-                key = (state_body, tuple(os.fstat(fd).st_ino for fd in state_fds))
-            else:
-                # A socket both in the state and in the request (a datagram
-                # server's) must be one object in the worker: one pickle.
-                body, fds = dumps_with_fds(full)
-        except Exception as exc:
-            raise TypeError(
-                "ForkingMixIn cannot hand this request to a worker process: the request "
-                "and client address must pickle, with their sockets real socket.socket "
-                f"objects (not, e.g., an endpoint server's socket facade): {exc}"
-            ) from exc
-        # A template that died since the last request shows up as a broken
-        # pipe: retire it and hand the request to a fresh one.
-        for attempt in (1, 2):
-            template = self._live_template(server)
-            with self._lock:
-                tag = self._next_tag
-                self._next_tag += 1
-                self._running[tag] = None
-                template.tags.add(tag)
-            try:
-                if key is None or template.installed == key:
-                    send_message(template.channel, tag, body, fds)
-                elif template.installed is None or template.candidate == key:
-                    # A state seen for the first time, or twice in a row.
-                    send_message(template.channel, INSTALL_TAG, state_body, state_fds)
-                    template.installed, template.candidate = key, None
-                    send_message(template.channel, tag, body, fds)
-                else:
-                    # A state that changes from request to request travels with it.
-                    template.candidate = key
-                    full_body, full_fds = dumps_with_fds(full)
-                    send_message(template.channel, tag, full_body, full_fds)
-                return
-            except OSError:
-                with self._changed:
-                    self._running.pop(tag, None)
-                    template.tags.discard(tag)
-                    self._changed.notify_all()
-                self._retire(template)
-                if attempt == 2:
-                    raise
-
-    def wait_idle(self, timeout: float | None) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: not self._running, timeout)
-
-    def upkeep(self) -> None:
-        # Keep a template warm: replace one that died (killed from outside)
-        # after it had been ready, so the next request does not wait for it.
-        template = self._template
-        if template is not None and template.ended.is_set() and template.ready:
-            self._retire(template)
-            if self._last_spec is not None and not self._closed:
-                try:
-                    self._start(self._last_spec)
-                except Exception:
-                    # Best effort, like warm_up(): the next request tries
-                    # again, and handle_error reports what goes wrong then.
-                    pass
-
-    def close(self, wait: bool) -> None:
-        with self._lock:
-            self._closed = True
-            template, self._template = self._template, None
-        if template is None:
-            return
-        if wait:
-            self.wait_idle(None)
-        template.retired = True
-        template.channel.close()
-        # The template exits once its workers have: wait for that if it is
-        # prompt, so that no process or pipe outlives a server with nothing
-        # running; otherwise the reactor reaps it whenever it ends.
-        if wait or not template.tags:
-            if not template.ended.wait(TEMPLATE_EXIT_TIMEOUT) and template.protocol:
-                _reactor.call_in_reactor(template.protocol.kill)
-                template.ended.wait(TEMPLATE_EXIT_TIMEOUT)
-
-    # -- for ForkingMixIn ------------------------------------------------------------
-
-    def warm_up(self, server: Any) -> None:
-        """Start the template now, if none runs, so the first request finds it ready.
-
-        Best effort: whatever stops it from starting (an unreachable handler
-        class set after construction, a template that failed to start) is
-        raised again by the first request, where ``handle_error`` reports it
-        and the server keeps serving.
-        """
-        with self._lock:
-            if self._startup_failure is not None:
-                return
-        try:
-            self._live_template(server)
-        except Exception:
-            pass
-
-    def wait_below(self, limit: int) -> None:
-        """Block until fewer than *limit* requests are in flight."""
-        with self._changed:
-            self._changed.wait_for(lambda: len(self._running) < limit)
-
-    def running_pids(self) -> set[int]:
-        """The pids of the workers running now."""
-        with self._lock:
-            return {pid for pid in self._running.values() if pid is not None}
-
-    def child_state(self, server: Any) -> dict[str, Any]:
-        """The instance attributes the worker's server object gets.
-
-        Every attribute of *server* that pickles, except this package's private
-        bookkeeping (``BaseServer`` gives the worker fresh bookkeeping of its
-        own); sockets among them travel as fds.  Whether an attribute
-        pickles is decided once per (name, type) and remembered.
-        """
-        state = {}
-        for name, value in vars(server).items():
-            if name.startswith(_PRIVATE_PREFIXES):
-                continue
-            key = (name, type(value))
-            picklable = self._picklable.get(key)
-            if picklable is None:
-                picklable = self._picklable[key] = _pickles(value)
-            if picklable:
-                state[name] = value
-        return state
-
-    # -- the template's life -----------------------------------------------------------
-
-    def _live_template(self, server: Any) -> _Template:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the server's worker processes have been shut down")
-            template = self._template
-            failure, self._startup_failure = self._startup_failure, None
-        if template is not None and not template.ended.is_set():
-            return template
-        if template is not None:
-            self._retire(template)
-        if failure is not None:
-            # Report it once; the next request tries a new template.
-            raise RuntimeError(failure)
-        return self._start(self._spec(server))
-
-    def _spec(self, server: Any) -> bytes:
-        uses_main = check_reachable("server class", type(server))
-        uses_main |= check_reachable("request handler", server.RequestHandlerClass)
-        sys_path = [os.getcwd() if entry == "" else entry for entry in sys.path]
-        return pickle.dumps(
-            {
-                "sys_path": sys_path,
-                "sys_argv": list(sys.argv),
-                "main": main_module_spec() if uses_main else None,
-                "warm": max(1, min(server.warm_children, server.max_children)),
-                "preload": pickle.dumps((type(server), server.RequestHandlerClass)),
-            }
-        )
-
-    def _start(self, spec: bytes) -> _Template:
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        template = _Template(parent_end)
-        template.protocol = _TemplateProtocol(self, template)
-        try:
-            _reactor.call_in_reactor(_spawn_template, template.protocol, child_end.fileno())
-            send_message(parent_end, SPEC_TAG, spec, [])
-        except BaseException:
-            parent_end.close()
-            raise
-        finally:
-            child_end.close()
-        self._last_spec = spec
-        with self._lock:
-            self._template = template
-        return template
-
-    def _retire(self, template: _Template) -> None:
-        with self._lock:
-            if self._template is template:
-                self._template = None
-            template.retired = True
-        template.channel.close()
-
-    # -- reports, on the reactor thread ----------------------------------------------------
-
-    def _on_status(self, template: _Template, lines: list[bytes]) -> None:
-        with self._changed:
-            for line in lines:
-                kind, *fields = line.split()
-                if kind == b"R":
-                    template.ready = True
-                elif kind == b"S":
-                    tag, pid = int(fields[0]), int(fields[1])
-                    if tag in self._running:
-                        self._running[tag] = pid
-                elif kind == b"E":
-                    tag = int(fields[0])
-                    self._running.pop(tag, None)
-                    template.tags.discard(tag)
-            self._changed.notify_all()
-
-    def _on_template_ended(self, template: _Template, how: str) -> None:
-        with self._changed:
-            # Workers it had not reaped yet are no longer ours to count.
-            for tag in template.tags:
-                self._running.pop(tag, None)
-            template.tags.clear()
-            if not template.ready and not template.retired:
-                self._startup_failure = (
-                    f"the ForkingMixIn template process exited ({how}) before it was "
-                    "ready, taking the requests sent to it along; its traceback, if "
-                    "any, is on stderr"
-                )
-            template.ended.set()
-            self._changed.notify_all()
 
 
 class ForkingMixIn:
@@ -594,6 +236,8 @@ class ForkingMixIn:
 
     def _forking_workers(self) -> ProcessDispatcher:
         if self._forking_dispatcher is None:
+            from txsocketserver._process_dispatcher import ProcessDispatcher
+
             self._forking_dispatcher = ProcessDispatcher()
         return self._forking_dispatcher
 

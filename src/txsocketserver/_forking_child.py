@@ -25,17 +25,20 @@ File descriptors of the template (fixed numbers, set up by ``spawnProcess``):
   themselves as ``SCM_RIGHTS`` ancillary data on the header, then a pickled
   body.  Tag 0 is the start-up spec; any other tag is a request.  End of file
   means the server has closed: the template reaps its running workers, then
-  exits.
-* 4 (:data:`STATUS_FD`): a pipe back to the parent's ``ProcessProtocol``,
-  carrying one short line per event: ``R`` (ready), ``S <tag> <pid>`` (a
-  worker started), ``E <tag> <exit code>`` (a worker was reaped; a negative
-  code is the signal that killed it).  Each line is far below ``PIPE_BUF``,
-  so it is written atomically.
+  exits.  The template sends back, on the same socket, one short line per
+  event: ``S <tag> <pid>`` (a worker started), ``E <tag> <exit code>`` (a
+  worker was reaped; a negative code is the signal that killed it); the
+  server's serving thread reads them when it needs them.
+* 4 (:data:`STATUS_FD`): a pipe to the parent's ``ProcessProtocol``, on
+  the reactor thread: one ``R`` line once the template is ready, then
+  nothing; its end of file tells the reactor that the template is exiting.
 
 Who reaps whom: the parent's reactor reaps exactly the template (Twisted's
 ``reapProcess`` waits on its pid alone); the template reaps exactly its own
-workers, by pid.  Nothing ever calls ``waitpid(-1)``, so a child that some
-other part of the program started is never reaped behind its back.
+workers, by pid (it may ask which child has exited first, with ``waitid``'s
+``WNOWAIT``, which reaps nothing).  Nothing ever calls ``waitpid(-1)``, so a
+child that some other part of the program started is never reaped behind its
+back.
 
 A request body is the pickle of ``(make_server, make_server_args,
 method_name, args)``: the worker builds its server object with the first two
@@ -47,27 +50,32 @@ each worker unpickling the state and building the object, which costs it page
 copies (its pages are shared copy-on-write with the template) as much as CPU.
 Sockets anywhere in it (the
 accepted connection, a datagram server's socket, the server's own ``socket``
-attribute) are pickled as *persistent ids* naming one of the message's fds,
-and rebuilt in the worker as ``socket.socket`` objects on those fds; the
-same socket object in the parent is the same object in the worker.
+attribute) are pickled as references to one of the message's fds, and
+rebuilt in the worker as ``socket.socket`` objects on those fds; the same
+socket object in the parent is the same object in the worker.
 """
 
 from __future__ import annotations
 
+import _pickle
 import _signal
+import _socket
 import gc
 import io
 import os
-import pickle
-import runpy
 import select
 import signal
 import socket
 import struct
 import sys
-import traceback
 import types
-from typing import Any
+
+# What the template imports, every worker carries and every fork copies:
+# _pickle rather than pickle (which imports re), no typing, and traceback
+# and runpy imported where they are used.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 CHANNEL_FD = 3
 STATUS_FD = 4
@@ -82,16 +90,22 @@ SPEC_TAG = 0
 # ``_Template._install``) rather than carrying a request.
 INSTALL_TAG = (1 << 64) - 1
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+# waitid() flags naming an exited child without reaping it (no waitid on macOS).
+_PEEK = os.WEXITED | os.WNOHANG | os.WNOWAIT if hasattr(os, "waitid") else None
 
 
 # -- the wire format (used by both sides) ------------------------------------
 
 
-class SocketPickler(pickle.Pickler):
+class SocketPickler(_pickle.Pickler):
     """A pickler that turns every ``socket.socket`` it meets into an fd to pass.
 
     After ``dump()``, :attr:`fds` lists the file descriptors to send with the
-    message, in the order the persistent ids refer to them.
+    message, in the order the pickle refers to them.  A socket is reduced to
+    a call of :func:`_socket_from_message` with its fd's index: a
+    ``reducer_override``, which the C pickler consults only for objects of
+    classes it does not know (a persistent id function would be called for
+    every object, each int and str included).
 
     Error handling:
         ``TypeError`` for a socket that cannot cross a process boundary: a
@@ -100,29 +114,39 @@ class SocketPickler(pickle.Pickler):
     """
 
     def __init__(self, file: io.BytesIO) -> None:
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        super().__init__(file, protocol=-1)  # the highest
         self.fds: list[int] = []
-        self._index_of: dict[int, int] = {}
 
-    def persistent_id(self, obj: Any) -> Any:
+    def reducer_override(self, obj: Any) -> Any:
+        # The pickler's memo makes a second reference to the same socket a
+        # reference to the first one's result: one fd, one object there too.
         if not isinstance(obj, socket.socket):
-            return None
-        index = self._index_of.get(id(obj))
-        if index is None:
-            if type(obj) is not socket.socket:
-                # ssl.SSLSocket, our TLSSocket: their TLS state lives in this
-                # process, and the bare fd would speak cleartext.
-                raise TypeError(
-                    f"a {type(obj).__name__} cannot be handed to another process, only a "
-                    "plain socket.socket can; ForkingMixIn cannot serve a request that "
-                    "is wrapped in TLS (an ssl: endpoint, or a get_request() that wraps)"
-                )
-            fd = obj.fileno()
-            if fd < 0:
-                raise TypeError(f"cannot hand a closed socket to another process: {obj!r}")
-            index = self._index_of[id(obj)] = len(self.fds)
-            self.fds.append(fd)
-        return ("socket", index, int(obj.family), int(obj.type), obj.proto, obj.gettimeout())
+            return NotImplemented
+        if type(obj) is not socket.socket:
+            # ssl.SSLSocket, say: its TLS state lives in this process, and
+            # the bare fd would speak cleartext.
+            raise TypeError(
+                f"a {type(obj).__name__} cannot be handed to another process, only a "
+                "plain socket.socket can; ForkingMixIn cannot serve a request that "
+                "is wrapped in TLS (an ssl: endpoint, or a get_request() that wraps)"
+            )
+        fd = obj.fileno()
+        if fd < 0:
+            raise TypeError(f"cannot hand a closed socket to another process: {obj!r}")
+        self.fds.append(fd)
+        # The C-level attributes: socket.socket's own properties convert them
+        # to enums, a dozen Python calls each.
+        details = (_RAW_FAMILY.__get__(obj), _RAW_TYPE.__get__(obj), obj.proto, obj.gettimeout())
+        return _socket_from_message, (len(self.fds) - 1, *details)
+
+
+_RAW_FAMILY = _socket.socket.family
+_RAW_TYPE = _socket.socket.type
+
+
+def _socket_from_message(index: int, family: int, type_: int, proto: int, timeout: Any) -> Any:
+    """What a pickled socket names; only :func:`loads_with_fds` can rebuild one."""
+    raise _pickle.UnpicklingError("a socket passed as an fd can only be rebuilt by loads_with_fds")
 
 
 def dumps_with_fds(obj: Any) -> tuple[bytes, list[int]]:
@@ -133,24 +157,26 @@ def dumps_with_fds(obj: Any) -> tuple[bytes, list[int]]:
     return buffer.getvalue(), pickler.fds
 
 
-class _SocketUnpickler(pickle.Unpickler):
+class _SocketUnpickler(_pickle.Unpickler):
     def __init__(self, file: io.BytesIO, fds: list[int]) -> None:
         super().__init__(file)
         self._fds = fds
         self.sockets: dict[int, socket.socket] = {}
 
-    def persistent_load(self, pid: Any) -> Any:
-        kind, index, family, type_, proto, timeout = pid
-        if kind != "socket":
-            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
-        sock = self.sockets.get(index)
-        if sock is None:
-            sock = socket.socket(family, type_, proto, fileno=self._fds[index])
-            self.sockets[index] = sock
-            # The O_NONBLOCK flag is shared with the parent's copy of the fd:
-            # touch it only when the new object disagrees with the old one.
-            if sock.gettimeout() != timeout:
-                sock.settimeout(timeout)
+    def find_class(self, module: str, name: str) -> Any:
+        if module == __name__ and name == _socket_from_message.__name__:
+            return self._socket_from_message
+        return super().find_class(module, name)
+
+    def _socket_from_message(
+        self, index: int, family: int, type_: int, proto: int, timeout: Any
+    ) -> socket.socket:
+        sock = socket.socket(family, type_, proto, fileno=self._fds[index])
+        self.sockets[index] = sock
+        # The O_NONBLOCK flag is shared with the parent's copy of the fd:
+        # touch it only when the new object disagrees with the old one.
+        if sock.gettimeout() != timeout:
+            sock.settimeout(timeout)
         return sock
 
 
@@ -229,6 +255,8 @@ def _load_main(spec: tuple[str, str]) -> None:
     too, so that pickles naming ``__main__.Something`` find it (as
     multiprocessing's spawn does: the ``if __name__ == "__main__"`` block does
     not run)."""
+    import runpy
+
     kind, where = spec
     if kind == "name":
         if where == "__main__" or where.endswith(".__main__"):
@@ -244,8 +272,17 @@ def _load_main(spec: tuple[str, str]) -> None:
 # -- the template process -------------------------------------------------------
 
 
-def _report(line: str) -> None:
-    os.write(STATUS_FD, line.encode("ascii") + b"\n")
+def _print_exc() -> None:
+    import traceback
+
+    traceback.print_exc()
+
+
+def _report_ready() -> None:
+    try:
+        os.write(STATUS_FD, b"R\n")
+    except OSError:
+        pass  # the server process is gone: the channel's end of file follows
 
 
 def flush_stdio() -> None:
@@ -263,7 +300,36 @@ def _prepare(spec: dict[str, Any]) -> None:
     if spec["main"] is not None:
         _load_main(spec["main"])
     # Importing the classes now is what makes each request cheap later.
-    pickle.loads(spec["preload"])
+    _pickle.loads(spec["preload"])
+
+
+def _rehearse_hand_over() -> None:
+    """Run a worker's side of a request hand-over here, many times over.
+
+    CPython (3.11 on) rewrites bytecode in place as it specializes it, and
+    counts calls in the code object until it does: code that runs for the
+    first time in a worker writes to its code objects, so copies their
+    pages, in every worker.  Code that the template has run often enough
+    is already specialized, and runs without writing to them.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        body, fds = dumps_with_fds((None, {}, "rehearsal", (ours, ("127.0.0.1", 0))))
+        for _ in range(_REHEARSALS):
+            send_message(ours, 1, body, fds)
+            received = receive_message(theirs)
+            assert received is not None
+            _tag, received_body, received_fds = received
+            _make_server, _attributes, _name, args = loads_with_fds(received_body, received_fds)
+            args[0].close()
+    finally:
+        ours.close()
+        theirs.close()
+
+
+# Enough runs for CPython's specializing interpreter to settle (3.11 quickens
+# a function after 8 calls, then specializes an instruction after ~50 runs).
+_REHEARSALS = 100
 
 
 def main() -> None:
@@ -277,8 +343,9 @@ def main() -> None:
     if first is None:
         return
     _tag, body, _fds = first
-    spec = pickle.loads(body)
+    spec = _pickle.loads(body)
     _prepare(spec)
+    _rehearse_hand_over()
     flush_stdio()
     # Objects imported so far are never freed: keep the collector off their
     # pages, so that forked workers share them instead of copying them.
@@ -304,6 +371,8 @@ class _Template:
         self.retiring: set[int] = set()
         # The sockets of the installed server object.
         self.installed_sockets: list[socket.socket] = []
+        # Status lines for the server, sent once per turn of the loop.
+        self.status: list[bytes] = []
         self.wake_read, self.wake_write = os.pipe()
         os.set_blocking(self.wake_read, False)
         os.set_blocking(self.wake_write, False)
@@ -313,15 +382,21 @@ class _Template:
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         signal.set_wakeup_fd(self.wake_write)
         self._fill()
-        _report("R")
+        _report_ready()
         while self.channel is not None or self.running or self.idle or self.retiring:
+            self._send_status()
             watched = [self.wake_read] if self.channel is None else [self.wake_read, self.channel]
             readable, _, _ = select.select(watched, [], [])
             if self.wake_read in readable:
                 self._drain_wake_pipe()
                 self._reap()
             if self.channel is not None and self.channel in readable:
-                message = receive_message(self.channel)
+                try:
+                    message = receive_message(self.channel)
+                except (OSError, EOFError):
+                    # The server process died (with status lines unread, a
+                    # reset): what its closing would have told us.
+                    message = None
                 if message is None:
                     self._stop_accepting()
                 elif message[0] == INSTALL_TAG:
@@ -335,6 +410,26 @@ class _Template:
                     # spread over the loop.
                     if not self.idle:
                         self._fill()
+
+    def _send_status(self) -> None:
+        """Send the status lines of this turn of the loop, in one write.
+
+        They go back on the channel, where the server's serving thread
+        reads them when it next hands over a request or waits for a worker
+        to end (not on the reactor thread: a request then costs the server
+        no thread switch).  Once the server has closed the channel, nobody
+        waits for them any more: the server counts what is left of this
+        template's requests as ended when the template exits.
+        """
+        if not self.status:
+            return
+        lines, self.status = b"".join(self.status), []
+        if self.channel is None:
+            return
+        try:
+            self.channel.sendall(lines, _SEND_FLAGS)
+        except OSError:
+            pass  # the server process is gone: the channel's end of file follows
 
     def _stop_accepting(self) -> None:
         assert self.channel is not None
@@ -361,7 +456,7 @@ class _Template:
             make_server, make_args = unpickler.load()
             _installed_server = make_server(*make_args)
         except Exception:
-            traceback.print_exc()
+            _print_exc()
         self.installed_sockets = list(unpickler.sockets.values())
         used = {sock.fileno() for sock in self.installed_sockets}
         for fd in fds:
@@ -385,7 +480,7 @@ class _Template:
             try:
                 self.idle.append(self._fork_idle_worker())
             except OSError:
-                traceback.print_exc()
+                _print_exc()
                 return
 
     def _hand_over(self, tag: int, body: bytes, fds: list[int]) -> None:
@@ -394,8 +489,8 @@ class _Template:
                 try:
                     pid, end = self.idle.pop(0) if self.idle else self._fork_idle_worker(fds)
                 except OSError:
-                    traceback.print_exc()
-                    _report(f"E {tag} 1")
+                    _print_exc()
+                    self.status.append(b"E %d 1\n" % tag)
                     return
                 try:
                     send_message(end, tag, body, fds)
@@ -405,7 +500,7 @@ class _Template:
                     continue
                 end.close()
                 self.running[pid] = tag
-                _report(f"S {tag} {pid}")
+                self.status.append(b"S %d %d\n" % (tag, pid))
                 return
         finally:
             for fd in fds:
@@ -440,23 +535,56 @@ class _Template:
                 return
 
     def _reap(self) -> None:
+        while True:
+            pid = self._exited_worker()
+            if pid == 0:
+                return
+            if pid is None:
+                break
+            self._reaped(pid, os.waitpid(pid, 0)[1])
         for pid in [*self.running, *(pid for pid, _end in self.idle), *self.retiring]:
             try:
                 done, status = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
                 done, status = pid, 0
-            if not done:
-                continue
-            if pid in self.running:
-                _report(f"E {self.running.pop(pid)} {os.waitstatus_to_exitcode(status)}")
-            elif pid in self.retiring:
-                self.retiring.discard(pid)
-            else:
-                for index, (idle_pid, end) in enumerate(self.idle):
-                    if idle_pid == pid:
-                        end.close()
-                        del self.idle[index]
-                        break
+            if done:
+                self._reaped(pid, status)
+
+    def _exited_worker(self) -> int | None:
+        """The pid of a worker that has exited, 0 if no child has, None if
+        it cannot tell: then each worker must be asked in turn.
+
+        Asking each worker costs a system call apiece at every wake-up (up
+        to ``max_children`` of them); ``waitid(WNOWAIT)`` names an exited
+        child without reaping it, in one.  The child it names may be
+        somebody else's (one that a handler module started at import, say):
+        that one is left alone.
+        """
+        if _PEEK is None:
+            return None
+        try:
+            found = os.waitid(os.P_ALL, 0, _PEEK)
+        except ChildProcessError:
+            return 0
+        if found is None or found.si_pid == 0:
+            return 0
+        pid = found.si_pid
+        if pid in self.running or pid in self.retiring or any(p == pid for p, _ in self.idle):
+            return pid
+        return None
+
+    def _reaped(self, pid: int, status: int) -> None:
+        if pid in self.running:
+            code = os.waitstatus_to_exitcode(status)
+            self.status.append(b"E %d %d\n" % (self.running.pop(pid), code))
+        elif pid in self.retiring:
+            self.retiring.discard(pid)
+        else:
+            for index, (idle_pid, end) in enumerate(self.idle):
+                if idle_pid == pid:
+                    end.close()
+                    del self.idle[index]
+                    break
 
 
 # The server object that ``_Template._install`` built (None if none, or if
@@ -499,7 +627,7 @@ def _run_worker(own: socket.socket, fds_to_close: tuple[int, ...]) -> None:
         getattr(server, method_name)(*args)
         status = 0
     except BaseException:
-        traceback.print_exc()
+        _print_exc()
     finally:
         flush_stdio()
         os._exit(status)

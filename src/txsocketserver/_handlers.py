@@ -10,14 +10,16 @@ servers too, since all they use is ``request``, ``client_address`` and
 
 from __future__ import annotations
 
+import _thread
 import io
-import logging
 import socket
-import threading
 import weakref
-from typing import Any
 
-log = logging.getLogger("txsocketserver")
+from txsocketserver._base import log_warning
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class BaseRequestHandler:
@@ -119,7 +121,7 @@ _NO_ADDRESS = (None, "", b"")
 # Servers that have already logged the dropped-reply warning (once each);
 # the lock makes "once" hold when several handler threads drop replies at once.
 _warned_no_address: weakref.WeakSet[Any] = weakref.WeakSet()
-_warned_lock = threading.Lock()
+_warned_lock = _thread.allocate_lock()
 
 
 class DatagramRequestHandler(BaseRequestHandler):
@@ -148,7 +150,7 @@ class DatagramRequestHandler(BaseRequestHandler):
         reply = self.wfile.getvalue()
         if self.client_address in _NO_ADDRESS:
             if reply and _first_warning_for(self.server):
-                log.warning(
+                log_warning(
                     "%s: a %d-byte reply was dropped: the client sent from an unbound "
                     "Unix socket, which has no address to reply to (the client must "
                     "bind its socket to a path to receive replies).",

@@ -38,21 +38,26 @@ reactor thread can do: :func:`refuse_reactor_thread` turns that deadlock into a
 
 from __future__ import annotations
 
-import threading
+import _thread
 from collections.abc import Callable
-from typing import Any
 
-from twisted.internet.defer import maybeDeferred
-from twisted.internet.interfaces import IReactorThreads
-from twisted.python import threadable
-from twisted.python.failure import Failure
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import threading
+    from typing import Any
+
+# Twisted (and threading) are imported inside the functions below, never at
+# module level: the server classes import this module, and so does every
+# process that only defines or runs them (a forking server's template and
+# workers), which must not pay for Twisted, nor run threading's at-fork hook
+# at each fork (see ``_forking``).
 
 # How long a blocking caller waits for the reactor thread to answer before it
 # concludes that the reactor is wedged (a handler of somebody else's blocking
 # the reactor thread) and raises instead of hanging forever.
 REACTOR_CALL_TIMEOUT = 30.0
 
-_start_lock = threading.Lock()
+_start_lock = _thread.allocate_lock()
 _reactor_thread: threading.Thread | None = None
 
 
@@ -69,6 +74,8 @@ def get_reactor() -> Any:
 
 def in_reactor_thread() -> bool:
     """Whether the calling thread is the thread that runs the reactor."""
+    from twisted.python import threadable
+
     return bool(get_reactor().running and threadable.isInIOThread())
 
 
@@ -107,6 +114,8 @@ def running_reactor() -> Any:
         if _reactor_thread is None:
             if getattr(reactor, "_stopped", False) and getattr(reactor, "_started", False):
                 raise RuntimeError("the Twisted reactor has been stopped and cannot run again")
+            import threading
+
             started = threading.Event()
             reactor.callWhenRunning(started.set)
             _reactor_thread = threading.Thread(
@@ -135,9 +144,16 @@ def call_in_reactor(function: Callable[..., Any], *args: Any) -> Any:
         ``REACTOR_CALL_TIMEOUT`` seconds, ``RuntimeError`` is raised rather than
         hanging.
     """
+    from twisted.internet.defer import maybeDeferred
+    from twisted.internet.interfaces import IReactorThreads
+    from twisted.python import threadable
+    from twisted.python.failure import Failure
+
     reactor = running_reactor()
     if threadable.isInIOThread():
         return function(*args)
+    import threading
+
     done = threading.Event()
     outcome: list[Any] = []
 
@@ -159,6 +175,9 @@ def call_in_reactor(function: Callable[..., Any], *args: Any) -> Any:
 
 def call_soon(function: Callable[..., object], *args: Any) -> None:
     """Schedule ``function(*args)`` on the reactor thread without waiting."""
+    from twisted.internet.interfaces import IReactorThreads
+    from twisted.python import threadable
+
     reactor = get_reactor()
     if reactor.running and threadable.isInIOThread():
         function(*args)

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import TYPE_CHECKING, Any
 
 from txsocketserver._base import BaseServer
-from txsocketserver._endpoints import EndpointListener, as_endpoint, listening_socket
-from txsocketserver._readiness import IRequestReadiness
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import ssl
+    from typing import Any
+
+    from txsocketserver._endpoints import EndpointListener
+    from txsocketserver._readiness import IRequestReadiness
 
 
 class TCPServer(BaseServer):
@@ -66,6 +68,10 @@ class TCPServer(BaseServer):
         bind_and_activate: bool = True,
     ) -> None:
         """Constructor.  May be extended, do not override."""
+        # Imported here, not with the class: it imports Twisted, which a
+        # process that only defines the class (a forking worker) never needs.
+        from txsocketserver._endpoints import EndpointListener, as_endpoint, listening_socket
+
         BaseServer.__init__(self, server_address, RequestHandlerClass)
         self._endpoint: EndpointListener | None = None
         # Set for tcp:, tcp6:, unix: and ssl: endpoints, which are served on

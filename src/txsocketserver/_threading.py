@@ -16,80 +16,15 @@ Differences from the stdlib, all in the caller's favour:
 
 from __future__ import annotations
 
-import sys
-import threading
-import time
 import weakref
-from collections.abc import Callable
-from typing import Any
 
-from twisted.python.threadpool import ThreadPool
-from zope.interface import implementer
+from txsocketserver._base import run_request
 
-from txsocketserver._dispatch import IRequestDispatcher, run_request
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
-
-def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
-    return threading.Thread(*args, daemon=True, **kwargs)
-
-
-@implementer(IRequestDispatcher)
-class ThreadDispatcher:
-    """Runs requests on a private Twisted ``ThreadPool``.
-
-    Args:
-        name: names the pool's threads, for debuggers and logs.
-        max_threads: at most this many requests run at once; ``None`` means no
-            limit, as in the stdlib.
-        idle_thread_timeout: seconds a thread may stay idle before it is retired.
-        hold_exit: whether stopping the pool may hold up interpreter exit
-            (the stdlib's non-daemon request threads).
-    """
-
-    def __init__(
-        self,
-        *,
-        name: str,
-        max_threads: int | None,
-        idle_thread_timeout: float,
-        hold_exit: bool,
-    ) -> None:
-        self._pool = ThreadPool(0, max_threads or sys.maxsize, name=name)
-        self._pool.threadFactory = _daemon_thread
-        self._pool.start()
-        self._idle_timeout = idle_thread_timeout
-        self._next_trim = time.monotonic() + idle_thread_timeout
-        self._idle_at_last_trim = 0
-        self._hold_exit = hold_exit
-
-    def dispatch(self, function: Callable[..., object], *args: Any) -> None:
-        self._pool.callInThread(function, *args)
-
-    def upkeep(self) -> None:
-        now = time.monotonic()
-        if now < self._next_trim:
-            return
-        self._next_trim = now + self._idle_timeout
-        # A thread idle at both of two checks one period apart has been idle
-        # (at least mostly) for the whole period: retire that many.
-        idle_now = len(self._pool.waiters)
-        for _ in range(min(idle_now, self._idle_at_last_trim)):
-            self._pool.stopAWorker()
-        self._idle_at_last_trim = len(self._pool.waiters)
-        self._pool.threads[:] = [t for t in self._pool.threads if t.is_alive()]
-
-    def close(self, wait: bool) -> None:
-        if wait:
-            self._pool.stop()
-        else:
-            # stop() joins the pool's threads; let a helper do the joining so
-            # the threads still end once their requests are done.  Like the
-            # request threads, it holds up exit only for non-daemon requests.
-            threading.Thread(
-                target=self._pool.stop,
-                name="txsocketserver-pool-stop",
-                daemon=not self._hold_exit,
-            ).start()
+    from txsocketserver._thread_dispatcher import ThreadDispatcher
 
 
 # Servers whose requests run on non-daemon threads in the stdlib's sense,
@@ -102,10 +37,24 @@ def _wait_for_requests_at_exit() -> None:
         server._wait_for_requests(None)
 
 
-# Runs when the main thread finishes, before non-daemon threads are joined:
-# the moment the stdlib's non-daemon request threads would hold up exit.
-if hasattr(threading, "_register_atexit"):
-    threading._register_atexit(_wait_for_requests_at_exit)
+_registered_at_exit = False
+
+
+def _wait_at_exit_for(server: Any) -> None:
+    """Have interpreter exit wait for *server*'s requests in flight."""
+    global _registered_at_exit
+    _wait_at_exit[id(server)] = server
+    if not _registered_at_exit:
+        # Imported here, not with the module: a process that only defines
+        # the classes (a forking worker) must not carry threading's at-fork
+        # hook.  Runs when the main thread finishes, before non-daemon
+        # threads are joined: the moment the stdlib's non-daemon request
+        # threads would hold up exit.
+        import threading
+
+        _registered_at_exit = True
+        if hasattr(threading, "_register_atexit"):
+            threading._register_atexit(_wait_for_requests_at_exit)
 
 
 class ThreadingMixIn:
@@ -146,6 +95,8 @@ class ThreadingMixIn:
         # Made on first use so that daemon_threads/max_threads set on the
         # instance after construction still apply.
         if self._thread_dispatcher is None:
+            from txsocketserver._thread_dispatcher import ThreadDispatcher
+
             self._thread_dispatcher = ThreadDispatcher(
                 name=f"{type(self).__name__}-{id(self):x}",
                 max_threads=self.max_threads,
@@ -153,7 +104,7 @@ class ThreadingMixIn:
                 hold_exit=not self.daemon_threads,
             )
             if not self.daemon_threads:
-                _wait_at_exit[id(self)] = self
+                _wait_at_exit_for(self)
         return self._thread_dispatcher
 
     def _after_serving_step(self) -> None:

@@ -1,0 +1,537 @@
+"""``ProcessDispatcher``: the server process's side of ``ForkingMixIn``.
+
+See ``_forking`` for the design.  This module runs only in the server
+process, and is imported there when the server first starts its template:
+it needs Twisted (``spawnProcess``, a ``ProcessProtocol``), which the
+template and the workers never import.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import pickle
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from txsocketserver import _reactor
+from txsocketserver._dispatch import IRequestDispatcher
+from txsocketserver._forking import _child_server, check_reachable
+from txsocketserver._forking_child import (
+    CHANNEL_FD,
+    INSTALL_TAG,
+    SPEC_TAG,
+    STATUS_FD,
+    dumps_with_fds,
+    main_module_spec,
+    send_message,
+)
+
+# recv() flags: take what has arrived, never wait (the socket itself blocks).
+_RECEIVE_NOW = getattr(socket, "MSG_DONTWAIT", 0)
+
+# Seconds a closing server waits for an idle template to exit before killing it.
+TEMPLATE_EXIT_TIMEOUT = 10.0
+
+# Instance attributes that are this package's bookkeeping, not the user's:
+# they are not copied to the child's server object.
+_PRIVATE_PREFIXES = ("_BaseServer__", "_forking_")
+
+# Attributes that change from one request to the next (ours): they travel
+# with each request rather than being part of the state installed in the
+# template.
+_VOLATILE = ("active_children",)
+
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TEMPLATE_COMMAND = (
+    f"import sys; sys.path.insert(0, {_PACKAGE_ROOT!r}); "
+    "from txsocketserver._forking_child import main; main()"
+)
+
+
+# Types whose instances pickle the same for as long as they are the same
+# object (classes and functions pickle as their names).
+_IMMUTABLE_TYPES = frozenset(
+    {type(None), bool, int, float, complex, str, bytes, type, types.FunctionType}
+)
+
+
+def _immutable(value: Any) -> bool:
+    """Whether *value* pickles the same for as long as it is the same object."""
+    kind = type(value)
+    if kind in _IMMUTABLE_TYPES or isinstance(value, (socket.socket, enum.Enum)):
+        return True
+    if kind is tuple or kind is frozenset:
+        return all(_immutable(item) for item in value)
+    return False
+
+
+def _pickles(value: Any) -> bool:
+    try:
+        dumps_with_fds(value)
+    except Exception:
+        return False
+    return True
+
+
+class _Template:
+    """The parent's view of one template process."""
+
+    def __init__(self, channel: socket.socket) -> None:
+        self.channel = channel
+        self.protocol: _TemplateProtocol | None = None
+        self.tags: set[int] = set()
+        # The server state installed in the template (its pickle, and the
+        # identities of its sockets), and a different one seen once since.
+        self.installed: tuple[bytes, tuple[int, ...]] | None = None
+        self.candidate: tuple[bytes, tuple[int, ...]] | None = None
+        self.ready = False
+        # Closed on purpose (server_close, or replaced after a broken pipe).
+        self.retired = False
+        self.ended = threading.Event()
+        # Its status lines come back on the channel: a thread is reading
+        # them now, the channel has reached end of file, an unfinished line.
+        self.reading = False
+        self.channel_ended = False
+        self.partial_line = b""
+        self.poller = select.poll()
+        self.poller.register(channel, select.POLLIN)
+
+    def has_status_to_read(self) -> bool:
+        """Whether a thread may read the status now, and some will come:
+        a request is in flight, so an ``E`` line (or end of file) will."""
+        return bool(self.tags and not (self.reading or self.retired or self.channel_ended))
+
+
+class _TemplateProtocol(ProcessProtocol):
+    """Reactor-thread half: sees the template get ready, and end."""
+
+    def __init__(self, dispatcher: ProcessDispatcher, template: _Template) -> None:
+        self._dispatcher = dispatcher
+        self._template = template
+        self._ended = False
+
+    def connectionMade(self) -> None:
+        # The template reads nothing from stdin: give it end of file.
+        self.transport.closeStdin()
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        # Only ever "R": the rest of the status comes on the channel.
+        if childFD == STATUS_FD and data:
+            self._dispatcher._on_ready(self._template)
+
+    def childConnectionLost(self, childFD: int) -> None:
+        if childFD == STATUS_FD:
+            # Without a SIGCHLD handler (ours runs with installSignalHandlers
+            # off) Twisted tries to reap once, when the pipes close, which can
+            # be a moment before the process has finished exiting: retry.
+            self._reap_later(0.005)
+
+    def _reap_later(self, delay: float) -> None:
+        def reap() -> None:
+            if self._ended:
+                return
+            self.transport.reapProcess()
+            if not self._ended:
+                self._reap_later(min(delay * 2, 0.5))
+
+        _reactor.get_reactor().callLater(delay, reap)
+
+    def processEnded(self, reason: Failure) -> None:
+        self._ended = True
+        value = reason.value
+        code = getattr(value, "exitCode", None)
+        signal_number = getattr(value, "signal", None)
+        how = f"killed by signal {signal_number}" if signal_number else f"status {code}"
+        self._dispatcher._on_template_ended(self._template, how)
+
+    def kill(self) -> None:
+        if not self._ended:
+            self.transport.signalProcess("KILL")
+
+
+def _spawn_template(protocol: _TemplateProtocol, channel_fd: int) -> None:
+    """Start a template process; runs on the reactor thread."""
+    flags = getattr(subprocess, "_args_from_interpreter_flags", list)()
+    _reactor.get_reactor().spawnProcess(
+        protocol,
+        sys.executable,
+        [sys.executable, *flags, "-c", _TEMPLATE_COMMAND],
+        env=dict(os.environ),
+        childFDs={0: "w", 1: 1, 2: 2, CHANNEL_FD: channel_fd, STATUS_FD: "r"},
+    )
+
+
+@implementer(IRequestDispatcher)
+class ProcessDispatcher:
+    """Runs each request in a new worker process forked from a template.
+
+    ``dispatch(function, *args)`` takes a *method of the server*: the worker
+    calls the method of that name on its own copy of the server (a new
+    instance of the same class holding :meth:`child_state`) with a copy of
+    *args*, sockets included.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        # tag -> worker pid (None until the template reports the fork).
+        self._running: dict[int, int | None] = {}
+        self._next_tag = SPEC_TAG + 1
+        self._template: _Template | None = None
+        # Every template not yet ended (the current one, retired ones).
+        self._templates: set[_Template] = set()
+        self._last_spec: bytes | None = None
+        self._startup_failure: str | None = None
+        self._closed = False
+        self._copied: dict[tuple[str, type], bool] = {}
+        # The last state pickled, while its values are all immutable (see
+        # _state_pickle): class, names, values, sockets' fds and timeouts,
+        # then the pickle and its fds.  Holding the values keeps their
+        # identities from being reused by new objects.
+        self._state_cache: tuple[Any, ...] | None = None
+
+    # -- IRequestDispatcher --------------------------------------------------------
+
+    def dispatch(self, function: Callable[..., object], *args: Any) -> None:
+        server = function.__self__  # type: ignore[attr-defined]
+        try:
+            attributes = self.child_state(server)
+            full = (_child_server, (type(server), attributes), function.__name__, args)
+            # What changes with every request travels with it; the rest is
+            # installed in the template once (see _Template._install there).
+            volatile = {name: attributes[name] for name in _VOLATILE if name in attributes}
+            stable = {name: value for name, value in attributes.items() if name not in volatile}
+            state_body, state_fds = self._state_pickle(type(server), stable)
+            body, fds = dumps_with_fds((None, volatile, function.__name__, args))
+            key: tuple[bytes, tuple[int, ...]] | None = None
+            if set(state_fds).isdisjoint(fds):
+                # Sockets are told apart by inode: an fd number can be reused.
+                key = (state_body, tuple(os.fstat(fd).st_ino for fd in state_fds))
+            else:
+                # A socket both in the state and in the request (a datagram
+                # server's) must be one object in the worker: one pickle.
+                body, fds = dumps_with_fds(full)
+        except Exception as exc:
+            raise TypeError(
+                "ForkingMixIn cannot hand this request to a worker process: the request "
+                "and client address must pickle, with their sockets real socket.socket "
+                f"objects (not, e.g., an endpoint server's socket facade): {exc}"
+            ) from exc
+        # A template that died since the last request shows up as a broken
+        # pipe: retire it and hand the request to a fresh one.
+        for attempt in (1, 2):
+            template = self._live_template(server)
+            with self._lock:
+                tag = self._next_tag
+                self._next_tag += 1
+                self._running[tag] = None
+                template.tags.add(tag)
+            try:
+                if key is None or template.installed == key:
+                    send_message(template.channel, tag, body, fds)
+                elif template.installed is None or template.candidate == key:
+                    # A state seen for the first time, or twice in a row.
+                    send_message(template.channel, INSTALL_TAG, state_body, state_fds)
+                    template.installed, template.candidate = key, None
+                    send_message(template.channel, tag, body, fds)
+                else:
+                    # A state that changes from request to request travels with it.
+                    template.candidate = key
+                    full_body, full_fds = dumps_with_fds(full)
+                    send_message(template.channel, tag, full_body, full_fds)
+                return
+            except OSError:
+                with self._changed:
+                    self._running.pop(tag, None)
+                    template.tags.discard(tag)
+                    self._changed.notify_all()
+                self._retire(template)
+                if attempt == 2:
+                    raise
+
+    def _state_pickle(self, server_class: type, stable: dict[str, Any]) -> tuple[bytes, list[int]]:
+        """The pickle of the state to install, and its fds: remade only when it may differ.
+
+        A state made of the very same objects as last time, all immutable,
+        pickles the same (a socket: while its fd and timeout stay the same),
+        so its last pickle serves again.  A state holding anything mutable (a
+        list, a user object) is pickled anew for every request: a change
+        made inside it must reach the next request, as after ``os.fork``.
+        """
+        values = tuple(stable.values())
+        sockets = tuple(
+            (value.fileno(), value.gettimeout())
+            for value in values
+            if isinstance(value, socket.socket)
+        )
+        cached = self._state_cache
+        if (
+            cached is not None
+            and cached[0] is server_class
+            and cached[1] == tuple(stable)
+            and all(old is new for old, new in zip(cached[2], values, strict=True))
+            and cached[3] == sockets
+        ):
+            return cached[4], cached[5]
+        body, fds = dumps_with_fds((_child_server, (server_class, stable)))
+        if all(_immutable(value) for value in values):
+            self._state_cache = (server_class, tuple(stable), values, sockets, body, fds)
+        else:
+            self._state_cache = None
+        return body, fds
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        return self._wait_until(lambda: not self._running, timeout)
+
+    def upkeep(self) -> None:
+        # Keep a template warm: replace one that died (killed from outside)
+        # after it had been ready, so the next request does not wait for it.
+        template = self._template
+        if template is not None and template.ended.is_set() and template.ready:
+            self._retire(template)
+            if self._last_spec is not None and not self._closed:
+                try:
+                    self._start(self._last_spec)
+                except Exception:
+                    # Best effort, like warm_up(): the next request tries
+                    # again, and handle_error reports what goes wrong then.
+                    pass
+
+    def close(self, wait: bool) -> None:
+        with self._lock:
+            self._closed = True
+            template, self._template = self._template, None
+        if template is None:
+            return
+        if wait:
+            self.wait_idle(None)
+        self._retire(template)
+        # The template exits once its workers have: wait for that if it is
+        # prompt, so that no process or pipe outlives a server with nothing
+        # running; otherwise the reactor reaps it whenever it ends.
+        if wait or not template.tags:
+            if not template.ended.wait(TEMPLATE_EXIT_TIMEOUT) and template.protocol:
+                _reactor.call_in_reactor(template.protocol.kill)
+                template.ended.wait(TEMPLATE_EXIT_TIMEOUT)
+
+    # -- for ForkingMixIn ------------------------------------------------------------
+
+    def warm_up(self, server: Any) -> None:
+        """Start the template now, if none runs, so the first request finds it ready.
+
+        Best effort: whatever stops it from starting (an unreachable handler
+        class set after construction, a template that failed to start) is
+        raised again by the first request, where ``handle_error`` reports it
+        and the server keeps serving.
+        """
+        with self._lock:
+            if self._startup_failure is not None:
+                return
+        try:
+            self._live_template(server)
+        except Exception:
+            pass
+
+    def wait_below(self, limit: int) -> None:
+        """Block until fewer than *limit* requests are in flight."""
+        self._wait_until(lambda: len(self._running) < limit, None)
+
+    def running_pids(self) -> set[int]:
+        """The pids of the workers running now."""
+        with self._lock:
+            template = self._template
+            if template is not None and template.has_status_to_read():
+                self._take_status(template)
+            return {pid for pid in self._running.values() if pid is not None}
+
+    def child_state(self, server: Any) -> dict[str, Any]:
+        """The instance attributes the worker's server object gets.
+
+        Every attribute of *server* that pickles, except this package's private
+        bookkeeping (``BaseServer`` gives the worker fresh bookkeeping of its
+        own); sockets among them travel as fds.  Whether an attribute is
+        copied is decided once per (name, type) and remembered.
+        """
+        state = {}
+        decided = self._copied
+        for name, value in vars(server).items():
+            key = (name, type(value))
+            copied = decided.get(key)
+            if copied is None:
+                copied = decided[key] = not name.startswith(_PRIVATE_PREFIXES) and _pickles(value)
+            if copied:
+                state[name] = value
+        return state
+
+    # -- the template's life -----------------------------------------------------------
+
+    def _live_template(self, server: Any) -> _Template:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the server's worker processes have been shut down")
+            template = self._template
+            failure, self._startup_failure = self._startup_failure, None
+        if template is not None and not template.ended.is_set():
+            return template
+        if template is not None:
+            self._retire(template)
+        if failure is not None:
+            # Report it once; the next request tries a new template.
+            raise RuntimeError(failure)
+        return self._start(self._spec(server))
+
+    def _spec(self, server: Any) -> bytes:
+        uses_main = check_reachable("server class", type(server))
+        uses_main |= check_reachable("request handler", server.RequestHandlerClass)
+        sys_path = [os.getcwd() if entry == "" else entry for entry in sys.path]
+        return pickle.dumps(
+            {
+                "sys_path": sys_path,
+                "sys_argv": list(sys.argv),
+                "main": main_module_spec() if uses_main else None,
+                "warm": max(1, min(server.warm_children, server.max_children)),
+                "preload": pickle.dumps((type(server), server.RequestHandlerClass)),
+            }
+        )
+
+    def _start(self, spec: bytes) -> _Template:
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        template = _Template(parent_end)
+        template.protocol = _TemplateProtocol(self, template)
+        try:
+            _reactor.call_in_reactor(_spawn_template, template.protocol, child_end.fileno())
+            send_message(parent_end, SPEC_TAG, spec, [])
+        except BaseException:
+            parent_end.close()
+            raise
+        finally:
+            child_end.close()
+        self._last_spec = spec
+        with self._lock:
+            self._template = template
+            self._templates.add(template)
+        return template
+
+    def _retire(self, template: _Template) -> None:
+        with self._lock:
+            if self._template is template:
+                self._template = None
+            if template.retired:
+                return
+            template.retired = True
+            if template.reading:
+                # Wake the reader; it closes the channel once it is done
+                # with it, so that the fd cannot be reused under it.
+                template.channel.shutdown(socket.SHUT_RDWR)
+                return
+        template.channel.close()
+
+    # -- the status, read from the channel ------------------------------------------------
+
+    def _wait_until(self, done: Callable[[], bool], timeout: float | None) -> bool:
+        """Wait until ``done()`` (called with the lock held), reading status
+        lines meanwhile; return whether it became true within *timeout*."""
+        # The plain lock (the condition's own): its C-level context manager
+        # costs a fraction of the condition's, on the path of every request.
+        with self._lock:
+            if done():
+                return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while not done():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                readable = [t for t in self._templates if t.has_status_to_read()]
+                if readable:
+                    self._read_status(readable[0], remaining)
+                else:
+                    # Another thread reads the status, or only the reactor
+                    # can tell what comes next (a template that ended):
+                    # either notifies.
+                    self._changed.wait(remaining)
+            return True
+
+    def _read_status(self, template: _Template, timeout: float | None) -> None:
+        """Wait up to *timeout* seconds for status lines from *template*,
+        and apply them.
+
+        Called with the lock held, which is released while waiting; one
+        thread at a time reads (``template.reading``).
+        """
+        template.reading = True
+        self._lock.release()
+        try:
+            ready = template.poller.poll(None if timeout is None else timeout * 1000)
+        finally:
+            self._lock.acquire()
+            template.reading = False
+        if template.retired:
+            template.channel.close()
+        elif ready:
+            self._take_status(template)
+        # Whatever happened, the waiters look again: one of them may have to
+        # take over the reading.
+        self._changed.notify_all()
+
+    def _take_status(self, template: _Template) -> None:
+        """Apply the status lines that have arrived from *template*, if any
+        (lock held; no waiting)."""
+        if not template.poller.poll(0):
+            return
+        try:
+            data = template.channel.recv(1 << 16, _RECEIVE_NOW)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""  # gone: as good as end of file
+        if data == b"":
+            # The template exits (processEnded will count its requests as
+            # ended), or the channel was retired under the reader.
+            template.channel_ended = True
+        elif data:
+            *lines, template.partial_line = (template.partial_line + data).split(b"\n")
+            for line in lines:
+                kind, tag, value = line.split()
+                if kind == b"S":
+                    if int(tag) in self._running:
+                        self._running[int(tag)] = int(value)
+                elif kind == b"E":
+                    self._running.pop(int(tag), None)
+                    template.tags.discard(int(tag))
+        self._changed.notify_all()
+
+    # -- reports, on the reactor thread ----------------------------------------------------
+
+    def _on_ready(self, template: _Template) -> None:
+        with self._changed:
+            template.ready = True
+            self._changed.notify_all()
+
+    def _on_template_ended(self, template: _Template, how: str) -> None:
+        with self._changed:
+            # Workers it had not reaped yet are no longer ours to count.
+            for tag in template.tags:
+                self._running.pop(tag, None)
+            template.tags.clear()
+            self._templates.discard(template)
+            if not template.ready and not template.retired:
+                self._startup_failure = (
+                    f"the ForkingMixIn template process exited ({how}) before it was "
+                    "ready, taking the requests sent to it along; its traceback, if "
+                    "any, is on stderr"
+                )
+            template.ended.set()
+            self._changed.notify_all()
