@@ -141,6 +141,42 @@ def test_interpreter_exit_waits_for_non_daemon_handlers(ss, daemon, tmp_path):
     assert out.exists() is (not daemon)
 
 
+FIRST_REQUEST_AFTER_MAIN_SCRIPT = """
+import sys
+ss = __import__(sys.argv[1])  # before threading: nothing else loads it
+import socket, threading, time
+
+class Handler(ss.StreamRequestHandler):
+    def handle(self):
+        self.wfile.write(b"hi\\n")
+
+server = ss.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+
+def client():
+    time.sleep(0.3)  # the main thread has finished by now
+    with socket.create_connection(server.server_address, timeout=5) as sock:
+        print(sock.recv(100), flush=True)
+    server.shutdown()
+    server.server_close()
+
+threading.Thread(target=server.serve_forever).start()
+threading.Thread(target=client).start()
+"""
+
+
+def test_first_request_after_the_main_thread_has_finished(ss):
+    """serve_forever on a non-daemon thread outlives the main thread: its
+    first request must still be served (no late exit-hook registration error)."""
+    result = subprocess.run(
+        [sys.executable, "-c", FIRST_REQUEST_AFTER_MAIN_SCRIPT, ss.__name__],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == b"b'hi\\n'\n", result.stderr.decode()
+
+
 @pytest.mark.parametrize(
     "daemon, block, waits",
     [(False, True, True), (False, False, False), (True, True, False)],

@@ -16,6 +16,8 @@ Differences from the stdlib, all in the caller's favour:
 
 from __future__ import annotations
 
+import _thread
+import sys
 import weakref
 
 from txsocketserver._base import run_request
@@ -38,23 +40,45 @@ def _wait_for_requests_at_exit() -> None:
 
 
 _registered_at_exit = False
+_registering = _thread.allocate_lock()
+
+
+def _register_exit_hook() -> None:
+    """Make interpreter exit wait for the requests in flight (once).
+
+    Runs when the main thread finishes, before non-daemon threads are
+    joined: the moment the stdlib's non-daemon request threads would hold up
+    exit.
+    """
+    global _registered_at_exit
+    # Imported here, not with the module: a process that only defines the
+    # classes (a forking worker) must not carry threading's at-fork hook.
+    import threading
+
+    with _registering:
+        if _registered_at_exit or not hasattr(threading, "_register_atexit"):
+            return
+        try:
+            threading._register_atexit(_wait_for_requests_at_exit)
+        except RuntimeError:
+            # The main thread has finished already (serve_forever runs in
+            # another non-daemon thread): exit is under way and takes no new
+            # hook; that serving thread still keeps the process alive.
+            return
+        _registered_at_exit = True
 
 
 def _wait_at_exit_for(server: Any) -> None:
     """Have interpreter exit wait for *server*'s requests in flight."""
-    global _registered_at_exit
     _wait_at_exit[id(server)] = server
     if not _registered_at_exit:
-        # Imported here, not with the module: a process that only defines
-        # the classes (a forking worker) must not carry threading's at-fork
-        # hook.  Runs when the main thread finishes, before non-daemon
-        # threads are joined: the moment the stdlib's non-daemon request
-        # threads would hold up exit.
-        import threading
+        _register_exit_hook()
 
-        _registered_at_exit = True
-        if hasattr(threading, "_register_atexit"):
-            threading._register_atexit(_wait_for_requests_at_exit)
+
+# A program that has threading loaded already pays nothing more: register
+# now, while the main thread surely runs.
+if "threading" in sys.modules:
+    _register_exit_hook()
 
 
 class ThreadingMixIn:
