@@ -13,9 +13,11 @@ see ``test_twistd_cli.py``.
 from __future__ import annotations
 
 import json
+import os
 import select
 import socket
 import ssl
+import stat
 import struct
 import threading
 from typing import Any
@@ -141,13 +143,42 @@ def test_tcp6_endpoint() -> None:
     "server_class", [txsocketserver.UnixStreamServer, txsocketserver.ThreadingTCPServer]
 )
 def test_unix_endpoint(server_class: type, unix_path: str) -> None:
-    endpoint = txsocketserver.Endpoint(f"unix:{unix_path}")
+    endpoint = txsocketserver.Endpoint(f"unix:{unix_path}:mode=600")
     with server_class(endpoint, EchoHandler) as server, serve_in_thread(server):
         assert server.server_address == unix_path
         assert server.address_family == socket.AF_UNIX
+        assert type(server.socket) is socket.socket
+        assert stat.S_IMODE(os.stat(unix_path).st_mode) == 0o600
+        # Twisted's default lockfile=1: PATH.lock guards the path.
+        assert os.path.islink(f"{unix_path}.lock")
+        with pytest.raises(OSError, match="held by another process"):
+            server_class(txsocketserver.Endpoint(f"unix:{unix_path}"), EchoHandler)
         with connect(unix_path, socket.AF_UNIX) as client:
             client.sendall(b"over unix\n")
             assert recv_line(client) == b"over unix\n"
+    # As Twisted does, closing removes the socket file and the lock.
+    assert not os.path.lexists(unix_path)
+    assert not os.path.lexists(f"{unix_path}.lock")
+
+
+def test_unix_endpoint_replaces_a_stale_socket_file(unix_path: str) -> None:
+    # A server that died: its socket file, and its lock naming a dead pid.
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(unix_path)
+    os.symlink("999999999", f"{unix_path}.lock")
+    endpoint = txsocketserver.Endpoint(f"unix:{unix_path}")
+    with txsocketserver.ThreadingTCPServer(endpoint, EchoHandler) as server:
+        with serve_in_thread(server), connect(unix_path, socket.AF_UNIX) as client:
+            client.sendall(b"fresh\n")
+            assert recv_line(client) == b"fresh\n"
+    # Without the lock file nothing says the file is stale: as in Twisted,
+    # it is in the way.
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(unix_path)
+    unlocked = txsocketserver.Endpoint(f"unix:{unix_path}:lockfile=0")
+    with pytest.raises(OSError):
+        txsocketserver.TCPServer(unlocked, EchoHandler)
+    assert os.path.exists(unix_path), "a file the server did not bind is not removed"
 
 
 def test_plain_str_stays_a_unix_path(unix_path: str) -> None:

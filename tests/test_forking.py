@@ -561,3 +561,13 @@ def test_tls_sockets_cannot_be_handed_over(tx, tls_cert, capfd):
             assert ask(server, b"a\n") == b""
             assert ask(server, b"b\n").startswith(b"b\npid ")
     assert "cannot be handed to another process" in capfd.readouterr().err
+
+
+def test_endpoint_descriptions_that_are_sockets_fork(tx, unix_path):
+    """tcp:, tcp6: and unix: descriptions are served on the server's own
+    socket, so their connections can be handed to workers."""
+    for description in (f"tcp:0:interface={ANY_PORT[0]}", f"unix:{unix_path}"):
+        endpoint = tx.Endpoint(description)
+        with tx.ForkingTCPServer(endpoint, handler(tx, "Echo")) as server:
+            with serve_in_thread(server):
+                assert ask(server, b"forked\n").startswith(b"forked\npid ")

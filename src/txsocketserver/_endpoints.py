@@ -142,14 +142,17 @@ class ListeningSocket(NamedTuple):
     tls: ssl.SSLContext | None = None
     # The permissions Twisted gives a Unix socket's file.
     unix_mode: int | None = None
+    # unix: with lockfile=1 (Twisted's default): a PATH.lock file guards the
+    # socket file, and a stale socket file is removed under it.
+    unix_lock: bool = False
 
 
 def listening_socket(endpoint: Endpoint) -> ListeningSocket | None:
     """How to serve *endpoint* on a listening socket of the server's own, or
     ``None`` if only Twisted can serve it.
 
-    Twisted's ``tcp:``, ``tcp6:`` and ``unix:`` (without ``lockfile``)
-    endpoints are plain listening sockets, and an ``ssl:`` description is
+    Twisted's ``tcp:``, ``tcp6:`` and ``unix:`` endpoints are plain
+    listening sockets, and an ``ssl:`` description is
     one plus TLS options: a stream server binds and accepts them itself, so
     handlers get real sockets (``ssl.SSLSocket`` objects for ``ssl:``, see
     ``_tls``) with no thread hop per read and write.  Subclasses and every
@@ -176,12 +179,13 @@ def listening_socket(endpoint: Endpoint) -> ListeningSocket | None:
         if tls is None:
             return None
     elif kind not in (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint):
-        if kind is endpoints.UNIXServerEndpoint and not resolved._wantPID:  # type: ignore[attr-defined]
+        if kind is endpoints.UNIXServerEndpoint:
             return ListeningSocket(
                 socket.AF_UNIX,
                 resolved._address,  # type: ignore[attr-defined]
                 resolved._backlog,  # type: ignore[attr-defined]
                 unix_mode=resolved._mode,  # type: ignore[attr-defined]
+                unix_lock=bool(resolved._wantPID),  # type: ignore[attr-defined]
             )
         return None
     interface = resolved._interface  # type: ignore[attr-defined]

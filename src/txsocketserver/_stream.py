@@ -15,8 +15,11 @@ connections from it (see ``_endpoints``).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import socket
+import stat
 
 from txsocketserver._base import BaseServer
 
@@ -79,6 +82,9 @@ class TCPServer(BaseServer):
         self._endpoint_socket = False
         self._tls: ssl.SSLContext | None = None
         self._unix_mode: int | None = None
+        self._unix_lock_wanted = False
+        self._unix_lock: Any = None
+        self._unix_bound = False  # a unix: endpoint's socket file is ours to remove
         endpoint = as_endpoint(server_address, self.address_family)
         listening = None
         if endpoint is not None and self.socket_type == socket.SOCK_STREAM:
@@ -91,6 +97,7 @@ class TCPServer(BaseServer):
             self.request_queue_size = listening.backlog
             self._tls = listening.tls
             self._unix_mode = listening.unix_mode
+            self._unix_lock_wanted = listening.unix_lock
             self._endpoint_socket = True
             endpoint = None
         if endpoint is None:
@@ -126,10 +133,29 @@ class TCPServer(BaseServer):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if self.allow_reuse_port and hasattr(socket, "SO_REUSEPORT"):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if self._unix_lock_wanted:
+            self._lock_unix_path()
         self.socket.bind(self.server_address)
         if self._unix_mode is not None and not self.server_address.startswith("\0"):
+            self._unix_bound = True
             os.chmod(self.server_address, self._unix_mode)
         self.server_address = self.socket.getsockname()
+
+    def _lock_unix_path(self) -> None:
+        """What Twisted does for ``unix:PATH`` with ``lockfile=1`` (its
+        default): hold ``PATH.lock``, and remove a socket file that a dead
+        process left behind."""
+        from twisted.python.lockfile import FilesystemLock
+
+        path = self.server_address
+        lock = FilesystemLock(f"{path}.lock")
+        if not lock.lock():
+            raise OSError(errno.EADDRINUSE, f"{path}.lock is held by another process", path)
+        self._unix_lock = lock
+        if not lock.clean:
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.stat(path).st_mode):
+                    os.remove(path)
 
     def server_activate(self) -> None:
         """Called by the constructor to activate the server.  May be overridden."""
@@ -138,12 +164,24 @@ class TCPServer(BaseServer):
         self.socket.listen(self.request_queue_size)
 
     def server_close(self) -> None:
-        """Called to clean up the server.  May be overridden."""
+        """Called to clean up the server.  May be overridden.
+
+        A ``unix:`` endpoint's socket file (and lock file) are removed, as
+        Twisted removes them; a plain path is left, as the stdlib leaves it.
+        """
         self._stop_watching()
         if self._endpoint is not None:
             self._endpoint.close()
-        else:
-            self.socket.close()
+            return
+        self.socket.close()
+        if self._unix_bound:
+            self._unix_bound = False
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.stat(self.server_address).st_mode):
+                    os.remove(self.server_address)
+        if self._unix_lock is not None:
+            self._unix_lock.unlock()
+            self._unix_lock = None
 
     def fileno(self) -> int:
         """Return the socket's file descriptor (what the reactor watches).
