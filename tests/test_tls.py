@@ -237,6 +237,24 @@ def test_a_silent_client_does_not_hold_up_the_others(tls_cert: SelfSignedCert) -
         silent.close()
 
 
+def test_the_handlers_timeout_bounds_the_handshake(tls_cert: SelfSignedCert) -> None:
+    """A client that never says hello holds its thread no longer than the
+    handler's timeout, as a silent client on a plain socket does; it is
+    closed quietly, and server_close() does not wait for it."""
+
+    class Server(Recording, txsocketserver.ThreadingTCPServer):
+        pass
+
+    server = Server(tls_description(tls_cert), TimedHandler)  # timeout = 0.3
+    server.errors = []
+    with server, serve_in_thread(server), connect(server.server_address) as silent:
+        began = time.monotonic()
+        assert silent.recv(1) == b""  # closed by the server
+        assert time.monotonic() - began < 3.0
+        assert wait_until(lambda: not server._requests_in_flight())
+    assert server.errors == []
+
+
 def test_the_server_ends_with_close_notify(tls_cert: SelfSignedCert) -> None:
     """Like Twisted, and unlike a bare ssl.SSLSocket, the end of a request is a
     TLS close_notify, not a truncation: strict clients see a clean end."""

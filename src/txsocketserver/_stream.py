@@ -218,13 +218,13 @@ class TCPServer(BaseServer):
         """Finish one request by instantiating RequestHandlerClass.
 
         On an ``ssl:`` endpoint the TLS handshake happens here first, in the
-        thread that runs the request; a client that leaves during it is not
-        an error.
+        thread that runs the request, bounded by the handler class's
+        ``timeout``; a client that leaves or stalls during it is not an error.
         """
         if self._tls is not None:
             from txsocketserver import _tls
 
-            if not _tls.handshake(request):
+            if not _tls.handshake(request, getattr(self.RequestHandlerClass, "timeout", None)):
                 return
         super().finish_request(request, client_address)
 

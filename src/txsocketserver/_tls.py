@@ -9,11 +9,14 @@ serves it on the *socket* path (see ``_stream`` and
 socket exactly as for ``("host", port)``, and ``get_request()`` wraps each
 accepted socket in an ``ssl.SSLSocket`` made from the :class:`ssl.SSLContext`
 that :func:`server_context` builds from the description's options.  The
-wrapping does no I/O (``do_handshake_on_connect=False``), so the serving
-thread never waits on a client's handshake: ``TCPServer.finish_request``
-completes it (:func:`handshake`) in the thread that runs the request, before
-the handler is made, so the handler sees a connection with TLS established
-(``version()``, ``getpeercert()``) as with the stdlib idiom.
+wrapping does no I/O (``do_handshake_on_connect=False``):
+``TCPServer.finish_request`` completes the handshake (:func:`handshake`) in
+the thread that runs the request, before the handler is made, bounded by the
+handler class's ``timeout``.  So a threading or forking server's serving
+thread never waits on a client's handshake (a synchronous server serves one
+request at a time in that thread, handshake included), and the handler sees
+a connection with TLS established (``version()``, ``getpeercert()``) as with
+the stdlib idiom.
 
 The handler therefore gets what the stdlib idiom (``get_request`` wrapping
 the socket in TLS) gives it, without that idiom's stall: an
@@ -148,25 +151,33 @@ def wrap(context: ssl.SSLContext, sock: socket.socket) -> ssl.SSLSocket:
     return context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
 
 
-def handshake(request: Any) -> bool:
-    """Complete the TLS handshake of *request*, in the calling (handler's) thread.
+def handshake(request: Any, timeout: float | None = None) -> bool:
+    """Complete the TLS handshake of *request*, in the calling thread.
 
-    Returns ``False`` if the client left during it (an EOF or a reset: a TCP
-    health check, a client that gave up), which is nobody's error: the
-    request is then closed like one that never came, as the stdlib's
-    ``get_request`` idiom and Twisted both do.
+    *timeout* (the handler class's ``timeout``) bounds the handshake when the
+    socket has none of its own, as it will bound the handler's reads.
+
+    Returns ``False`` if the client left or stalled during it (an EOF, a
+    reset, the timeout: a TCP health check, a client that gave up), which is
+    nobody's error: the request is then closed like one that never came, as
+    the stdlib's ``get_request`` idiom and Twisted both do.
 
     Error handling:
         ``ssl.SSLError`` for a client that does not speak TLS or cannot agree
-        on it; ``TimeoutError`` if the socket has a timeout and the client is
-        too slow.
+        on it.
     """
     if not isinstance(request, ssl.SSLSocket):
         return True
+    previous = request.gettimeout()
+    if previous is None and timeout is not None:
+        request.settimeout(timeout)
     try:
         request.do_handshake()
-    except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError):
+    except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError, TimeoutError):
         return False
+    finally:
+        if request.fileno() != -1:
+            request.settimeout(previous)
     return True
 
 
