@@ -6,7 +6,7 @@ everything from here: the underscored modules are private.
 
 Importing the package imports neither Twisted nor ``zope.interface``: the
 socketserver names are defined without them, and Twisted is loaded when a
-server first needs the reactor.  A forking server's workers, which import the
+server is created.  A forking server's workers, which import the
 server and handler classes but never serve, stay small and cheap to fork
 (see ``_forking``).  The Twisted world's names (``Endpoint``,
 ``ServerService``, ``start_server``) are imported on first use.

@@ -23,7 +23,8 @@ File descriptors of the template (fixed numbers, set up by ``spawnProcess``):
 * 3 (:data:`CHANNEL_FD`): one end of a Unix stream socketpair.  The parent
   sends *messages* on it: a header (tag, body length, number of fds), the fds
   themselves as ``SCM_RIGHTS`` ancillary data on the header, then a pickled
-  body.  Tag 0 is the start-up spec; any other tag is a request.  End of file
+  body.  Tag 0 is the start-up spec, :data:`INSTALL_TAG` a server state to
+  install (see below); any other tag is a request.  End of file
   means the server has closed: the template reaps its running workers, then
   exits.  The template sends back, on the same socket, one short line per
   event: ``S <tag> <pid>`` (a worker started), ``E <tag> <exit code>`` (a
