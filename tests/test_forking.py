@@ -392,6 +392,18 @@ def test_foreign_children_are_not_reaped(tx, unix_path):
         assert before.wait(WAIT_FORK) == 7
 
 
+def run_ok_script(script: str, timeout: float) -> None:
+    """Run *script* (``{src}`` standing for the source directory) in a fresh
+    interpreter; it must exit 0 having printed exactly ``ok``."""
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script.format(src=SRC))],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "ok\n"
+
 
 TEMPLATE_REAPS_ONLY_ITS_OWN = """
     import os, socket, subprocess, sys, time
@@ -424,14 +436,7 @@ TEMPLATE_REAPS_ONLY_ITS_OWN = """
 
 
 def test_template_reaps_only_its_workers():
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(TEMPLATE_REAPS_ONLY_ITS_OWN.format(src=SRC))],
-        capture_output=True,
-        text=True,
-        timeout=WAIT_FORK * 2,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == "ok\n"
+    run_ok_script(TEMPLATE_REAPS_ONLY_ITS_OWN, timeout=WAIT_FORK * 2)
 
 
 def test_parent_state_changes_reach_later_requests(ss, unix_path):
@@ -449,6 +454,7 @@ def test_parent_state_changes_reach_later_requests(ss, unix_path):
         assert ask(server, b"").split(maxsplit=2)[2] == b"['parent-3']\n"
         server.touched_by.append("parent-4")
         assert ask(server, b"").split(maxsplit=2)[2] == b"['parent-3', 'parent-4']\n"
+
 
 # -- what the worker carries -------------------------------------------------------------
 
@@ -486,14 +492,7 @@ IMPORT_LIGHT_SCRIPT = """
 
 
 def test_importing_the_package_loads_no_twisted():
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(IMPORT_LIGHT_SCRIPT.format(src=SRC))],
-        capture_output=True,
-        text=True,
-        timeout=WAIT_FORK,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == "ok\n"
+    run_ok_script(IMPORT_LIGHT_SCRIPT, timeout=WAIT_FORK)
 
 
 def test_workers_import_no_twisted(tx, unix_path):

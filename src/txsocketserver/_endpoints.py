@@ -169,6 +169,14 @@ def listening_socket(endpoint: Endpoint) -> ListeningSocket | None:
     kind = type(resolved)
     # The endpoints' attributes are private, but have kept these names since
     # Twisted 10; any other type simply takes the Twisted path.
+    if kind is endpoints.UNIXServerEndpoint:
+        return ListeningSocket(
+            socket.AF_UNIX,
+            resolved._address,  # type: ignore[attr-defined]
+            resolved._backlog,  # type: ignore[attr-defined]
+            unix_mode=resolved._mode,  # type: ignore[attr-defined]
+            unix_lock=bool(resolved._wantPID),  # type: ignore[attr-defined]
+        )
     tls = None
     if kind is endpoints.SSL4ServerEndpoint:
         if endpoint.description is None:
@@ -179,14 +187,6 @@ def listening_socket(endpoint: Endpoint) -> ListeningSocket | None:
         if tls is None:
             return None
     elif kind not in (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint):
-        if kind is endpoints.UNIXServerEndpoint:
-            return ListeningSocket(
-                socket.AF_UNIX,
-                resolved._address,  # type: ignore[attr-defined]
-                resolved._backlog,  # type: ignore[attr-defined]
-                unix_mode=resolved._mode,  # type: ignore[attr-defined]
-                unix_lock=bool(resolved._wantPID),  # type: ignore[attr-defined]
-            )
         return None
     interface = resolved._interface  # type: ignore[attr-defined]
     ipv6 = kind is endpoints.TCP6ServerEndpoint or abstract.isIPv6Address(interface)

@@ -32,6 +32,13 @@ if TYPE_CHECKING:
     from txsocketserver._readiness import IRequestReadiness
 
 
+def _remove_socket_file(path: str) -> None:
+    """Remove *path* if it is a socket file (never any other kind of file)."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.remove(path)
+
+
 class TCPServer(BaseServer):
     """Base class for various socket-based server classes.
 
@@ -153,9 +160,7 @@ class TCPServer(BaseServer):
             raise OSError(errno.EADDRINUSE, f"{path}.lock is held by another process", path)
         self._unix_lock = lock
         if not lock.clean:
-            with contextlib.suppress(OSError):
-                if stat.S_ISSOCK(os.stat(path).st_mode):
-                    os.remove(path)
+            _remove_socket_file(path)
 
     def server_activate(self) -> None:
         """Called by the constructor to activate the server.  May be overridden."""
@@ -176,9 +181,7 @@ class TCPServer(BaseServer):
         self.socket.close()
         if self._unix_bound:
             self._unix_bound = False
-            with contextlib.suppress(OSError):
-                if stat.S_ISSOCK(os.stat(self.server_address).st_mode):
-                    os.remove(self.server_address)
+            _remove_socket_file(self.server_address)
         if self._unix_lock is not None:
             self._unix_lock.unlock()
             self._unix_lock = None
