@@ -31,7 +31,7 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from support import SelfSignedCert
-from txsocketserver._transport_socket import (
+from txsocketserver._twisted.transport_socket import (
     RECEIVE_HIGH_WATER,
     SEND_WINDOW,
     SocketAddress,
@@ -48,7 +48,7 @@ Handler = Callable[[TransportSocket, SocketAddress], None]
 @pytest.fixture(scope="module")
 def reactor() -> Any:
     """The package's shared background reactor, started if nobody runs it."""
-    from txsocketserver._reactor import running_reactor
+    from txsocketserver._twisted.reactor import running_reactor
 
     return running_reactor()
 

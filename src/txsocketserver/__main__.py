@@ -19,7 +19,7 @@ from types import FrameType
 from twisted.python import usage
 
 from txsocketserver._cli import Options, build_server, describe
-from txsocketserver._service import stop_gracefully
+from txsocketserver._twisted.service import stop_gracefully
 
 PROG = "python -m txsocketserver"
 

@@ -16,8 +16,8 @@ from typing import Any
 from twisted.python import usage
 
 import txsocketserver
-from txsocketserver._endpoints import Endpoint, listening_socket
-from txsocketserver._service import DEFAULT_DRAIN_TIMEOUT
+from txsocketserver._twisted.endpoints import Endpoint, listening_socket
+from txsocketserver._twisted.service import DEFAULT_DRAIN_TIMEOUT
 
 MODES = ("sync", "threading", "forking")
 
@@ -232,7 +232,7 @@ def makeService(options: Options) -> Any:
     The server listens here, before ``twistd`` daemonises or drops privileges
     (so ``tcp:80`` works when started as root), and serves once the reactor runs.
     """
-    from txsocketserver._service import ServerService, _log
+    from txsocketserver._twisted.service import ServerService, _log
 
     server = build_server(options)
     _log.info("{description}", description=describe(options, server))

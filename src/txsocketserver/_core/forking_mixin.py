@@ -62,14 +62,14 @@ import _pickle
 import os
 import types
 
-from txsocketserver._base import BaseServer, run_request
-from txsocketserver._forking_child import flush_stdio, main_module_spec
+from txsocketserver._core.base import BaseServer, run_request
+from txsocketserver._forking.template import flush_stdio, main_module_spec
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from txsocketserver._process_dispatcher import ProcessDispatcher
+    from txsocketserver._forking.dispatcher import ProcessDispatcher
 
 
 class _MainProbe(_pickle.Pickler):
@@ -236,7 +236,7 @@ class ForkingMixIn:
 
     def _forking_workers(self) -> ProcessDispatcher:
         if self._forking_dispatcher is None:
-            from txsocketserver._process_dispatcher import ProcessDispatcher
+            from txsocketserver._forking.dispatcher import ProcessDispatcher
 
             self._forking_dispatcher = ProcessDispatcher()
         return self._forking_dispatcher

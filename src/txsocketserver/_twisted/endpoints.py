@@ -12,8 +12,8 @@ its subclasses, a ``str`` containing ``":"``), it owns an
   ``ssl:``, ``systemd:``, ``haproxy:``..., anything ``serverFromString``
   parses).  Twisted accepts the connections, does the TLS or reads the PROXY
   header, and for each connection a
-  :class:`~txsocketserver._transport_socket.TransportSocketProtocol` hands a
-  :class:`~txsocketserver._transport_socket.TransportSocket` and the client's
+  :class:`~txsocketserver._twisted.transport_socket.TransportSocketProtocol` hands a
+  :class:`~txsocketserver._twisted.transport_socket.TransportSocket` and the client's
   address to :meth:`EndpointListener._on_connection`, on the reactor thread.
 * That callback appends ``(transport_socket, client_address)`` to a queue and
   wakes the serving thread through :class:`EndpointReadiness`, the endpoint
@@ -48,9 +48,9 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txsocketserver import _reactor
-from txsocketserver._readiness import IRequestReadiness
-from txsocketserver._transport_socket import (
+from txsocketserver._twisted import reactor as _reactor
+from txsocketserver._twisted.readiness import IRequestReadiness
+from txsocketserver._twisted.transport_socket import (
     SocketAddress,
     TransportSocket,
     TransportSocketFactory,
@@ -181,7 +181,7 @@ def listening_socket(endpoint: Endpoint) -> ListeningSocket | None:
     if kind is endpoints.SSL4ServerEndpoint:
         if endpoint.description is None:
             return None
-        from txsocketserver import _tls
+        from txsocketserver._twisted import tls as _tls
 
         tls = _tls.server_context(endpoint.description)
         if tls is None:

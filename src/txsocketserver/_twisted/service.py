@@ -41,7 +41,7 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txsocketserver import _reactor
+from txsocketserver._twisted import reactor as _reactor
 
 #: Seconds ``stopService`` lets requests in flight finish before closing them.
 DEFAULT_DRAIN_TIMEOUT = 30.0

@@ -21,15 +21,15 @@ import os
 import socket
 import stat
 
-from txsocketserver._base import BaseServer
+from txsocketserver._core.base import BaseServer
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import ssl
     from typing import Any
 
-    from txsocketserver._endpoints import EndpointListener
-    from txsocketserver._readiness import IRequestReadiness
+    from txsocketserver._twisted.endpoints import EndpointListener
+    from txsocketserver._twisted.readiness import IRequestReadiness
 
 
 def _remove_socket_file(path: str) -> None:
@@ -80,7 +80,11 @@ class TCPServer(BaseServer):
         """Constructor.  May be extended, do not override."""
         # Imported here, not with the class: it imports Twisted, which a
         # process that only defines the class (a forking worker) never needs.
-        from txsocketserver._endpoints import EndpointListener, as_endpoint, listening_socket
+        from txsocketserver._twisted.endpoints import (
+            EndpointListener,
+            as_endpoint,
+            listening_socket,
+        )
 
         BaseServer.__init__(self, server_address, RequestHandlerClass)
         self._endpoint: EndpointListener | None = None
@@ -208,7 +212,7 @@ class TCPServer(BaseServer):
             return self._endpoint.take()
         request, client_address = self.socket.accept()
         if self._tls is not None:
-            from txsocketserver import _tls
+            from txsocketserver._twisted import tls as _tls
 
             try:
                 request = _tls.wrap(self._tls, request)
@@ -225,7 +229,7 @@ class TCPServer(BaseServer):
         ``timeout``; a client that leaves or stalls during it is not an error.
         """
         if self._tls is not None:
-            from txsocketserver import _tls
+            from txsocketserver._twisted import tls as _tls
 
             if not _tls.handshake(request, getattr(self.RequestHandlerClass, "timeout", None)):
                 return
@@ -245,7 +249,7 @@ class TCPServer(BaseServer):
     def shutdown_request(self, request: Any) -> None:
         """Called to shutdown and close an individual request."""
         if self._tls is not None:
-            from txsocketserver import _tls
+            from txsocketserver._twisted import tls as _tls
 
             _tls.send_close_notify(request)
         try:

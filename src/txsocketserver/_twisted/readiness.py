@@ -29,7 +29,7 @@ from twisted.internet.interfaces import IReadDescriptor
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from txsocketserver import _reactor
+from txsocketserver._twisted import reactor as _reactor
 
 _READY = "ready"
 _WAKE = "wake"

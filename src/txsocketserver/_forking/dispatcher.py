@@ -25,10 +25,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txsocketserver import _reactor
-from txsocketserver._dispatch import IRequestDispatcher
-from txsocketserver._forking import _child_server, check_reachable
-from txsocketserver._forking_child import (
+from txsocketserver._core.forking_mixin import _child_server, check_reachable
+from txsocketserver._forking.template import (
     CHANNEL_FD,
     INSTALL_TAG,
     SPEC_TAG,
@@ -37,6 +35,8 @@ from txsocketserver._forking_child import (
     main_module_spec,
     send_message,
 )
+from txsocketserver._twisted import reactor as _reactor
+from txsocketserver._twisted.interfaces import IRequestDispatcher
 
 # recv() flags: take what has arrived, never wait (the socket itself blocks).
 _RECEIVE_NOW = getattr(socket, "MSG_DONTWAIT", 0)
@@ -53,10 +53,10 @@ _PRIVATE_PREFIXES = ("_BaseServer__", "_forking_")
 # template.
 _VOLATILE = ("active_children",)
 
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _TEMPLATE_COMMAND = (
     f"import sys; sys.path.insert(0, {_PACKAGE_ROOT!r}); "
-    "from txsocketserver._forking_child import main; main()"
+    "from txsocketserver._forking.template import main; main()"
 )
 
 

@@ -3,7 +3,7 @@
 The loop has the stdlib's shape and calls the same hooks in the same order on
 the same thread (the caller of ``serve_forever``/``handle_request``).  What
 changes is how it waits: instead of ``select()`` on the socket it waits on an
-:class:`~txsocketserver._readiness.IRequestReadiness`, which the reactor feeds.
+:class:`~txsocketserver._twisted.readiness.IRequestReadiness`, which the reactor feeds.
 That gives two things the stdlib lacks: ``shutdown()`` wakes the loop at once
 instead of waiting out ``poll_interval``, and the same server can be fed by a
 Twisted endpoint instead of a socket.
@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 
-from txsocketserver import _reactor
+from txsocketserver._twisted import reactor as _reactor
 
 # Not typing's: importing typing (like logging and traceback, imported where
 # they are used) would add a megabyte to every process that only defines or
@@ -27,7 +27,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from txsocketserver._readiness import IRequestReadiness
+    from txsocketserver._twisted.readiness import IRequestReadiness
 
 # accept() failing for lack of resources leaves the request queued, so the
 # socket stays readable; pausing briefly stops the loop from spinning on it
@@ -245,7 +245,7 @@ class BaseServer:
         """Make what tells the serving loop that a request is ready (private hook)."""
         # Imported here, where serving begins: it imports Twisted, which a
         # process that only defines or runs handlers never needs.
-        from txsocketserver._readiness import SocketReadiness
+        from txsocketserver._twisted.readiness import SocketReadiness
 
         return SocketReadiness(self.fileno())
 

@@ -20,13 +20,13 @@ import _thread
 import sys
 import weakref
 
-from txsocketserver._base import run_request
+from txsocketserver._core.base import run_request
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from txsocketserver._thread_dispatcher import ThreadDispatcher
+    from txsocketserver._twisted.thread_dispatcher import ThreadDispatcher
 
 
 # Servers whose requests run on non-daemon threads in the stdlib's sense,
@@ -119,7 +119,7 @@ class ThreadingMixIn:
         # Made on first use so that daemon_threads/max_threads set on the
         # instance after construction still apply.
         if self._thread_dispatcher is None:
-            from txsocketserver._thread_dispatcher import ThreadDispatcher
+            from txsocketserver._twisted.thread_dispatcher import ThreadDispatcher
 
             self._thread_dispatcher = ThreadDispatcher(
                 name=f"{type(self).__name__}-{id(self):x}",

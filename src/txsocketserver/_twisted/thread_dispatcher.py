@@ -16,7 +16,7 @@ from typing import Any
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from txsocketserver._dispatch import IRequestDispatcher
+from txsocketserver._twisted.interfaces import IRequestDispatcher
 
 
 def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
