@@ -14,6 +14,7 @@ from __future__ import annotations
 import _thread
 import contextlib
 import errno
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -326,6 +327,23 @@ class BaseServer:
         if readiness is not None:
             readiness.close()
             readiness.wake()
+
+    # -- what a service asks of a server (IServerControl) -------------------------
+
+    # A serving loop waiting on a socket must leave it before it is closed.
+    _stops_accepting_at_once = False
+
+    def _start_listening(self) -> Any:
+        """A Deferred firing once a server made unbound listens, or ``None``
+        when its caller binds it (a socket address)."""
+        return None
+
+    def _stop_accepting(self) -> None:
+        """Refuse new requests (stream servers: close the listening socket; a
+        datagram server's socket is also what in-flight handlers reply through)."""
+        sock = getattr(self, "socket", None)
+        if sock is not None and getattr(self, "socket_type", None) == socket.SOCK_STREAM:
+            sock.close()
 
     def _log_errors_to(self, logger: Any) -> None:
         """Route ``handle_error`` to a ``twisted.logger.Logger`` (None: stderr)."""

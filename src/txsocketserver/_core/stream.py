@@ -1,42 +1,44 @@
-"""Stream servers: the listening socket, made exactly as the stdlib makes it.
+"""Stream servers: ``TCPServer`` and ``UnixStreamServer``, hook for hook the stdlib's.
 
-The socket is created, bound and listened to by the stdlib's hooks in the
-stdlib's order, so subclasses that set options in ``server_bind`` or change
-``server_activate`` keep working; only waiting for connections is handed to
-the reactor (see ``_readiness``).  Handlers receive the real accepted socket:
-stdlib handlers call ``makefile``, ``setsockopt`` or ``ssl.wrap_socket`` on it,
-and the bytes never cross a thread.
-
-Given a Twisted endpoint as its address (``txsocketserver.Endpoint`` or, for
-the TCP family, a ``str`` containing ``":"``), a stream server owns an
-``EndpointListener`` instead of a socket and the same hooks take their
-connections from it (see ``_endpoints``).
+Each hook does the stdlib's work through two strategies the server picks once,
+when it is made: its *listener* (its own socket, made, bound and accepted
+exactly as the stdlib does; or a Twisted endpoint) and its *connection
+security* (nothing, or TLS for an ``ssl:`` description).  Both live on the
+Twisted side (``txsocketserver._twisted.listeners``); this module is part of
+the Twisted-free core.  See ``docs/architecture.md``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import os
 import socket
-import stat
 
 from txsocketserver._core.base import BaseServer
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import ssl
     from typing import Any
 
-    from txsocketserver._twisted.endpoints import EndpointListener
-    from txsocketserver._twisted.readiness import IRequestReadiness
+    from txsocketserver._twisted.interfaces import IListener, IRequestReadiness
 
 
-def _remove_socket_file(path: str) -> None:
-    """Remove *path* if it is a socket file (never any other kind of file)."""
-    with contextlib.suppress(OSError):
-        if stat.S_ISSOCK(os.stat(path).st_mode):
-            os.remove(path)
+class PlainConnections:
+    """Connection security of a server without TLS: nothing to do.
+
+    A class attribute of every stream server, so that the server object a
+    forking server's worker rebuilds has it without importing anything.
+    """
+
+    def wrap(self, request: Any) -> Any:
+        return request
+
+    def establish(self, request: Any, timeout: float | None) -> bool:
+        return True
+
+    def end(self, request: Any) -> None:
+        pass
+
+
+_PLAIN = PlainConnections()
 
 
 class TCPServer(BaseServer):
@@ -48,10 +50,11 @@ class TCPServer(BaseServer):
     Args:
         server_address: ``(host, port)``; port 0 picks a free port, read back
             from ``server_address`` after binding.  Or a Twisted server
-            endpoint: ``txsocketserver.Endpoint("ssl:8443:...")`` or a ``str``
-            description such as ``"tcp:8000"`` (endpoint mode: see
-            ``docs/twisted.md``; ``request`` is then a ``TransportSocket``,
-            ``socket`` is ``None`` and ``server_address`` the listening address).
+            endpoint: ``txsocketserver.Endpoint("haproxy:tcp:8000")`` or, for
+            the TCP family, a ``str`` description such as ``"tcp:8000"`` (see
+            ``docs/twisted.md``: ``tcp:``, ``tcp6:``, ``unix:`` and ``ssl:``
+            are served on a socket of the server's own, anything else through
+            Twisted, with a socket facade as ``request`` and ``socket`` None).
         RequestHandlerClass: called as ``RequestHandlerClass(request,
             client_address, server)`` for each connection.
         bind_and_activate: when false, the caller must call ``server_bind()``
@@ -70,6 +73,8 @@ class TCPServer(BaseServer):
     allow_reuse_address = False
     # Set SO_REUSEPORT before bind (several processes sharing one port).
     allow_reuse_port = False
+    # Private: what each connection needs around its handler (TLS for ssl:).
+    _security: Any = _PLAIN
 
     def __init__(
         self,
@@ -78,46 +83,12 @@ class TCPServer(BaseServer):
         bind_and_activate: bool = True,
     ) -> None:
         """Constructor.  May be extended, do not override."""
-        # Imported here, not with the class: it imports Twisted, which a
-        # process that only defines the class (a forking worker) never needs.
-        from txsocketserver._twisted.endpoints import (
-            EndpointListener,
-            as_endpoint,
-            listening_socket,
-        )
-
         BaseServer.__init__(self, server_address, RequestHandlerClass)
-        self._endpoint: EndpointListener | None = None
-        # Set for tcp:, tcp6:, unix: and ssl: endpoints, which are served on
-        # a socket of our own (see _endpoints.listening_socket).
-        self._endpoint_socket = False
-        self._tls: ssl.SSLContext | None = None
-        self._unix_mode: int | None = None
-        self._unix_lock_wanted = False
-        self._unix_lock: Any = None
-        self._unix_bound = False  # a unix: endpoint's socket file is ours to remove
-        endpoint = as_endpoint(server_address, self.address_family)
-        listening = None
-        if endpoint is not None and self.socket_type == socket.SOCK_STREAM:
-            listening = listening_socket(endpoint)
-        if listening is not None:
-            # An endpoint that is just a listening socket is served as one:
-            # the stdlib's hooks bind and accept it, handlers get real sockets.
-            self.server_address = listening.address
-            self.address_family = listening.family
-            self.request_queue_size = listening.backlog
-            self._tls = listening.tls
-            self._unix_mode = listening.unix_mode
-            self._unix_lock_wanted = listening.unix_lock
-            self._endpoint_socket = True
-            endpoint = None
-        if endpoint is None:
-            self.socket = socket.socket(self.address_family, self.socket_type)
-        elif self.socket_type != socket.SOCK_STREAM:
-            raise TypeError(f"{type(self).__name__} cannot serve a stream endpoint ({endpoint!r})")
-        else:
-            self.socket = None  # type: ignore[assignment]
-            self._endpoint = EndpointListener(endpoint, backlog=self.request_queue_size)
+        # Here, not at import: the Twisted side loads when a server is made,
+        # never in a process that only defines the class (a forking worker).
+        from txsocketserver._twisted.listeners import listener_for
+
+        self._listener: IListener = listener_for(self)
         if bind_and_activate:
             try:
                 self.server_bind()
@@ -129,48 +100,15 @@ class TCPServer(BaseServer):
     def server_bind(self) -> None:
         """Called by the constructor to bind the socket.  May be overridden.
 
-        In endpoint mode: listen on the endpoint (it binds and listens in one
-        step), then set ``server_address`` and ``address_family`` from it.
+        Sets ``SO_REUSEADDR``/``SO_REUSEPORT`` as ``allow_reuse_address`` and
+        ``allow_reuse_port`` say, binds, and sets ``server_address`` to the
+        bound address (an endpoint listens here, in one step).
         """
-        if self._endpoint is not None:
-            self._endpoint.listen()
-            self._endpoint_listening()
-            return
-        # Twisted's TCP ports always reuse the address, so endpoints do too.
-        reuse_address = self.allow_reuse_address or (
-            self._endpoint_socket and self.address_family != getattr(socket, "AF_UNIX", None)
-        )
-        if reuse_address and hasattr(socket, "SO_REUSEADDR"):
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if self.allow_reuse_port and hasattr(socket, "SO_REUSEPORT"):
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if self._unix_lock_wanted:
-            self._lock_unix_path()
-        self.socket.bind(self.server_address)
-        if self._unix_mode is not None and not self.server_address.startswith("\0"):
-            self._unix_bound = True
-            os.chmod(self.server_address, self._unix_mode)
-        self.server_address = self.socket.getsockname()
-
-    def _lock_unix_path(self) -> None:
-        """What Twisted does for ``unix:PATH`` with ``lockfile=1`` (its
-        default): hold ``PATH.lock``, and remove a socket file that a dead
-        process left behind."""
-        from twisted.python.lockfile import FilesystemLock
-
-        path = self.server_address
-        lock = FilesystemLock(f"{path}.lock")
-        if not lock.lock():
-            raise OSError(errno.EADDRINUSE, f"{path}.lock is held by another process", path)
-        self._unix_lock = lock
-        if not lock.clean:
-            _remove_socket_file(path)
+        self._listener.bind()
 
     def server_activate(self) -> None:
         """Called by the constructor to activate the server.  May be overridden."""
-        if self._endpoint is not None:
-            return  # the endpoint listened in server_bind()
-        self.socket.listen(self.request_queue_size)
+        self._listener.activate()
 
     def server_close(self) -> None:
         """Called to clean up the server.  May be overridden.
@@ -179,47 +117,25 @@ class TCPServer(BaseServer):
         Twisted removes them; a plain path is left, as the stdlib leaves it.
         """
         self._stop_watching()
-        if self._endpoint is not None:
-            self._endpoint.close()
-            return
-        self.socket.close()
-        if self._unix_bound:
-            self._unix_bound = False
-            _remove_socket_file(self.server_address)
-        if self._unix_lock is not None:
-            self._unix_lock.unlock()
-            self._unix_lock = None
+        self._listener.close()
 
     def fileno(self) -> int:
         """Return the socket's file descriptor (what the reactor watches).
 
-        In endpoint mode, a descriptor that is readable while an accepted
-        connection waits for ``get_request()`` (Twisted accepts on the
-        listening socket, so that one would not tell).
+        Served through Twisted, a descriptor that is readable while an
+        accepted connection waits for ``get_request()``.
         """
-        if self._endpoint is not None:
-            return self._endpoint.fileno()
-        return self.socket.fileno()
+        return self._listener.fileno()
 
     def get_request(self) -> tuple[Any, Any]:
         """Get the request and client address from the socket.  May be
         overridden (to wrap the accepted socket in TLS, for instance).
 
-        In endpoint mode: the next connection Twisted accepted, as
-        ``(TransportSocket, client_address)``.
+        Served through Twisted: the next connection Twisted accepted, as
+        ``(socket facade, client_address)``.
         """
-        if self._endpoint is not None:
-            return self._endpoint.take()
-        request, client_address = self.socket.accept()
-        if self._tls is not None:
-            from txsocketserver._twisted import tls as _tls
-
-            try:
-                request = _tls.wrap(self._tls, request)
-            except BaseException:
-                request.close()
-                raise
-        return request, client_address
+        request, client_address = self._listener.accept()
+        return self._security.wrap(request), client_address
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         """Finish one request by instantiating RequestHandlerClass.
@@ -228,30 +144,12 @@ class TCPServer(BaseServer):
         thread that runs the request, bounded by the handler class's
         ``timeout``; a client that leaves or stalls during it is not an error.
         """
-        if self._tls is not None:
-            from txsocketserver._twisted import tls as _tls
-
-            if not _tls.handshake(request, getattr(self.RequestHandlerClass, "timeout", None)):
-                return
-        super().finish_request(request, client_address)
-
-    def _request_readiness(self) -> IRequestReadiness:
-        if self._endpoint is not None:
-            return self._endpoint.readiness()
-        return super()._request_readiness()
-
-    def _endpoint_listening(self) -> None:
-        """Reflect the endpoint's listening address (called once it listens)."""
-        assert self._endpoint is not None
-        self.server_address = self._endpoint.host
-        self.address_family = self._endpoint.family  # type: ignore[assignment]
+        if self._security.establish(request, getattr(self.RequestHandlerClass, "timeout", None)):
+            super().finish_request(request, client_address)
 
     def shutdown_request(self, request: Any) -> None:
         """Called to shutdown and close an individual request."""
-        if self._tls is not None:
-            from txsocketserver._twisted import tls as _tls
-
-            _tls.send_close_notify(request)
+        self._security.end(request)
         try:
             # Half-close first so the client sees EOF after every byte written,
             # even if something else still holds the socket open.
@@ -263,6 +161,21 @@ class TCPServer(BaseServer):
     def close_request(self, request: Any) -> None:
         """Called to clean up an individual request."""
         request.close()
+
+    # -- private: the serving loop and a service reach the listener here ----------
+
+    def _request_readiness(self) -> IRequestReadiness:
+        return self._listener.readiness()
+
+    def _start_listening(self) -> Any:
+        return self._listener.start_listening()
+
+    def _stop_accepting(self) -> None:
+        self._listener.stop_accepting()
+
+    @property
+    def _stops_accepting_at_once(self) -> bool:
+        return self._listener.stops_at_once
 
 
 if hasattr(socket, "AF_UNIX"):

@@ -49,7 +49,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txsocketserver._twisted import reactor as _reactor
-from txsocketserver._twisted.readiness import IRequestReadiness
+from txsocketserver._twisted.interfaces import IListener, IRequestReadiness
 from txsocketserver._twisted.transport_socket import (
     SocketAddress,
     TransportSocket,
@@ -262,6 +262,7 @@ class EndpointReadiness:
         pass
 
 
+@implementer(IListener)
 class EndpointListener:
     """The endpoint side of a stream server: a listening port and its queue.
 
@@ -271,8 +272,13 @@ class EndpointListener:
             accepting (the server's ``request_queue_size``).
     """
 
-    def __init__(self, endpoint: Endpoint, *, backlog: int) -> None:
+    #: Twisted accepts, not the serving loop: accepting may stop at any time.
+    stops_at_once = True
+
+    def __init__(self, endpoint: Endpoint, *, backlog: int, server: Any = None) -> None:
         self.endpoint = endpoint
+        # The server whose server_address and address_family follow the port.
+        self._server = server
         self._backlog = max(1, backlog)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -335,6 +341,27 @@ class EndpointListener:
         address = port.getHost()
         self.host = socket_address(address)
         self.family = socket_family(address)
+        if self._server is not None:
+            self._server.server_address = self.host
+            self._server.address_family = self.family
+
+    # -- IListener: what the server's hooks call ----------------------------------------
+
+    def bind(self) -> None:
+        """Listen on the endpoint (it binds and listens in one step)."""
+        self.listen()
+
+    def activate(self) -> None:
+        """Nothing: the endpoint listened in :meth:`bind`."""
+
+    def accept(self) -> tuple[TransportSocket, SocketAddress]:
+        return self.take()
+
+    def start_listening(self) -> Deferred[None] | None:
+        return None if self.listening or self._stopped else self.listen_deferred()
+
+    def stop_accepting(self) -> None:
+        self.stop_listening()
 
     @property
     def listening(self) -> bool:

@@ -1,17 +1,23 @@
-"""Where a request runs: the role every concurrency strategy fills.
+"""The roles behind the socketserver classes, each filled by small strategy objects.
 
-``socketserver`` chooses the strategy by mixin (``ThreadingMixIn``,
-``ForkingMixIn``), each overriding ``process_request``.  We keep that public
-shape, and behind each mixin sits a dispatcher implementing
-:class:`IRequestDispatcher`, so that limits and upkeep work the same
-way whatever runs the request.  A synchronous server needs no dispatcher: its
-requests run in the serving thread, as in the stdlib.
+A server picks its strategies once, when it is made (or, for a mixin, when it
+first needs one), and its hooks talk to them only through these interfaces:
 
-The dispatchers (``_thread_dispatcher``, ``_process_dispatcher``) are imported
-by their mixins only when a server first dispatches a request: they and this
-interface need Twisted and ``zope.interface``, which a process that merely
-defines the server classes (a forking server's template and workers) must not
-import.  What the workers run, ``run_request``, lives in ``_base``.
+* :class:`IListener`: how a stream server gets its connections (its own
+  socket, or a Twisted endpoint).
+* :class:`IConnectionSecurity`: what a connection needs around its handler
+  (nothing, or TLS on an ``ssl:`` description).
+* :class:`IRequestReadiness`: how the serving thread learns that a request
+  can be taken without blocking.
+* :class:`IRequestDispatcher`: where a request runs (a pool thread, a worker
+  process).  Inline needs no object: it is ``BaseServer.process_request``
+  itself, as in the stdlib.
+* :class:`IServerControl`: what a service (``_twisted.service``) may ask of a
+  server, beyond the public socketserver API.
+
+The Twisted-free classes (``txsocketserver._core``) cannot import
+``zope.interface``, so their declarations are made here, once this side loads.
+See ``docs/architecture.md`` for the whole design.
 """
 
 from __future__ import annotations
@@ -19,7 +25,87 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from zope.interface import Interface
+from zope.interface import Attribute, Interface, classImplements
+
+from txsocketserver._core.base import BaseServer
+from txsocketserver._core.stream import PlainConnections
+
+
+class IRequestReadiness(Interface):
+    """Tells a serving thread when ``get_request()`` will not block."""
+
+    def wait(timeout: float | None) -> bool:
+        """Block the serving thread until a request is ready, ``wake()`` is
+        called, or *timeout* seconds pass (``None``: no limit).  Returns whether
+        a request is ready."""
+
+    def wake() -> None:
+        """Make a current or the next ``wait()`` return ``False`` at once.
+        Callable from any thread."""
+
+    def close() -> None:
+        """Stop watching.  Called once, from the serving thread."""
+
+
+class IListener(Interface):
+    """How a stream server gets its connections; the server's hooks call it.
+
+    A listener serves one server, whose attributes (``socket``,
+    ``server_address``, ``allow_reuse_address``, ``request_queue_size``...)
+    keep their stdlib meaning and are read when used, so that a subclass
+    overriding a hook can still do the stdlib's work itself.
+    """
+
+    stops_at_once = Attribute(
+        "Whether stop_accepting() may run while the serving loop waits on this "
+        "listener.  A socket must wait for the loop to leave it first."
+    )
+
+    def bind() -> None:
+        """``server_bind``: bind (or listen on the endpoint); set ``server_address``."""
+
+    def activate() -> None:
+        """``server_activate``: start listening."""
+
+    def accept() -> tuple[Any, Any]:
+        """``get_request``: the next ``(request, client_address)``; called when
+        the readiness said one is waiting.
+
+        Error handling: ``OSError`` as ``socket.accept`` raises it (``EBADF``
+        once closed, ``EMFILE``...)."""
+
+    def fileno() -> int:
+        """``fileno``: a descriptor that is readable while a connection waits."""
+
+    def readiness() -> IRequestReadiness:
+        """A readiness for one serving call (``serve_forever``, ``handle_request``)."""
+
+    def start_listening() -> Any:
+        """For ``start_server``: a Deferred that fires once a server made with
+        ``bind_and_activate=False`` listens, or ``None`` if it listens already
+        or its caller binds it (a plain socket address).  Reactor thread."""
+
+    def stop_accepting() -> None:
+        """Refuse new connections; the requests in flight go on.  Any thread."""
+
+    def close() -> None:
+        """``server_close``: stop listening and release everything."""
+
+
+class IConnectionSecurity(Interface):
+    """What a stream connection needs around its handler (TLS, or nothing)."""
+
+    def wrap(request: Any) -> Any:
+        """The accepted socket as the handler will see it; no I/O.  In
+        ``get_request``, serving thread."""
+
+    def establish(request: Any, timeout: float | None) -> bool:
+        """Get the connection ready before the handler is made (the TLS
+        handshake), in the thread that runs the request.  ``False``: the
+        client left or stalled, which is nobody's error; skip the handler."""
+
+    def end(request: Any) -> None:
+        """Say goodbye before the connection is shut down (``close_notify``)."""
 
 
 class IRequestDispatcher(Interface):
@@ -36,3 +122,34 @@ class IRequestDispatcher(Interface):
     def close(wait: bool) -> None:
         """Release the dispatcher's resources; with *wait*, first let the
         requests in flight finish."""
+
+
+class IServerControl(Interface):
+    """What a service asks of a server beyond the socketserver API.
+
+    ``BaseServer`` provides it: a server class of the user's, derived from
+    any of ours, needs nothing more to run as a service.
+    """
+
+    def _start_listening() -> Any:
+        """As :meth:`IListener.start_listening`; reactor thread."""
+
+    def _stop_accepting() -> None:
+        """Refuse new requests; those in flight go on.  Any thread."""
+
+    _stops_accepting_at_once = Attribute(
+        "Whether _stop_accepting() may run while the serving loop is still waiting."
+    )
+
+    def _requests_in_flight() -> list[Any]:
+        """The requests between ``verify_request`` and the end of their handling."""
+
+    def _wait_for_requests(timeout: float | None) -> bool:
+        """Wait until no request is in flight; whether that happened in time."""
+
+    def _log_errors_to(logger: Any) -> None:
+        """Send ``handle_error`` to a ``twisted.logger.Logger`` (``None``: stderr)."""
+
+
+classImplements(BaseServer, IServerControl)
+classImplements(PlainConnections, IConnectionSecurity)

@@ -37,7 +37,7 @@ import time
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -49,18 +49,6 @@ DEFAULT_DRAIN_TIMEOUT = 30.0
 _STRAGGLER_GRACE = 2.0
 
 _log = Logger(namespace="txsocketserver")
-
-
-def _stop_accepting(server: Any) -> None:
-    """Refuse new connections (stream servers only: a datagram server's socket
-    is also what in-flight handlers reply through)."""
-    listener = getattr(server, "_endpoint", None)
-    if listener is not None:
-        listener.stop_listening()
-        return
-    sock = getattr(server, "socket", None)
-    if sock is not None and getattr(server, "socket_type", None) == socket.SOCK_STREAM:
-        sock.close()
 
 
 def _abort(request: Any) -> None:
@@ -105,15 +93,15 @@ def stop_gracefully(
     loop_running = serving is not None and serving.is_alive()
     if loop_running:
         stopper.start()
-    if getattr(server, "_endpoint", None) is not None:
-        _stop_accepting(server)
+    if server._stops_accepting_at_once:
+        server._stop_accepting()
     elif loop_running:
         # A socket server's loop may still be waiting on its socket: close it
         # only once the loop has left (a synchronous server's loop leaves when
         # the request it is running ends).
         stopper.join(max(0.0, deadline - time.monotonic()))
         if not stopper.is_alive():
-            _stop_accepting(server)
+            server._stop_accepting()
     drained = server._wait_for_requests(max(0.0, deadline - time.monotonic()))
     if not drained:
         stragglers = server._requests_in_flight()
@@ -199,14 +187,8 @@ class ServerService(Service):
         return started
 
     def _listen_then_serve(self, started: Deferred[ServerService]) -> None:
-        listener = getattr(self.server, "_endpoint", None)
-        if listener is not None and not listener.listening and self._stopped is None:
-            listening = listener.listen_deferred()
-            listening.addCallback(lambda _: self.server._endpoint_listening())
-        elif _unbound_endpoint_socket(self.server) and self._stopped is None:
-            listening = maybeDeferred(self.server.server_bind)
-            listening.addCallback(lambda _: self.server.server_activate())
-        else:
+        listening = None if self._stopped is not None else self.server._start_listening()
+        if listening is None:
             listening = succeed(None)
 
         def serve(_: object) -> ServerService:
@@ -265,15 +247,6 @@ class ServerService(Service):
 
         threading.Thread(target=stop, name="txsocketserver-stop", daemon=True).start()
         return stopped
-
-
-def _unbound_endpoint_socket(server: Any) -> bool:
-    """Whether *server* listens on its own socket for an endpoint (``tcp:``,
-    ``ssl:``...) but was made with ``bind_and_activate=False`` and has not
-    listened yet: ``start_server`` then binds it, as it would an endpoint."""
-    if not getattr(server, "_endpoint_socket", False) or server.socket.fileno() == -1:
-        return False
-    return not server.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
 
 
 def start_server(

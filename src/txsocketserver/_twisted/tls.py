@@ -58,6 +58,10 @@ import ssl
 import tempfile
 from typing import Any
 
+from zope.interface import implementer
+
+from txsocketserver._twisted.interfaces import IConnectionSecurity
+
 # sslmethod values (pyOpenSSL method names) that pin one TLS version.
 _PINNED_VERSIONS = {
     "TLSv1_METHOD": ssl.TLSVersion.TLSv1,
@@ -146,9 +150,28 @@ def _load_with_chain(context: ssl.SSLContext, certificate: str, chain: str, key:
         os.unlink(path)
 
 
-def wrap(context: ssl.SSLContext, sock: socket.socket) -> ssl.SSLSocket:
-    """An accepted socket as the server side of TLS; no I/O happens here."""
-    return context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+@implementer(IConnectionSecurity)
+class TLSSecurity:
+    """TLS around each connection of an ``ssl:`` description, with *context*."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+
+    def wrap(self, request: socket.socket) -> ssl.SSLSocket:
+        """The accepted socket as the server side of TLS; no I/O happens here."""
+        try:
+            return self.context.wrap_socket(
+                request, server_side=True, do_handshake_on_connect=False
+            )
+        except BaseException:
+            request.close()
+            raise
+
+    def establish(self, request: Any, timeout: float | None) -> bool:
+        return handshake(request, timeout)
+
+    def end(self, request: Any) -> None:
+        send_close_notify(request)
 
 
 def handshake(request: Any, timeout: float | None = None) -> bool:
