@@ -19,8 +19,6 @@ import sys
 import time
 from collections.abc import Iterator
 
-from txsocketserver._twisted import reactor as _reactor
-
 # Not typing's: importing typing (like logging and traceback, imported where
 # they are used) would add a megabyte to every process that only defines or
 # runs handlers, and every fork of a forking server's template copies it.
@@ -47,6 +45,13 @@ def log_warning(message: str, *args: Any) -> None:
     import logging
 
     logging.getLogger("txsocketserver").warning(message, *args)
+
+
+def _refuse_reactor_thread(call: str) -> None:
+    """``RuntimeError`` if *call* (a blocking API) is made on the reactor thread."""
+    from txsocketserver._twisted.reactor import refuse_reactor_thread
+
+    refuse_reactor_thread(call)
 
 
 def run_request(server: Any, request: Any, client_address: Any) -> bool:
@@ -138,7 +143,7 @@ class BaseServer:
             ``RuntimeError`` if called on the Twisted reactor thread (it would
             deadlock); use :class:`txsocketserver.ServerService` there.
         """
-        _reactor.refuse_reactor_thread("serve_forever")
+        _refuse_reactor_thread("serve_forever")
         self.__sync()[0].clear()
         try:
             with self.__watching() as readiness:
@@ -165,7 +170,7 @@ class BaseServer:
         Error handling:
             ``RuntimeError`` if called on the Twisted reactor thread.
         """
-        _reactor.refuse_reactor_thread("shutdown")
+        _refuse_reactor_thread("shutdown")
         self.__shutdown_request = True
         readiness = self.__readiness
         if readiness is not None:
@@ -184,7 +189,7 @@ class BaseServer:
         The timeout is the smaller of ``self.timeout`` and the socket's own;
         ``handle_timeout()`` is called when it passes with no request.
         """
-        _reactor.refuse_reactor_thread("handle_request")
+        _refuse_reactor_thread("handle_request")
         timeout = self._socket_timeout()
         if timeout is None:
             timeout = self.timeout
