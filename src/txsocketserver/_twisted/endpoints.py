@@ -165,35 +165,34 @@ def listening_socket(endpoint: Endpoint) -> ListeningSocket | None:
     """
     from twisted.internet import abstract, endpoints
 
+    from txsocketserver._twisted import compat
+
     resolved = endpoint.resolve()
-    kind = type(resolved)
-    # The endpoints' attributes are private, but have kept these names since
-    # Twisted 10; any other type simply takes the Twisted path.
-    if kind is endpoints.UNIXServerEndpoint:
+    unix = compat.unix_parameters(resolved)
+    if unix is not None:
         return ListeningSocket(
             socket.AF_UNIX,
-            resolved._address,  # type: ignore[attr-defined]
-            resolved._backlog,  # type: ignore[attr-defined]
-            unix_mode=resolved._mode,  # type: ignore[attr-defined]
-            unix_lock=bool(resolved._wantPID),  # type: ignore[attr-defined]
+            unix.address,
+            unix.backlog,
+            unix_mode=unix.mode,
+            unix_lock=unix.lockfile,
         )
+    tcp = compat.tcp_parameters(resolved)
+    if tcp is None:
+        return None
     tls = None
-    if kind is endpoints.SSL4ServerEndpoint:
+    if type(resolved) is endpoints.SSL4ServerEndpoint:
         if endpoint.description is None:
-            return None
+            return None  # an object: its own TLS configuration, served by Twisted
         from txsocketserver._twisted import tls as _tls
 
         tls = _tls.server_context(endpoint.description)
         if tls is None:
             return None
-    elif kind not in (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint):
-        return None
-    interface = resolved._interface  # type: ignore[attr-defined]
-    ipv6 = kind is endpoints.TCP6ServerEndpoint or abstract.isIPv6Address(interface)
+    ipv6 = type(resolved) is endpoints.TCP6ServerEndpoint or abstract.isIPv6Address(tcp.interface)
     family = socket.AF_INET6 if ipv6 else socket.AF_INET
-    host = interface or ("::" if ipv6 else "0.0.0.0")
-    port = resolved._port  # type: ignore[attr-defined]
-    return ListeningSocket(family, (host, port), resolved._backlog, tls)  # type: ignore[attr-defined]
+    host = tcp.interface or ("::" if ipv6 else "0.0.0.0")
+    return ListeningSocket(family, (host, tcp.port), tcp.backlog, tls)
 
 
 def as_endpoint(server_address: Any, address_family: int) -> Endpoint | None:

@@ -60,6 +60,7 @@ from typing import Any
 
 from zope.interface import implementer
 
+from txsocketserver._twisted import compat
 from txsocketserver._twisted.interfaces import IConnectionSecurity
 
 # sslmethod values (pyOpenSSL method names) that pin one TLS version.
@@ -76,26 +77,6 @@ _PEM_CERTIFICATE = re.compile(
 )
 
 
-def _ssl_options(
-    port: str,
-    privateKey: str = "server.pem",  # noqa: N803 - Twisted's option names
-    certKey: str | None = None,  # noqa: N803
-    sslmethod: str | None = None,
-    interface: str = "",
-    backlog: str = "50",
-    extraCertChain: str | None = None,  # noqa: N803
-    dhParameters: str | None = None,  # noqa: N803
-) -> dict[str, Any]:
-    """Twisted's ``ssl:`` parameters, positional order included (``_parseSSL``)."""
-    return {
-        "privateKey": privateKey,
-        "certKey": certKey or privateKey,
-        "sslmethod": sslmethod,
-        "extraCertChain": extraCertChain,
-        "dhParameters": dhParameters,
-    }
-
-
 def server_context(description: str) -> ssl.SSLContext | None:
     """The server ``SSLContext`` for an ``ssl:`` endpoint *description*, or
     ``None`` if it has options this module does not know (it is then served
@@ -105,15 +86,11 @@ def server_context(description: str) -> ssl.SSLContext | None:
         ``OSError``/``ssl.SSLError`` for unreadable or mismatched key and
         certificate files (Twisted has normally refused them first).
     """
-    from twisted.internet.endpoints import _parse
-
-    arguments, options = _parse(description)
-    if not arguments or arguments[0] != "ssl":
+    chosen = compat.ssl_description_options(description)
+    if chosen is None:
         return None
-    try:
-        chosen = _ssl_options(*arguments[1:], **options)
-    except TypeError:
-        return None
+    if chosen["certKey"] is None:
+        chosen["certKey"] = chosen["privateKey"]
     method = chosen["sslmethod"]
     if method is not None and method not in _PINNED_VERSIONS and method not in _ANY_VERSION:
         return None
