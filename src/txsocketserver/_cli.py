@@ -119,6 +119,21 @@ class Options(usage.Options):
         ],
     ]
 
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Parse *options*; under ``twistd``, a usage error exits with status 1.
+
+        ``twistd`` before Twisted 26.4 prints a usage error and exits with
+        status 0, so a supervisor would take a misconfigured server for a clean
+        exit: as its subcommand (``parent`` set), we exit 1 ourselves, with the
+        one-line message, on every Twisted version.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as error:
+            if getattr(self, "parent", None) is None:
+                raise  # python -m txsocketserver reports it itself
+            raise SystemExit(f"twistd socketserver: {error}") from None
+
     def postOptions(self) -> None:
         if not self["listen"]:
             raise usage.UsageError("--listen ENDPOINT is required (e.g. --listen tcp:8000)")
