@@ -25,8 +25,7 @@ from txsocketserver._core.handlers import (
 from txsocketserver._core.stream import TCPServer, UnixStreamServer
 from txsocketserver._core.threading_mixin import ThreadingMixIn
 
-# typing costs every process that imports the package a megabyte.
-TYPE_CHECKING = False
+TYPE_CHECKING = False  # not typing's: see txsocketserver._core
 if TYPE_CHECKING:
     from typing import Any
 

@@ -19,10 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 
-# Not typing's: importing typing (like logging and traceback, imported where
-# they are used) would add a megabyte to every process that only defines or
-# runs handlers, and every fork of a forking server's template copies it.
-TYPE_CHECKING = False
+TYPE_CHECKING = False  # not typing's: see txsocketserver._core
 if TYPE_CHECKING:
     from typing import Any
 
