@@ -98,3 +98,42 @@ def test_a_plain_server_loads_no_endpoint_facade_or_tls() -> None:
     assert "txsocketserver._twisted.listeners" in loaded  # the check sees modules
     for module in ("endpoints", "transport_socket", "tls"):
         assert f"txsocketserver._twisted.{module}'" not in loaded
+
+
+# -- the strategies fill their roles ------------------------------------------------
+
+
+def test_each_strategy_provides_its_role() -> None:
+    import ssl
+
+    from zope.interface.verify import verifyClass, verifyObject
+
+    import txsocketserver as ss
+    from txsocketserver._core.stream import PlainConnections
+    from txsocketserver._twisted import interfaces
+    from txsocketserver._twisted.endpoints import EndpointListener
+    from txsocketserver._twisted.listeners import SocketListener
+    from txsocketserver._twisted.readiness import SocketReadiness
+    from txsocketserver._twisted.thread_dispatcher import ThreadDispatcher
+    from txsocketserver._twisted.tls import TLSSecurity
+
+    for role, strategy in [
+        (interfaces.IListener, SocketListener),
+        (interfaces.IListener, EndpointListener),
+        (interfaces.IConnectionSecurity, TLSSecurity),
+        (interfaces.IRequestReadiness, SocketReadiness),
+        (interfaces.IRequestDispatcher, ThreadDispatcher),
+    ]:
+        assert verifyClass(role, strategy)
+    # Twisted-free classes declare nothing (no zope.interface there), but fit.
+    assert verifyClass(interfaces.IConnectionSecurity, PlainConnections, tentative=True)
+    assert verifyClass(interfaces.IServerControl, ss.BaseServer, tentative=True)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    assert verifyObject(interfaces.IConnectionSecurity, TLSSecurity(context))
+    with ss.TCPServer(("127.0.0.1", 0), ss.BaseRequestHandler) as server:
+        assert verifyObject(interfaces.IListener, server._listener)
+        assert verifyObject(interfaces.IServerControl, server, tentative=True)
+    with ss.TCPServer(
+        ss.Endpoint("haproxy:tcp:0:interface=127.0.0.1"), ss.BaseRequestHandler
+    ) as server:
+        assert verifyObject(interfaces.IListener, server._listener)

@@ -15,9 +15,11 @@ first needs one), and its hooks talk to them only through these interfaces:
 * :class:`IServerControl`: what a service (``_twisted.service``) may ask of a
   server, beyond the public socketserver API.
 
-The Twisted-free classes (``txsocketserver._core``) cannot import
-``zope.interface``, so their declarations are made here, once this side loads.
-See ``docs/architecture.md`` for the whole design.
+The Twisted-free classes that fill a role (``BaseServer`` for
+:class:`IServerControl`, ``PlainConnections`` for :class:`IConnectionSecurity`)
+cannot import ``zope.interface`` and declare nothing; ``tests/test_layout.py``
+verifies them against their interface like the declared ones.  See
+``docs/architecture.md`` for the whole design.
 """
 
 from __future__ import annotations
@@ -25,10 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from zope.interface import Attribute, Interface, classImplements
-
-from txsocketserver._core.base import BaseServer
-from txsocketserver._core.stream import PlainConnections
+from zope.interface import Attribute, Interface
 
 
 class IRequestReadiness(Interface):
@@ -150,6 +149,3 @@ class IServerControl(Interface):
     def _log_errors_to(logger: Any) -> None:
         """Send ``handle_error`` to a ``twisted.logger.Logger`` (``None``: stderr)."""
 
-
-classImplements(BaseServer, IServerControl)
-classImplements(PlainConnections, IConnectionSecurity)
