@@ -12,6 +12,7 @@ import pytest
 
 from support import (
     ANY_PORT,
+    WAIT,
     connect_to,
     fd_count,
     recv_all,
@@ -254,13 +255,15 @@ def test_first_request_after_the_main_thread_has_finished(serving_starts):
 def test_server_close_and_in_flight_handler(ss, daemon, block, waits):
     """block_on_close=True joins running handlers in server_close(); otherwise not."""
     started = threading.Event()
+    release = threading.Event()
     finished = threading.Event()
 
     class Handler(ss.StreamRequestHandler):
         def handle(self):
             self.rfile.readline()
             started.set()
-            time.sleep(0.6)
+            # In flight until the test lets it go, however slow the machine.
+            release.wait(WAIT)
             self.wfile.write(b"late\n")
             finished.set()
 
@@ -269,27 +272,36 @@ def test_server_close_and_in_flight_handler(ss, daemon, block, waits):
         block_on_close = block
 
     server = Server(ANY_PORT, Handler)
+    client = None
     try:
         with serve_in_thread(server):
             client = connect_to(server)
             client.sendall(b"go\n")
-            assert started.wait(5)
-    finally:
+            assert started.wait(WAIT)
         t0 = time.monotonic()
-        server.server_close()
-        elapsed = time.monotonic() - t0
-    try:
+        closing = run_in_thread(server.server_close)
         if waits:
-            assert finished.is_set()
-            assert elapsed > 0.3
-        else:
+            # server_close() is still waiting for the handler...
+            assert not closing.done.wait(0.3)
             assert not finished.is_set()
-            assert elapsed < 0.3
+            release.set()
+            # ...and returns only once it has finished.
+            closing.join()
+            assert finished.is_set()
+        else:
+            closing.join()
+            assert time.monotonic() - t0 < 0.3
+            assert not finished.is_set()
+            release.set()
+        assert closing.error is None
         # Either way the handler completes, and its reply reaches the client.
-        assert finished.wait(5)
+        assert finished.wait(WAIT)
         assert recv_all(client) == b"late\n"
     finally:
-        client.close()
+        release.set()
+        server.server_close()
+        if client is not None:
+            client.close()
 
 
 def test_leaks_after_many_connections_errors_and_resets(ss):
