@@ -292,6 +292,12 @@ class _TrackedProtocol(TransportSocketProtocol):
 
 
 class _ListenerFactory(TransportSocketFactory):
+    # Twisted's "Starting factory" lines say nothing an operator needs.
+    noisy = False
+
+    def logPrefix(self) -> str:
+        return "txsocketserver"
+
     def __init__(self, listener: EndpointListener, reactor: Any, proxied: bool) -> None:
         super().__init__(listener._on_connection, reactor=reactor)
         self._listener = listener

@@ -384,7 +384,6 @@ class TransportSocketProtocol(Protocol):
             from twisted.internet import reactor
 
             self._reactor = reactor
-        self.transport.registerProducer(_OutgoingProducer(self._bridge), True)
         if self._proxy is None:
             self._start()
             return
@@ -396,7 +395,7 @@ class TransportSocketProtocol(Protocol):
                 peer=peer,
                 trusted=", ".join(self._proxy.trusted.entries) or "none",
             )
-            self.transport.abortConnection()
+            self.transport.loseConnection()
             return
         self._header = bytearray()
         if self._proxy.timeout is not None:
@@ -405,6 +404,7 @@ class TransportSocketProtocol(Protocol):
             )
 
     def _start(self) -> None:
+        self.transport.registerProducer(_OutgoingProducer(self._bridge), True)
         header = self._proxied
         peer = self.transport.getPeer()
         family = socket_family(peer)
@@ -436,7 +436,7 @@ class TransportSocketProtocol(Protocol):
             header = parse_header(self._header)
         except ProxyHeaderError as error:
             self._end_header_stage("warn", "refused connection from {peer}: {reason}", error)
-            self.transport.abortConnection()
+            self.transport.loseConnection()
             return b""
         if header is None:
             return b""
@@ -476,13 +476,13 @@ class TransportSocketProtocol(Protocol):
             "closed connection from {peer}: {reason}",
             f"no complete PROXY header within {self._proxy.timeout}s",  # type: ignore[union-attr]
         )
-        self.transport.abortConnection()
+        self.transport.loseConnection()
 
     def evict(self, reason: str) -> None:
         """Close a connection still in its header stage, logging *reason* (reactor thread)."""
         if self._header is not None:
             self._end_header_stage("warn", "closed connection from {peer}: {reason}", reason)
-            self.transport.abortConnection()
+            self.transport.loseConnection()
 
     def _header_stage_lost(self, how: str) -> None:
         """The peer ended the connection before its header was complete."""
