@@ -137,3 +137,36 @@ class SlowEchoHandler(socketserver.StreamRequestHandler):
         line = self.rfile.readline()
         time.sleep(0.5)
         self.wfile.write(line)
+
+
+#: What :class:`MeasuredReplyHandler` sends after the digest line.
+MEASURED_REPLY_BODY = FIREHOSE_BLOCK[:16384]
+
+
+def measured_reply(body: bytes) -> bytes:
+    """The whole reply :class:`MeasuredReplyHandler` gives to a request of *body*."""
+    return hashlib.sha256(body).hexdigest().encode() + b"\n" + MEASURED_REPLY_BODY
+
+
+class MeasuredReplyHandler(socketserver.StreamRequestHandler):
+    """Read ``<size>\\n`` and that many bytes, or ``eof\\n`` and everything up to
+    the client's half-close; reply :func:`measured_reply` of the body.  A
+    request cut short (the client went away) gets no reply and is no error."""
+
+    def handle(self) -> None:
+        first = self.rfile.readline()
+        if not first.endswith(b"\n"):
+            return
+        body = self.rfile.read() if first == b"eof\n" else self.rfile.read(int(first))
+        if first != b"eof\n" and len(body) < int(first):
+            return
+        self.wfile.write(measured_reply(body))
+
+
+class SleepyHandler(socketserver.BaseRequestHandler):
+    """Say ``started``, then sleep 30 s ignoring the connection: a handler that
+    no drain can cut short, only the process's exit."""
+
+    def handle(self) -> None:
+        self.request.sendall(b"started\n")
+        time.sleep(30)
