@@ -150,15 +150,24 @@ def measured_reply(body: bytes) -> bytes:
 
 class MeasuredReplyHandler(socketserver.StreamRequestHandler):
     """Read ``<size>\\n`` and that many bytes, or ``eof\\n`` and everything up to
-    the client's half-close; reply :func:`measured_reply` of the body.  A
-    request cut short (the client went away) gets no reply and is no error."""
+    the client's half-close; reply :func:`measured_reply` of the body.
+
+    A request cut short (the client closed or reset mid-request) gets no reply
+    and, for this handler, is no error: it counts it in ``server.cut_short``
+    (if the server has it).  The stdlib's handlers would let the
+    ``ConnectionResetError`` reach ``handle_error``.
+    """
 
     def handle(self) -> None:
-        first = self.rfile.readline()
-        if not first.endswith(b"\n"):
-            return
-        body = self.rfile.read() if first == b"eof\n" else self.rfile.read(int(first))
-        if first != b"eof\n" and len(body) < int(first):
+        try:
+            first = self.rfile.readline()
+            size = None if first == b"eof\n" else int(first or b"0")
+            body = self.rfile.read() if size is None else self.rfile.read(size)
+        except ConnectionResetError:
+            body, size = b"", -1
+        if size is not None and len(body) != size or not first.endswith(b"\n"):
+            if hasattr(self.server, "cut_short"):
+                self.server.cut_short.append(self.client_address)
             return
         self.wfile.write(measured_reply(body))
 
