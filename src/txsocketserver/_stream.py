@@ -87,7 +87,12 @@ class TCPServer(BaseServer):
         """Constructor.  May be extended, do not override."""
         # Imported here, not with the class: it imports Twisted, which a
         # process that only defines the class (a forking worker) never needs.
-        from txsocketserver._endpoints import EndpointListener, as_endpoint, listening_socket
+        from txsocketserver._endpoints import (
+            EndpointListener,
+            as_endpoint,
+            endpoint_backlog,
+            listening_socket,
+        )
 
         BaseServer.__init__(self, server_address, RequestHandlerClass)
         self._endpoint: EndpointListener | None = None
@@ -120,6 +125,9 @@ class TCPServer(BaseServer):
             raise TypeError(f"{type(self).__name__} cannot serve a stream endpoint ({endpoint!r})")
         else:
             self.socket = None  # type: ignore[assignment]
+            # A PROXY-protocol endpoint's connections wait in our queue, not
+            # the kernel's: its backlog sizes that queue, as for tcp:.
+            self.request_queue_size = endpoint_backlog(endpoint) or self.request_queue_size
             self._endpoint = EndpointListener(
                 endpoint, backlog=self.request_queue_size, settings=self
             )
