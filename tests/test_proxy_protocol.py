@@ -142,6 +142,16 @@ def test_haproxy_endpoints_are_still_recognised() -> None:
     assert proxy_protocol_endpoint(serverFromString(_reactor.get_reactor(), "tcp:0")) is None
 
 
+def test_the_accept_batch_is_capped_to_the_free_slots() -> None:
+    # The other seam: Twisted's port accepts numberAccepts connections per
+    # read, stopReading or not; we size that batch.  If Twisted renames it,
+    # silent clients could again take every descriptor: fail here.
+    with txsocketserver.ThreadingTCPServer(PROXIED, AddressHandler) as server:
+        port = server._endpoint._port
+        assert isinstance(port.numberAccepts, int)
+        assert port.numberAccepts <= server.request_queue_size == 50
+
+
 # -- item 1: a client's half-close, differential against the stdlib ------------------
 
 
