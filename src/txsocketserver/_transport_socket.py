@@ -66,7 +66,11 @@ How a connection ends
   close hop.  Hops run in the order they were queued, so the close hop runs
   after the flushes of everything written before: it unregisters the producer
   and calls ``loseConnection()``, which sends what the transport still buffers,
-  then closes.  Nothing written before ``close()`` is lost.
+  then closes.  Nothing written before ``close()`` is lost: on TCP the close
+  *lingers*: it half-closes after the last byte and reads (discarding) until
+  the peer's FIN, for at most :data:`LINGER_TIMEOUT` seconds, because closing
+  with unread input would make the kernel reset the connection and the peer
+  would lose the end of the reply.
 * ``close()`` racing ``connectionLost``: both the close hop and
   ``connectionLost`` run on the reactor thread, so they are ordered; the close
   hop does nothing once ``lost`` is set, and ``connectionLost`` after ``closed``
@@ -153,6 +157,9 @@ RECEIVE_LOW_WATER = 64 * 1024
 # Bytes accepted by send/sendall that the reactor has not yet handed to the
 # transport; a writer waits beyond this.  The transport's own buffer comes on top.
 SEND_WINDOW = 256 * 1024
+# Seconds a closed connection keeps reading, after its FIN, for the peer's FIN
+# (see TransportSocketProtocol._close); Apache's lingering close waits 2 s too.
+LINGER_TIMEOUT = 2.0
 
 #: What ``socket.accept()`` returns as the address for each family: ``(host,
 #: port)`` for IPv4, ``(host, port, flowinfo, scope_id)`` for IPv6, a path (``""``
@@ -371,6 +378,8 @@ class TransportSocketProtocol(Protocol):
         self._header: bytearray | None = None
         self._header_deadline: Any = None
         self._proxied: ProxyHeader | None = None
+        self._write_half_closed = False  # loseWriteConnection was called
+        self._linger: Any = None  # the lingering close's deadline, while it runs
 
     @property
     def awaiting_header(self) -> bool:
@@ -524,6 +533,10 @@ class TransportSocketProtocol(Protocol):
         with self._bridge.lock:
             self._bridge.read_eof = True
             self._bridge.readable.notify_all()
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+            self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
         # Only happens after our own loseWriteConnection: nothing to record.
@@ -532,6 +545,9 @@ class TransportSocketProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._header is not None:
             self._header_stage_lost("closed" if reason.check(ConnectionDone) else "was reset")
+        linger, self._linger = self._linger, None
+        if linger is not None and linger.active():
+            linger.cancel()
         bridge = self._bridge
         with bridge.lock:
             bridge.lost = True
@@ -600,6 +616,7 @@ class TransportSocketProtocol(Protocol):
         half_close = _half_close(self.transport)
         if half_close is not None:
             self.transport.unregisterProducer()
+            self._write_half_closed = True
             half_close()
 
     def _close(self, abort: bool = False) -> None:
@@ -613,7 +630,18 @@ class TransportSocketProtocol(Protocol):
             return
         # A registered producer would keep the transport open: finish first.
         self.transport.unregisterProducer()
-        self.transport.loseConnection()
+        half_close = None if self._bridge.read_eof else _half_close(self.transport)
+        if half_close is None:
+            self.transport.loseConnection()
+            return
+        # A lingering close: closing a socket with unread input makes the
+        # kernel send a reset, and the peer's kernel then drops our last bytes
+        # unread.  So send a FIN after them, keep reading (and discarding)
+        # until the peer's own FIN, for at most LINGER_TIMEOUT seconds.
+        if not self._write_half_closed:
+            self._write_half_closed = True
+            half_close()
+        self._linger = self._reactor.callLater(LINGER_TIMEOUT, self.transport.loseConnection)
 
 
 class TransportSocketFactory(Factory):
