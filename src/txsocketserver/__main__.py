@@ -91,27 +91,28 @@ def main(argv: list[str] | None = None) -> int:
         # a handler still running after it must not hold the process.
         server.daemon_threads = True
 
-    stopping: list[threading.Thread] = []
     serving = threading.current_thread()
     drain_timeout = options["drain-timeout"]
+    # The drain waits for serve_forever, which runs in this very thread: it
+    # has to happen in another one.  A daemon, so that a second signal can
+    # end the process under it.
+    stopper = threading.Thread(
+        target=stop_gracefully,
+        args=(server,),
+        kwargs={"drain_timeout": drain_timeout, "serving": serving},
+        name="txsocketserver-stop",
+        daemon=True,
+    )
+    stopping: list[threading.Thread] = []
 
     def stop(signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if stopping:
             print(f"{PROG}: {name} again: stopping now", file=sys.stderr, flush=True)
             raise _StopNow
-        print(f"{PROG}: {name}: stopping", file=sys.stderr, flush=True)
-        # The drain waits for serve_forever, which runs in this very thread:
-        # it has to happen in another one.  A daemon, so that a second signal
-        # can end the process under it.
-        stopper = threading.Thread(
-            target=stop_gracefully,
-            args=(server,),
-            kwargs={"drain_timeout": drain_timeout, "serving": serving},
-            name="txsocketserver-stop",
-            daemon=True,
-        )
+        # Recorded first: a second signal may interrupt the lines below.
         stopping.append(stopper)
+        print(f"{PROG}: {name}: stopping", file=sys.stderr, flush=True)
         stopper.start()
 
     signal.signal(signal.SIGTERM, stop)
