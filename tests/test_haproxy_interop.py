@@ -217,6 +217,12 @@ def test_fault_mix_through_haproxy(
     events: list[dict[str, Any]], capfd: pytest.CaptureFixture[str]
 ) -> None:
     warm_up(txsocketserver)
+    # Twisted's first accept in a process opens the descriptor it keeps in
+    # reserve for EMFILE: let that happen before the baseline.
+    warm_server = txsocketserver.TCPServer(f"haproxy:tcp:0:interface={LOCALHOST}", AddressHandler)
+    with warm_server, serve_in_thread(warm_server), connect(warm_server.server_address) as client:
+        client.sendall(b"PROXY UNKNOWN\r\n")
+        assert recv_all(client)
     expected = hashlib.sha256(measured_reply(BODY)).hexdigest()
     baseline_fds, baseline_threads = fd_count(), thread_count()
     server = txsocketserver.ThreadingTCPServer(
@@ -258,8 +264,8 @@ def test_fault_mix_through_haproxy(
     ended = lines("ended before sending anything")
     assert per_kind <= before <= 2 * per_kind
     assert before - per_kind + ended + len(server.cut_short) <= per_kind
-    rejected = [formatEvent(e) for e in events if "PROXY LOCAL" not in formatEvent(e)]
-    assert len(rejected) == before + ended + per_kind + SILENT, rejected[:5]
+    known = ("PROXY LOCAL", "before sending anything", "inside its PROXY header", "no complete")
+    assert [m for m in map(formatEvent, events) if not any(k in m for k in known)] == []
     assert not [event for event in events if "log_failure" in event]
     assert "Traceback" not in capfd.readouterr().err
     settle_resources(baseline_fds, baseline_threads)
