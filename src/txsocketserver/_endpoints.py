@@ -235,7 +235,7 @@ def proxy_protocol_endpoint(endpoint: IStreamServerEndpoint) -> IStreamServerEnd
     and read the header ourselves (``TransportSocketProtocol`` with a
     ``ProxyHeaderPolicy``).  This reads two private attributes of Twisted's
     ``_WrapperServerEndpoint``, which ``proxyEndpoint`` has returned since
-    Twisted 16; ``test_endpoints`` fails if that changes.
+    Twisted 16; ``tests/test_proxy_protocol.py`` fails if that changes.
     """
     from twisted.internet.endpoints import _WrapperServerEndpoint
     from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
@@ -482,7 +482,7 @@ class EndpointListener:
 
         ``numberAccepts`` is the batch size of Twisted's POSIX ports (it grows
         by 20 after each full batch); ports without it are left alone.
-        ``test_endpoints`` fails if Twisted drops it.
+        ``tests/test_proxy_protocol.py`` fails if Twisted drops it.
         """
         self._cap_scheduled = False
         port = self._port
@@ -670,7 +670,7 @@ class EndpointListener:
         if call is not None and call.active():
             call.cancel()
         for protocol in list(self._pending):
-            protocol.evict("the server is stopping")
+            protocol.evict("the server is stopping", level="info")
         return port.stopListening()
 
     def _drain_notify(self) -> None:

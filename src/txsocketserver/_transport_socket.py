@@ -487,10 +487,11 @@ class TransportSocketProtocol(Protocol):
         )
         self.transport.loseConnection()
 
-    def evict(self, reason: str) -> None:
-        """Close a connection still in its header stage, logging *reason* (reactor thread)."""
+    def evict(self, reason: str, level: str = "warn") -> None:
+        """Close a connection still in its header stage, logging *reason* at
+        *level* (a ``twisted.logger`` level name); reactor thread."""
         if self._header is not None:
-            self._end_header_stage("warn", "closed connection from {peer}: {reason}", reason)
+            self._end_header_stage(level, "closed connection from {peer}: {reason}", reason)
             self.transport.loseConnection()
 
     def _header_stage_lost(self, how: str) -> None:
