@@ -13,13 +13,17 @@ import os
 import sys
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.python import usage
 
 import txsocketserver
-from txsocketserver._twisted.endpoints import Endpoint, listening_socket
+from txsocketserver._twisted.endpoints import DEFAULT_HEADER_TIMEOUT, Endpoint, listening_socket
+from txsocketserver._twisted.proxy_protocol import DEFAULT_TRUSTED_PROXIES, TrustedProxies
 from txsocketserver._twisted.service import DEFAULT_DRAIN_TIMEOUT
 
 MODES = ("sync", "threading", "forking")
+
+_handler_log = Logger(namespace="txsocketserver.handler")
 
 _LISTEN_HELP = (
     "Twisted server endpoint to listen on, e.g. tcp:8000, "
@@ -117,6 +121,23 @@ class Options(usage.Options):
             "their connections are closed.",
             float,
         ],
+        [
+            "trusted-proxies",
+            None,
+            ",".join(DEFAULT_TRUSTED_PROXIES),
+            "With haproxy: endpoints, the comma-separated peer addresses or networks "
+            "(10.0.0.0/8, fd00::/8) whose PROXY header is believed; '*' trusts any "
+            "peer. Connections from other peers are refused and logged: their header "
+            "could claim any client address. Unix-socket peers are always trusted.",
+        ],
+        [
+            "header-timeout",
+            None,
+            DEFAULT_HEADER_TIMEOUT,
+            "With haproxy: endpoints, seconds from accept for the PROXY header to "
+            "arrive before the connection is closed.",
+            float,
+        ],
     ]
 
     def parseOptions(self, options: list[str] | None = None) -> None:
@@ -151,8 +172,21 @@ class Options(usage.Options):
             raise usage.UsageError("--max-threads must be at least 1")
         if self["drain-timeout"] < 0:
             raise usage.UsageError("--drain-timeout must not be negative")
+        if self["header-timeout"] <= 0:
+            raise usage.UsageError("--header-timeout must be positive")
+        self["trusted_proxies"] = tuple(
+            entry.strip() for entry in self["trusted-proxies"].split(",") if entry.strip()
+        )
+        try:
+            TrustedProxies(self["trusted_proxies"])
+        except ValueError as exc:
+            raise usage.UsageError(f"--trusted-proxies: {exc}") from exc
         self["handler_class"] = load_object(self["handler"], "--handler")
         self["server_class"] = server_class(self["server"], mode)
+        if not issubclass(self["server_class"], txsocketserver.ForkingMixIn):
+            # A forking child imports its handler class by name: it keeps the
+            # stdlib's stderr lines.
+            self["handler_class"] = logging_handler_class(self["handler_class"])
         if self["max-threads"] is not None and not issubclass(
             self["server_class"], txsocketserver.ThreadingMixIn
         ):
@@ -238,7 +272,43 @@ def build_server(options: Options) -> Any:
         ) from exc
     if options["max-threads"] is not None:
         server.max_threads = options["max-threads"]
+    server.trusted_proxies = options["trusted_proxies"]
+    server.header_timeout = options["header-timeout"]
     return server
+
+
+def logging_handler_class(handler_class: type) -> type:
+    """*handler_class*, made to log through ``twisted.logger`` if it writes
+    log lines to stderr (``http.server``'s handlers: ``log_message``).
+
+    An access line becomes an info event, ``log_error`` a warning, each with
+    the client's address (``client``); other handler classes are returned
+    unchanged.
+    """
+    import http.server
+
+    if not issubclass(handler_class, http.server.BaseHTTPRequestHandler):
+        return handler_class
+
+    def log_message(self: Any, format: str, *args: Any) -> None:
+        _handler_log.info(
+            "{client} {message}", client=self.address_string(), message=format % args
+        )
+
+    def log_error(self: Any, format: str, *args: Any) -> None:
+        _handler_log.warn(
+            "{client} {message}", client=self.address_string(), message=format % args
+        )
+
+    return type(
+        f"Logging{handler_class.__name__}",
+        (handler_class,),
+        {
+            "__module__": __name__,
+            "log_message": log_message,
+            "log_error": log_error,
+        },
+    )
 
 
 def makeService(options: Options) -> Any:
@@ -273,6 +343,7 @@ __all__ = [
     "build_server",
     "describe",
     "load_object",
+    "logging_handler_class",
     "makeService",
     "server_class",
 ]

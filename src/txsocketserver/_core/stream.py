@@ -73,6 +73,13 @@ class TCPServer(BaseServer):
     allow_reuse_address = False
     # Set SO_REUSEPORT before bind (several processes sharing one port).
     allow_reuse_port = False
+    # Ours, for PROXY-protocol endpoints (haproxy:...): the peers whose header
+    # is believed, as addresses or networks ("10.0.0.0/8"; "*" for any).  A
+    # header from any other peer could claim any client address, so its
+    # connection is refused and logged.  Loopback only by default.
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+    # Ours: seconds from accept for the PROXY header to arrive; None: no limit.
+    header_timeout: float | None = 10.0
     # Private: what each connection needs around its handler (TLS for ssl:).
     _security: Any = _PLAIN
 
@@ -146,6 +153,24 @@ class TCPServer(BaseServer):
         """
         if self._security.establish(request, getattr(self.RequestHandlerClass, "timeout", None)):
             super().finish_request(request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Handle an error raised by a handler (see ``BaseServer.handle_error``).
+
+        On the Twisted-endpoint path, a connection that ended before sending a
+        single byte of payload (a load balancer's TCP health check, a port
+        scanner) is not a failed request: it gets one debug-level log line
+        instead of a traceback.
+        """
+        if getattr(request, "ended_before_payload", False):
+            from twisted.logger import Logger
+
+            Logger(namespace="txsocketserver").debug(
+                "connection from {client_address} ended before sending anything",
+                client_address=client_address,
+            )
+            return
+        super().handle_error(request, client_address)
 
     def shutdown_request(self, request: Any) -> None:
         """Called to shutdown and close an individual request."""

@@ -148,4 +148,3 @@ class IServerControl(Interface):
 
     def _log_errors_to(logger: Any) -> None:
         """Send ``handle_error`` to a ``twisted.logger.Logger`` (``None``: stderr)."""
-

@@ -65,6 +65,11 @@ def listener_for(server: Any) -> IListener:
     listening = endpoints.listening_socket(endpoint)
     if listening is None:
         server.socket = None
+        # A PROXY-protocol endpoint's connections wait in our queue, not the
+        # kernel's: its backlog sizes that queue, as for tcp:.
+        server.request_queue_size = (
+            endpoints.endpoint_backlog(endpoint) or server.request_queue_size
+        )
         return endpoints.EndpointListener(
             endpoint, backlog=server.request_queue_size, server=server
         )

@@ -38,17 +38,32 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from txsocketserver._twisted import reactor as _reactor
 
 #: Seconds ``stopService`` lets requests in flight finish before closing them.
 DEFAULT_DRAIN_TIMEOUT = 30.0
-# Seconds handlers get to end after their connections were shut down under them.
-_STRAGGLER_GRACE = 2.0
+#: Seconds handlers get to end after their connections were shut down under them.
+STRAGGLER_GRACE = 2.0
 
 _log = Logger(namespace="txsocketserver")
+
+
+class _ErrorLog:
+    """Where ``handle_error`` logs in the Twisted world: a handler's exception
+    is an error-level event (``Logger.failure`` would make it critical)."""
+
+    def failure(self, format: str, **kwargs: Any) -> None:
+        _log.failure(format, level=LogLevel.error, **kwargs)
+
+
+def log_errors(server: Any) -> None:
+    """Make ``server.handle_error`` log to ``twisted.logger`` (namespace
+    ``txsocketserver``, level error, with ``client_address``) instead of
+    printing to stderr; ``python -m txsocketserver`` and services do this."""
+    server._log_errors_to(_ErrorLog())
 
 
 def _abort(request: Any) -> None:
@@ -60,6 +75,12 @@ def _abort(request: Any) -> None:
         shutdown(socket.SHUT_RDWR)
     except OSError:
         pass  # already closed or reset: the handler is on its way out
+
+
+def abort_requests(server: Any) -> None:
+    """Shut down the connections of every request in flight under its handler."""
+    for request in server._requests_in_flight():
+        _abort(request)
 
 
 def stop_gracefully(
@@ -110,11 +131,10 @@ def stop_gracefully(
             count=len(stragglers),
             timeout=drain_timeout,
         )
-        for request in stragglers:
-            _abort(request)
-        server._wait_for_requests(_STRAGGLER_GRACE)
+        abort_requests(server)
+        server._wait_for_requests(STRAGGLER_GRACE)
     if loop_running:
-        stopper.join(_STRAGGLER_GRACE)
+        stopper.join(STRAGGLER_GRACE)
     if not server._wait_for_requests(0):
         # Handlers that ignore EOF and EPIPE: close without waiting for them.
         server.block_on_close = False
@@ -199,7 +219,7 @@ class ServerService(Service):
                 name=f"txsocketserver-serve-{self.name or type(self.server).__name__}",
                 daemon=True,
             )
-            self.server._log_errors_to(_log)
+            log_errors(self.server)
             self._serving.start()
             return self
 
@@ -280,4 +300,12 @@ def start_server(
     return started.addErrback(failed)
 
 
-__all__ = ["DEFAULT_DRAIN_TIMEOUT", "ServerService", "start_server", "stop_gracefully"]
+__all__ = [
+    "DEFAULT_DRAIN_TIMEOUT",
+    "STRAGGLER_GRACE",
+    "ServerService",
+    "abort_requests",
+    "log_errors",
+    "start_server",
+    "stop_gracefully",
+]
