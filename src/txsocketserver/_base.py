@@ -27,6 +27,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from typing_extensions import Self
+
     from txsocketserver._readiness import IRequestReadiness
 
 # accept() failing for lack of resources leaves the request queued, so the
@@ -312,7 +314,7 @@ class BaseServer:
         traceback.print_exc()
         print("-" * 40, file=sys.stderr)
 
-    def __enter__(self) -> BaseServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *args: object) -> None:

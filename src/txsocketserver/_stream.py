@@ -71,6 +71,14 @@ class TCPServer(BaseServer):
     # Set SO_REUSEPORT before bind (several processes sharing one port).
     allow_reuse_port = False
 
+    # What acts on the serving process's resources stays there: a forked
+    # request's copy of the server (see ForkingMixIn) has the defaults below,
+    # so its server_close() closes its own fds and removes no file.
+    _serving_process_only = ("_endpoint", "_unix_lock", "_unix_bound")
+    _endpoint: EndpointListener | None = None
+    _unix_lock: Any = None
+    _unix_bound = False
+
     def __init__(
         self,
         server_address: Any,
@@ -83,7 +91,7 @@ class TCPServer(BaseServer):
         from txsocketserver._endpoints import EndpointListener, as_endpoint, listening_socket
 
         BaseServer.__init__(self, server_address, RequestHandlerClass)
-        self._endpoint: EndpointListener | None = None
+        self._endpoint = None
         # Set for tcp:, tcp6:, unix: and ssl: endpoints, which are served on
         # a socket of our own (see _endpoints.listening_socket).
         self._endpoint_socket = False

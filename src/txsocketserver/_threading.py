@@ -81,6 +81,17 @@ if "threading" in sys.modules:
     _register_exit_hook()
 
 
+class _NoThreads:
+    """The stdlib's ``_NoThreads``: ``_threads`` of a server whose requests
+    nobody waits for."""
+
+    def append(self, thread: Any) -> None:
+        pass
+
+    def join(self) -> None:
+        pass
+
+
 class ThreadingMixIn:
     """Mix-in class to handle each request in a thread (of a reused pool)."""
 
@@ -94,6 +105,11 @@ class ThreadingMixIn:
     idle_thread_timeout: float = 5.0
 
     _thread_dispatcher: ThreadDispatcher | None = None
+    # The stdlib's private _threads, which code reads (len(server._threads):
+    # requests in flight): for a non-daemon server that waits on close, the
+    # threads running its requests now (see RequestThreads); otherwise an
+    # object that tracks nothing, as the stdlib's _NoThreads.
+    _threads: Any = _NoThreads()
     # _run_request_thread() ends each request's in-flight record.
     _requests_finish_elsewhere = True
 
@@ -129,6 +145,8 @@ class ThreadingMixIn:
             )
             if not self.daemon_threads:
                 _wait_at_exit_for(self)
+                if self.block_on_close:
+                    self._threads = self._thread_dispatcher.request_threads
         return self._thread_dispatcher
 
     def _after_serving_step(self) -> None:
