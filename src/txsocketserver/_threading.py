@@ -106,9 +106,9 @@ class ThreadingMixIn:
 
     _thread_dispatcher: ThreadDispatcher | None = None
     # The stdlib's private _threads, which code reads (len(server._threads):
-    # requests in flight): for a non-daemon server that waits on close, the
-    # threads running its requests now (see RequestThreads); otherwise an
-    # object that tracks nothing, as the stdlib's _NoThreads.
+    # requests in flight): once a server with block_on_close has dispatched,
+    # the non-daemon threads running its requests now (see RequestThreads);
+    # before that, or without block_on_close, the stdlib's _NoThreads.
     _threads: Any = _NoThreads()
     # _run_request_thread() ends each request's in-flight record.
     _requests_finish_elsewhere = True
@@ -116,7 +116,13 @@ class ThreadingMixIn:
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         """Run one request, in a pool thread: ``finish_request``, then
         ``handle_error`` on an ``Exception``, and ``shutdown_request`` always.
-        May be overridden."""
+        May be overridden.
+
+        Error handling:
+            What escapes it (``SystemExit``, what an overridden
+            ``handle_error`` raises) goes to ``threading.excepthook``, as from
+            the stdlib's request thread; the pool thread serves on.
+        """
         run_request(self, request, client_address)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -135,7 +141,7 @@ class ThreadingMixIn:
         # Made on first use so that daemon_threads/max_threads set on the
         # instance after construction still apply.
         if self._thread_dispatcher is None:
-            from txsocketserver._thread_dispatcher import ThreadDispatcher
+            from txsocketserver._thread_dispatcher import RequestThreads, ThreadDispatcher
 
             self._thread_dispatcher = ThreadDispatcher(
                 name=f"{type(self).__name__}-{id(self):x}",
@@ -145,8 +151,13 @@ class ThreadingMixIn:
             )
             if not self.daemon_threads:
                 _wait_at_exit_for(self)
-                if self.block_on_close:
-                    self._threads = self._thread_dispatcher.request_threads
+            if self.block_on_close:
+                # As the stdlib's list, it holds non-daemon threads only.
+                self._threads = (
+                    RequestThreads()
+                    if self.daemon_threads
+                    else self._thread_dispatcher.request_threads
+                )
         return self._thread_dispatcher
 
     def _after_serving_step(self) -> None:
