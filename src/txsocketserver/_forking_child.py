@@ -70,6 +70,8 @@ import socket
 import struct
 import sys
 
+from txsocketserver import _by_value
+
 # What the template imports, every worker carries and every fork copies:
 # _pickle rather than pickle (which imports re), no typing, and traceback
 # imported where it is used; cloudpickle only by a pickle that needs it.
@@ -176,7 +178,7 @@ class _SocketUnpickler(_pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module == __name__ and name == _socket_from_message.__name__:
             return self._socket_from_message
-        return super().find_class(module, name)
+        return _by_value.find(module, name) or super().find_class(module, name)
 
     def _socket_from_message(
         self, index: int, family: int, type_: int, proto: int, timeout: Any
@@ -267,9 +269,10 @@ def flush_stdio() -> None:
 def _prepare(spec: dict[str, Any]) -> None:
     sys.path[:] = spec["sys_path"]
     sys.argv[:] = spec["sys_argv"]
+    _by_value.enable_for(spec["cloudpickle"])
     # Importing the classes now (or rebuilding them, for classes carried by
     # value) is what makes each request cheap later.
-    _pickle.loads(spec["preload"])
+    loads_with_fds(spec["preload"], [])
 
 
 def _rehearse_hand_over() -> None:
@@ -426,6 +429,10 @@ class _Template:
             _installed_server = make_server(*make_args)
         except Exception:
             _print_exc()
+        # What unpickling made (the server object; classes carried by value
+        # rebuilt) joins the objects the collector leaves alone: a worker's
+        # collections would otherwise walk them, copying their pages.
+        gc.freeze()
         self.installed_sockets = list(unpickler.sockets.values())
         used = {sock.fileno() for sock in self.installed_sockets}
         for fd in fds:

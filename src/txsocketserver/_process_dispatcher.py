@@ -482,6 +482,7 @@ class ProcessDispatcher:
             {
                 "sys_path": sys_path,
                 "sys_argv": list(sys.argv),
+                "cloudpickle": cloudpickle.__version__,
                 "warm": max(1, min(server.warm_children, server.max_children)),
                 "preload": preload,
             }
