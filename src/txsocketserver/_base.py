@@ -96,6 +96,13 @@ class BaseServer:
     # Seconds handle_request() waits before calling handle_timeout(); None waits forever.
     timeout: float | None = None
 
+    if TYPE_CHECKING:
+        # Defined by the subclasses (TCPServer), used by the loop; the
+        # stdlib's stubs declare them here too.
+        def get_request(self) -> tuple[Any, Any]: ...
+
+        def fileno(self) -> int: ...
+
     # Private: True when process_request() hands requests to another thread or
     # process, whose code then calls _request_finished() itself.
     _requests_finish_elsewhere = False

@@ -117,7 +117,7 @@ class ForkingMixIn:
 
     _forking_dispatcher: ProcessDispatcher | None = None
     # The serving process's own: a forked request's server has none.
-    _serving_process_only = ("_forking_dispatcher",)
+    _serving_process_only: tuple[str, ...] = ("_forking_dispatcher",)
 
     def collect_children(self, *, blocking: bool = False) -> None:
         """Forget the children that have exited.

@@ -59,7 +59,7 @@ socket object in the parent is the same object in the worker.
 from __future__ import annotations
 
 import _pickle
-import _signal
+import _signal  # type: ignore[import-not-found]  # no stub: signal's C half
 import _socket
 import gc
 import io
@@ -357,7 +357,9 @@ class _Template:
         _report_ready()
         while self.channel is not None or self.running or self.idle or self.retiring:
             self._send_status()
-            watched = [self.wake_read] if self.channel is None else [self.wake_read, self.channel]
+            watched: list[Any] = [self.wake_read]
+            if self.channel is not None:
+                watched.append(self.channel)
             readable, _, _ = select.select(watched, [], [])
             if self.wake_read in readable:
                 self._drain_wake_pipe()

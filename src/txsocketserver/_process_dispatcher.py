@@ -195,9 +195,14 @@ class _TemplateProtocol(ProcessProtocol):
         self._template = template
         self._ended = False
 
+    def _process(self) -> Any:
+        # Twisted's Process: reapProcess() is not part of IProcessTransport,
+        # and the transport is set before any of our methods is called.
+        return self.transport
+
     def connectionMade(self) -> None:
         # The template reads nothing from stdin: give it end of file.
-        self.transport.closeStdin()
+        self._process().closeStdin()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         # Only ever "R": the rest of the status comes on the channel.
@@ -215,7 +220,7 @@ class _TemplateProtocol(ProcessProtocol):
         def reap() -> None:
             if self._ended:
                 return
-            self.transport.reapProcess()
+            self._process().reapProcess()
             if not self._ended:
                 self._reap_later(min(delay * 2, 0.5))
 
@@ -231,12 +236,12 @@ class _TemplateProtocol(ProcessProtocol):
 
     def kill(self) -> None:
         if not self._ended:
-            self.transport.signalProcess("KILL")
+            self._process().signalProcess("KILL")
 
 
 def _spawn_template(protocol: _TemplateProtocol, channel_fd: int) -> None:
     """Start a template process; runs on the reactor thread."""
-    flags = getattr(subprocess, "_args_from_interpreter_flags", list)()
+    flags: list[str] = getattr(subprocess, "_args_from_interpreter_flags", list)()
     _reactor.get_reactor().spawnProcess(
         protocol,
         sys.executable,

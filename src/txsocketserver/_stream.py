@@ -74,7 +74,7 @@ class TCPServer(BaseServer):
     # What acts on the serving process's resources stays there: a forked
     # request's copy of the server (see ForkingMixIn) has the defaults below,
     # so its server_close() closes its own fds and removes no file.
-    _serving_process_only = ("_endpoint", "_unix_lock", "_unix_bound")
+    _serving_process_only: tuple[str, ...] = ("_endpoint", "_unix_lock", "_unix_bound")
     _endpoint: EndpointListener | None = None
     _unix_lock: Any = None
     _unix_bound = False

@@ -19,8 +19,9 @@ from zope.interface import implementer
 from txsocketserver._dispatch import IRequestDispatcher
 
 
-def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
-    return threading.Thread(*args, daemon=True, **kwargs)
+class _DaemonThread(threading.Thread):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, daemon=True, **kwargs)
 
 
 class RequestThreads(list):  # type: ignore[type-arg]
@@ -95,7 +96,7 @@ class ThreadDispatcher:
         hold_exit: bool,
     ) -> None:
         self._pool = ThreadPool(0, max_threads or sys.maxsize, name=name)
-        self._pool.threadFactory = _daemon_thread
+        self._pool.threadFactory = _DaemonThread
         self._pool.start()
         self._idle_timeout = idle_thread_timeout
         self._next_trim = time.monotonic() + idle_thread_timeout
