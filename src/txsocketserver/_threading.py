@@ -12,6 +12,10 @@ Differences from the stdlib, all in the caller's favour:
   interpreter exit.  ``daemon_threads = False`` (the default) keeps its stdlib
   meaning all the same: at exit, and in ``server_close()`` when
   ``block_on_close`` is true, we wait for the requests in flight.
+
+As in the stdlib: what escapes a request (``SystemExit``, what an overridden
+``handle_error`` raises) goes to ``threading.excepthook`` with the thread that
+ran it, and ``_threads`` lists the (non-daemon) threads running requests.
 """
 
 from __future__ import annotations
