@@ -83,9 +83,9 @@ class _CarryingPickler(cloudpickle.Pickler):
     (defined inside a function, a closure), with the globals their code uses
     as they are now: a handler of the main script reads the configuration
     that its ``if __name__ == "__main__":`` block set, as after ``os.fork``.
-    A pickle with nothing by value names no cloudpickle function, so the
-    template imports cloudpickle (and the ``typing``, ``logging`` and
-    ``threading`` it brings) only when something is carried by value.
+    The template loads these pickles without importing cloudpickle (see
+    ``_by_value``): a pickle with nothing by value names no cloudpickle
+    function at all.
     """
 
     def __init__(self, file: io.BytesIO) -> None:
