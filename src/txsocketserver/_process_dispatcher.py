@@ -275,6 +275,8 @@ class ProcessDispatcher:
         self._closed = False
         self._copied: dict[tuple[str, type], bool] = {}
         self._kept_back: frozenset[str] | None = None
+        # The server and handler classes last found carriable.
+        self._carried: tuple[type, Any] | None = None
         # The last state pickled, while its values are all immutable (see
         # _state_pickle): class, names, values, sockets' fds and timeouts,
         # then the pickle and its fds.  Holding the values keeps their
@@ -417,8 +419,12 @@ class ProcessDispatcher:
             the template from starting is raised again by the first request,
             where ``handle_error`` reports it and the server keeps serving.
         """
-        check_carried("server class", type(server))
-        check_carried("request handler class", server.RequestHandlerClass)
+        classes = (type(server), server.RequestHandlerClass)
+        if classes != self._carried:
+            # Once per pair of classes, not at every handle_request().
+            check_carried("server class", classes[0])
+            check_carried("request handler class", classes[1])
+            self._carried = classes
         with self._lock:
             if self._startup_failure is not None:
                 return
