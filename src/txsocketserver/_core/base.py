@@ -23,7 +23,9 @@ TYPE_CHECKING = False  # not typing's: see txsocketserver._core
 if TYPE_CHECKING:
     from typing import Any
 
-    from txsocketserver._twisted.readiness import IRequestReadiness
+    from typing_extensions import Self
+
+    from txsocketserver._twisted.interfaces import IRequestReadiness
 
 # accept() failing for lack of resources leaves the request queued, so the
 # socket stays readable; pausing briefly stops the loop from spinning on it
@@ -96,6 +98,13 @@ class BaseServer:
 
     # Seconds handle_request() waits before calling handle_timeout(); None waits forever.
     timeout: float | None = None
+
+    if TYPE_CHECKING:
+        # Defined by the subclasses (TCPServer), used by the loop; the
+        # stdlib's stubs declare them here too.
+        def get_request(self) -> tuple[Any, Any]: ...
+
+        def fileno(self) -> int: ...
 
     # Private: True when process_request() hands requests to another thread or
     # process, whose code then calls _request_finished() itself.
@@ -315,7 +324,7 @@ class BaseServer:
         traceback.print_exc()
         print("-" * 40, file=sys.stderr)
 
-    def __enter__(self) -> BaseServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *args: object) -> None:
@@ -330,10 +339,18 @@ class BaseServer:
             readiness.close()
             readiness.wake()
 
+    def _rebuilt_in_request_process(self) -> None:
+        """Called on a forked request's copy of the server once the carried
+        attributes are in place (``ForkingMixIn``): what only the serving
+        process may have is replaced here."""
+
     # -- what a service asks of a server (IServerControl) -------------------------
 
-    # A serving loop waiting on a socket must leave it before it is closed.
-    _stops_accepting_at_once = False
+    @property
+    def _stops_accepting_at_once(self) -> bool:
+        """Whether ``_stop_accepting`` may run while the serving loop waits (a
+        loop waiting on a socket must leave it before it is closed)."""
+        return False
 
     def _start_listening(self) -> Any:
         """A Deferred firing once a server made unbound listens, or ``None``

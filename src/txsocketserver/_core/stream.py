@@ -18,7 +18,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from txsocketserver._twisted.interfaces import IListener, IRequestReadiness
+    from txsocketserver._twisted.interfaces import IRequestReadiness
 
 
 class PlainConnections:
@@ -39,6 +39,34 @@ class PlainConnections:
 
 
 _PLAIN = PlainConnections()
+
+
+class RequestProcessListener:
+    """The listener of a forked request's copy of the server (``ForkingMixIn``).
+
+    The serving process's listener stays there (``_serving_process_only``):
+    what it holds acts on that process's resources (a ``unix:`` socket file to
+    remove, a lock, an endpoint).  In the request's process, ``server_close()``
+    closes that process's copy of the socket and nothing else, as after
+    ``os.fork``; serving from there is refused.
+    """
+
+    stops_at_once = False
+
+    def __init__(self, server: Any) -> None:
+        self._server = server
+
+    def close(self) -> None:
+        if self._server.socket is not None:
+            self._server.socket.close()
+
+    def fileno(self) -> int:
+        return self._server.socket.fileno()
+
+    def _refuse(self, *args: object) -> Any:
+        raise RuntimeError("a forked request's copy of the server does not listen or serve")
+
+    bind = activate = accept = readiness = start_listening = stop_accepting = _refuse
 
 
 class TCPServer(BaseServer):
@@ -80,6 +108,12 @@ class TCPServer(BaseServer):
     trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
     # Ours: seconds from accept for the PROXY header to arrive; None: no limit.
     header_timeout: float | None = 10.0
+    # The listening (or datagram) socket; None when Twisted listens for us.
+    socket: socket.socket
+    # Private: how connections arrive (an IListener); a forked request's copy
+    # of the server gets a RequestProcessListener instead.
+    _listener: Any
+    _serving_process_only: tuple[str, ...] = ("_listener",)
     # Private: what each connection needs around its handler (TLS for ssl:).
     _security: Any = _PLAIN
 
@@ -95,7 +129,7 @@ class TCPServer(BaseServer):
         # never in a process that only defines the class (a forking worker).
         from txsocketserver._twisted.listeners import listener_for
 
-        self._listener: IListener = listener_for(self)
+        self._listener = listener_for(self)
         if bind_and_activate:
             try:
                 self.server_bind()
@@ -189,6 +223,9 @@ class TCPServer(BaseServer):
 
     # -- private: the serving loop and a service reach the listener here ----------
 
+    def _rebuilt_in_request_process(self) -> None:
+        self._listener = RequestProcessListener(self)
+
     def _request_readiness(self) -> IRequestReadiness:
         return self._listener.readiness()
 
@@ -200,7 +237,7 @@ class TCPServer(BaseServer):
 
     @property
     def _stops_accepting_at_once(self) -> bool:
-        return self._listener.stops_at_once
+        return bool(self._listener.stops_at_once)
 
 
 if hasattr(socket, "AF_UNIX"):

@@ -576,7 +576,7 @@ class EndpointListener:
         """A connection is ready for a handler (reactor thread): queue it."""
         with self._lock:
             # Its slot moves from the header stage to the queue.
-            self._pending.pop(transport_socket._protocol, None)  # type: ignore[arg-type]
+            self._pending.pop(transport_socket._protocol, None)  # type: ignore[call-overload]
             if self._stopped:
                 accepted = False
             else:

@@ -60,6 +60,7 @@ def listener_for(server: Any) -> IListener:
     from txsocketserver._twisted import endpoints
 
     endpoint = endpoints.as_endpoint(server.server_address, server.address_family)
+    assert endpoint is not None
     if server.socket_type != socket.SOCK_STREAM:
         raise TypeError(f"{type(server).__name__} cannot serve a stream endpoint ({endpoint!r})")
     listening = endpoints.listening_socket(endpoint)

@@ -59,7 +59,7 @@ class ProxyHeader(NamedTuple):
     length: int
 
 
-def _could_become(data: bytes, prefix: bytes) -> bool:
+def _could_become(data: bytes | bytearray, prefix: bytes) -> bool:
     """Whether *data* is a prefix of *prefix* or starts with it."""
     size = min(len(data), len(prefix))
     return data[:size] == prefix[:size]

@@ -19,8 +19,59 @@ from zope.interface import implementer
 from txsocketserver._twisted.interfaces import IRequestDispatcher
 
 
-def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
-    return threading.Thread(*args, daemon=True, **kwargs)
+class _DaemonThread(threading.Thread):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, daemon=True, **kwargs)
+
+
+class RequestThreads(list):  # type: ignore[type-arg]
+    """The threads running a request of one server now: ``ThreadingMixIn._threads``.
+
+    The stdlib's ``_Threads`` lists each request's thread from its start
+    until the next request reaps it once it has ended; ours are pool threads
+    that outlive their requests, so a thread is listed while it runs a
+    request, and leaves the list as the request ends (its thread having
+    reported any exception to ``threading.excepthook``).  ``join()`` waits
+    until the requests listed now have ended, as the stdlib's joins their
+    threads.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._changed = threading.Condition(threading.Lock())
+
+    def entered(self, thread: threading.Thread) -> None:
+        with self._changed:
+            self.append(thread)
+
+    def left(self, thread: threading.Thread) -> None:
+        with self._changed:
+            self.remove(thread)
+            self._changed.notify_all()
+
+    def reap(self) -> None:
+        """Nothing to do: threads leave the list as their requests end."""
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until no request is running; return whether that happened in time."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self, timeout)
+
+
+def report_to_excepthook(thread: threading.Thread) -> None:
+    """Hand the exception being handled to ``threading.excepthook``, with the
+    ``ExceptHookArgs`` a thread gets when its target raises; an exception
+    from the hook itself goes to ``sys.excepthook``, as in ``threading``."""
+    exc_type, exc_value, exc_traceback = sys.exc_info()
+    try:
+        threading.excepthook(
+            threading.ExceptHookArgs([exc_type, exc_value, exc_traceback, thread])  # type: ignore[call-arg]
+        )
+    except Exception:
+        print("Exception in threading.excepthook:", file=sys.stderr, flush=True)
+        sys.excepthook(*sys.exc_info())
+    finally:
+        del exc_type, exc_value, exc_traceback
 
 
 @implementer(IRequestDispatcher)
@@ -45,15 +96,28 @@ class ThreadDispatcher:
         hold_exit: bool,
     ) -> None:
         self._pool = ThreadPool(0, max_threads or sys.maxsize, name=name)
-        self._pool.threadFactory = _daemon_thread
+        self._pool.threadFactory = _DaemonThread
         self._pool.start()
         self._idle_timeout = idle_thread_timeout
         self._next_trim = time.monotonic() + idle_thread_timeout
         self._idle_at_last_trim = 0
         self._hold_exit = hold_exit
+        self.request_threads = RequestThreads()
 
     def dispatch(self, function: Callable[..., object], *args: Any) -> None:
-        self._pool.callInThread(function, *args)
+        self._pool.callInThread(self._run, function, args)
+
+    def _run(self, function: Callable[..., object], args: tuple[Any, ...]) -> None:
+        # What escapes the request reaches threading.excepthook as from any
+        # thread's target (not Twisted's log), and the pool thread lives on.
+        thread = threading.current_thread()
+        self.request_threads.entered(thread)
+        try:
+            function(*args)
+        except BaseException:
+            report_to_excepthook(thread)
+        finally:
+            self.request_threads.left(thread)
 
     def upkeep(self) -> None:
         now = time.monotonic()
