@@ -110,6 +110,7 @@ def test_each_strategy_provides_its_role() -> None:
 
     import txsocketserver as ss
     from txsocketserver._core.stream import PlainConnections
+    from txsocketserver._forking.dispatcher import ProcessDispatcher
     from txsocketserver._twisted import interfaces
     from txsocketserver._twisted.endpoints import EndpointListener
     from txsocketserver._twisted.listeners import SocketListener
@@ -122,7 +123,8 @@ def test_each_strategy_provides_its_role() -> None:
         (interfaces.IListener, EndpointListener),
         (interfaces.IConnectionSecurity, TLSSecurity),
         (interfaces.IRequestReadiness, SocketReadiness),
-        (interfaces.IRequestDispatcher, ThreadDispatcher),
+        (interfaces.IThreadDispatcher, ThreadDispatcher),
+        (interfaces.IProcessDispatcher, ProcessDispatcher),
     ]:
         assert verifyClass(role, strategy)
     # Twisted-free classes declare nothing (no zope.interface there), but fit.

@@ -60,28 +60,14 @@ from __future__ import annotations
 
 import os
 
-from txsocketserver._core.base import BaseServer, run_request
+from txsocketserver._core.base import run_request
 from txsocketserver._forking.template import flush_stdio
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from txsocketserver._forking.dispatcher import ProcessDispatcher
-
-
-def _child_server(server_class: type[BaseServer], state: dict[str, Any]) -> Any:
-    """Build the worker's server object; runs in the worker (or the template).
-
-    ``BaseServer.__init__`` gives it fresh private bookkeeping (it makes no
-    socket: binding is ``TCPServer.__init__``'s job), then the parent's
-    carried attributes (see ``ProcessDispatcher.child_state``) are copied over.
-    """
-    server = server_class.__new__(server_class)
-    BaseServer.__init__(server, state.get("server_address"), state.get("RequestHandlerClass"))
-    server.__dict__.update(state)
-    server._rebuilt_in_request_process()
-    return server
+    from txsocketserver._twisted.interfaces import IProcessDispatcher
 
 
 class ForkingMixIn:
@@ -116,7 +102,7 @@ class ForkingMixIn:
     # not wait for a fork (at most max_children; read when serving starts).
     warm_children = 2
 
-    _forking_dispatcher: ProcessDispatcher | None = None
+    _forking_dispatcher: IProcessDispatcher | None = None
     # The serving process's own: a forked request's server has none.
     _serving_process_only: tuple[str, ...] = ("_forking_dispatcher",)
 
@@ -183,11 +169,13 @@ class ForkingMixIn:
         if workers is not None:
             workers.close(wait=self.block_on_close)
 
-    def _forking_workers(self) -> ProcessDispatcher:
+    def _forking_workers(self) -> IProcessDispatcher:
         if self._forking_dispatcher is None:
             from txsocketserver._forking.dispatcher import ProcessDispatcher
 
-            self._forking_dispatcher = ProcessDispatcher()
+            # Read here, when serving starts.
+            warm = max(1, min(self.warm_children, self.max_children))
+            self._forking_dispatcher = ProcessDispatcher(warm=warm)
         return self._forking_dispatcher
 
     def _update_active_children(self) -> None:

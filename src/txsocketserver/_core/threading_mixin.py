@@ -30,7 +30,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from txsocketserver._twisted.thread_dispatcher import ThreadDispatcher
+    from txsocketserver._twisted.interfaces import IThreadDispatcher
 
 
 # Servers whose requests run on non-daemon threads in the stdlib's sense,
@@ -108,7 +108,7 @@ class ThreadingMixIn:
     # Ours: seconds an idle pool thread lives before it is retired.
     idle_thread_timeout: float = 5.0
 
-    _thread_dispatcher: ThreadDispatcher | None = None
+    _thread_dispatcher: IThreadDispatcher | None = None
     # The stdlib's private _threads, which code reads (len(server._threads):
     # requests in flight): once a server with block_on_close has dispatched,
     # the non-daemon threads running its requests now (see RequestThreads);
@@ -141,7 +141,7 @@ class ThreadingMixIn:
         finally:
             self._request_finished(request)  # type: ignore[attr-defined]
 
-    def _request_threads(self) -> ThreadDispatcher:
+    def _request_threads(self) -> IThreadDispatcher:
         # Made on first use so that daemon_threads/max_threads set on the
         # instance after construction still apply.
         if self._thread_dispatcher is None:

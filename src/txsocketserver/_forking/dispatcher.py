@@ -27,17 +27,17 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txsocketserver._core.base import BaseServer
-from txsocketserver._core.forking_mixin import _child_server
 from txsocketserver._forking.template import (
     CHANNEL_FD,
     INSTALL_TAG,
     SPEC_TAG,
     STATUS_FD,
+    rebuild_server,
     reduce_socket,
     send_message,
 )
 from txsocketserver._twisted import reactor as _reactor
-from txsocketserver._twisted.interfaces import IRequestDispatcher
+from txsocketserver._twisted.interfaces import IProcessDispatcher
 
 # recv() flags: take what has arrived, never wait (the socket itself blocks).
 _RECEIVE_NOW = getattr(socket, "MSG_DONTWAIT", 0)
@@ -135,7 +135,7 @@ def check_carried(role: str, obj: Any) -> None:
 def serving_process_only(server_class: type) -> frozenset[str]:
     """The instance attributes that stay with the serving process.
 
-    The rule: a forked request's server object (see ``_child_server``) gets
+    The rule: a forked request's server object (see ``rebuild_server``) gets
     a copy of every instance attribute of the serving server that pickles,
     except the bookkeeping that ``BaseServer.__init__`` makes afresh for it,
     and the names that a class of the server lists in its
@@ -251,7 +251,7 @@ def _spawn_template(protocol: _TemplateProtocol, channel_fd: int) -> None:
     )
 
 
-@implementer(IRequestDispatcher)
+@implementer(IProcessDispatcher)
 class ProcessDispatcher:
     """Runs each request in a new worker process forked from a template.
 
@@ -261,7 +261,8 @@ class ProcessDispatcher:
     *args*, sockets included.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, warm: int) -> None:
+        self._warm = warm
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         # tag -> worker pid (None until the template reports the fork).
@@ -289,7 +290,7 @@ class ProcessDispatcher:
         server = function.__self__  # type: ignore[attr-defined]
         try:
             attributes = self.child_state(server)
-            full = (_child_server, (type(server), attributes), function.__name__, args)
+            full = (rebuild_server, (type(server), attributes), function.__name__, args)
             # What changes with every request travels with it; the rest is
             # installed in the template once (see _Template._install there).
             volatile = {name: attributes[name] for name in _VOLATILE if name in attributes}
@@ -366,7 +367,7 @@ class ProcessDispatcher:
             and cached[3] == sockets
         ):
             return cached[4], cached[5]
-        body, fds = dumps_with_fds((_child_server, (server_class, stable)))
+        body, fds = dumps_with_fds((rebuild_server, (server_class, stable)))
         if all(_immutable(value) for value in values):
             self._state_cache = (server_class, tuple(stable), values, sockets, body, fds)
         else:
@@ -494,7 +495,7 @@ class ProcessDispatcher:
                 "sys_path": sys_path,
                 "sys_argv": list(sys.argv),
                 "cloudpickle": cloudpickle.__version__,
-                "warm": max(1, min(server.warm_children, server.max_children)),
+                "warm": self._warm,
                 "preload": preload,
             }
         )

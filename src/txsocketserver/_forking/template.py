@@ -70,11 +70,12 @@ import socket
 import struct
 import sys
 
-from txsocketserver._forking import by_value as _by_value
-
 # What the template imports, every worker carries and every fork copies:
 # _pickle rather than pickle (which imports re), no typing, and traceback
 # imported where it is used; cloudpickle only by a pickle that needs it.
+from txsocketserver._core.base import BaseServer
+from txsocketserver._forking import by_value as _by_value
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
@@ -255,6 +256,20 @@ def _report_ready() -> None:
         os.write(STATUS_FD, b"R\n")
     except OSError:
         pass  # the server process is gone: the channel's end of file follows
+
+
+def rebuild_server(server_class: type[BaseServer], state: dict[str, Any]) -> Any:
+    """Build the worker's server object; runs in the worker (or the template).
+
+    ``BaseServer.__init__`` gives it fresh private bookkeeping (it makes no
+    socket: binding is ``TCPServer.__init__``'s job), then the parent's
+    carried attributes (see ``ProcessDispatcher.child_state``) are copied over.
+    """
+    server = server_class.__new__(server_class)
+    BaseServer.__init__(server, state.get("server_address"), state.get("RequestHandlerClass"))
+    server.__dict__.update(state)
+    server._rebuilt_in_request_process()
+    return server
 
 
 def flush_stdio() -> None:

@@ -9,9 +9,9 @@ first needs one), and its hooks talk to them only through these interfaces:
   (nothing, or TLS on an ``ssl:`` description).
 * :class:`IRequestReadiness`: how the serving thread learns that a request
   can be taken without blocking.
-* :class:`IRequestDispatcher`: where a request runs (a pool thread, a worker
-  process).  Inline needs no object: it is ``BaseServer.process_request``
-  itself, as in the stdlib.
+* :class:`IRequestDispatcher`: where a request runs (a pool thread; a worker
+  process, with the more that :class:`IProcessDispatcher` says).  Inline needs
+  no object: it is ``BaseServer.process_request`` itself, as in the stdlib.
 * :class:`IServerControl`: what a service (``_twisted.service``) may ask of a
   server, beyond the public socketserver API.
 
@@ -121,6 +121,33 @@ class IRequestDispatcher(Interface):
     def close(wait: bool) -> None:
         """Release the dispatcher's resources; with *wait*, first let the
         requests in flight finish."""
+
+
+class IThreadDispatcher(IRequestDispatcher):
+    """Runs each request on a pool thread (``ThreadingMixIn``'s strategy)."""
+
+    request_threads = Attribute(
+        "The threads running requests now, as the stdlib's _threads: a list "
+        "whose join() waits for them and whose reap() forgets the ended ones."
+    )
+
+
+class IProcessDispatcher(IRequestDispatcher):
+    """Runs each request in a worker process (``ForkingMixIn``'s strategy)."""
+
+    def warm_up(server: Any) -> None:
+        """Serving starts: check that the server's and the handler's classes
+        can be carried to a worker (``TypeError`` saying why not), and start
+        the worker processes now rather than at the first request."""
+
+    def wait_below(limit: int) -> None:
+        """Block until fewer than *limit* requests run (``max_children``)."""
+
+    def wait_idle(timeout: float | None) -> bool:
+        """Block until no request runs; whether that happened in time."""
+
+    def running_pids() -> set[int]:
+        """The pids of the workers running requests now (``active_children``)."""
 
 
 class IServerControl(Interface):

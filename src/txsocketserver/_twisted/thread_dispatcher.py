@@ -16,7 +16,7 @@ from typing import Any
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from txsocketserver._twisted.interfaces import IRequestDispatcher
+from txsocketserver._twisted.interfaces import IThreadDispatcher
 
 
 class _DaemonThread(threading.Thread):
@@ -74,7 +74,7 @@ def report_to_excepthook(thread: threading.Thread) -> None:
         del exc_type, exc_value, exc_traceback
 
 
-@implementer(IRequestDispatcher)
+@implementer(IThreadDispatcher)
 class ThreadDispatcher:
     """Runs requests on a private Twisted ``ThreadPool``.
 
