@@ -11,6 +11,7 @@ half-close, an address in use) the same scenario runs against
 from __future__ import annotations
 
 import errno
+import gc
 import socket
 import socketserver
 import struct
@@ -19,14 +20,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import formatEvent, globalLogPublisher
 
+import twisted
 import txsocketserver
 from support import LOCALHOST, WAIT, connect, recv_all, serve_in_thread, wait_until
 from twisted_world_handlers import AddressHandler, MeasuredReplyHandler, measured_reply
-from txsocketserver._twisted.endpoints import proxy_protocol_endpoint
 from txsocketserver._twisted.proxy_protocol import (
     ProxyHeaderError,
     TrustedProxies,
@@ -131,21 +131,9 @@ def test_trusted_proxies_match_addresses_networks_and_mapped_ipv4() -> None:
         TrustedProxies(["nonsense"])
 
 
-def test_haproxy_endpoints_are_still_recognised() -> None:
-    # The one Twisted seam of this path: if Twisted renames the wrapper
-    # endpoint's attributes, haproxy: would silently fall back to Twisted's
-    # wrapper (no deadline, no half-close): fail here instead.
-    from txsocketserver._twisted import reactor as _reactor
-
-    endpoint = serverFromString(_reactor.get_reactor(), PROXIED)
-    assert isinstance(proxy_protocol_endpoint(endpoint), TCP4ServerEndpoint)
-    assert proxy_protocol_endpoint(serverFromString(_reactor.get_reactor(), "tcp:0")) is None
-
-
 def test_the_accept_batch_is_capped_to_the_free_slots() -> None:
-    # The other seam: Twisted's port accepts numberAccepts connections per
-    # read, stopReading or not; we size that batch.  If Twisted renames it,
-    # silent clients could again take every descriptor: fail here.
+    # Twisted's port accepts a batch per read, stopReading or not: the
+    # listener sizes that batch to the free slots (compat.cap_accept_batch).
     with txsocketserver.ThreadingTCPServer(PROXIED, AddressHandler) as server:
         port = server._listener._port
         assert isinstance(port.numberAccepts, int)
@@ -277,7 +265,16 @@ def test_a_connection_reset_before_any_payload_is_not_a_handler_error(
 # -- item 7: an address in use is an OSError with EADDRINUSE ---------------------------
 
 
+# Twisted before 26 does not close the socket of a port that failed to bind
+# (tcp.Port.startListening; fixed in 26.4): its finalizer closes it, with a
+# ResourceWarning that nothing outside Twisted can prevent.  Only there, only here.
+_TWISTED_LEAKS_FAILED_PORTS = int(twisted.__version__.split(".")[0]) < 26
+
+
 @pytest.mark.parametrize("where", ["stdlib", "tcp:", "haproxy:"])
+@pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnraisableExceptionWarning" if _TWISTED_LEAKS_FAILED_PORTS else "default"
+)
 def test_an_address_in_use_is_an_oserror_with_eaddrinuse(where: str) -> None:
     with socket.socket() as taken:
         taken.bind((LOCALHOST, 0))
@@ -294,6 +291,8 @@ def test_an_address_in_use_is_an_oserror_with_eaddrinuse(where: str) -> None:
         assert caught.value.errno == errno.EADDRINUSE
         if where == "haproxy:":
             assert isinstance(caught.value.__cause__, CannotListenError)
+    del caught
+    gc.collect()  # finalize what a failed port left (see above) while the filter holds
 
 
 # -- item 8: only trusted proxies may name the client ----------------------------------

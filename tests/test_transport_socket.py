@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
+from twisted.internet.protocol import Factory
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
@@ -39,7 +40,7 @@ from txsocketserver._twisted.transport_socket import (
     ProxyHeaderPolicy,
     SocketAddress,
     TransportSocket,
-    TransportSocketFactory,
+    TransportSocketProtocol,
 )
 
 # Bound for every wait on the other side of a connection.
@@ -134,7 +135,9 @@ def serving(reactor: Any, description: str, handler: Handler) -> Iterator[Served
     # header stage on the endpoint it wraps.
     inner = proxy_protocol_endpoint(endpoint)
     policy = ProxyHeaderPolicy(TrustedProxies(["127.0.0.1"]), WAIT) if inner else None
-    factory = TransportSocketFactory(on_connection, reactor=reactor, proxy=policy)
+    factory = Factory.forProtocol(
+        lambda: TransportSocketProtocol(on_connection, reactor=reactor, proxy=policy)
+    )
     port = on_reactor(reactor, lambda: (inner or endpoint).listen(factory))
     served.port = getattr(port.getHost(), "port", 0)
     try:

@@ -70,3 +70,50 @@ def test_ssl_descriptions_stay_on_the_socket_path(tls_cert) -> None:
         Endpoint(f"ssl:0:privateKey={tls_cert.key_path}:certKey={tls_cert.cert_path}")
     )
     assert listening is not None and listening.tls is not None
+
+
+def test_haproxy_endpoints_are_unwrapped() -> None:
+    # If Twisted renames the wrapper endpoint's attributes, haproxy: would
+    # fall back to Twisted's own wrapper (no deadline, no half-close).
+    wrapped = compat.proxied_endpoint(parsed("haproxy:tcp:0:interface=127.0.0.1"))
+    assert type(wrapped) is endpoints.TCP4ServerEndpoint
+    assert compat.tcp_parameters(wrapped) == (0, "127.0.0.1", 50)
+    assert compat.proxied_endpoint(parsed("tcp:0")) is None
+
+
+def test_a_ports_accept_batch_can_be_capped() -> None:
+    # If Twisted renames numberAccepts, silent clients could again take every
+    # descriptor before the listener pauses the port.
+    from twisted.internet import protocol
+
+    from txsocketserver._twisted.reactor import call_in_reactor
+
+    port = call_in_reactor(lambda: reactor.listenTCP(0, protocol.Factory(), interface="127.0.0.1"))
+    try:
+        assert isinstance(port.numberAccepts, int) and port.numberAccepts > 3
+        call_in_reactor(compat.cap_accept_batch, port, 3)
+        assert port.numberAccepts == 3
+        call_in_reactor(compat.cap_accept_batch, port, 0)
+        assert port.numberAccepts == 1
+    finally:
+        call_in_reactor(port.stopListening)
+
+
+def test_half_close_is_found_through_wrappers_that_keep_the_bytes() -> None:
+    from twisted.internet.testing import StringTransport
+    from twisted.protocols import policies, tls
+
+    class TCP(StringTransport):
+        def loseWriteConnection(self) -> None:
+            self.half_closed = True
+
+    tcp = TCP()
+    assert compat.half_close(tcp) == tcp.loseWriteConnection
+    passing = policies.ProtocolWrapper(policies.WrappingFactory(None), None)
+    passing.transport = tcp
+    assert compat.half_close(passing) == tcp.loseWriteConnection
+    # TLS transforms the bytes: the TCP half-close below it would cut a record.
+    secure = tls.TLSMemoryBIOProtocol.__new__(tls.TLSMemoryBIOProtocol)
+    secure.transport = tcp
+    found = compat.half_close(secure)
+    assert found is None or found.__self__ is secure

@@ -2,7 +2,11 @@
 
 Serving ``tcp:``, ``tcp6:``, ``unix:`` and ``ssl:`` descriptions on a socket
 of the server's own (``docs/architecture.md``) needs what Twisted parsed out
-of a description, and Twisted has no public API for that.  Each assumption is
+of a description, reading the PROXY header ourselves needs the endpoint that
+``haproxy:`` wraps, bounding what silent clients can hold needs the size of
+a port's accept batch, and half-closing through a wrapper needs to know what
+the wrapper does to the bytes.  Twisted has no public API for these.  Each
+assumption is
 written once here, and ``tests/test_twisted_compat.py`` checks each against
 the installed Twisted, so a release that breaks one fails the suite rather
 than quietly moving an endpoint to the slower path (where, among other
@@ -73,8 +77,66 @@ def ssl_description_options(description: str) -> dict[str, Any] | None:
     return chosen
 
 
+def proxied_endpoint(endpoint: Any) -> Any:
+    """The endpoint a PROXY-protocol endpoint (``haproxy:...``,
+    ``proxyEndpoint(...)``) wraps, or ``None`` for any other endpoint.
+
+    Reads the private ``_WrapperServerEndpoint``'s ``_wrapperFactory`` and
+    ``_wrappedEndpoint``, which ``proxyEndpoint`` has returned since Twisted 16.
+    """
+    from twisted.internet.endpoints import _WrapperServerEndpoint
+    from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
+
+    if (
+        isinstance(endpoint, _WrapperServerEndpoint)
+        and getattr(endpoint, "_wrapperFactory", None) is HAProxyWrappingFactory
+    ):
+        return endpoint._wrappedEndpoint
+    return None
+
+
+def cap_accept_batch(port: Any, free: int) -> None:
+    """Make *port*'s next accept batch no larger than *free* (at least 1).
+
+    A POSIX port accepts ``numberAccepts`` connections per readable event
+    (growing it after each full batch), ``stopReading()`` or not; a port
+    without it (another reactor's) is left alone.
+    """
+    number = getattr(port, "numberAccepts", None)
+    if isinstance(number, int):
+        port.numberAccepts = max(1, min(number, free))
+
+
+def half_close(transport: Any) -> Any:
+    """The ``loseWriteConnection`` that half-closes the bytes a protocol writes
+    to *transport*, or ``None`` if it cannot.
+
+    A ``ProtocolWrapper`` that does not override ``write`` passes the bytes
+    through unchanged, so half-closing the transport below it is right; one
+    that transforms them (TLS) forwards unknown attributes to the TCP
+    transport too, whose ``loseWriteConnection`` would cut the TLS stream
+    mid-record: refused, unless the wrapper defines its own.
+    """
+    from twisted.protocols.policies import ProtocolWrapper
+
+    for _ in range(16):
+        if isinstance(transport, ProtocolWrapper):
+            if "loseWriteConnection" in vars(type(transport)):
+                return transport.loseWriteConnection
+            if type(transport).write is not ProtocolWrapper.write:
+                return None
+            transport = transport.transport
+            continue
+        method = getattr(transport, "loseWriteConnection", None)
+        return method if callable(method) else None
+    return None
+
+
 __all__ = [
     "TCPParameters",
+    "cap_accept_batch",
+    "half_close",
+    "proxied_endpoint",
     "UNIXParameters",
     "ssl_description_options",
     "tcp_parameters",

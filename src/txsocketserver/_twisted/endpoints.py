@@ -63,7 +63,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.internet.protocol import connectionDone
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -74,7 +74,6 @@ from txsocketserver._twisted.transport_socket import (
     ProxyHeaderPolicy,
     SocketAddress,
     TransportSocket,
-    TransportSocketFactory,
     TransportSocketProtocol,
     bad_file_descriptor,
     socket_address,
@@ -236,23 +235,19 @@ def proxy_protocol_endpoint(endpoint: IStreamServerEndpoint) -> IStreamServerEnd
     ``_WrapperServerEndpoint``, which ``proxyEndpoint`` has returned since
     Twisted 16; ``tests/test_proxy_protocol.py`` fails if that changes.
     """
-    from twisted.internet.endpoints import _WrapperServerEndpoint
-    from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
+    from txsocketserver._twisted import compat
 
-    if (
-        isinstance(endpoint, _WrapperServerEndpoint)
-        and getattr(endpoint, "_wrapperFactory", None) is HAProxyWrappingFactory
-    ):
-        return endpoint._wrappedEndpoint  # type: ignore[attr-defined,no-any-return]
-    return None
+    return compat.proxied_endpoint(endpoint)  # type: ignore[no-any-return]
 
 
 def endpoint_backlog(endpoint: Endpoint) -> int | None:
     """The listen backlog a PROXY-protocol endpoint's wrapped endpoint asks
     for (``haproxy:tcp:8000:backlog=128``), if it names one."""
+    from txsocketserver._twisted import compat
+
     inner = proxy_protocol_endpoint(endpoint.resolve())
-    backlog = getattr(inner, "_backlog", None)
-    return backlog if isinstance(backlog, int) and backlog > 0 else None
+    parameters = compat.tcp_parameters(inner) or compat.unix_parameters(inner)
+    return parameters.backlog if parameters is not None and parameters.backlog > 0 else None
 
 
 def listen_error(endpoint: Endpoint, error: Exception) -> Exception:
@@ -307,7 +302,9 @@ class _TrackedProtocol(TransportSocketProtocol):
             self.listener._connection_lost(self)
 
 
-class _ListenerFactory(TransportSocketFactory):
+class _ListenerFactory(Factory):
+    """Makes a protocol per connection the endpoint accepts, for the listener."""
+
     # Twisted's "Starting factory" lines say nothing an operator needs.
     noisy = False
 
@@ -315,7 +312,6 @@ class _ListenerFactory(TransportSocketFactory):
         return "txsocketserver"
 
     def __init__(self, listener: EndpointListener, reactor: Any, proxied: bool) -> None:
-        super().__init__(listener._on_connection, reactor=reactor)
         self._listener = listener
         self._reactor = reactor
         self._proxied = proxied
@@ -506,17 +502,17 @@ class EndpointListener:
     def _cap_accepts(self) -> None:
         """Make the port's next accept batch no larger than the free slots.
 
-        ``numberAccepts`` is the batch size of Twisted's POSIX ports (it grows
-        by 20 after each full batch); ports without it are left alone.
-        ``tests/test_proxy_protocol.py`` fails if Twisted drops it.
+        Twisted's port accepts a whole batch per readable event, paused or
+        not; how big is Twisted's private business: see ``compat``.
         """
+        from txsocketserver._twisted import compat
+
         self._cap_scheduled = False
-        port = self._port
-        if port is None or not hasattr(port, "numberAccepts"):
+        if self._port is None:
             return
         with self._lock:
             free = self._backlog - self._load()
-        port.numberAccepts = max(1, min(port.numberAccepts, free))  # type: ignore[attr-defined]
+        compat.cap_accept_batch(self._port, free)
 
     def _connection_lost(self, protocol: _TrackedProtocol) -> None:
         with self._changed:

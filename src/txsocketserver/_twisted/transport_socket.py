@@ -137,13 +137,14 @@ from twisted.internet.interfaces import (
     IPushProducer,
     ISSLTransport,
 )
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python import threadable
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txsocketserver._twisted import compat
 from txsocketserver._twisted.proxy_protocol import (
     ProxyHeader,
     ProxyHeaderError,
@@ -250,28 +251,6 @@ def _underlying_socket(transport: Any) -> socket.socket | None:
     return None
 
 
-def _half_close(transport: Any) -> Callable[[], None] | None:
-    """The ``loseWriteConnection`` that half-closes *our* byte stream, if any.
-
-    A wrapper that does not override ``write`` passes our bytes through
-    unchanged (the PROXY-protocol wrapper), so half-closing the transport below
-    it half-closes our stream.  A wrapper that transforms bytes (TLS) forwards
-    unknown attributes to the TCP transport too, and its ``loseWriteConnection``
-    would cut the TLS stream mid-record: we refuse those.
-    """
-    for _ in range(16):
-        if isinstance(transport, ProtocolWrapper):
-            if "loseWriteConnection" in vars(type(transport)):
-                return transport.loseWriteConnection  # type: ignore[no-any-return]
-            if type(transport).write is not ProtocolWrapper.write:
-                return None
-            transport = transport.transport
-            continue
-        method = getattr(transport, "loseWriteConnection", None)
-        return method if callable(method) else None
-    return None
-
-
 class ProxyHeaderPolicy(NamedTuple):
     """How connections behind the PROXY protocol are admitted.
 
@@ -341,8 +320,8 @@ class _OutgoingProducer:
 class TransportSocketProtocol(Protocol):
     """The reactor side: a protocol that hands a :class:`TransportSocket` onwards.
 
-    Use it as the protocol of the factory given to ``endpoint.listen``
-    (:class:`TransportSocketFactory` does exactly that).
+    Use it as the protocol of the factory given to ``endpoint.listen`` (the
+    endpoint listener's factory makes one per connection).
 
     Args:
         on_connection: called on the reactor thread as
@@ -615,24 +594,21 @@ class TransportSocketProtocol(Protocol):
         self._flush()
         if self._bridge.lost:
             return
-        half_close = _half_close(self.transport)
+        half_close = compat.half_close(self.transport)
         if half_close is not None:
             self.transport.unregisterProducer()
             self._write_half_closed = True
             half_close()
 
-    def _close(self, abort: bool = False) -> None:
+    def _close(self) -> None:
         if self._bridge.lost:
-            return
-        if abort:
-            self.transport.abortConnection()
             return
         self._flush()
         if self._bridge.lost:
             return
         # A registered producer would keep the transport open: finish first.
         self.transport.unregisterProducer()
-        half_close = None if self._bridge.read_eof else _half_close(self.transport)
+        half_close = None if self._bridge.read_eof else compat.half_close(self.transport)
         if half_close is None:
             self.transport.loseConnection()
             return
@@ -644,34 +620,6 @@ class TransportSocketProtocol(Protocol):
             self._write_half_closed = True
             half_close()
         self._linger = self._reactor.callLater(LINGER_TIMEOUT, self.transport.loseConnection)
-
-
-class TransportSocketFactory(Factory):
-    """A factory of :class:`TransportSocketProtocol`, for ``endpoint.listen()``.
-
-    Args:
-        on_connection: passed to each protocol; see :class:`TransportSocketProtocol`.
-        reactor: the reactor that runs the transports; the global one by default.
-        proxy: passed to each protocol; see :class:`TransportSocketProtocol`.
-    """
-
-    def __init__(
-        self,
-        on_connection: ConnectionCallback,
-        *,
-        reactor: Any = None,
-        proxy: ProxyHeaderPolicy | None = None,
-    ) -> None:
-        self._on_connection = on_connection
-        self._reactor = reactor
-        self._proxy = proxy
-
-    def buildProtocol(self, addr: IAddress) -> TransportSocketProtocol:
-        protocol = TransportSocketProtocol(
-            self._on_connection, reactor=self._reactor, proxy=self._proxy
-        )
-        protocol.factory = self
-        return protocol
 
 
 class TransportSocket:
@@ -1111,23 +1059,16 @@ class TransportSocket:
         if self._io_refs <= 0:
             self._real_close()
 
-    def abort(self) -> None:
-        """Close at once, dropping unsent data (like ``SO_LINGER`` 0: the peer sees a reset)."""
-        self._closed = True
-        self._real_close(abort=True)
-
-    def _real_close(self, abort: bool = False) -> None:
+    def _real_close(self) -> None:
         bridge = self._bridge
         with bridge.lock:
             if bridge.closed:
                 return
             bridge.closed = True
             bridge.received.clear()
-            if abort:
-                bridge.outgoing.clear()
             bridge.readable.notify_all()
             bridge.writable.notify_all()
-        self._protocol._call_soon(lambda: self._protocol._close(abort))
+        self._protocol._call_soon(self._protocol._close)
 
     # Addresses and options ------------------------------------------------------------
 
@@ -1191,7 +1132,6 @@ __all__ = [
     "ProxyHeaderPolicy",
     "SocketAddress",
     "TransportSocket",
-    "TransportSocketFactory",
     "TransportSocketProtocol",
     "socket_address",
 ]
