@@ -345,7 +345,10 @@ def test_server_process_killed_leaves_no_process_and_no_noise(tmp_path):
         # End of file on stderr: the template and its workers have all exited.
         _out, err = proc.communicate(timeout=WAIT_FORK)
     assert err == b""
-    assert all(process_states().get(pid, (0, "Z"))[1] == "Z" for pid in spawned)
+    # A process closes its files before it becomes a zombie: wait for that.
+    assert wait_until(
+        lambda: all(process_states().get(pid, (0, "Z"))[1] == "Z" for pid in spawned), WAIT_FORK
+    )
 
 
 # -- resources ---------------------------------------------------------------------------
@@ -413,7 +416,8 @@ TEMPLATE_REAPS_ONLY_ITS_OWN = """
     # A child of the template's that is no worker (a handler module may start
     # one at import): it exits first, and must stay for its owner to reap.
     foreign = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(5)"])
-    time.sleep(0.5)
+    # Until it has exited, without reaping it.
+    os.waitid(os.P_PID, foreign.pid, os.WEXITED | os.WNOWAIT)
     ours, theirs = socket.socketpair()
     template = _forking_child._Template(ours, warm=2)
     template._fill()
@@ -539,8 +543,6 @@ def test_handler_defined_in_main_script(ss, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "main says hello\n"
-
-
 
 
 def test_tls_sockets_cannot_be_handed_over(tx, tls_cert, capfd):

@@ -99,8 +99,9 @@ def test_stop_drains_request_in_flight(mode: str, server_class: type) -> None:
         client.sendall(b"go\n")
         assert server.started.wait(WAIT)
         stopped = deferred_on_reactor(service.stopService)
-        time.sleep(0.2)
-        assert not stopped.called  # the request in flight holds the stop
+        # The stop has begun (its first step asks the serving loop to end)...
+        assert wait_until(lambda: server._BaseServer__shutdown_request)
+        assert not stopped.called  # ...and the request in flight holds it
         # No new request is served once the stop began: the connection is
         # refused (the port is closed) or waits in the backlog until closed.
         try:
