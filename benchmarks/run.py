@@ -1,7 +1,7 @@
 """Benchmark txsocketserver against stdlib socketserver and native Twisted, in one run.
 
 Usage: python benchmarks/run.py [--quick] [--only NAME[,NAME...]] [--rounds N]
-                                [--duration S] [--impls ours,stdlib,twisted]
+                                [--duration S] [--impls ours,stdlib,twisted,asyncio]
 
 For each scenario, one server process per implementation is started (and warmed
 up); then, round after round, each implementation is loaded in turn for
@@ -145,6 +145,7 @@ def run_scenario(
 ) -> None:
     """Measure ``scenario``, appending to ``results`` as each measurement ends (so
     an interrupted run still shows the rounds it completed)."""
+    impls = [impl for impl in impls if impl in scenario.servers]
     for impl in impls:
         results.setdefault(impl, [])
     servers = start_servers(scenario, impls, args.server_cpus)
@@ -187,6 +188,8 @@ def median_rate(measurements: list[Measurement]) -> float | None:
 
 
 def format_rate(measurements: list[Measurement]) -> str:
+    if not measurements:
+        return "-"  # not run: the scenario has no server for this implementation
     median = median_rate(measurements)
     if not median:
         return "failed"
@@ -202,12 +205,13 @@ def format_ratio(ours: list[Measurement], other: list[Measurement]) -> str:
 
 def print_table(all_results: dict[str, dict[str, list[Measurement]]], impls: list[str]) -> None:
     headers = ["scenario", *impls]
-    ratios = [other for other in ("stdlib", "twisted") if "ours" in impls and other in impls]
+    others = ("stdlib", "twisted", "asyncio")
+    ratios = [other for other in others if "ours" in impls and other in impls]
     headers += [f"ours/{other}" for other in ratios]
     rows = []
     for name, results in all_results.items():
-        row = [name, *(format_rate(results[impl]) for impl in impls)]
-        row += [format_ratio(results["ours"], results[other]) for other in ratios]
+        row = [name, *(format_rate(results.get(impl, [])) for impl in impls)]
+        row += [format_ratio(results.get("ours", []), results.get(other, [])) for other in ratios]
         rows.append(row)
     widths = [
         max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import ssl
     from typing import Any
 
+    from txsocketserver._async.serving import AsyncServing
     from txsocketserver._endpoints import EndpointListener
     from txsocketserver._readiness import IRequestReadiness
 
@@ -37,6 +38,35 @@ def _remove_socket_file(path: str) -> None:
     with contextlib.suppress(OSError):
         if stat.S_ISSOCK(os.stat(path).st_mode):
             os.remove(path)
+
+
+def _check_handler_class(server: Any, handler_class: Any) -> bool:
+    """Whether *handler_class* is async (served on the reactor); ``TypeError``
+    for a handler the server cannot run."""
+    from txsocketserver._async.handlers import is_async_handler
+    from txsocketserver._forking import ForkingMixIn
+    from txsocketserver._threading import ThreadingMixIn
+
+    if is_async_handler(handler_class):
+        for mixin in (ThreadingMixIn, ForkingMixIn):
+            if isinstance(server, mixin):
+                raise TypeError(
+                    f"{type(server).__name__} is a {mixin.__name__} server, and "
+                    f"{handler_class.__name__} is an async handler: async handlers run on "
+                    "the reactor thread, not on threads or in processes. Serve it with "
+                    f"{'UDPServer' if server.socket_type == socket.SOCK_DGRAM else 'TCPServer'}"
+                    " (or UnixStreamServer, UnixDatagramServer)."
+                )
+        return True
+    import inspect
+
+    if inspect.iscoroutinefunction(getattr(handler_class, "handle", None)):
+        raise TypeError(
+            f"{handler_class.__name__}.handle is a coroutine function, but the class is not "
+            "an async handler: derive it from txsocketserver.AsyncStreamRequestHandler "
+            "(or AsyncBaseRequestHandler, AsyncDatagramRequestHandler)."
+        )
+    return False
 
 
 class TCPServer(BaseServer):
@@ -70,6 +100,12 @@ class TCPServer(BaseServer):
     allow_reuse_address = False
     # Set SO_REUSEPORT before bind (several processes sharing one port).
     allow_reuse_port = False
+    # Ours (async handlers): at most this many connections open at once; at the
+    # cap the server stops accepting and further clients wait in the backlog.
+    max_connections: int | None = None
+    # Ours (async handlers): seconds a connection may make no progress either
+    # way before it is closed (and logged); None: no limit.
+    idle_timeout: float | None = None
 
     def __init__(
         self,
@@ -83,6 +119,9 @@ class TCPServer(BaseServer):
         from txsocketserver._endpoints import EndpointListener, as_endpoint, listening_socket
 
         BaseServer.__init__(self, server_address, RequestHandlerClass)
+        # How an async handler class is served (see txsocketserver._async); None for the others.
+        self._async: AsyncServing | None = None
+        serve_async = _check_handler_class(self, RequestHandlerClass)
         self._endpoint: EndpointListener | None = None
         # Set for tcp:, tcp6:, unix: and ssl: endpoints, which are served on
         # a socket of our own (see _endpoints.listening_socket).
@@ -96,6 +135,9 @@ class TCPServer(BaseServer):
         listening = None
         if endpoint is not None and self.socket_type == socket.SOCK_STREAM:
             listening = listening_socket(endpoint)
+        if listening is not None and serve_async and listening.tls is not None:
+            # Async handlers run on the reactor: Twisted does their TLS there.
+            listening = None
         if listening is not None:
             # An endpoint that is just a listening socket is served as one:
             # the stdlib's hooks bind and accept it, handlers get real sockets.
@@ -113,7 +155,16 @@ class TCPServer(BaseServer):
             raise TypeError(f"{type(self).__name__} cannot serve a stream endpoint ({endpoint!r})")
         else:
             self.socket = None  # type: ignore[assignment]
-            self._endpoint = EndpointListener(endpoint, backlog=self.request_queue_size)
+            if not serve_async:
+                self._endpoint = EndpointListener(endpoint, backlog=self.request_queue_size)
+        if serve_async:
+            from txsocketserver._async.serving import AsyncEndpointListener, AsyncServing
+
+            self._async = AsyncServing(self)
+            if endpoint is not None:
+                self._endpoint = AsyncEndpointListener(
+                    endpoint, backlog=self.request_queue_size, serving=self._async
+                )
         if bind_and_activate:
             try:
                 self.server_bind()
@@ -175,6 +226,8 @@ class TCPServer(BaseServer):
         Twisted removes them; a plain path is left, as the stdlib leaves it.
         """
         self._stop_watching()
+        if self._async is not None:
+            self._async.close()
         if self._endpoint is not None:
             self._endpoint.close()
             return
@@ -231,7 +284,55 @@ class TCPServer(BaseServer):
                 return
         super().finish_request(request, client_address)
 
+    def handle_request(self) -> None:
+        """Handle one request, waiting at most ``timeout`` seconds for it.
+
+        With an async handler class: accept one request and start its
+        handler on the reactor, then return (as a threading server returns
+        once the request runs on its thread).
+        """
+        if self._async is None:
+            return super().handle_request()
+        self._async.once = True
+        try:
+            return super().handle_request()
+        finally:
+            self._async.once = False
+
+    def _handle_request_noblock(self) -> None:
+        if self._async is None:
+            super()._handle_request_noblock()
+        # Otherwise the reactor has taken the request already (see _async).
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Call ``finish_request``, then ``shutdown_request``.
+
+        With an async handler class (on the reactor thread): ``finish_request``
+        makes the handler, whose coroutines then run; ``shutdown_request``
+        follows when they have ended.
+        """
+        if self._async is None:
+            return super().process_request(request, client_address)
+        self._async.process_request(request, client_address)
+
+    def to_thread(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        """Ours, for async handlers: ``await self.server.to_thread(fn, *args)``.
+
+        Runs ``function(*args, **kwargs)`` on a thread pool of the server's own
+        (at most ``max_threads`` threads if the server sets it, else 10) and
+        returns a Deferred of its result.  Call it on the reactor thread.
+
+        Error handling:
+            The function's exception is raised at the ``await``; ``TypeError``
+            for a server whose handler class is not async.
+        """
+        if self._async is None:
+            raise TypeError("to_thread() is for servers with an async handler class")
+        return self._async.to_thread(function, *args, **kwargs)
+
     def _request_readiness(self) -> IRequestReadiness:
+        if self._async is not None:
+            return self._async.readiness()
         if self._endpoint is not None:
             return self._endpoint.readiness()
         return super()._request_readiness()

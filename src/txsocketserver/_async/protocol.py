@@ -1,0 +1,156 @@
+"""``Connection``: the Twisted protocol of one async stream connection.
+
+It owns the connection's reader and writer, is the transport's push producer
+(so it learns when the transport's buffer fills and drains), and reports to
+its :class:`~txsocketserver._async.serving.AsyncServing` when it starts and
+ends.  Behind a ``haproxy:`` endpoint it starts only once the PROXY header has
+been parsed, so ``client_address`` is the real client's.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ISSLTransport
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from txsocketserver._async.streams import AsyncReader, AsyncSocket, AsyncWriter
+from txsocketserver._transport_socket import (
+    _half_close,
+    _pending_proxy_header,
+    _underlying_socket,
+    socket_address,
+    socket_family,
+)
+
+_monotonic = time.monotonic
+
+
+@implementer(IHalfCloseableProtocol, IPushProducer)
+class Connection(Protocol):
+    """One connection of an async stream server (reactor thread only).
+
+    Args:
+        serving: the server's async strategy.
+        client_address: the address ``get_request()`` returned, for a
+            connection the server accepted itself; ``None`` to take it from
+            the transport (endpoint connections).
+    """
+
+    def __init__(self, serving: Any, client_address: Any = None) -> None:
+        self.serving = serving
+        self.client_address = client_address
+        self.reader = AsyncReader(self)
+        self.writer: AsyncWriter | None = None
+        self.request: AsyncSocket | None = None
+        self.task: Any = None
+        #: Seconds a read or drain may wait (the handler's ``timeout``).
+        self.timeout: float | None = None
+        self.half_close: Any = None
+        self.last_activity = 0.0
+        self.idle_timer: Any = None
+        self.lost = False
+
+    # -- IProtocol -------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        self.writer = AsyncWriter(self)
+        transport.registerProducer(self, True)
+        self.half_close = _half_close(transport)
+        proxy = _pending_proxy_header(transport)
+        if proxy is None:
+            self._start()
+            return
+        parse = proxy.dataReceived
+
+        def data_received(data: bytes) -> None:
+            parse(data)
+            if proxy._proxyInfo is not None and self.request is None and not self.lost:
+                del proxy.dataReceived
+                self._start()
+
+        proxy.dataReceived = data_received  # type: ignore[method-assign]
+
+    def _start(self) -> None:
+        transport = self.transport
+        peer = transport.getPeer()
+        if self.client_address is None:
+            self.client_address = socket_address(peer)
+        self.request = AsyncSocket(
+            self,
+            family=socket_family(peer),
+            peer=self.client_address,
+            host=socket_address(transport.getHost()),
+            os_socket=_underlying_socket(transport),
+        )
+        self.serving.connection_started(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.idle_timer is not None:
+            self.last_activity = _monotonic()
+        self.reader.feed(data)
+
+    def readConnectionLost(self) -> None:
+        self.reader.feed_eof()
+
+    def writeConnectionLost(self) -> None:
+        """Only after our own half-close: nothing to do."""
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost = True
+        reset = not self._clean_end(reason)
+        # The writer first: a handler woken by the reader finds it lost.
+        if self.writer is not None:
+            self.writer._lost_now(reset)
+        self.reader.feed_eof(reset=reset)
+        if self.idle_timer is not None and self.idle_timer.active():
+            self.idle_timer.cancel()
+        self.idle_timer = None
+        self.serving.connection_lost(self)
+
+    def _clean_end(self, reason: Failure) -> bool:
+        # Over TLS a TCP close without close_notify is reported as
+        # ConnectionLost, like a reset; most clients close that way, so it
+        # reads as EOF (the ssl module's suppress_ragged_eofs).
+        if reason.check(ConnectionDone):
+            return True
+        return bool(reason.check(ConnectionLost)) and ISSLTransport.providedBy(self.transport)
+
+    # -- IPushProducer: the transport's buffer filled / drained ----------------------------
+
+    def pauseProducing(self) -> None:
+        if self.writer is not None:
+            self.writer.pause()
+
+    def resumeProducing(self) -> None:
+        if self.idle_timer is not None:
+            self.last_activity = _monotonic()
+        if self.writer is not None:
+            self.writer.resume()
+
+    def stopProducing(self) -> None:
+        """connectionLost follows, and tells the writer."""
+
+    # -- for the streams and the strategy ----------------------------------------------------
+
+    def pause_reading(self) -> None:
+        self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        if not self.lost:
+            self.transport.resumeProducing()
+
+    def call_later(self, delay: float, function: Any, *args: Any) -> Any:
+        return self.serving.reactor.callLater(delay, function, *args)
+
+    def cancel_handler(self) -> None:
+        self.serving.call_soon(self._cancel)
+
+    def _cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
