@@ -85,7 +85,7 @@ class Connection(Protocol):
             self,
             family=socket_family(peer),
             peer=self.client_address,
-            host=socket_address(transport.getHost()),
+            host=None,
             os_socket=_underlying_socket(transport),
         )
         self.serving.connection_started(self)
@@ -144,6 +144,9 @@ class Connection(Protocol):
     def resume_reading(self) -> None:
         if not self.lost:
             self.transport.resumeProducing()
+
+    def local_address(self) -> Any:
+        return socket_address(self.transport.getHost())
 
     def call_later(self, delay: float, function: Any, *args: Any) -> Any:
         return self.serving.reactor.callLater(delay, function, *args)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.interfaces import IAddress, IReadDescriptor
 from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
@@ -47,11 +47,11 @@ class ServerFactory(Factory):
 
     def __init__(self, serving: AsyncServing) -> None:
         self.serving = serving
-        # The address get_request() returned for the socket being adopted.
-        self.adopting: Any = None
 
     def buildProtocol(self, addr: Any) -> Connection:
-        protocol = Connection(self.serving, self.adopting)
+        """A connection; *addr* is the ``client_address`` of a socket the
+        server accepted itself, or a Twisted address (an endpoint's port)."""
+        protocol = Connection(self.serving, None if IAddress.providedBy(addr) else addr)
         protocol.factory = self
         return protocol
 
@@ -166,6 +166,7 @@ class AsyncServing:
         self._serving = False
         self._reading = False
         self._created: Any = None
+        self._sessions = 0
         self._pool: ThreadPool | None = None
         self._closed = False
 
@@ -220,16 +221,31 @@ class AsyncServing:
             self._consume_budget()
             self.run_request(request, client_address)
             return
-        factory = self.factory
-        factory.adopting = client_address
         try:
-            request.setblocking(False)
-            self.reactor.adoptStreamConnection(request.fileno(), request.family, factory)
+            self._adopt(request, client_address)
         except Exception:
-            self.server.handle_error(request, client_address)
-        finally:
-            factory.adopting = None
             request.close()
+            self.server.handle_error(request, client_address)
+
+    def _adopt(self, sock: socket.socket, client_address: Any) -> None:
+        """Make a Twisted transport of an accepted socket (no dup, no syscall).
+
+        What ``IReactorSocket.adoptStreamConnection`` does, minus its
+        ``dup()`` and ``getpeername()``: the address is known already, and a
+        client that reset before this point would make its ``getpeername``
+        fail (and leak the dup).  ``tcp.Server``/``unix.Server`` take exactly
+        these arguments since Twisted 8; a port of ``None`` is what
+        ``adoptStreamConnection`` passes too.
+        """
+        from twisted.internet import tcp, unix
+
+        protocol = self.factory.buildProtocol(client_address)
+        sock.setblocking(False)
+        self._sessions += 1
+        kind = unix.Server if sock.family == getattr(socket, "AF_UNIX", None) else tcp.Server
+        transport = kind(sock, protocol, client_address, None, self._sessions, self.reactor)
+        transport.repstr = f"<{type(protocol).__name__} #{self._sessions}>"
+        protocol.makeConnection(transport)
 
     def _consume_budget(self) -> None:
         if self._budget is not None:
@@ -272,7 +288,11 @@ class AsyncServing:
             connection.client_address,
             quiet,
         )
-        connection.transport.abortConnection()
+        if connection.writer is not None and connection.writer.paused:
+            # Bytes the client does not read would hold a clean close open.
+            connection.transport.abortConnection()
+        else:
+            connection.transport.loseConnection()
 
     def run_request(self, request: Any, client_address: Any, connection: Any = None) -> None:
         """``verify_request`` → ``process_request``, as the serving loop would."""

@@ -188,7 +188,8 @@ class AsyncReader:
         if waiter is not None:
             self._waiter = None
             waiter.fire()
-        if not self._paused and len(self._buffer) > self.limit and not self._eof:
+        # Not while a read waits for more: it needs more than the limit holds.
+        if len(self._buffer) > self.limit and not self._paused and self._waiter is None:
             self._paused = True
             self._connection.pause_reading()
 
@@ -496,6 +497,11 @@ class AsyncWriter:
         return self._closing or self._lost
 
     @property
+    def paused(self) -> bool:
+        """Whether the transport's buffer is full (``drain()`` would wait)."""
+        return self._paused
+
+    @property
     def closed(self) -> bool:
         return self.is_closing()
 
@@ -583,6 +589,8 @@ class AsyncSocket:
         return self._peer
 
     def getsockname(self) -> Any:
+        if self._host is None:
+            self._host = self._connection.local_address()
         return self._host
 
     def fileno(self) -> int:
