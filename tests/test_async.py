@@ -116,7 +116,9 @@ def test_echo_on_every_address_kind(kind: str) -> None:
             server = txsocketserver.UnixStreamServer(path, AsyncEcho)
         elif kind == "unix:":
             path = stack.enter_context(unix_socket_path())
-            server = txsocketserver.UnixStreamServer(txsocketserver.Endpoint(f"unix:{path}"), AsyncEcho)
+            server = txsocketserver.UnixStreamServer(
+                txsocketserver.Endpoint(f"unix:{path}"), AsyncEcho
+            )
         else:
             server = txsocketserver.TCPServer(kind, AsyncEcho)
         stack.enter_context(serving(server))
@@ -511,7 +513,10 @@ class AsyncResetReport(txsocketserver.AsyncStreamRequestHandler):
 
 @pytest.mark.parametrize(
     "handler, server_factory",
-    [(SyncResetReport, stdlib_threading), (AsyncResetReport, lambda h: txsocketserver.TCPServer(ANY_PORT, h))],
+    [
+        (SyncResetReport, stdlib_threading),
+        (AsyncResetReport, lambda h: txsocketserver.TCPServer(ANY_PORT, h)),
+    ],
     ids=["stdlib", "tx"],
 )
 def test_a_reset_mid_read_is_connection_reset_error(handler: Any, server_factory: Any) -> None:
@@ -697,10 +702,16 @@ def test_a_handler_blocking_the_reactor_is_reported(caplog: Any) -> None:
 
 @pytest.mark.parametrize(
     "server_class",
-    [txsocketserver.ThreadingTCPServer, txsocketserver.ForkingTCPServer, txsocketserver.ThreadingUDPServer],
+    [
+        txsocketserver.ThreadingTCPServer,
+        txsocketserver.ForkingTCPServer,
+        txsocketserver.ThreadingUDPServer,
+    ],
 )
 def test_threading_or_forking_with_an_async_handler_is_a_type_error(server_class: type) -> None:
-    handler = txsocketserver.AsyncDatagramRequestHandler if "UDP" in server_class.__name__ else AsyncEcho
+    handler = (
+        txsocketserver.AsyncDatagramRequestHandler if "UDP" in server_class.__name__ else AsyncEcho
+    )
     with pytest.raises(TypeError, match="async handler"):
         server_class(ANY_PORT, handler)
 
@@ -769,13 +780,18 @@ def test_datagram_echo_matches_the_stdlib(family: str) -> None:
             return replies
 
     results = []
-    for module, handler in ((socketserver, SyncDatagramUpper), (txsocketserver, AsyncDatagramUpper)):
+    for module, handler in (
+        (socketserver, SyncDatagramUpper),
+        (txsocketserver, AsyncDatagramUpper),
+    ):
         with contextlib.ExitStack() as stack:
             if family == "udp":
                 server = module.UDPServer(ANY_PORT, handler)
                 client_path = None
             else:
-                server = module.UnixDatagramServer(stack.enter_context(unix_socket_path()), handler)
+                server = module.UnixDatagramServer(
+                    stack.enter_context(unix_socket_path()), handler
+                )
                 client_path = stack.enter_context(unix_socket_path())
             stack.enter_context(serving(server))
             results.append(exchange(server, client_path))
