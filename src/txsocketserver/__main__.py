@@ -24,9 +24,25 @@ from txsocketserver._service import stop_gracefully
 PROG = "python -m txsocketserver"
 
 
+class MainOptions(Options):
+    """``twistd socketserver``'s options, plus ``--reactor`` (``twistd -r`` there)."""
+
+    def opt_reactor(self, name: str) -> None:
+        """Twisted reactor to run, e.g. asyncio (so async handlers can await asyncio
+        code), epoll, poll, select."""
+        from twisted.application.reactors import NoSuchReactor, installReactor
+
+        try:
+            installReactor(name)
+        except NoSuchReactor:
+            raise usage.UsageError(f"--reactor {name!r}: no such reactor") from None
+        except Exception as exc:
+            raise usage.UsageError(f"--reactor {name!r}: {exc}") from exc
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, serve until SIGTERM/SIGINT, return the exit status."""
-    options = Options()
+    options = MainOptions()
     try:
         options.parseOptions(sys.argv[1:] if argv is None else argv)
         server = build_server(options)

@@ -19,7 +19,7 @@ import txsocketserver
 from txsocketserver._endpoints import Endpoint, listening_socket
 from txsocketserver._service import DEFAULT_DRAIN_TIMEOUT
 
-MODES = ("sync", "threading", "forking")
+MODES = ("sync", "threading", "forking", "async")
 
 _LISTEN_HELP = (
     "Twisted server endpoint to listen on, e.g. tcp:8000, "
@@ -90,8 +90,9 @@ class Options(usage.Options):
             "m",
             None,
             "How requests run: sync (one at a time, in the serving thread), threading "
-            "(each on a pool thread) or forking (each in a child process). Default: "
-            "threading, or the --server class as it is.",
+            "(each on a pool thread), forking (each in a child process), or async (an "
+            "async handler class: all on the reactor thread). Default: async for an async "
+            "handler class, else threading, or the --server class as it is.",
         ],
         [
             "max-threads",
@@ -137,6 +138,7 @@ class Options(usage.Options):
         if self["drain-timeout"] < 0:
             raise usage.UsageError("--drain-timeout must not be negative")
         self["handler_class"] = load_object(self["handler"], "--handler")
+        mode = _async_mode(self["handler_class"], mode)
         self["server_class"] = server_class(self["server"], mode)
         if self["max-threads"] is not None and not issubclass(
             self["server_class"], txsocketserver.ThreadingMixIn
@@ -157,6 +159,26 @@ class Options(usage.Options):
                     "process (use --mode threading)"
                 )
         self["address"] = self["endpoint"]
+
+
+def _async_mode(handler_class: type, mode: str | None) -> str | None:
+    """The ``--mode`` to build the server with: async handler classes run on
+    the reactor, as a plain (sync) server's handlers."""
+    from txsocketserver._async import is_async_handler
+
+    if not is_async_handler(handler_class):
+        if mode == "async":
+            raise usage.UsageError(
+                f"--mode async needs an async handler class "
+                f"(txsocketserver.AsyncStreamRequestHandler); {handler_class.__name__} is not one"
+            )
+        return mode
+    if mode not in (None, "async", "sync"):
+        raise usage.UsageError(
+            f"--mode {mode}: {handler_class.__name__} is an async handler class, which runs "
+            "on the reactor thread (leave --mode out, or say --mode async)"
+        )
+    return "sync"
 
 
 def server_class(spec: str | None, mode: str | None) -> type:
