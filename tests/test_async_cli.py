@@ -50,7 +50,9 @@ def test_asyncio_reactor_lets_handlers_await_asyncio(spawn: Spawn, front_end: st
 
 
 def test_cli_refuses_threading_for_an_async_handler(spawn: Spawn) -> None:  # noqa: F811
-    server = spawn(*CLI, "--listen", TCP, "--handler", "async_handlers:AsyncEcho", "-m", "threading")
+    server = spawn(
+        *CLI, "--listen", TCP, "--handler", "async_handlers:AsyncEcho", "--mode", "threading"
+    )
     assert server.finish() == 2
     assert "is an async handler class" in server.output()
 
