@@ -38,6 +38,8 @@ DEFAULT_TO_THREAD_MAX = 10
 #: Seconds ``server_close()`` waits for cancelled handlers and closing connections.
 CLOSE_TIMEOUT = 5.0
 
+# What repr() shows for an adopted transport (a string per connection would cost memory).
+_REPR = "<txsocketserver async connection>"
 _READY = "ready"
 _WAKE = "wake"
 
@@ -244,7 +246,7 @@ class AsyncServing:
         self._sessions += 1
         kind = unix.Server if sock.family == getattr(socket, "AF_UNIX", None) else tcp.Server
         transport = kind(sock, protocol, client_address, None, self._sessions, self.reactor)
-        transport.repstr = f"<{type(protocol).__name__} #{self._sessions}>"
+        transport.repstr = _REPR
         protocol.makeConnection(transport)
 
     def _consume_budget(self) -> None:
@@ -328,25 +330,18 @@ class AsyncServing:
                 "(an instance of txsocketserver.AsyncBaseRequestHandler)"
             )
         connection = getattr(request, "_connection", None)
-
-        def failed() -> None:
-            server.handle_error(request, client_address)
-
-        def ended() -> None:
-            self._request_done(request, task)
-
-        task = HandlerTask(
-            handler._serve(),
-            on_error=failed,
-            on_done=ended,
-            reactor=self.reactor,
-            name=f"{type(handler).__qualname__} (client {client_address!r})",
-            blocking_warning=handler.blocking_warning,
-        )
+        task = HandlerTask(handler, owner=self, reactor=self.reactor)
         self.tasks.add(task)
         if connection is not None:
             connection.task = task
         task.start()
+
+    def handler_failed(self, task: HandlerTask) -> None:
+        """The handler raised (inside the ``except``: the exception is current)."""
+        self.server.handle_error(task.handler.request, task.handler.client_address)
+
+    def handler_ended(self, task: HandlerTask) -> None:
+        self._request_done(task.handler.request, task)
 
     def _request_done(self, request: Any, task: HandlerTask | None) -> None:
         server = self.server

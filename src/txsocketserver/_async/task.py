@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -37,26 +37,24 @@ _NOTHING = object()
 
 
 class HandlerTask:
-    """Drive ``coroutine`` to its end on the reactor thread.
+    """Drive a handler's ``setup``/``handle``/``finish`` coroutine on the reactor thread.
 
     Args:
-        coroutine: the handler's ``setup``/``handle``/``finish`` coroutine.
-        on_error: called inside the ``except`` block when the coroutine raises
-            an ``Exception`` (so the exception is current, for ``handle_error``);
-            a cancellation that reached the top is not an error.
-        on_done: called once the coroutine has ended, however it ended.
+        handler: the handler instance; its ``blocking_warning`` (seconds a step
+            may hold the reactor before the warning; ``None``: never) applies.
+        owner: told ``owner.handler_failed(task)`` inside the ``except`` block
+            when the coroutine raises an ``Exception`` (so the exception is
+            current, for ``handle_error``; a cancellation that reached the top
+            is not an error), and ``owner.handler_ended(task)`` once it has
+            ended, however it ended.
         reactor: schedules the resumption after a bare ``yield``.
-        name: names the handler in the blocking warning.
-        blocking_warning: seconds a step may hold the reactor before the
-            warning; ``None`` never warns.
     """
 
     __slots__ = (
+        "handler",
         "_coroutine",
-        "_on_error",
-        "_on_done",
+        "_owner",
         "_reactor",
-        "_name",
         "_blocking_warning",
         "_awaiting",
         "_stepping",
@@ -64,26 +62,21 @@ class HandlerTask:
         "done",
     )
 
-    def __init__(
-        self,
-        coroutine: Coroutine[Any, Any, Any],
-        *,
-        on_error: Callable[[], None],
-        on_done: Callable[[], None],
-        reactor: Any,
-        name: str,
-        blocking_warning: float | None,
-    ) -> None:
-        self._coroutine = coroutine
-        self._on_error = on_error
-        self._on_done = on_done
+    def __init__(self, handler: Any, *, owner: Any, reactor: Any) -> None:
+        self.handler = handler
+        self._coroutine: Coroutine[Any, Any, Any] = handler._serve()
+        self._owner = owner
         self._reactor = reactor
-        self._name = name
-        self._blocking_warning = blocking_warning
+        self._blocking_warning: float | None = handler.blocking_warning
         self._awaiting: Any = None
         self._stepping = False
         self._early: Any = _NOTHING
         self.done = False
+
+    @property
+    def name(self) -> str:
+        handler = self.handler
+        return f"{type(handler).__qualname__} (client {handler.client_address!r})"
 
     def start(self) -> None:
         self._step(None)
@@ -127,7 +120,7 @@ class HandlerTask:
                 return
             except Exception:
                 self._held(started)
-                self._on_error()
+                self._owner.handler_failed(self)
                 self._finished(None)
                 return
             except BaseException:
@@ -160,7 +153,7 @@ class HandlerTask:
                 awaited.add_done_callback(self._future_done)
                 return
             error = TypeError(
-                f"{self._name} awaited {awaited!r}: a handler can await coroutines, "
+                f"{self.name} awaited {awaited!r}: a handler can await coroutines, "
                 "Deferreds and (under the asyncio reactor) asyncio futures"
             )
 
@@ -190,7 +183,7 @@ class HandlerTask:
             log_warning(
                 "%s held the reactor for %.3f s without awaiting: every other connection "
                 "waited meanwhile. Move blocking work to `await self.server.to_thread(...)`.",
-                self._name,
+                self.name,
                 held,
             )
 
@@ -198,7 +191,7 @@ class HandlerTask:
         self._held(started)
         self.done = True
         self._awaiting = None
-        self._on_done()
+        self._owner.handler_ended(self)
 
 
 class _YieldResumption:
