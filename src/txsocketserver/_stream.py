@@ -100,12 +100,6 @@ class TCPServer(BaseServer):
     allow_reuse_address = False
     # Set SO_REUSEPORT before bind (several processes sharing one port).
     allow_reuse_port = False
-    # Ours (async handlers): at most this many connections open at once; at the
-    # cap the server stops accepting and further clients wait in the backlog.
-    max_connections: int | None = None
-    # Ours (async handlers): seconds a connection may make no progress either
-    # way before it is closed (and logged); None: no limit.
-    idle_timeout: float | None = None
 
     def __init__(
         self,
