@@ -131,6 +131,12 @@ class AsyncEndpointListener(EndpointListener):
         deferred = Deferred.fromCoroutine(self._listen(reactor))
         return deferred
 
+    def stop_listening(self) -> None:
+        # Forget the port first: a connection ending meanwhile must not
+        # resume reading on a port that is closing.
+        self._serving.port = None
+        super().stop_listening()
+
     async def _listen(self, reactor: Any) -> None:
         port = await self.endpoint.resolve(reactor).listen(self._serving.factory)
         self._listening(port)
