@@ -148,6 +148,63 @@ class Done:
 _NOTHING_TO_WAIT_FOR = Done(None)
 
 
+class LineRead:
+    """``readline()`` (and ``__anext__``) when the line has not arrived yet.
+
+    An awaitable by hand rather than a coroutine: a line-at-a-time protocol
+    waits for nearly every line, and this costs one small object per wait
+    instead of a coroutine and its frame.  Each resumption looks at the
+    buffer again; until the line is there it waits on a :class:`Wait`.
+    """
+
+    __slots__ = ("_reader", "_size", "_stop_at_eof", "_start", "_wait")
+
+    def __init__(self, reader: AsyncReader, size: int, *, stop_at_eof: bool) -> None:
+        self._reader = reader
+        self._size = size
+        self._stop_at_eof = stop_at_eof  # async for: b"" ends the iteration
+        self._start = 0  # where to look for b"\n" (the bytes before have none)
+        self._wait: Wait | None = None
+
+    def __await__(self) -> LineRead:
+        return self
+
+    def __iter__(self) -> LineRead:
+        return self
+
+    def __next__(self) -> Any:
+        wait = self._wait
+        if wait is not None:
+            self._wait = None
+            if wait.error is not None:
+                raise wait.error
+        reader = self._reader
+        buffer = reader._buffer
+        size = self._size
+        end = buffer.find(b"\n", self._start) + 1
+        if end:
+            raise StopIteration(reader._take(end if size < 0 or end <= size else size))
+        if 0 <= size <= len(buffer):
+            raise StopIteration(reader._take(size))
+        if reader._eof:
+            line = reader._take_rest()
+            if not line and self._stop_at_eof:
+                raise StopAsyncIteration
+            raise StopIteration(line)
+        self._start = len(buffer)
+        self._wait = wait = reader._more("readline")
+        return wait
+
+    def send(self, value: Any) -> Any:
+        wait = self._wait
+        if value is not None and value is wait and not wait.done:
+            return wait.send(value)  # a Deferred-driven coroutine: see Wait
+        return self.__next__()
+
+    def throw(self, *args: Any) -> Any:
+        raise args[0] if len(args) == 1 else args[1]
+
+
 def _reset_error() -> ConnectionResetError:
     return ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
 
@@ -232,21 +289,7 @@ class AsyncReader:
         end = self._buffer.find(b"\n") + 1
         if end and (size < 0 or end <= size):
             return Done(self._take(end))
-        return self._readline(size)
-
-    async def _readline(self, size: int) -> bytes:
-        buffer = self._buffer
-        start = 0
-        while True:
-            end = buffer.find(b"\n", start) + 1
-            if end:
-                return self._take(end if size < 0 or end <= size else size)
-            if 0 <= size <= len(buffer):
-                return self._take(size)
-            if self._eof:
-                return self._take_rest()
-            start = len(buffer)
-            await self._more("readline")
+        return LineRead(self, size, stop_at_eof=False)
 
     async def readlines(self, hint: int = -1) -> list[bytes]:
         """Read lines until end of file (or until they total *hint* bytes, if positive)."""
@@ -326,23 +369,7 @@ class AsyncReader:
         end = self._buffer.find(b"\n") + 1
         if end:
             return Done(self._take(end))
-        return self._next_line()
-
-    async def _next_line(self) -> bytes:
-        # readline()'s loop, repeated here: one coroutine less per line.
-        buffer = self._buffer
-        start = 0
-        while True:
-            end = buffer.find(b"\n", start) + 1
-            if end:
-                return self._take(end)
-            if self._eof:
-                line = self._take_rest()
-                if not line:
-                    raise StopAsyncIteration
-                return line
-            start = len(buffer)
-            await self._more("__anext__")
+        return LineRead(self, -1, stop_at_eof=True)
 
     # -- plumbing -----------------------------------------------------------------------
 
