@@ -862,3 +862,42 @@ def test_fds_and_threads_back_at_baseline_after_10000_connections_with_resets() 
         assert wait_until(lambda: not server._async.connections, timeout=2 * WAIT)
         settle_resources(baseline_fds, baseline_threads)
         assert request_reply(server, b"after\n") == b"after\n"
+
+
+class TwoWriters(txsocketserver.AsyncStreamRequestHandler):
+    """Two coroutines draining at once, and a read driven by Twisted's own driver."""
+
+    async def handle(self) -> None:
+        from twisted.internet.defer import Deferred, gatherResults
+
+        await self.rfile.readline()
+
+        async def write(tag: bytes) -> bytes:
+            for _ in range(50):
+                self.wfile.write(tag * 65536)
+                await self.wfile.drain()
+            return tag
+
+        tags = await gatherResults(
+            [Deferred.fromCoroutine(write(b"a")), Deferred.fromCoroutine(write(b"b"))]
+        )
+        line = await Deferred.fromCoroutine(self._line())
+        self.wfile.write(b"|" + b"".join(tags) + b"|" + line)
+
+    async def _line(self) -> bytes:
+        return await self.rfile.readline()
+
+
+def test_several_coroutines_drain_at_once_and_streams_work_under_deferreds() -> None:
+    with serving(txsocketserver.TCPServer(ANY_PORT, TwoWriters)) as server:
+        with connect_to(server) as client:
+            client.sendall(b"go\n")
+            time.sleep(0.3)  # both writers are waiting in drain() by now
+            client.sendall(b"la")
+            time.sleep(0.05)
+            client.sendall(b"st\n")
+            client.shutdown(socket.SHUT_WR)
+            received = recv_all(client)
+    body, tags, line = received.split(b"|")
+    assert (tags, line) == (b"ab", b"last\n")
+    assert body.count(b"a") == body.count(b"b") == 50 * 65536

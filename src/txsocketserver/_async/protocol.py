@@ -54,6 +54,7 @@ class Connection(Protocol):
         self.last_activity = 0.0
         self.idle_timer: Any = None
         self.lost = False
+        self.producing = False
 
     # -- IProtocol -------------------------------------------------------------------
 
@@ -61,6 +62,8 @@ class Connection(Protocol):
         transport = self.transport
         self.writer = AsyncWriter(self)
         transport.registerProducer(self, True)
+        #: Registered as the transport's producer (until the writer is done).
+        self.producing = True
         self.half_close = _half_close(transport)
         proxy = _pending_proxy_header(transport)
         if proxy is None:

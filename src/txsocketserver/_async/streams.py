@@ -435,6 +435,7 @@ class AsyncWriter:
         "_lost",
         "_reset",
         "_closing",
+        "_eof_written",
         "max_buffer",
     )
 
@@ -447,6 +448,7 @@ class AsyncWriter:
         self._lost = False
         self._reset = False
         self._closing = False
+        self._eof_written = False
         #: Bytes written while the client is not reading before the connection is aborted.
         self.max_buffer = DEFAULT_MAX_WRITE_BUFFER
 
@@ -511,14 +513,28 @@ class AsyncWriter:
         half_close = self._connection.half_close
         if half_close is None:
             raise OSError(errno.ENOTSUP, "this transport cannot half-close (TLS)")
-        if not self._lost:
+        if not self._lost and not self._eof_written:
+            self._eof_written = True
+            self._stop_producing()
             half_close()
 
     def close(self) -> None:
         """Close once everything written has been sent."""
         self._closing = True
         if not self._lost:
+            self._stop_producing()
             self._transport.loseConnection()
+
+    def _stop_producing(self) -> None:
+        """Nothing more will be written: stop being the transport's producer.
+
+        A transport does not close (nor half-close) while a paused producer
+        is registered; it waits for that producer to write again.
+        """
+        if self._connection.producing:
+            self._connection.producing = False
+            self._transport.unregisterProducer()
+            self.resume()
 
     def is_closing(self) -> bool:
         return self._closing or self._lost
