@@ -39,11 +39,14 @@ class Connection(Protocol):
         client_address: the address ``get_request()`` returned, for a
             connection the server accepted itself; ``None`` to take it from
             the transport (endpoint connections).
+        adopted: the accepted socket, for a connection the server accepted itself.
     """
 
-    def __init__(self, serving: Any, client_address: Any = None) -> None:
+    def __init__(self, serving: Any, client_address: Any = None, adopted: Any = None) -> None:
         self.serving = serving
         self.client_address = client_address
+        # The socket, for a connection the server accepted itself.
+        self.adopted = adopted
         self.reader = AsyncReader(self)
         self.writer: AsyncWriter | None = None
         self.request: AsyncSocket | None = None
@@ -64,6 +67,13 @@ class Connection(Protocol):
         transport.registerProducer(self, True)
         #: Registered as the transport's producer (until the writer is done).
         self.producing = True
+        adopted = self.adopted
+        if adopted is not None:
+            # A socket the server accepted itself: a plain TCP or Unix
+            # transport, nothing to look through.
+            self.half_close = transport.loseWriteConnection
+            self._start(self.serving.family, adopted)
+            return
         self.half_close = _half_close(transport)
         proxy = _pending_proxy_header(transport)
         if proxy is None:
@@ -79,17 +89,16 @@ class Connection(Protocol):
 
         proxy.dataReceived = data_received  # type: ignore[method-assign]
 
-    def _start(self) -> None:
+    def _start(self, family: int | None = None, os_socket: Any = None) -> None:
         transport = self.transport
-        peer = transport.getPeer()
-        if self.client_address is None:
-            self.client_address = socket_address(peer)
+        if family is None:
+            peer = transport.getPeer()
+            family = socket_family(peer)
+            os_socket = _underlying_socket(transport)
+            if self.client_address is None:
+                self.client_address = socket_address(peer)
         self.request = AsyncSocket(
-            self,
-            family=socket_family(peer),
-            peer=self.client_address,
-            host=None,
-            os_socket=_underlying_socket(transport),
+            self, family=family, peer=self.client_address, host=None, os_socket=os_socket
         )
         self.serving.connection_started(self)
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IReadDescriptor
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
@@ -51,9 +51,8 @@ class ServerFactory(Factory):
         self.serving = serving
 
     def buildProtocol(self, addr: Any) -> Connection:
-        """A connection; *addr* is the ``client_address`` of a socket the
-        server accepted itself, or a Twisted address (an endpoint's port)."""
-        protocol = Connection(self.serving, None if IAddress.providedBy(addr) else addr)
+        """A connection accepted by an endpoint's port."""
+        protocol = Connection(self.serving)
         protocol.factory = self
         return protocol
 
@@ -163,6 +162,8 @@ class AsyncServing:
         self.reactor = _reactor.get_reactor()
         self.factory = ServerFactory(self)
         self.datagram = server.socket_type == socket.SOCK_DGRAM
+        self.family = server.address_family
+        self._unix = self.family == getattr(socket, "AF_UNIX", None)
         self.port: Any = None  # an endpoint's listening port
         self.connections: set[Connection] = set()
         self.tasks: set[HandlerTask] = set()
@@ -247,10 +248,11 @@ class AsyncServing:
         """
         from twisted.internet import tcp, unix
 
-        protocol = self.factory.buildProtocol(client_address)
+        protocol = Connection(self, client_address, sock)
+        protocol.factory = self.factory
         sock.setblocking(False)
         self._sessions += 1
-        kind = unix.Server if sock.family == getattr(socket, "AF_UNIX", None) else tcp.Server
+        kind = unix.Server if self._unix else tcp.Server
         transport = kind(sock, protocol, client_address, None, self._sessions, self.reactor)
         transport.repstr = _REPR
         protocol.makeConnection(transport)

@@ -513,10 +513,15 @@ class AsyncWriter:
         half_close = self._connection.half_close
         if half_close is None:
             raise OSError(errno.ENOTSUP, "this transport cannot half-close (TLS)")
-        if not self._lost and not self._eof_written:
-            self._eof_written = True
-            self._stop_producing()
-            half_close()
+        if self._lost or self._eof_written:
+            return
+        self._eof_written = True
+        if self._connection.reader.at_eof():
+            # Nothing more to read either: closing says the same, in one step.
+            self.close()
+            return
+        self._stop_producing()
+        half_close()
 
     def close(self) -> None:
         """Close once everything written has been sent."""
