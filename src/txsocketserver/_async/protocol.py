@@ -103,8 +103,10 @@ class Connection(Protocol):
         self.serving.connection_started(self)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.idle_timer is not None:
-            self.last_activity = _monotonic()
+        # Only while idle_timeout applies: otherwise connection_started()
+        # makes the reader's feed() this connection's dataReceived (one call
+        # less for every chunk read).
+        self.last_activity = _monotonic()
         self.reader.feed(data)
 
     def readConnectionLost(self) -> None:

@@ -273,6 +273,8 @@ class AsyncServing:
         if idle is not None:
             connection.last_activity = time.monotonic()
             connection.idle_timer = self.reactor.callLater(idle, self._check_idle, connection)
+        else:
+            connection.dataReceived = connection.reader.feed  # type: ignore[method-assign]
         self._consume_budget()
         self.update_accepting()
         self.run_request(connection.request, connection.client_address, connection)

@@ -108,7 +108,8 @@ class Wait:
             timer.cancel()
         task = self.task
         if task is not None:
-            task.resume()
+            task._awaiting = None
+            task._step(None)
         elif self.deferred is not None and not self.deferred.called:
             self.deferred.callback(None)
 
