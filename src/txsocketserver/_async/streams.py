@@ -7,8 +7,9 @@ transport's buffer fills and drains (it is the transport's push producer).
 Reader
 ------
 Bytes wait in one ``bytearray``.  A read that the buffer can satisfy returns
-without suspending; otherwise it waits on a fresh Deferred that the next
-``dataReceived``, end of file, loss, timeout or cancellation fires.  Nothing is
+without suspending (an already-done awaitable, no coroutine); otherwise it
+waits on a :class:`Wait` that the next ``dataReceived``, end of file, loss,
+timeout or cancellation fires.  Nothing is
 taken from the buffer until a read is complete, so a read interrupted by a
 timeout or a cancellation loses no byte.  Beyond ``limit`` buffered bytes the
 transport is asked to stop reading (the client then waits in TCP flow control);

@@ -2,11 +2,11 @@
 
 What ``Deferred.fromCoroutine`` does, with three differences that handlers need:
 
-* **Cheap resumption.**  A stream wait is a plain Deferred; when it fires, the
-  coroutine is resumed with one ``send`` and no Deferred of ours in between.
-  A read whose data is already buffered never suspends at all (it is a
-  coroutine call that returns), so a busy connection pays for a Deferred only
-  when it really has to wait for the network.
+* **Cheap resumption.**  A stream wait (``streams.Wait``) is no Deferred:
+  when it fires, the coroutine is resumed with one ``send``.  A read whose
+  data is already buffered never suspends at all (an already-done
+  awaitable), so a busy connection pays for a wait only when it really has
+  to wait for the network.  Deferreds work as usual.
 * **asyncio futures.**  Under Twisted's asyncio reactor a handler may await
   asyncio futures (and so the coroutines of asyncio client libraries that end
   up awaiting them) as well as Deferreds; a bare ``yield`` (``asyncio.sleep(0)``)
