@@ -716,6 +716,14 @@ def test_threading_or_forking_with_an_async_handler_is_a_type_error(server_class
         server_class(ANY_PORT, handler)
 
 
+def test_a_server_that_cannot_run_an_async_handler_says_so() -> None:
+    class Custom(txsocketserver.BaseServer):
+        pass
+
+    with pytest.raises(TypeError, match="cannot run AsyncEcho"):
+        Custom(ANY_PORT, AsyncEcho)
+
+
 def test_a_coroutine_handle_on_a_sync_handler_class_is_a_type_error() -> None:
     class Mistaken(txsocketserver.StreamRequestHandler):
         async def handle(self) -> None:  # type: ignore[override]

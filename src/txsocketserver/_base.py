@@ -107,8 +107,24 @@ class BaseServer:
     # process, whose code then calls _request_finished() itself.
     _requests_finish_elsewhere = False
 
+    # Private: whether the class can serve an async handler class (the socket servers).
+    _serves_async_handlers = False
+
     def __init__(self, server_address: Any, RequestHandlerClass: Any) -> None:
-        """Constructor.  May be extended, do not override."""
+        """Constructor.  May be extended, do not override.
+
+        Error handling:
+            ``TypeError`` for an async handler class on a server that cannot run
+            one (a ``BaseServer`` subclass of your own: use ``TCPServer`` and co).
+        """
+        if getattr(RequestHandlerClass, "_txsocketserver_async", False) and not (
+            self._serves_async_handlers
+        ):
+            raise TypeError(
+                f"{type(self).__name__} cannot run {RequestHandlerClass.__name__}, an async "
+                "handler class: serve it with TCPServer, UnixStreamServer, UDPServer or "
+                "UnixDatagramServer (or a subclass)"
+            )
         self.server_address = server_address
         self.RequestHandlerClass = RequestHandlerClass
         # Made on first use, by __sync(): see there.

@@ -94,6 +94,7 @@ class TCPServer(BaseServer):
 
     address_family = socket.AF_INET
     socket_type = socket.SOCK_STREAM
+    _serves_async_handlers = True
     # listen() backlog: connections the kernel queues while every handler is busy.
     request_queue_size = 5
     # Set SO_REUSEADDR before bind (restart without waiting out TIME_WAIT).
