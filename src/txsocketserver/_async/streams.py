@@ -58,17 +58,22 @@ class Wait:
     streams work there too.
     """
 
-    __slots__ = ("task", "deferred", "done", "error", "timer")
+    # Class defaults and no __init__: made for nearly every line a
+    # line-at-a-time handler reads, so made as cheaply as Python allows.
+    task: Any = None  # the HandlerTask waiting, if it is ours
+    deferred: Deferred[None] | None = None  # for a Deferred-driven coroutine
+    done = False
+    error: BaseException | None = None  # raised at the await (timeout, cancellation)
+    timer: Any = None  # the handler's timeout, running
 
-    def __init__(self, connection: Any = None) -> None:
-        self.task: Any = None
-        self.deferred: Deferred[None] | None = None
-        self.done = False
-        self.error: BaseException | None = None
-        self.timer: Any = None
-        timeout = None if connection is None else connection.timeout
+    @classmethod
+    def bounded(cls, connection: Any) -> Wait:
+        """A wait that times out after the connection's ``timeout``, if any."""
+        wait = cls()
+        timeout = connection.timeout
         if timeout is not None:
-            self.timer = connection.call_later(timeout, self.fire, TimeoutError("timed out"))
+            wait.timer = connection.call_later(timeout, wait.fire, TimeoutError("timed out"))
+        return wait
 
     # The iterator protocol by hand (no generator per await): ``send`` returns
     # what the driver should wait on, and ends the await once fired.
@@ -246,7 +251,14 @@ class AsyncReader:
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
-            waiter.fire()
+            task = waiter.task
+            if task is not None and waiter.timer is None:
+                # Wait.fire(), inlined for the common case: once per line.
+                waiter.done = True
+                task._awaiting = None
+                task._step(None)
+            else:
+                waiter.fire()
         # Not while a read waits for more: it needs more than the limit holds.
         if len(self._buffer) > self.limit and not self._paused and self._waiter is None:
             self._paused = True
@@ -410,7 +422,11 @@ class AsyncReader:
         if self._paused:
             # More bytes are needed than the limit holds: read on.
             self._resume()
-        waiter = self._waiter = Wait(self._connection)
+        connection = self._connection
+        if connection.timeout is None:
+            waiter = self._waiter = Wait()
+        else:
+            waiter = self._waiter = Wait.bounded(connection)
         return waiter
 
 
@@ -499,7 +515,7 @@ class AsyncWriter:
                 )
             if not self._paused:
                 return
-            waiter = Wait(self._connection)
+            waiter = Wait.bounded(self._connection)
             self._drainers.append(waiter)
             await waiter
 
