@@ -126,7 +126,8 @@ class HandlerTask:
             except BaseException:
                 self._finished(started)
                 raise
-            if self._blocking_warning is not None:
+            limit = self._blocking_warning
+            if limit is not None and _monotonic() - started > limit:
                 self._held(started)
             error = None
             if type(awaited) is Wait:
