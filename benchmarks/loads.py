@@ -39,10 +39,17 @@ class Measurement:
     seconds: float
     errors: int
     client: str
+    # CPU seconds the server process used meanwhile (run.py fills it in).
+    server_cpu: float = 0.0
 
     @property
     def rate(self) -> float:
         return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def cpu_per_request(self) -> float:
+        """Server CPU microseconds per request: steadier than the rate on a busy machine."""
+        return self.server_cpu / self.requests * 1e6 if self.requests else 0.0
 
 
 @dataclass(frozen=True)

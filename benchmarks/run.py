@@ -1,7 +1,7 @@
 """Benchmark txsocketserver against stdlib socketserver and native Twisted, in one run.
 
 Usage: python benchmarks/run.py [--quick] [--only NAME[,NAME...]] [--rounds N]
-                                [--duration S] [--impls ours,stdlib,twisted]
+                                [--duration S] [--impls ours,stdlib,twisted,asyncio]
 
 For each scenario, one server process per implementation is started (and warmed
 up); then, round after round, each implementation is loaded in turn for
@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import IO
 
@@ -81,6 +81,11 @@ class ServerProcess:
             raise ServerFailed(f"unexpected first line {line!r}{self.log()}")
         self.port = int(line.split()[1])
         return self.port
+
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time of the server process (all its threads)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def check_alive(self) -> None:
         if self.process.poll() is not None:
@@ -145,6 +150,7 @@ def run_scenario(
 ) -> None:
     """Measure ``scenario``, appending to ``results`` as each measurement ends (so
     an interrupted run still shows the rounds it completed)."""
+    impls = [impl for impl in impls if impl in scenario.servers]
     for impl in impls:
         results.setdefault(impl, [])
     servers = start_servers(scenario, impls, args.server_cpus)
@@ -162,8 +168,12 @@ def run_scenario(
                 assert server.port is not None
                 try:
                     server.check_alive()
+                    cpu_before = server.cpu_seconds()
                     measurement = scenario.load(server.port, tools, args.duration)
                     server.check_alive()
+                    measurement = replace(
+                        measurement, server_cpu=server.cpu_seconds() - cpu_before
+                    )
                 except (ServerFailed, RuntimeError, subprocess.TimeoutExpired) as failure:
                     print(f"  ! {impl} on {scenario.name}: {failure}", file=sys.stderr)
                     server.stop()
@@ -187,6 +197,8 @@ def median_rate(measurements: list[Measurement]) -> float | None:
 
 
 def format_rate(measurements: list[Measurement]) -> str:
+    if not measurements:
+        return "-"  # not run: the scenario has no server for this implementation
     median = median_rate(measurements)
     if not median:
         return "failed"
@@ -202,12 +214,13 @@ def format_ratio(ours: list[Measurement], other: list[Measurement]) -> str:
 
 def print_table(all_results: dict[str, dict[str, list[Measurement]]], impls: list[str]) -> None:
     headers = ["scenario", *impls]
-    ratios = [other for other in ("stdlib", "twisted") if "ours" in impls and other in impls]
+    others = ("stdlib", "twisted", "asyncio")
+    ratios = [other for other in others if "ours" in impls and other in impls]
     headers += [f"ours/{other}" for other in ratios]
     rows = []
     for name, results in all_results.items():
-        row = [name, *(format_rate(results[impl]) for impl in impls)]
-        row += [format_ratio(results["ours"], results[other]) for other in ratios]
+        row = [name, *(format_rate(results.get(impl, [])) for impl in impls)]
+        row += [format_ratio(results.get("ours", []), results.get(other, [])) for other in ratios]
         rows.append(row)
     widths = [
         max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)
@@ -224,6 +237,7 @@ def print_table(all_results: dict[str, dict[str, list[Measurement]]], impls: lis
     print(render(["-" * width for width in widths]))
     for row in rows:
         print(render(row))
+    print_cpu_table(all_results, impls, ratios)
     for name, results in all_results.items():
         for impl, measurements in results.items():
             errors = sum(m.errors for m in measurements)
@@ -232,6 +246,37 @@ def print_table(all_results: dict[str, dict[str, list[Measurement]]], impls: lis
                     f"note: {name} / {impl}: {errors} client-side errors "
                     "(connect/read/write failures or non-2xx replies)"
                 )
+
+
+def print_cpu_table(
+    all_results: dict[str, dict[str, list[Measurement]]], impls: list[str], ratios: list[str]
+) -> None:
+    """Server CPU per request: what a request costs the server, whatever the
+    machine's load does to the rates.  Ratios are other/ours, so that (as for
+    the rates) above 1 means ours does better."""
+    headers = ["scenario", *impls, *(f"{other}/ours" for other in ratios)]
+    rows = []
+    for name, results in all_results.items():
+        cpu = {
+            impl: statistics.median(m.cpu_per_request for m in results[impl])
+            for impl in impls
+            if results.get(impl)
+        }
+        row = [name, *(f"{cpu[impl]:.0f}" if impl in cpu else "-" for impl in impls)]
+        row += [
+            f"{cpu[other] / cpu['ours']:.2f}" if cpu.get("ours") and cpu.get(other) else "-"
+            for other in ratios
+        ]
+        rows.append(row)
+    widths = [
+        max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)
+    ]
+    print()
+    print("median server CPU microseconds per request")
+    for cells in [headers, ["-" * width for width in widths], *rows]:
+        first = cells[0].ljust(widths[0])
+        rest = (cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True))
+        print("  ".join([first, *rest]))
 
 
 def select_scenarios(only: list[str] | None, quick: bool) -> list[Scenario]:

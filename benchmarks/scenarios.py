@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from loads import Load, datagram_load, echo_load, http_load, tls_echo_load
 from servers import (
     ServerFactory,
+    async_echo_servers,
     datagram_servers,
     echo_servers,
     forking_servers,
@@ -24,7 +25,9 @@ from servers import (
     tls_echo_servers,
 )
 
-IMPLEMENTATIONS = ("ours", "stdlib", "twisted")
+# A scenario without a server for an implementation skips it (asyncio serves
+# only the async-* scenarios).
+IMPLEMENTATIONS = ("ours", "stdlib", "twisted", "asyncio")
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,25 @@ SCENARIOS = _table(
         "4 clients, a new connection per line, ~20 ms of pure Python each; ForkingTCPServer",
         forking_servers("cpu"),
         echo_load("connect", 4),
+        quick=True,
+    ),
+    *(
+        Scenario(
+            f"async-echo-persistent-{n}",
+            f"{n} persistent connections, one line in flight each; ours: TCPServer with an "
+            "async handler (stdlib: ThreadingTCPServer; asyncio: start_server)",
+            async_echo_servers(),
+            echo_load("persistent", n),
+            quick=n == 16,
+        )
+        for n in (1, 16, 128)
+    ),
+    Scenario(
+        "async-connect-per-request-16",
+        "16 clients, a new connection per line; ours: TCPServer with an async handler "
+        "(stdlib: ThreadingTCPServer; asyncio: start_server)",
+        async_echo_servers(),
+        echo_load("connect", 16),
         quick=True,
     ),
     *(

@@ -101,6 +101,60 @@ def echo_servers(server_class: str) -> dict[str, ServerFactory]:
     }
 
 
+# --- async line echo (ours: an async handler on the reactor) ---------------------
+
+
+def async_echo() -> ServerHandle:
+    import txsocketserver
+
+    class AsyncEchoHandler(txsocketserver.AsyncStreamRequestHandler):
+        async def handle(self) -> None:
+            async for line in self.rfile:
+                self.wfile.write(line)
+                await self.wfile.drain()
+
+    class BenchServer(txsocketserver.TCPServer):
+        allow_reuse_address = True
+        request_queue_size = BACKLOG
+
+    server = BenchServer((HOST, 0), AsyncEchoHandler)
+    return ServerHandle(server.server_address[1], server.serve_forever)
+
+
+def asyncio_echo() -> ServerHandle:
+    """What an asyncio programmer would write: ``asyncio.start_server``, same line echo."""
+    import asyncio
+    import socket
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async for line in reader:
+                writer.write(line)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    sock = socket.create_server((HOST, 0), backlog=BACKLOG)
+
+    async def serve() -> None:
+        server = await asyncio.start_server(echo, sock=sock, backlog=BACKLOG)
+        async with server:
+            await server.serve_forever()
+
+    return ServerHandle(sock.getsockname()[1], lambda: asyncio.run(serve()))
+
+
+def async_echo_servers() -> dict[str, ServerFactory]:
+    """Async echo: ours (an async handler), stdlib's ThreadingTCPServer, Twisted, asyncio."""
+    return {
+        "ours": async_echo,
+        "stdlib": lambda: socketserver_echo("stdlib", "ThreadingTCPServer"),
+        "twisted": twisted_echo,
+        "asyncio": asyncio_echo,
+    }
+
+
 # --- HTTP ------------------------------------------------------------------
 
 

@@ -14,6 +14,11 @@ server and handler classes but never serve, stay small and cheap to fork
 
 from __future__ import annotations
 
+from txsocketserver._async import (
+    AsyncBaseRequestHandler,
+    AsyncDatagramRequestHandler,
+    AsyncStreamRequestHandler,
+)
 from txsocketserver._core.base import BaseServer
 from txsocketserver._core.datagram import UDPServer, UnixDatagramServer
 from txsocketserver._core.forking_mixin import ForkingMixIn
@@ -106,6 +111,10 @@ __all__ = [
     "ForkingUDPServer",
     "ForkingUnixStreamServer",
     "ForkingUnixDatagramServer",
+    # Beyond socketserver: async handlers, on the reactor.
+    "AsyncBaseRequestHandler",
+    "AsyncStreamRequestHandler",
+    "AsyncDatagramRequestHandler",
     # Beyond socketserver: the Twisted world.
     "Endpoint",
     "ServerService",

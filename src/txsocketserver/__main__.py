@@ -48,7 +48,7 @@ _CLOSE_MARGIN = 1.0
 
 class MainOptions(Options):
     """The shared options, plus what only this front end has (``twistd`` has
-    its own logging options)."""
+    its own logging options and ``-r`` for the reactor)."""
 
     optParameters = [
         *Options.optParameters,
@@ -67,6 +67,18 @@ class MainOptions(Options):
                 f"--log-level {self['log-level']!r}: choose one of {', '.join(LOG_LEVELS)}"
             )
         super().postOptions()
+
+    def opt_reactor(self, name: str) -> None:
+        """Twisted reactor to run, e.g. asyncio (so async handlers can await asyncio
+        code), epoll, poll, select."""
+        from twisted.application.reactors import NoSuchReactor, installReactor
+
+        try:
+            installReactor(name)
+        except NoSuchReactor:
+            raise usage.UsageError(f"--reactor {name!r}: no such reactor") from None
+        except Exception as exc:
+            raise usage.UsageError(f"--reactor {name!r}: {exc}") from exc
 
 
 class _StopNow(BaseException):

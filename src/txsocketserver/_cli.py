@@ -21,7 +21,7 @@ from txsocketserver._twisted.endpoints import DEFAULT_HEADER_TIMEOUT, Endpoint, 
 from txsocketserver._twisted.proxy_protocol import DEFAULT_TRUSTED_PROXIES, TrustedProxies
 from txsocketserver._twisted.service import DEFAULT_DRAIN_TIMEOUT
 
-MODES = ("sync", "threading", "forking")
+MODES = ("sync", "threading", "forking", "async")
 
 _handler_log = Logger(namespace="txsocketserver.handler")
 
@@ -94,8 +94,9 @@ class Options(usage.Options):
             "m",
             None,
             "How requests run: sync (one at a time, in the serving thread), threading "
-            "(each on a pool thread) or forking (each in a child process). Default: "
-            "threading, or the --server class as it is.",
+            "(each on a pool thread), forking (each in a child process), or async (an "
+            "async handler class: all on the reactor thread). Default: async for an async "
+            "handler class, else threading, or the --server class as it is.",
         ],
         [
             "max-threads",
@@ -182,6 +183,7 @@ class Options(usage.Options):
         except ValueError as exc:
             raise usage.UsageError(f"--trusted-proxies: {exc}") from exc
         self["handler_class"] = load_object(self["handler"], "--handler")
+        mode = _async_mode(self["handler_class"], mode)
         self["server_class"] = server_class(self["server"], mode)
         if not issubclass(self["server_class"], txsocketserver.ForkingMixIn):
             # A forking child imports its handler class by name: it keeps the
@@ -206,6 +208,26 @@ class Options(usage.Options):
                     "process (use --mode threading)"
                 )
         self["address"] = self["endpoint"]
+
+
+def _async_mode(handler_class: type, mode: str | None) -> str | None:
+    """The ``--mode`` to build the server with: async handler classes run on
+    the reactor, as a plain (sync) server's handlers."""
+    from txsocketserver._async import is_async_handler
+
+    if not is_async_handler(handler_class):
+        if mode == "async":
+            raise usage.UsageError(
+                f"--mode async needs an async handler class "
+                f"(txsocketserver.AsyncStreamRequestHandler); {handler_class.__name__} is not one"
+            )
+        return mode
+    if mode not in (None, "async", "sync"):
+        raise usage.UsageError(
+            f"--mode {mode}: {handler_class.__name__} is an async handler class, which runs "
+            "on the reactor thread (leave --mode out, or say --mode async)"
+        )
+    return "sync"
 
 
 def server_class(spec: str | None, mode: str | None) -> type:

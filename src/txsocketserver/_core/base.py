@@ -98,6 +98,15 @@ class BaseServer:
 
     # Seconds handle_request() waits before calling handle_timeout(); None waits forever.
     timeout: float | None = None
+    # Ours: at most this many requests in flight (connections, for stream
+    # servers) at once; at the cap serve_forever takes no new request, so
+    # further clients wait in the kernel backlog.  None: no limit.
+    max_connections: int | None = None
+    # Ours: seconds a connection may make no progress either way; a blocking
+    # handler's read or write then raises TimeoutError (a socket timeout: it
+    # reaches handle_error, which logs it, and the connection is closed).  An
+    # async connection is closed and a warning logged.  None: no limit.
+    idle_timeout: float | None = None
 
     if TYPE_CHECKING:
         # Defined by the subclasses (TCPServer), used by the loop; the
@@ -110,8 +119,24 @@ class BaseServer:
     # process, whose code then calls _request_finished() itself.
     _requests_finish_elsewhere = False
 
+    # Private: whether the class can serve an async handler class (the socket servers).
+    _serves_async_handlers = False
+
     def __init__(self, server_address: Any, RequestHandlerClass: Any) -> None:
-        """Constructor.  May be extended, do not override."""
+        """Constructor.  May be extended, do not override.
+
+        Error handling:
+            ``TypeError`` for an async handler class on a server that cannot run
+            one (a ``BaseServer`` subclass of your own: use ``TCPServer`` and co).
+        """
+        if getattr(RequestHandlerClass, "_txsocketserver_async", False) and not (
+            self._serves_async_handlers
+        ):
+            raise TypeError(
+                f"{type(self).__name__} cannot run {RequestHandlerClass.__name__}, an async "
+                "handler class: serve it with TCPServer, UnixStreamServer, UDPServer or "
+                "UnixDatagramServer (or a subclass)"
+            )
         self.server_address = server_address
         self.RequestHandlerClass = RequestHandlerClass
         # Made on first use, by __sync(): see there.
@@ -129,6 +154,7 @@ class BaseServer:
         self.__in_flight_lock = _thread.allocate_lock()
         self.__in_flight_changed: Any = None  # a Condition on it, made by __sync()
         self.__drain_waiters = 0
+        self.__cap_waiters = 0  # serving loops waiting at max_connections
         # Where handle_error() logs while the server runs as a Twisted service
         # (a twisted.logger.Logger); None prints to stderr like the stdlib.
         # Name-mangled so that ForkingMixIn does not copy it to its children.
@@ -154,7 +180,10 @@ class BaseServer:
         try:
             with self.__watching() as readiness:
                 while not self.__shutdown_request:
-                    ready = readiness.wait(poll_interval)
+                    if self.__at_connection_cap(poll_interval):
+                        ready = False
+                    else:
+                        ready = readiness.wait(poll_interval)
                     if self.__shutdown_request:
                         break
                     if ready:
@@ -181,6 +210,10 @@ class BaseServer:
         readiness = self.__readiness
         if readiness is not None:
             readiness.wake()
+        if self.__cap_waiters:
+            changed = self.__sync()[1]
+            with changed:
+                changed.notify_all()
         if _thread.get_ident() == self.__serving_thread:
             return
         self.__sync()[0].wait()
@@ -222,6 +255,8 @@ class BaseServer:
             if exc.errno in _RESOURCE_ERRNOS:
                 time.sleep(_RESOURCE_BACKOFF)
             return
+        if self.idle_timeout is not None and hasattr(request, "settimeout"):
+            request.settimeout(self.idle_timeout)
         if not self.verify_request(request, client_address):
             self.shutdown_request(request)
             return
@@ -395,12 +430,26 @@ class BaseServer:
     def _request_finished(self, request: Any) -> None:
         """The request's handling is over (called once, wherever it ran)."""
         with self.__in_flight_lock:
-            if (
-                self.__in_flight.pop(id(request), None) is not None
-                and not self.__in_flight
-                and self.__drain_waiters
+            if self.__in_flight.pop(id(request), None) is not None and (
+                self.__cap_waiters or (not self.__in_flight and self.__drain_waiters)
             ):
                 self.__in_flight_changed.notify_all()
+
+    def __at_connection_cap(self, timeout: float) -> bool:
+        """At ``max_connections``: wait (at most *timeout*) for a request to end
+        and return True, so that the loop looks again; else False at once."""
+        limit = self.max_connections
+        if limit is None or len(self.__in_flight) < limit:
+            return False
+        changed = self.__sync()[1]
+        with changed:
+            self.__cap_waiters += 1
+            try:
+                if len(self.__in_flight) >= limit and not self.__shutdown_request:
+                    changed.wait(timeout)
+            finally:
+                self.__cap_waiters -= 1
+        return True
 
     def _requests_in_flight(self) -> list[Any]:
         with self.__in_flight_lock:

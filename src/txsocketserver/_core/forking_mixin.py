@@ -137,7 +137,9 @@ class ForkingMixIn:
     def process_request(self, request: Any, client_address: Any) -> None:
         """Run the request in a new process, then close the parent's copy of it.
 
-        Waits first while ``max_children`` requests are running.
+        Waits first while ``max_children`` requests are running (or
+        ``max_connections``, if lower: the connection just accepted waits for
+        a worker, the next ones in the kernel backlog).
 
         Error handling:
             ``TypeError`` if the request cannot be handed over (a socket that
@@ -147,7 +149,10 @@ class ForkingMixIn:
         workers = self._forking_workers()
         if self.active_children is None:
             self.active_children = set()
-        workers.wait_below(self.max_children)
+        limit = self.max_children
+        if self.max_connections is not None:  # type: ignore[attr-defined]
+            limit = min(limit, self.max_connections)  # type: ignore[attr-defined]
+        workers.wait_below(limit)
         workers.dispatch(self._process_request_in_child, request, client_address)
         self.close_request(request)  # type: ignore[attr-defined]
 

@@ -18,6 +18,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from txsocketserver._async.serving import AsyncServing
     from txsocketserver._twisted.interfaces import IRequestReadiness
 
 
@@ -69,6 +70,36 @@ class RequestProcessListener:
     bind = activate = accept = readiness = start_listening = stop_accepting = _refuse
 
 
+def _check_handler_class(server: Any, handler_class: Any) -> bool:
+    """Whether *handler_class* is async (served on the reactor); ``TypeError``
+    for a handler the server cannot run."""
+    from txsocketserver._async.handlers import is_async_handler
+    from txsocketserver._core.forking_mixin import ForkingMixIn
+    from txsocketserver._core.threading_mixin import ThreadingMixIn
+
+    if is_async_handler(handler_class):
+        kind = server.socket_type
+        for mixin in (ThreadingMixIn, ForkingMixIn):
+            if isinstance(server, mixin):
+                raise TypeError(
+                    f"{type(server).__name__} is a {mixin.__name__} server, and "
+                    f"{handler_class.__name__} is an async handler: async handlers run on "
+                    "the reactor thread, not on threads or in processes. Serve it with "
+                    f"{'UDPServer' if kind == socket.SOCK_DGRAM else 'TCPServer'}"
+                    " (or UnixStreamServer, UnixDatagramServer)."
+                )
+        return True
+    import inspect
+
+    if inspect.iscoroutinefunction(getattr(handler_class, "handle", None)):
+        raise TypeError(
+            f"{handler_class.__name__}.handle is a coroutine function, but the class is not "
+            "an async handler: derive it from txsocketserver.AsyncStreamRequestHandler "
+            "(or AsyncBaseRequestHandler, AsyncDatagramRequestHandler)."
+        )
+    return False
+
+
 class TCPServer(BaseServer):
     """Base class for various socket-based server classes.
 
@@ -95,6 +126,7 @@ class TCPServer(BaseServer):
 
     address_family = socket.AF_INET
     socket_type = socket.SOCK_STREAM
+    _serves_async_handlers = True
     # listen() backlog: connections the kernel queues while every handler is busy.
     request_queue_size = 5
     # Set SO_REUSEADDR before bind (restart without waiting out TIME_WAIT).
@@ -125,6 +157,12 @@ class TCPServer(BaseServer):
     ) -> None:
         """Constructor.  May be extended, do not override."""
         BaseServer.__init__(self, server_address, RequestHandlerClass)
+        # How an async handler class is served (see txsocketserver._async); None for the others.
+        self._async: AsyncServing | None = None
+        if _check_handler_class(self, RequestHandlerClass):
+            from txsocketserver._async.serving import AsyncServing
+
+            self._async = AsyncServing(self)
         # Here, not at import: the Twisted side loads when a server is made,
         # never in a process that only defines the class (a forking worker).
         from txsocketserver._twisted.listeners import listener_for
@@ -158,6 +196,8 @@ class TCPServer(BaseServer):
         Twisted removes them; a plain path is left, as the stdlib leaves it.
         """
         self._stop_watching()
+        if self._async is not None:
+            self._async.close()
         self._listener.close()
 
     def fileno(self) -> int:
@@ -206,6 +246,52 @@ class TCPServer(BaseServer):
             return
         super().handle_error(request, client_address)
 
+    def handle_request(self) -> None:
+        """Handle one request, waiting at most ``timeout`` seconds for it.
+
+        With an async handler class: accept one request and start its
+        handler on the reactor, then return (as a threading server returns
+        once the request runs on its thread).
+        """
+        if self._async is None:
+            return super().handle_request()
+        self._async.once = True
+        try:
+            return super().handle_request()
+        finally:
+            self._async.once = False
+
+    def _handle_request_noblock(self) -> None:
+        if self._async is None:
+            super()._handle_request_noblock()
+        # Otherwise the reactor has taken the request already (see _async).
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Call ``finish_request``, then ``shutdown_request``.
+
+        With an async handler class (on the reactor thread): ``finish_request``
+        makes the handler, whose coroutines then run; ``shutdown_request``
+        follows when they have ended.
+        """
+        if self._async is None:
+            return super().process_request(request, client_address)
+        self._async.process_request(request, client_address)
+
+    def to_thread(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        """Ours, for async handlers: ``await self.server.to_thread(fn, *args)``.
+
+        Runs ``function(*args, **kwargs)`` on a thread pool of the server's own
+        (at most ``max_threads`` threads if the server sets it, else 10) and
+        returns a Deferred of its result.  Call it on the reactor thread.
+
+        Error handling:
+            The function's exception is raised at the ``await``; ``TypeError``
+            for a server whose handler class is not async.
+        """
+        if self._async is None:
+            raise TypeError("to_thread() is for servers with an async handler class")
+        return self._async.to_thread(function, *args, **kwargs)
+
     def shutdown_request(self, request: Any) -> None:
         """Called to shutdown and close an individual request."""
         self._security.end(request)
@@ -227,6 +313,8 @@ class TCPServer(BaseServer):
         self._listener = RequestProcessListener(self)
 
     def _request_readiness(self) -> IRequestReadiness:
+        if self._async is not None:
+            return self._async.readiness()
         return self._listener.readiness()
 
     def _start_listening(self) -> Any:

@@ -64,6 +64,9 @@ def listener_for(server: Any) -> IListener:
     if server.socket_type != socket.SOCK_STREAM:
         raise TypeError(f"{type(server).__name__} cannot serve a stream endpoint ({endpoint!r})")
     listening = endpoints.listening_socket(endpoint)
+    if listening is not None and server._async is not None and listening.tls is not None:
+        # Async handlers run on the reactor: Twisted does their TLS there.
+        listening = None
     if listening is None:
         server.socket = None
         # A PROXY-protocol endpoint's connections wait in our queue, not the
@@ -71,6 +74,12 @@ def listener_for(server: Any) -> IListener:
         server.request_queue_size = (
             endpoints.endpoint_backlog(endpoint) or server.request_queue_size
         )
+        if server._async is not None:
+            from txsocketserver._async.serving import AsyncEndpointListener
+
+            return AsyncEndpointListener(
+                endpoint, backlog=server.request_queue_size, server=server, serving=server._async
+            )
         return endpoints.EndpointListener(
             endpoint, backlog=server.request_queue_size, server=server
         )

@@ -67,7 +67,12 @@ def log_errors(server: Any) -> None:
 
 
 def _abort(request: Any) -> None:
-    """Make a handler blocked on ``request`` return: EOF for reads, EPIPE for writes."""
+    """Make a handler blocked on ``request`` return: EOF for reads, EPIPE for
+    writes; an async handler is cancelled at its ``await`` instead."""
+    cancel_handler = getattr(request, "cancel_handler", None)
+    if cancel_handler is not None:
+        cancel_handler()
+        return
     shutdown = getattr(request, "shutdown", None)
     if shutdown is None:
         return  # a datagram: nothing to interrupt

@@ -19,7 +19,9 @@ from zope.interface import implementer
 from txsocketserver._twisted.interfaces import IThreadDispatcher
 
 
-class _DaemonThread(threading.Thread):
+class DaemonThread(threading.Thread):
+    """A pool thread that never holds up interpreter exit."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, daemon=True, **kwargs)
 
@@ -96,7 +98,7 @@ class ThreadDispatcher:
         hold_exit: bool,
     ) -> None:
         self._pool = ThreadPool(0, max_threads or sys.maxsize, name=name)
-        self._pool.threadFactory = _DaemonThread
+        self._pool.threadFactory = DaemonThread
         self._pool.start()
         self._idle_timeout = idle_thread_timeout
         self._next_trim = time.monotonic() + idle_thread_timeout

@@ -87,28 +87,13 @@ How a connection starts
 and calls ``on_connection(transport_socket, client_address)`` on the reactor
 thread.
 
-Behind the PROXY protocol (a :class:`ProxyHeaderPolicy` given), a connection
-first goes through a *header stage*, still on the reactor thread, before any
-``TransportSocket`` exists:
-
-* a peer that is not a trusted proxy is refused at once (its header would
-  claim any address it likes);
-* otherwise the bytes are buffered until
-  :func:`~txsocketserver._twisted.proxy_protocol.parse_header` has a whole
-  header, however the proxy split it into segments; the bytes after it are
-  the first payload;
-* a deadline (``timeout``) bounds the stage: a silent client, or one that
-  stops inside its header, is closed;
-* a ``LOCAL`` header (the proxy's health check) ends the connection, with no
-  ``TransportSocket`` and no handler.
-
-Each way a connection ends in this stage is logged once, with the peer's
-address: a refusal or timeout as a warning, a health check or a connection
-that ends before sending anything at debug level.  Then ``client_address``,
+Behind the PROXY protocol (a ``ProxyHeaderPolicy`` given), a connection
+first goes through its header stage (``proxy_stage``), still on the reactor
+thread, before any ``TransportSocket`` exists; then ``client_address``,
 ``getpeername()`` and ``getsockname()`` are those the header names.  The
 protocol sits directly on the TCP transport (see
-``_endpoints.proxy_protocol_endpoint``), so a client's half-close reaches it
-as ``readConnectionLost`` and the handler can still answer.
+``endpoints.proxy_protocol_endpoint``), so a client's half-close reaches it as
+``readConnectionLost`` and the handler can still answer.
 
 Which thread owns what
 ----------------------
@@ -127,7 +112,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, BinaryIO
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -145,12 +130,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txsocketserver._twisted import compat
-from txsocketserver._twisted.proxy_protocol import (
-    ProxyHeader,
-    ProxyHeaderError,
-    TrustedProxies,
-    parse_header,
-)
+from txsocketserver._twisted.proxy_protocol import ProxyHeader
+from txsocketserver._twisted.proxy_stage import ProxyHeaderPolicy, ProxyHeaderStage
 
 # Bytes buffered for the handler before the transport is asked to stop reading.
 RECEIVE_HIGH_WATER = 256 * 1024
@@ -230,7 +211,7 @@ def socket_family(address: IAddress) -> socket.AddressFamily:
     return socket.AF_INET
 
 
-def _underlying_socket(transport: Any) -> socket.socket | None:
+def underlying_socket(transport: Any) -> socket.socket | None:
     """The OS socket under ``transport``, looking through protocol wrappers.
 
     TLS and PROXY-protocol transports are ``ProtocolWrapper`` objects whose
@@ -249,17 +230,6 @@ def _underlying_socket(transport: Any) -> socket.socket | None:
             return None
         transport = transport.transport
     return None
-
-
-class ProxyHeaderPolicy(NamedTuple):
-    """How connections behind the PROXY protocol are admitted.
-
-    ``trusted``: the peers whose header is believed; ``timeout``: seconds from
-    accept for the whole header to arrive (``None``: no deadline).
-    """
-
-    trusted: TrustedProxies
-    timeout: float | None
 
 
 class _Bridge:
@@ -354,9 +324,7 @@ class TransportSocketProtocol(Protocol):
         self._bridge = _Bridge()
         self.socket: TransportSocket | None = None
         self._proxy = proxy
-        # The header stage: bytes of the PROXY header so far, None once over.
-        self._header: bytearray | None = None
-        self._header_deadline: Any = None
+        self._stage: ProxyHeaderStage | None = None
         self._proxied: ProxyHeader | None = None
         self._write_half_closed = False  # loseWriteConnection was called
         self._linger: Any = None  # the lingering close's deadline, while it runs
@@ -364,7 +332,7 @@ class TransportSocketProtocol(Protocol):
     @property
     def awaiting_header(self) -> bool:
         """Whether the connection is still in its PROXY header stage."""
-        return self._header is not None
+        return self._stage is not None and self._stage.active
 
     # IProtocol ------------------------------------------------------------------
 
@@ -376,21 +344,14 @@ class TransportSocketProtocol(Protocol):
         if self._proxy is None:
             self._start()
             return
-        peer = socket_address(self.transport.getPeer())
-        if not self._proxy.trusted.trusts(peer):
-            _connection_log.warn(
-                "refused connection from {peer}: not a trusted proxy (trusted: {trusted}), "
-                "so its PROXY header cannot be believed",
-                peer=peer,
-                trusted=", ".join(self._proxy.trusted.entries) or "none",
-            )
-            self.transport.loseConnection()
-            return
-        self._header = bytearray()
-        if self._proxy.timeout is not None:
-            self._header_deadline = self._reactor.callLater(
-                self._proxy.timeout, self._header_timed_out
-            )
+        self._stage = ProxyHeaderStage(
+            self.transport, self._proxy, self._reactor, self._proxied_by
+        )
+        self._stage.begin()
+
+    def _proxied_by(self, header: ProxyHeader) -> None:
+        self._proxied = header
+        self._start()
 
     def _start(self) -> None:
         self.transport.registerProducer(_OutgoingProducer(self._bridge), True)
@@ -407,7 +368,7 @@ class TransportSocketProtocol(Protocol):
             family=family,
             peer=client,
             host=host,
-            os_socket=_underlying_socket(self.transport),
+            os_socket=underlying_socket(self.transport),
         )
         try:
             self._on_connection(self.socket, self.socket.getpeername())
@@ -415,82 +376,18 @@ class TransportSocketProtocol(Protocol):
             _log.failure("on_connection raised; closing the connection")
             self.socket.close()
 
-    # The PROXY header stage -------------------------------------------------------
-
-    def _header_received(self, data: bytes) -> bytes:
-        """Buffer *data* into the header; return the payload after a whole one."""
-        assert self._header is not None
-        self._header += data
-        try:
-            header = parse_header(self._header)
-        except ProxyHeaderError as error:
-            self._end_header_stage("warn", "refused connection from {peer}: {reason}", error)
-            self.transport.loseConnection()
-            return b""
-        if header is None:
-            return b""
-        payload = bytes(self._header[header.length :])
-        self._end_header_stage()
-        if header.local:
-            _connection_log.debug(
-                "PROXY LOCAL connection (a health check) from {peer}",
-                peer=socket_address(self.transport.getPeer()),
-            )
-            self.transport.loseConnection()
-            return b""
-        self._proxied = header
-        self._start()
-        return payload
-
-    def _end_header_stage(self, level: str = "", message: str = "", reason: object = "") -> None:
-        """Leave the header stage, logging *message* at *level* if one is given."""
-        if level:
-            getattr(_connection_log, level)(
-                message,
-                peer=socket_address(self.transport.getPeer()),
-                reason=reason,
-                received=len(self._header or b""),
-            )
-        self._header = None
-        deadline, self._header_deadline = self._header_deadline, None
-        if deadline is not None and deadline.active():
-            deadline.cancel()
-
-    def _header_timed_out(self) -> None:
-        self._header_deadline = None
-        if self._header is None:
-            return
-        self._end_header_stage(
-            "warn",
-            "closed connection from {peer}: {reason}",
-            f"no complete PROXY header within {self._proxy.timeout}s",  # type: ignore[union-attr]
-        )
-        self.transport.loseConnection()
-
     def evict(self, reason: str, level: str = "warn") -> None:
         """Close a connection still in its header stage, logging *reason* at
         *level* (a ``twisted.logger`` level name); reactor thread."""
-        if self._header is not None:
-            self._end_header_stage(level, "closed connection from {peer}: {reason}", reason)
-            self.transport.loseConnection()
-
-    def _header_stage_lost(self, how: str) -> None:
-        """The peer ended the connection before its header was complete."""
-        if self._header:
-            self._end_header_stage(
-                "info",
-                "connection from {peer} " + how + " inside its PROXY header ({received} bytes)",
-            )
-        else:
-            self._end_header_stage(
-                "debug", "connection from {peer} " + how + " before sending anything"
-            )
+        if self.awaiting_header:
+            assert self._stage is not None
+            self._stage.evict(reason, level)
 
     # Payload ------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self._header is not None:
-            data = self._header_received(data)
+        if self._stage is not None and self._stage.active:
+            data = self._stage.feed(data)
             if not data:
                 return
         bridge = self._bridge
@@ -507,8 +404,8 @@ class TransportSocketProtocol(Protocol):
             self.transport.pauseProducing()
 
     def readConnectionLost(self) -> None:
-        if self._header is not None:
-            self._header_stage_lost("closed")
+        if self._stage is not None and self._stage.active:
+            self._stage.peer_ended("closed")
             self.transport.loseConnection()
             return
         with self._bridge.lock:
@@ -524,8 +421,8 @@ class TransportSocketProtocol(Protocol):
         pass
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._header is not None:
-            self._header_stage_lost("closed" if reason.check(ConnectionDone) else "was reset")
+        if self._stage is not None and self._stage.active:
+            self._stage.peer_ended("closed" if reason.check(ConnectionDone) else "was reset")
         linger, self._linger = self._linger, None
         if linger is not None and linger.active():
             linger.cancel()

@@ -1,0 +1,133 @@
+"""The async request handler classes (no Twisted here: see ``txsocketserver._async``).
+
+Each is the stdlib handler of the same name with ``setup``/``handle``/
+``finish`` as coroutines, called in the stdlib's order on the reactor thread:
+porting a handler means adding ``async`` and ``await``.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from txsocketserver._core.handlers import DatagramRequestHandler
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+
+class AsyncBaseRequestHandler:
+    """Base class of async request handlers.
+
+    Instantiated once per connection (stream) or datagram by the server's
+    ``finish_request``; the constructor sets ``request``, ``client_address``
+    and ``server``.  The server then awaits ``setup()``, ``handle()`` and
+    ``finish()`` on the reactor thread; ``finish()`` runs even if ``handle()``
+    raised or was cancelled.
+
+    A handler must not block: everything between two ``await`` runs on the
+    reactor thread, which every connection of the process shares.  Run
+    blocking calls with ``await self.server.to_thread(function, *args)``.  A
+    step that holds the reactor longer than ``blocking_warning`` seconds is
+    logged (logger ``"txsocketserver"``).
+    """
+
+    # Marks the class for the servers, which pick how to serve at construction.
+    _txsocketserver_async = True
+    # Ours: seconds a handler may run without awaiting before a warning is logged; None: never.
+    blocking_warning: float | None = 0.1
+
+    def __init__(self, request: Any, client_address: Any, server: Any) -> None:
+        self.request = request
+        self.client_address = client_address
+        self.server = server
+        serving = getattr(server, "_async", None)
+        if serving is not None:
+            serving.handler_created(self)
+
+    async def setup(self) -> None:
+        """Called before ``handle()``."""
+
+    async def handle(self) -> None:
+        """Service the request."""
+
+    async def finish(self) -> None:
+        """Called after ``handle()``, even when it raised or was cancelled."""
+
+    async def _serve(self) -> None:
+        await self.setup()
+        try:
+            await self.handle()
+        finally:
+            await self.finish()
+
+
+class AsyncStreamRequestHandler(AsyncBaseRequestHandler):
+    """Async handler for stream connections: awaitable ``rfile`` and ``wfile``.
+
+    ``connection`` (and ``request``) is the connection, with socket-shaped
+    coroutines (``await self.request.recv(4096)``, ``sendall``...).  ``rfile``
+    reads like a buffered binary file (``await self.rfile.readline(65537)``,
+    ``async for line in self.rfile``); ``wfile.write()`` queues at once and
+    ``await self.wfile.drain()`` waits while the client reads slowly.
+    """
+
+    # Bytes rfile buffers before the transport stops reading; -1: the default (64 KiB).
+    rbufsize = -1
+    # Unused: wfile.write() always queues at once (what a buffer would be for).
+    wbufsize = 0
+    # Seconds any one read or drain() may wait before TimeoutError; None: no limit.
+    timeout: float | None = None
+    # Set TCP_NODELAY, so small writes are not held back by Nagle's algorithm.
+    disable_nagle_algorithm = False
+    # Ours: bytes written while the client does not read, without awaiting
+    # drain(), before the connection is aborted (ConnectionAbortedError).
+    max_write_buffer = 4 * 1024 * 1024
+
+    async def setup(self) -> None:
+        self.connection = self.request
+        if self.timeout is not None:
+            self.connection.settimeout(self.timeout)
+        if self.disable_nagle_algorithm:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        self.rfile = self.connection.reader
+        if self.rbufsize > 0:
+            self.rfile.limit = self.rbufsize
+        self.wfile = self.connection.writer
+        self.wfile.max_buffer = self.max_write_buffer
+
+    async def finish(self) -> None:
+        """Nothing to flush: ``close_request`` sends what is queued, then closes."""
+
+
+class AsyncDatagramRequestHandler(AsyncBaseRequestHandler):
+    """Async handler for datagrams.
+
+    ``request`` is ``(data, socket)``; ``packet`` and ``socket`` are its parts.
+    ``rfile`` reads the datagram with the stream reader's coroutines; what is
+    written to ``wfile`` is sent back to ``client_address`` in one datagram
+    by ``finish()``, as ``DatagramRequestHandler`` does.
+    """
+
+    async def setup(self) -> None:
+        from txsocketserver._async.streams import AsyncReader, DatagramWriter
+
+        self.packet, self.socket = self.request
+        self.rfile = AsyncReader(data=self.packet)
+        self.wfile = DatagramWriter()
+
+    async def finish(self) -> None:
+        DatagramRequestHandler.finish(self)  # type: ignore[arg-type]
+
+
+def is_async_handler(handler_class: Any) -> bool:
+    """Whether *handler_class* is an async handler class (served on the reactor)."""
+    return bool(getattr(handler_class, "_txsocketserver_async", False))
+
+
+__all__ = [
+    "AsyncBaseRequestHandler",
+    "AsyncDatagramRequestHandler",
+    "AsyncStreamRequestHandler",
+    "is_async_handler",
+]

@@ -1,0 +1,198 @@
+"""``Connection``: the Twisted protocol of one async stream connection.
+
+It owns the connection's reader and writer, is the transport's push producer
+(so it learns when the transport's buffer fills and drains), and reports to
+its :class:`~txsocketserver._async.serving.AsyncServing` when it starts and
+ends.  Behind a ``haproxy:`` endpoint it starts only once the PROXY header has
+been parsed, so ``client_address`` is the real client's.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ISSLTransport
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from txsocketserver._async.streams import AsyncReader, AsyncSocket, AsyncWriter
+from txsocketserver._twisted import compat
+from txsocketserver._twisted.proxy_protocol import ProxyHeader
+from txsocketserver._twisted.proxy_stage import ProxyHeaderPolicy, ProxyHeaderStage
+from txsocketserver._twisted.transport_socket import (
+    socket_address,
+    socket_family,
+    underlying_socket,
+)
+
+_monotonic = time.monotonic
+
+
+@implementer(IHalfCloseableProtocol, IPushProducer)
+class Connection(Protocol):
+    """One connection of an async stream server (reactor thread only).
+
+    Args:
+        serving: the server's async strategy.
+        client_address: the address ``get_request()`` returned, for a
+            connection the server accepted itself; ``None`` to take it from
+            the transport (endpoint connections).
+        adopted: the accepted socket, for a connection the server accepted itself.
+        proxy: read a PROXY protocol header first (``haproxy:``), admitting
+            the connection as this policy says (see ``proxy_stage``).
+    """
+
+    def __init__(
+        self,
+        serving: Any,
+        client_address: Any = None,
+        adopted: Any = None,
+        proxy: ProxyHeaderPolicy | None = None,
+    ) -> None:
+        self.serving = serving
+        self._proxy = proxy
+        self._stage: ProxyHeaderStage | None = None
+        # What getsockname() gives: the PROXY header's destination, if any.
+        self._host: Any = None
+        self.client_address = client_address
+        # The socket, for a connection the server accepted itself.
+        self.adopted = adopted
+        self.reader = AsyncReader(self)
+        self.writer: AsyncWriter | None = None
+        self.request: AsyncSocket | None = None
+        self.task: Any = None
+        #: Seconds a read or drain may wait (the handler's ``timeout``).
+        self.timeout: float | None = None
+        self.half_close: Any = None
+        self.last_activity = 0.0
+        self.idle_timer: Any = None
+        self.lost = False
+        self.producing = False
+
+    # -- IProtocol -------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        self.writer = AsyncWriter(self)
+        transport.registerProducer(self, True)
+        #: Registered as the transport's producer (until the writer is done).
+        self.producing = True
+        adopted = self.adopted
+        if adopted is not None:
+            # A socket the server accepted itself: a plain TCP or Unix
+            # transport, nothing to look through.
+            self.half_close = transport.loseWriteConnection
+            self._start(self.serving.family, adopted)
+            return
+        self.half_close = compat.half_close(transport)
+        if self._proxy is None:
+            self._start()
+            return
+        self._stage = ProxyHeaderStage(
+            transport, self._proxy, self.serving.reactor, self._proxied_by
+        )
+        self._stage.begin()
+
+    def _proxied_by(self, header: ProxyHeader) -> None:
+        if header.family is not None:
+            self.client_address = header.source
+            self._host = header.destination
+            self._start(header.family, underlying_socket(self.transport))
+        else:
+            self._start()
+
+    def _start(self, family: int | None = None, os_socket: Any = None) -> None:
+        transport = self.transport
+        if family is None:
+            peer = transport.getPeer()
+            family = socket_family(peer)
+            os_socket = underlying_socket(transport)
+            if self.client_address is None:
+                self.client_address = socket_address(peer)
+        self.request = AsyncSocket(
+            self, family=family, peer=self.client_address, host=self._host, os_socket=os_socket
+        )
+        self.serving.connection_started(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._stage is not None and self._stage.active:
+            data = self._stage.feed(data)
+            if not data:
+                return
+        # Only while idle_timeout applies: otherwise connection_started()
+        # makes the reader's feed() this connection's dataReceived (one call
+        # less for every chunk read).
+        self.last_activity = _monotonic()
+        self.reader.feed(data)
+
+    def readConnectionLost(self) -> None:
+        if self._stage is not None and self._stage.active:
+            self._stage.peer_ended("closed")
+            self.transport.loseConnection()
+            return
+        self.reader.feed_eof()
+
+    def writeConnectionLost(self) -> None:
+        """Only after our own half-close: nothing to do."""
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._stage is not None and self._stage.active:
+            self._stage.peer_ended("closed" if reason.check(ConnectionDone) else "was reset")
+        self.lost = True
+        reset = not self._clean_end(reason)
+        # The writer first: a handler woken by the reader finds it lost.
+        if self.writer is not None:
+            self.writer._lost_now(reset)
+        self.reader.feed_eof(reset=reset)
+        if self.idle_timer is not None and self.idle_timer.active():
+            self.idle_timer.cancel()
+        self.idle_timer = None
+        self.serving.connection_lost(self)
+
+    def _clean_end(self, reason: Failure) -> bool:
+        # Over TLS a TCP close without close_notify is reported as
+        # ConnectionLost, like a reset; most clients close that way, so it
+        # reads as EOF (the ssl module's suppress_ragged_eofs).
+        if reason.check(ConnectionDone):
+            return True
+        return bool(reason.check(ConnectionLost)) and ISSLTransport.providedBy(self.transport)
+
+    # -- IPushProducer: the transport's buffer filled / drained ----------------------------
+
+    def pauseProducing(self) -> None:
+        if self.writer is not None:
+            self.writer.pause()
+
+    def resumeProducing(self) -> None:
+        if self.idle_timer is not None:
+            self.last_activity = _monotonic()
+        if self.writer is not None:
+            self.writer.resume()
+
+    def stopProducing(self) -> None:
+        """connectionLost follows, and tells the writer."""
+
+    # -- for the streams and the strategy ----------------------------------------------------
+
+    def pause_reading(self) -> None:
+        self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        if not self.lost:
+            self.transport.resumeProducing()
+
+    def local_address(self) -> Any:
+        return socket_address(self.transport.getHost())
+
+    def call_later(self, delay: float, function: Any, *args: Any) -> Any:
+        return self.serving.reactor.callLater(delay, function, *args)
+
+    def cancel_handler(self) -> None:
+        self.serving.call_soon(self._cancel)
+
+    def _cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()

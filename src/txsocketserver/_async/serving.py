@@ -1,0 +1,486 @@
+"""``AsyncServing``: how a server with an async handler class serves.
+
+Picked by ``TCPServer.__init__`` when the handler class is async; everything
+here runs on the reactor thread unless a docstring says otherwise.  See
+``txsocketserver._async`` for the theory of operation.
+"""
+
+from __future__ import annotations
+
+import errno
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.protocol import Factory
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from txsocketserver._async.protocol import Connection
+from txsocketserver._async.task import HandlerTask
+from txsocketserver._core.base import _RESOURCE_BACKOFF, _RESOURCE_ERRNOS, log_warning
+from txsocketserver._twisted import reactor as _reactor
+from txsocketserver._twisted.endpoints import Endpoint, EndpointListener, proxy_protocol_endpoint
+from txsocketserver._twisted.proxy_stage import ProxyHeaderPolicy
+from txsocketserver._twisted.readiness import IRequestReadiness
+from txsocketserver._twisted.thread_dispatcher import DaemonThread
+
+#: Connections (or datagrams) a readable listening socket yields per reactor turn.
+ACCEPTS_PER_READ = 64
+#: Threads of ``to_thread``'s pool when the server sets no ``max_threads``.
+DEFAULT_TO_THREAD_MAX = 10
+#: Seconds ``server_close()`` waits for cancelled handlers and closing connections.
+CLOSE_TIMEOUT = 5.0
+
+# What repr() shows for an adopted transport (a string per connection would cost memory).
+_REPR = "<txsocketserver async connection>"
+_READY = "ready"
+_WAKE = "wake"
+
+
+class ServerFactory(Factory):
+    """The server as a Twisted factory: one :class:`Connection` per connection.
+
+    Args:
+        serving: the server's async strategy.
+        proxy_policy: for a PROXY-protocol endpoint, what gives each new
+            connection's header policy (the server's ``trusted_proxies`` and
+            ``header_timeout`` as they are when it arrives).
+    """
+
+    def __init__(
+        self, serving: AsyncServing, proxy_policy: Callable[[], ProxyHeaderPolicy] | None = None
+    ) -> None:
+        self.serving = serving
+        self._proxy_policy = proxy_policy
+
+    def buildProtocol(self, addr: Any) -> Connection:
+        """A connection accepted by an endpoint's port."""
+        policy = None if self._proxy_policy is None else self._proxy_policy()
+        protocol = Connection(self.serving, proxy=policy)
+        protocol.factory = self
+        return protocol
+
+
+@implementer(IReadDescriptor)
+class _SocketAcceptor:
+    """Watches the server's own socket and takes requests with ``get_request()``."""
+
+    def __init__(self, serving: AsyncServing, sock: socket.socket) -> None:
+        self._serving = serving
+        self._socket = sock
+        self._fd = sock.fileno()
+        self.watching = False
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def logPrefix(self) -> str:
+        return "txsocketserver"
+
+    def arm(self) -> None:
+        if not self.watching:
+            self.watching = True
+            self._socket.setblocking(False)
+            self._serving.reactor.addReader(self)
+
+    def disarm(self) -> None:
+        if self.watching:
+            self.watching = False
+            self._serving.reactor.removeReader(self)
+            if self._socket.fileno() != -1:
+                self._socket.setblocking(True)
+
+    def doRead(self) -> None:
+        serving = self._serving
+        get_request = serving.server.get_request
+        for _ in range(ACCEPTS_PER_READ):
+            if not self.watching:
+                return
+            try:
+                request, client_address = get_request()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRNOS:
+                    # Out of fds: the request stays queued; look again shortly
+                    # instead of spinning on a socket that stays readable.
+                    self.disarm()
+                    serving.reactor.callLater(_RESOURCE_BACKOFF, serving.update_accepting)
+                    return
+                if exc.errno == errno.ECONNABORTED:
+                    continue
+                return
+            serving.accepted(request, client_address)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.watching = False
+
+
+class AsyncEndpointListener(EndpointListener):
+    """An endpoint whose port feeds the server's factory directly (no queue).
+
+    The port reads (accepts) only while the server serves; otherwise new
+    clients wait in the kernel's backlog, as for a socket server.
+    """
+
+    def __init__(
+        self, endpoint: Endpoint, *, backlog: int, server: Any, serving: AsyncServing
+    ) -> None:
+        super().__init__(endpoint, backlog=backlog, server=server)
+        self._serving = serving
+
+    def listen_deferred(self) -> Deferred[None]:
+        if self._port is not None or self._stopped:
+            raise RuntimeError(f"{self.endpoint!r} was already listened on")
+        reactor = _reactor.get_reactor()
+        deferred = Deferred.fromCoroutine(self._listen(reactor))
+        return deferred
+
+    def stop_listening(self) -> None:
+        # Forget the port first: a connection ending meanwhile must not
+        # resume reading on a port that is closing.
+        self._serving.port = None
+        super().stop_listening()
+
+    async def _listen(self, reactor: Any) -> None:
+        # A PROXY-protocol endpoint: our own header stage on the endpoint it
+        # wraps, as for blocking handlers (see EndpointListener).
+        endpoint = self.endpoint.resolve(reactor)
+        inner = proxy_protocol_endpoint(endpoint)
+        factory = ServerFactory(self._serving, self._proxy_policy if inner else None)
+        port = await (inner or endpoint).listen(factory)
+        self._listening(port)
+        self._serving.port = port
+        self._serving.update_accepting()
+
+
+def _set_reading(port: Any, reading: bool) -> None:
+    method = getattr(port, "startReading" if reading else "stopReading", None)
+    if method is not None:
+        method()
+
+
+class AsyncServing:
+    """The async strategy of one server.
+
+    Args:
+        server: a ``TCPServer`` (or subclass, datagram servers included) whose
+            ``RequestHandlerClass`` is an async handler class.
+    """
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        self.reactor = _reactor.get_reactor()
+        self.factory = ServerFactory(self)
+        self.datagram = server.socket_type == socket.SOCK_DGRAM
+        self.family = server.address_family
+        self._unix = self.family == getattr(socket, "AF_UNIX", None)
+        self.port: Any = None  # an endpoint's listening port
+        self.connections: set[Connection] = set()
+        self.tasks: set[HandlerTask] = set()
+        # Set while one handle_request() call is being served.
+        self.once = False
+        self._acceptor: _SocketAcceptor | None = None
+        self._notify: Callable[[str], None] | None = None
+        self._budget: int | None = None  # requests still to take; None: any number
+        self._serving = False
+        self._reading = False
+        self._created: Any = None
+        self._sessions = 0
+        self._pool: ThreadPool | None = None
+        self._closed = False
+
+    # -- the serving loop's side (serving thread) -------------------------------------------
+
+    def readiness(self) -> AsyncReadiness:
+        return AsyncReadiness(self, 1 if self.once else None)
+
+    # -- accepting --------------------------------------------------------------------------
+
+    def start_accepting(self, budget: int | None, notify: Callable[[str], None]) -> None:
+        self._budget = budget
+        self._notify = notify
+        self._serving = True
+        self.update_accepting()
+
+    def stop_accepting(self) -> None:
+        self._serving = False
+        self._notify = None
+        self.update_accepting()
+
+    def _active(self) -> int:
+        return len(self.tasks) if self.datagram else len(self.connections)
+
+    def update_accepting(self) -> None:
+        """Accept while serving, under ``max_connections``, within the budget."""
+        limit = self.server.max_connections
+        want = (
+            self._serving
+            and not self._closed
+            and self._budget != 0
+            and (limit is None or self._active() < limit)
+        )
+        if self.port is not None:
+            if want != self._reading:
+                self._reading = want
+                _set_reading(self.port, want)
+            return
+        sock = self.server.socket
+        if sock is None or sock.fileno() == -1:
+            return
+        if self._acceptor is None:
+            self._acceptor = _SocketAcceptor(self, sock)
+        if want:
+            self._acceptor.arm()
+        else:
+            self._acceptor.disarm()
+
+    def accepted(self, request: Any, client_address: Any) -> None:
+        """A request that ``get_request()`` returned from the server's own socket."""
+        if self.datagram:
+            self._consume_budget()
+            self.run_request(request, client_address)
+            return
+        try:
+            self._adopt(request, client_address)
+        except Exception:
+            request.close()
+            self.server.handle_error(request, client_address)
+
+    def _adopt(self, sock: socket.socket, client_address: Any) -> None:
+        """Make a Twisted transport of an accepted socket (no dup, no syscall).
+
+        What ``IReactorSocket.adoptStreamConnection`` does, minus its
+        ``dup()`` and ``getpeername()``: the address is known already, and a
+        client that reset before this point would make its ``getpeername``
+        fail (and leak the dup).  ``tcp.Server``/``unix.Server`` take exactly
+        these arguments since Twisted 8; a port of ``None`` is what
+        ``adoptStreamConnection`` passes too.
+        """
+        from twisted.internet import tcp, unix
+
+        protocol = Connection(self, client_address, sock)
+        protocol.factory = self.factory
+        sock.setblocking(False)
+        self._sessions += 1
+        kind = unix.Server if self._unix else tcp.Server
+        # No Port: the server accepted the socket itself.
+        transport = kind(
+            sock,
+            protocol,
+            client_address,
+            None,  # type: ignore[arg-type]
+            self._sessions,
+            self.reactor,
+        )
+        transport.repstr = _REPR
+        protocol.makeConnection(transport)
+
+    def _consume_budget(self) -> None:
+        if self._budget is not None:
+            self._budget -= 1
+            if self._budget == 0:
+                self.update_accepting()
+                if self._notify is not None:
+                    self._notify(_READY)
+
+    # -- connections and requests -----------------------------------------------------------
+
+    def connection_started(self, connection: Connection) -> None:
+        self.connections.add(connection)
+        idle = self.server.idle_timeout
+        if idle is not None:
+            connection.last_activity = time.monotonic()
+            connection.idle_timer = self.reactor.callLater(idle, self._check_idle, connection)
+        else:
+            connection.dataReceived = connection.reader.feed  # type: ignore[method-assign]
+        self._consume_budget()
+        self.update_accepting()
+        self.run_request(connection.request, connection.client_address, connection)
+
+    def connection_lost(self, connection: Connection) -> None:
+        self.connections.discard(connection)
+        self.update_accepting()
+
+    def _check_idle(self, connection: Connection) -> None:
+        if connection.lost:
+            return
+        idle = self.server.idle_timeout or 0.0
+        quiet = time.monotonic() - connection.last_activity
+        if quiet < idle:
+            connection.idle_timer = self.reactor.callLater(
+                idle - quiet, self._check_idle, connection
+            )
+            return
+        connection.idle_timer = None
+        log_warning(
+            "%s: closing the connection from %r: no progress either way for %.1f s (idle_timeout)",
+            type(self.server).__name__,
+            connection.client_address,
+            quiet,
+        )
+        if connection.writer is not None and connection.writer.paused:
+            # Bytes the client does not read would hold a clean close open.
+            connection.transport.abortConnection()
+        else:
+            connection.transport.loseConnection()
+
+    def run_request(self, request: Any, client_address: Any, connection: Any = None) -> None:
+        """``verify_request`` → ``process_request``, as the serving loop would."""
+        server = self.server
+        try:
+            if not server.verify_request(request, client_address):
+                server.shutdown_request(request)
+                return
+        except Exception:
+            server.handle_error(request, client_address)
+            server.shutdown_request(request)
+            return
+        server._request_started(request)
+        try:
+            server.process_request(request, client_address)
+        except Exception:
+            server.handle_error(request, client_address)
+            self._request_done(request, None)
+
+    def handler_created(self, handler: Any) -> None:
+        """Called by ``AsyncBaseRequestHandler.__init__`` (inside ``finish_request``)."""
+        self._created = handler
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Make the handler (``finish_request``) and start its coroutine."""
+        server = self.server
+        self._created = None
+        server.finish_request(request, client_address)
+        handler, self._created = self._created, None
+        if handler is None:
+            raise TypeError(
+                f"{type(server).__name__}.finish_request() made no async request handler "
+                "(an instance of txsocketserver.AsyncBaseRequestHandler)"
+            )
+        connection = getattr(request, "_connection", None)
+        task = HandlerTask(handler, owner=self, reactor=self.reactor)
+        self.tasks.add(task)
+        if connection is not None:
+            connection.task = task
+        task.start()
+
+    def handler_failed(self, task: HandlerTask) -> None:
+        """The handler raised (inside the ``except``: the exception is current)."""
+        self.server.handle_error(task.handler.request, task.handler.client_address)
+
+    def handler_ended(self, task: HandlerTask) -> None:
+        self._request_done(task.handler.request, task)
+
+    def _request_done(self, request: Any, task: HandlerTask | None) -> None:
+        server = self.server
+        try:
+            server.shutdown_request(request)
+        except Exception:
+            server.handle_error(request, getattr(request, "_peer", None))
+        finally:
+            server._request_finished(request)
+            if task is not None:
+                self.tasks.discard(task)
+            if self.datagram:
+                self.update_accepting()
+
+    # -- to_thread --------------------------------------------------------------------------
+
+    def to_thread(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        """Run ``function(*args, **kwargs)`` on the server's own pool (reactor thread)."""
+        if self._pool is None:
+            if self._closed:
+                raise RuntimeError("the server is closed")
+            size = getattr(self.server, "max_threads", None) or DEFAULT_TO_THREAD_MAX
+            pool = ThreadPool(0, size, name=f"{type(self.server).__name__}-to_thread")
+            pool.threadFactory = DaemonThread
+            pool.start()
+            self._pool = pool
+        return deferToThreadPool(self.reactor, self._pool, function, *args, **kwargs)
+
+    # -- closing ----------------------------------------------------------------------------
+
+    def call_soon(self, function: Callable[..., object], *args: Any) -> None:
+        _reactor.call_soon(function, *args)
+
+    def close(self) -> None:
+        """Stop accepting, cancel the handlers still running, wait for them.
+
+        Any thread.  Off the reactor thread it waits (at most
+        ``CLOSE_TIMEOUT`` seconds) until the handlers have ended (``finish()``
+        included) and their connections have sent what was written and closed.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        reactor = self.reactor
+        if not reactor.running:
+            self._stop_pool()
+            return
+        done = threading.Event()
+
+        def cancel_all() -> None:
+            self.update_accepting()
+            for task in list(self.tasks):
+                task.cancel()
+            self._when_idle(done.set)
+
+        if _reactor.in_reactor_thread():
+            cancel_all()
+        else:
+            reactor.callFromThread(cancel_all)
+            done.wait(CLOSE_TIMEOUT)
+        self._stop_pool()
+
+    def _when_idle(self, callback: Callable[[], None]) -> None:
+        if not self.tasks and not self.connections:
+            callback()
+            return
+        self.reactor.callLater(0.01, self._when_idle, callback)
+
+    def _stop_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            threading.Thread(
+                target=pool.stop, name="txsocketserver-to_thread-stop", daemon=True
+            ).start()
+
+
+@implementer(IRequestReadiness)
+class AsyncReadiness:
+    """The serving loop of an async server: the reactor takes the requests.
+
+    While it exists the reactor accepts and runs requests itself; ``wait()``
+    only sleeps until ``shutdown()`` wakes it (or, for ``handle_request()``,
+    until the one request has been taken), so that ``service_actions()`` and
+    ``shutdown()`` keep their meaning.
+    """
+
+    def __init__(self, serving: AsyncServing, budget: int | None) -> None:
+        self._serving = serving
+        self._tokens: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._closed = False
+        _reactor.call_in_reactor(serving.start_accepting, budget, self._tokens.put)
+
+    def wait(self, timeout: float | None) -> bool:
+        try:
+            return self._tokens.get(timeout=timeout) == _READY
+        except queue.Empty:
+            return False
+
+    def wake(self) -> None:
+        self._tokens.put(_WAKE)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            _reactor.call_in_reactor(self._serving.stop_accepting)
