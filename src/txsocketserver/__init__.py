@@ -9,7 +9,7 @@ socketserver names are defined without them, and Twisted is loaded when a
 server is created.  A forking server's workers, which import the
 server and handler classes but never serve, stay small and cheap to fork
 (see ``_forking``).  The Twisted world's names (``Endpoint``,
-``ServerService``, ``start_server``) are imported on first use.
+``ServerService``, ``start_server``, ``Workers``...) are imported on first use.
 """
 
 from __future__ import annotations
@@ -32,12 +32,16 @@ if TYPE_CHECKING:
 
     from txsocketserver._endpoints import Endpoint
     from txsocketserver._service import ServerService, start_server
+    from txsocketserver._workers._supervisor import Workers, run_workers, start_workers
 
 # The Twisted world's names, and the module that defines each.
 _TWISTED_WORLD = {
     "Endpoint": "txsocketserver._endpoints",
     "ServerService": "txsocketserver._service",
     "start_server": "txsocketserver._service",
+    "Workers": "txsocketserver._workers._supervisor",
+    "run_workers": "txsocketserver._workers._supervisor",
+    "start_workers": "txsocketserver._workers._supervisor",
 }
 
 
@@ -111,4 +115,8 @@ __all__ = [
     "Endpoint",
     "ServerService",
     "start_server",
+    # Beyond socketserver: worker processes sharing the listening sockets.
+    "Workers",
+    "run_workers",
+    "start_workers",
 ]

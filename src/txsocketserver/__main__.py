@@ -18,7 +18,7 @@ from types import FrameType
 
 from twisted.python import usage
 
-from txsocketserver._cli import Options, build_server, describe
+from txsocketserver._cli import Options, build_server, build_workers, describe, describe_workers
 from txsocketserver._service import stop_gracefully
 
 PROG = "python -m txsocketserver"
@@ -29,11 +29,18 @@ def main(argv: list[str] | None = None) -> int:
     options = Options()
     try:
         options.parseOptions(sys.argv[1:] if argv is None else argv)
-        server = build_server(options)
+        if options["workers"] is not None:
+            workers = build_workers(options)
+        else:
+            server = build_server(options)
     except usage.UsageError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         print(f"{PROG}: try --help", file=sys.stderr)
         return 2
+    if options["workers"] is not None:
+        from txsocketserver._workers._supervisor import run_workers
+
+        return run_workers(workers, describe=describe_workers(options, workers))
 
     stopping: list[threading.Thread] = []
     serving = threading.current_thread()
