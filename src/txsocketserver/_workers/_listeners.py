@@ -69,24 +69,36 @@ class Listener:
         }
 
     def stop_listening(self) -> None:
-        """Refuse new connections now, in every process sharing the socket.
+        """Refuse new connections from now on (the workers are told to drain).
 
-        ``shutdown()`` on a listening socket (Linux) resets the connections
-        still queued and makes every ``accept()`` fail at once, whoever holds
-        the fd, whereas ``close()`` would leave the socket listening, with
-        nobody accepting, until the last draining worker closed its copy.
+        A socket that workers accept from themselves is shut down: on Linux,
+        ``shutdown()`` on a listening socket makes it refuse new connections
+        and every ``accept()`` fail at once, in every process holding it,
+        whereas ``close()`` would leave it listening, with nobody accepting,
+        until the last draining worker (a synchronous one finishing its
+        request) closed its copy.  A PROXY-protocol socket is accepted from
+        by Twisted's port in each worker, which would log the failed
+        ``accept()`` as an error: the supervisor only closes its copy, and
+        the socket closes as the workers' ports stop listening, which they
+        do as soon as they are told to drain.
         """
-        if self.inherited:
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # not connected/listening any more: nothing to refuse
+        if not self.inherited:
+            return
+        if self.proxy is not None:
+            self.close()
+            return
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # not listening any more: nothing to refuse
 
     def close(self) -> None:
+        """Close the supervisor's socket (idempotent); remove a Unix socket's file."""
         self.sock.close()
-        if self.unix_path is not None:
+        path, self.unix_path = self.unix_path, None
+        if path is not None:
             try:
-                os.remove(self.unix_path)
+                os.remove(path)
             except OSError:
                 pass
 

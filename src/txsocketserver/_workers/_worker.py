@@ -268,14 +268,14 @@ class _SupervisorWatch:
             return
         except OSError:
             data = b""
-        if not data:
-            self.connectionLost(None)
-
-    def connectionLost(self, reason: object) -> None:
+        if data:
+            return
         self._reactor.removeReader(self)
         print(f"worker {os.getpid()}: the supervisor is gone; stopping", file=sys.stderr)
-        if self._reactor.running:
-            self._reactor.stop()
+        self._reactor.stop()
+
+    def connectionLost(self, reason: object) -> None:
+        """The reactor is shutting down (it disconnects every reader)."""
 
 
 if __name__ == "__main__":
