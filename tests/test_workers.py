@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -280,6 +281,22 @@ def test_several_listen_options_serve_several_sockets(cli: Spawn, tmp_path: Path
     assert not os.path.exists(path)
 
 
+def test_workers_leave_when_the_supervisor_is_killed(cli: Spawn) -> None:
+    server = start(cli, "--mode", "threading")
+    pids = wait_for_workers(server, 2)
+    server.process.kill()
+    assert wait_until(lambda: not any(_alive(pid) for pid in pids), 2 * WAIT), server.output()
+    assert server.output().count("the supervisor is gone; stopping") == 2
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
 def test_twistd_runs_workers(cli: Spawn) -> None:
     server = cli(
         *TWISTD, "-n", "--pidfile=", "--logfile=-", "socketserver", "--workers", "2",
@@ -296,6 +313,49 @@ def test_twistd_runs_workers(cli: Spawn) -> None:
     wait_for_workers(server, 2, generation=1)
     assert server.stop() in (0, -signal.SIGTERM)
     assert "all workers stopped" in server.output()
+
+
+LIBRARY_PROGRAM = """
+from twisted.internet.defer import Deferred
+from twisted.internet.task import react
+
+import txsocketserver
+from worker_handlers import PidHandler
+
+
+def main(reactor):
+    started = txsocketserver.start_workers(
+        PidHandler, "tcp:0:interface=127.0.0.1", workers=2, mode="sync"
+    )
+
+    def serving(workers):
+        reactor.addSystemEventTrigger("before", "shutdown", workers.stopService)
+        host, port = workers.addresses[0]
+        print(f"pids {sorted(workers.pids)} at {host}:{port} (", flush=True)
+
+    started.addCallback(serving)
+    return Deferred()
+
+
+react(main)
+"""
+
+
+def test_library_start_workers_from_a_twisted_program(cli: Spawn) -> None:
+    program = cli(sys.executable, "-c", LIBRARY_PROGRAM)
+    address = program.address()
+    pids = {
+        int(pid) for pid in re.findall(r"\d+", program.wait_for(re.compile(r"pids \[.*\]"))[0])
+    }
+    assert len(pids) == 2
+    with connect(address) as first, connect(address) as second:
+        first.sendall(b"hi\n")
+        second.sendall(b"hi\n")
+        seen = {json.loads(recv_line(first))["pid"], json.loads(recv_line(second))["pid"]}
+    assert seen == pids
+    assert program.stop() == 0
+    # Both workers drained (their own log lines) before the program exited.
+    assert program.output().count("(drained)") == 2, program.output()
 
 
 @pytest.mark.parametrize(

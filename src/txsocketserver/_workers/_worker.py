@@ -126,7 +126,8 @@ class _Worker:
         from txsocketserver._service import start_server
 
         self._reactor.addSystemEventTrigger("before", "shutdown", self._stop)
-        self._reactor.addReader(_SupervisorWatch(self._control + 1, self._reactor))
+        self._watch_supervisor = _SupervisorWatch(self._control + 1, self._reactor)
+        self._reactor.addReader(self._watch_supervisor)
         try:
             for index, listener in enumerate(self._spec["listeners"]):
                 self._servers.append(self._make_server(index, listener))
@@ -245,15 +246,18 @@ class _Worker:
     def _stop(self) -> Any:
         from twisted.internet.defer import DeferredList
 
+        self._watch_supervisor.stopping = True
         return DeferredList([service.stopService() for service in self._services])
 
 
 class _SupervisorWatch:
-    """Reads the supervisor pipe (reactor thread): end of file stops the worker."""
+    """Reads the supervisor pipe (reactor thread): its end stops the worker."""
 
     def __init__(self, fd: int, reactor: Any) -> None:
         self._fd = fd
         self._reactor = reactor
+        # Set once the reactor shuts down, which disconnects every reader.
+        self.stopping = False
 
     def fileno(self) -> int:
         return self._fd
@@ -261,21 +265,25 @@ class _SupervisorWatch:
     def logPrefix(self) -> str:
         return "supervisor-pipe"
 
-    def doRead(self) -> None:
+    def doRead(self) -> Any:
         try:
             data = os.read(self._fd, 512)
         except BlockingIOError:
-            return
+            return None
         except OSError:
             data = b""
         if data:
-            return
-        self._reactor.removeReader(self)
-        print(f"worker {os.getpid()}: the supervisor is gone; stopping", file=sys.stderr)
-        self._reactor.stop()
+            return None
+        from twisted.internet import main
+
+        return main.CONNECTION_DONE  # the reactor calls connectionLost
 
     def connectionLost(self, reason: object) -> None:
-        """The reactor is shutting down (it disconnects every reader)."""
+        if self.stopping:
+            return
+        self.stopping = True
+        print(f"worker {os.getpid()}: the supervisor is gone; stopping", file=sys.stderr)
+        self._reactor.stop()
 
 
 if __name__ == "__main__":
