@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -22,8 +23,16 @@ from pathlib import Path
 
 import pytest
 
-from support import WAIT, connect, recv_line, wait_until
-from test_twistd_cli import CLI, TCP, TWISTD, ServerProcess, Spawn, spawn  # noqa: F401
+from support import LOCALHOST, WAIT, SelfSignedCert, connect, recv_line, wait_until
+from test_twistd_cli import (  # noqa: F401 - spawn: the fixture
+    CLI,
+    TCP,
+    TWISTD,
+    ServerProcess,
+    Spawn,
+    spawn,
+    tls_endpoint,
+)
 
 #: Starting a worker imports Twisted and the handler: slow on a loaded machine.
 START = 30.0
@@ -279,6 +288,59 @@ def test_several_listen_options_serve_several_sockets(cli: Spawn, tmp_path: Path
     assert unix_reply["pid"] in pids
     assert server.stop() == 0
     assert not os.path.exists(path)
+
+
+def test_forking_workers(cli: Spawn) -> None:
+    server = start(cli, "--mode", "forking")
+    address = server.address()
+    workers = wait_for_workers(server, 2)
+    # Each request runs in a child forked from its worker's template process.
+    pids = {ask(address)["pid"] for _ in range(4)}
+    assert len(pids) == 4 and not pids & workers
+    assert server.stop() == 0
+
+
+def test_tls_workers(cli: Spawn, tls_cert: SelfSignedCert) -> None:
+    server = cli(
+        *CLI, "--workers", "2", "--listen", tls_endpoint(tls_cert), "--handler", PID_HANDLER,
+    )  # fmt: skip
+    address = server.address()
+    pids = wait_for_workers(server, 2)
+    context = ssl.create_default_context(cafile=tls_cert.cert_path)
+    with (
+        connect(address) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as client,
+    ):
+        client.sendall(b"hi\n")
+        assert json.loads(recv_line(client))["pid"] in pids
+    assert server.stop() == 0
+
+
+def test_systemd_socket_shared_by_workers(cli: Spawn) -> None:
+    with socket.socket() as listening:
+        listening.bind((LOCALHOST, 0))
+        listening.listen()
+        fd = listening.fileno()
+        # As in test_twistd_cli: what systemd does, then exec the supervisor.
+        wrapper = (
+            "import os, sys; os.dup2(int(sys.argv[1]), 3); os.close(int(sys.argv[1])); "
+            "os.environ.update(LISTEN_FDS='1', LISTEN_FDNAMES='app.socket', "
+            "LISTEN_PID=str(os.getpid())); "
+            "os.execv(sys.executable, [sys.executable, '-m', 'txsocketserver', *sys.argv[2:]])"
+        )
+        server = cli(
+            sys.executable, "-c", wrapper, str(fd), "--workers", "2", "--mode", "sync",
+            "--listen", "systemd:domain=INET:index=0", "--handler", PID_HANDLER,
+            pass_fds=(fd,),
+        )  # fmt: skip
+        pids = wait_for_workers(server, 2)
+        address = listening.getsockname()
+        with connect(address) as first, connect(address) as second:
+            first.sendall(b"hi\n")
+            second.sendall(b"hi\n")
+            seen = {json.loads(recv_line(first))["pid"], json.loads(recv_line(second))["pid"]}
+        assert seen == pids
+        assert server.stop() == 0
 
 
 def test_workers_leave_when_the_supervisor_is_killed(cli: Spawn) -> None:
