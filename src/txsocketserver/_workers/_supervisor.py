@@ -97,6 +97,7 @@ class _WorkerProcess(ProcessProtocol):
         self.ended = False
         self.pid: int | None = None
         self._buffer = b""
+        self._deadline: Any = None  # the kill timer of a stopping worker
 
     def __repr__(self) -> str:
         return f"<worker {self.pid} generation {self.generation}>"
@@ -112,7 +113,7 @@ class _WorkerProcess(ProcessProtocol):
                 self.ready = True
                 self.supervisor._worker_ready(self)
             elif line == b"retire":
-                self.stopping = True
+                self.expect_exit()
                 self.supervisor._worker_retiring(self)
 
     def signal(self, signum: int) -> None:
@@ -124,12 +125,28 @@ class _WorkerProcess(ProcessProtocol):
             pass  # it has just exited: processEnded follows
 
     def terminate(self) -> None:
-        """Ask the worker to drain and exit."""
-        self.stopping = True
+        """Ask the worker to drain and exit (SIGTERM)."""
         self.signal(signal.SIGTERM)
+        self.expect_exit()
+
+    def expect_exit(self) -> None:
+        """The worker is on its way out: kill it if it is not gone in time."""
+        if self.stopping:
+            return
+        self.stopping = True
+        timeout = self.supervisor.drain_timeout + KILL_GRACE
+        self._deadline = self.supervisor._reactor.callLater(timeout, self._overdue, timeout)
+
+    def _overdue(self, timeout: float) -> None:
+        if not self.ended:
+            _log.warn("{worker} still running {t}s after it was stopped; killing it",
+                      worker=self, t=timeout)  # fmt: skip
+            self.signal(signal.SIGKILL)
 
     def processEnded(self, reason: Failure) -> None:
         self.ended = True
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
         self.supervisor._worker_ended(self, reason.value)
 
 
@@ -223,7 +240,6 @@ class Workers(Service):
         self._pending_start: Any = None
         self._checker: Any = None
         self._stopping: Deferred[None] | None = None
-        self._kill_timer: Any = None
         self._old_signals: dict[int, Any] = {}
         self._devnull: int | None = None
         self._ready_waiters: list[Deferred[None]] = []
@@ -344,19 +360,10 @@ class Workers(Service):
             listener.stop_listening()
         for process in self._processes:
             process.terminate()
-        if self._devnull is not None:
-            self._kill_timer = self._reactor.callLater(
-                self.drain_timeout + KILL_GRACE, self._kill_remaining
-            )
         stopping = self._stopping
         self._notify_ready()
         self._maybe_stopped()
         return stopping
-
-    def _kill_remaining(self) -> None:
-        for process in self._processes:
-            _log.warn("{worker} did not stop in time; killing it", worker=process)
-            process.signal(signal.SIGKILL)
 
     def kill_now(self) -> None:
         """Kill every worker at once (a second stop signal)."""
@@ -366,8 +373,6 @@ class Workers(Service):
     def _maybe_stopped(self) -> None:
         if self._stopping is None or self._processes or self._stopping.called:
             return
-        if self._kill_timer is not None and self._kill_timer.active():
-            self._kill_timer.cancel()
         for listener in self.listeners:
             listener.close()
         if self._devnull is not None:
