@@ -377,6 +377,16 @@ def test_twistd_runs_workers(cli: Spawn) -> None:
     assert "all workers stopped" in server.output()
 
 
+def _make_local() -> type:
+    class Local:
+        pass
+
+    return Local
+
+
+_Local = _make_local()
+
+
 LIBRARY_PROGRAM = """
 from twisted.internet.defer import Deferred
 from twisted.internet.task import react
@@ -418,6 +428,25 @@ def test_library_start_workers_from_a_twisted_program(cli: Spawn) -> None:
     assert program.stop() == 0
     # Both workers drained (their own log lines) before the program exited.
     assert program.output().count("(drained)") == 2, program.output()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"mode": "async"}, ValueError, "mode 'async': choose one of sync, threading, forking"),
+        ({"workers": 0}, ValueError, "workers must be at least 1"),
+        ({"listen": "bogus:1"}, ValueError, "Unknown endpoint type: 'bogus'"),
+        ({"listen": "tcp:0:interface=127.0.0.1", "reuse_port": True, "handler": _Local},
+         TypeError, "define it at the top level of an importable module"),
+    ],
+)  # fmt: skip
+def test_library_errors(kwargs: dict[str, object], error: type, message: str) -> None:
+    # Ours only: argument checks before any socket or process exists.
+    from txsocketserver import Workers
+
+    arguments: dict[str, object] = {"handler": PID_HANDLER, "listen": TCP, **kwargs}
+    with pytest.raises(error, match=re.escape(message)):
+        Workers(**arguments)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

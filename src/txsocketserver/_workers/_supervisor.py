@@ -188,7 +188,8 @@ class Workers(Service):
             and SIGTTOU (one worker more, or fewer); main thread only.
 
     Error handling:
-        ``ValueError`` for a description workers cannot serve, ``OSError``
+        ``ValueError`` for a description workers cannot serve or an unknown
+        *mode*, ``OSError``
         if binding fails, ``TypeError`` for a class workers cannot import.
         A worker that cannot start (its import fails) is logged and started
         again after a back-off, the others serving meanwhile.
@@ -210,8 +211,12 @@ class Workers(Service):
         worker_timeout: float | None = None,
         handle_signals: bool = True,
     ) -> None:
+        from txsocketserver._cli import MODES
+
         if workers < 1:
             raise ValueError("workers must be at least 1")
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
         self.handler = class_spec(handler)
         self.server = None if server is None else class_spec(server)
         self.mode = mode
