@@ -70,6 +70,20 @@ def ask(address: object, line: bytes = b"hi\n") -> dict[str, object]:
         return json.loads(recv_line(client))
 
 
+def pids_of_two_connections(address: tuple[str, int]) -> set[int]:
+    """The pids serving two connections open at once.
+
+    A synchronous worker serves one connection at a time: while the first
+    connection holds one worker (its handler waits for the next line), the
+    second one must be another worker's.
+    """
+    with connect(address) as first, connect(address) as second:
+        first.sendall(b"hi\n")
+        first_pid = json.loads(recv_line(first))["pid"]
+        second.sendall(b"hi\n")
+        return {first_pid, json.loads(recv_line(second))["pid"]}
+
+
 @dataclass
 class Load:
     """Clients sending requests back to back, each on a new connection, until stopped."""
@@ -128,14 +142,7 @@ def test_workers_serve_one_port(cli: Spawn) -> None:
     server = start(cli, "--mode", "sync")
     address = server.address()
     pids = wait_for_workers(server, 2)
-    # A synchronous worker serves one connection at a time: while the first
-    # connection holds one worker, the second one must be the other worker's.
-    with connect(address) as first, connect(address) as second:
-        first.sendall(b"hi\n")
-        first_pid = json.loads(recv_line(first))["pid"]
-        second.sendall(b"hi\n")
-        second_pid = json.loads(recv_line(second))["pid"]
-    assert {first_pid, second_pid} == pids
+    assert pids_of_two_connections(address) == pids
     assert os.getpid() not in pids and server.process.pid not in pids
     assert server.stop() == 0
     assert "Traceback" not in server.output()
@@ -335,11 +342,7 @@ def test_systemd_socket_shared_by_workers(cli: Spawn) -> None:
         )  # fmt: skip
         pids = wait_for_workers(server, 2)
         address = listening.getsockname()
-        with connect(address) as first, connect(address) as second:
-            first.sendall(b"hi\n")
-            second.sendall(b"hi\n")
-            seen = {json.loads(recv_line(first))["pid"], json.loads(recv_line(second))["pid"]}
-        assert seen == pids
+        assert pids_of_two_connections(address) == pids
         assert server.stop() == 0
 
 
@@ -366,11 +369,7 @@ def test_twistd_runs_workers(cli: Spawn) -> None:
     )  # fmt: skip
     address = server.address()
     pids = wait_for_workers(server, 2)
-    with connect(address) as first, connect(address) as second:
-        first.sendall(b"hi\n")
-        second.sendall(b"hi\n")
-        seen = {json.loads(recv_line(first))["pid"], json.loads(recv_line(second))["pid"]}
-    assert seen == pids
+    assert pids_of_two_connections(address) == pids
     server.process.send_signal(signal.SIGHUP)
     wait_for_workers(server, 2, generation=1)
     assert server.stop() in (0, -signal.SIGTERM)
@@ -420,11 +419,7 @@ def test_library_start_workers_from_a_twisted_program(cli: Spawn) -> None:
         int(pid) for pid in re.findall(r"\d+", program.wait_for(re.compile(r"pids \[.*\]"))[0])
     }
     assert len(pids) == 2
-    with connect(address) as first, connect(address) as second:
-        first.sendall(b"hi\n")
-        second.sendall(b"hi\n")
-        seen = {json.loads(recv_line(first))["pid"], json.loads(recv_line(second))["pid"]}
-    assert seen == pids
+    assert pids_of_two_connections(address) == pids
     assert program.stop() == 0
     # Both workers drained (their own log lines) before the program exited.
     assert program.output().count("(drained)") == 2, program.output()
