@@ -10,8 +10,9 @@ keep-alive connections.  Each round measures, in rotating order, 1 worker,
 2 workers sharing the supervisor's socket, and 2 workers with
 ``--reuse-port``, each on a fresh server after a 1 s warm-up.  Reported: the
 median requests/s (and the range over rounds), the 2-worker/1-worker ratio,
-and how evenly the requests and the connections spread over the workers
-(max/min share; 1.00 is perfectly even).
+how evenly the requests and the connections spread over the workers
+(max/min share; 1.00 is perfectly even), and the CPU the workers got per
+second of the run ("cores": below 2 with 2 workers, the machine was busy).
 
 Every process started here is stopped (SIGTERM, then SIGKILL) when it ends.
 """
@@ -67,6 +68,9 @@ class Result:
     rate: float
     requests: dict[int, int] = field(default_factory=dict)
     connections: dict[int, int] = field(default_factory=dict)
+    # CPU seconds the workers used per wall-clock second of the run: how many
+    # cores they actually got (on a busy machine, fewer than they could use).
+    cores: float = 0.0
 
     @staticmethod
     def spread(shares: dict[int, int]) -> float:
@@ -100,6 +104,20 @@ class Server:
                 self.stop()
                 raise RuntimeError(f"the server did not start:\n{text}")
             time.sleep(0.1)
+
+    def worker_cpu_seconds(self) -> float:
+        """CPU time (user + system) of the supervisor's children so far."""
+        ticks = 0
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.process.pid:
+                ticks += int(fields[11]) + int(fields[12])
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def text(self) -> str:
         self.output.seek(0)
@@ -135,13 +153,13 @@ def wrk(port: int, duration: int, connections: int, threads: int) -> Result:
     return result
 
 
-def measure(
-    workers: int, reuse_port: bool, iterations: int, args: argparse.Namespace
-) -> Result:
+def measure(workers: int, reuse_port: bool, iterations: int, args: argparse.Namespace) -> Result:
     server = Server(workers, reuse_port, iterations)
     try:
         warm = wrk(server.port, 1, args.connections, args.threads)
+        cpu, start = server.worker_cpu_seconds(), time.monotonic()
         result = wrk(server.port, args.duration, args.connections, args.threads)
+        result.cores = (server.worker_cpu_seconds() - cpu) / (time.monotonic() - start)
     finally:
         server.stop()
     # Connection numbers count from the worker's start: take the warm-up's off.
@@ -171,19 +189,25 @@ def main() -> int:
             results[name].append(result)
             print(
                 f"round {round_number + 1}  {name:26} {result.rate:8.0f} req/s  "
+                f"cores {result.cores:4.2f}  "
                 f"requests {sorted(result.requests.values())}  "
                 f"connections {sorted(result.connections.values())}",
                 flush=True,
             )
     print()
-    print(f"{'':26} {'req/s median':>12} {'range':>13} {'req max/min':>12} {'conn max/min':>13}")
+    print(
+        f"{'':26} {'req/s median':>12} {'range':>13} {'cores':>6} "
+        f"{'req max/min':>12} {'conn max/min':>13}"
+    )
     for name, _, _ in CONFIGS:
         rates = [r.rate for r in results[name]]
         requests = statistics.median(Result.spread(r.requests) for r in results[name])
         connections = statistics.median(Result.spread(r.connections) for r in results[name])
+        cores = statistics.median(r.cores for r in results[name])
         print(
             f"{name:26} {statistics.median(rates):12.0f} "
-            f"{min(rates):6.0f}-{max(rates):<6.0f} {requests:12.2f} {connections:13.2f}"
+            f"{min(rates):6.0f}-{max(rates):<6.0f} {cores:6.2f} "
+            f"{requests:12.2f} {connections:13.2f}"
         )
     one = [r.rate for r in results["1 worker"]]
     for name in ("2 workers, shared socket", "2 workers, --reuse-port"):
