@@ -431,6 +431,8 @@ def test_library_start_workers_from_a_twisted_program(cli: Spawn) -> None:
         ({"mode": "async"}, ValueError, "mode 'async': choose one of sync, threading, forking"),
         ({"workers": 0}, ValueError, "workers must be at least 1"),
         ({"listen": "bogus:1"}, ValueError, "Unknown endpoint type: 'bogus'"),
+        ({"listen": f"haproxy:{TCP}", "mode": "forking"}, ValueError,
+         "forking servers hand each child the accepted OS socket"),
         ({"listen": "tcp:0:interface=127.0.0.1", "reuse_port": True, "handler": _Local},
          TypeError, "define it at the top level of an importable module"),
     ],

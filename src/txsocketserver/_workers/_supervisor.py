@@ -234,6 +234,14 @@ class Workers(Service):
         try:
             for description in descriptions:
                 self.listeners.append(make_listener(description, reuse_port=reuse_port))
+            if mode == "forking":
+                for listener in self.listeners:
+                    if listener.proxy is not None or listener.tls is not None:
+                        raise ValueError(
+                            f"{listener.description!r}: forking servers hand each child the "
+                            "accepted OS socket; TLS and PROXY-protocol connections need "
+                            "mode='threading'"
+                        )
         except BaseException:
             for listener in self.listeners:
                 listener.close()
