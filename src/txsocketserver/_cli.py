@@ -204,6 +204,7 @@ class Options(usage.Options):
             self["server_class"], txsocketserver.ThreadingMixIn
         ):
             raise usage.UsageError("--max-threads needs --mode threading")
+        endpoints = []
         for description in self["listens"]:
             endpoint = Endpoint(description)
             try:
@@ -219,8 +220,8 @@ class Options(usage.Options):
                         "unix:PATH; TLS and PROXY-protocol connections live in the parent "
                         "process (use --mode threading)"
                     )
-            self["endpoint"] = self["address"] = endpoint
-        self["endpoint"] = self["address"] = Endpoint(self["listen"])
+            endpoints.append(endpoint)
+        self["endpoint"] = self["address"] = endpoints[0]
 
     def _check_workers(self) -> None:
         workers = self["workers"]
