@@ -12,7 +12,9 @@ keep-alive connections.  Each round measures, in rotating order, 1 worker,
 median requests/s (and the range over rounds), the 2-worker/1-worker ratio,
 how evenly the requests and the connections spread over the workers
 (max/min share; 1.00 is perfectly even), and the CPU the workers got per
-second of the run ("cores": below 2 with 2 workers, the machine was busy).
+second of the run ("cores": below 2 with 2 workers, the machine was busy)
+and the requests per CPU-second they cost ("req/CPU-s": equal for 1 and 2
+workers means the rate scales with the cores the workers get).
 
 Every process started here is stopped (SIGTERM, then SIGKILL) when it ends.
 """
@@ -196,7 +198,7 @@ def main() -> int:
             )
     print()
     print(
-        f"{'':26} {'req/s median':>12} {'range':>13} {'cores':>6} "
+        f"{'':26} {'req/s median':>12} {'range':>13} {'cores':>6} {'req/CPU-s':>10} "
         f"{'req max/min':>12} {'conn max/min':>13}"
     )
     for name, _, _ in CONFIGS:
@@ -204,9 +206,10 @@ def main() -> int:
         requests = statistics.median(Result.spread(r.requests) for r in results[name])
         connections = statistics.median(Result.spread(r.connections) for r in results[name])
         cores = statistics.median(r.cores for r in results[name])
+        per_cpu = statistics.median(r.rate / r.cores for r in results[name] if r.cores)
         print(
             f"{name:26} {statistics.median(rates):12.0f} "
-            f"{min(rates):6.0f}-{max(rates):<6.0f} {cores:6.2f} "
+            f"{min(rates):6.0f}-{max(rates):<6.0f} {cores:6.2f} {per_cpu:10.0f} "
             f"{requests:12.2f} {connections:13.2f}"
         )
     one = [r.rate for r in results["1 worker"]]
