@@ -274,6 +274,24 @@ def test_worker_dying_at_start_is_restarted_with_backoff(cli: Spawn, tmp_path: P
     assert server.stop() == 0
 
 
+def test_reload_with_broken_code_keeps_the_old_workers(cli: Spawn, tmp_path: Path) -> None:
+    crash = tmp_path / "crash"
+    with _environment({"WORKER_TEST_CRASH_FILE": str(crash)}):
+        server = start(cli, "--mode", "threading", workers=1)
+    address = server.address()
+    (old,) = wait_for_workers(server, 1, generation=0)
+    crash.touch()
+    server.process.send_signal(signal.SIGHUP)
+    server.wait_for(re.compile(r"generation 1> died before it was ready"), timeout=START)
+    assert "crash file present: this worker dies at start" in server.output()
+    assert ask(address)["pid"] == old
+    crash.unlink()
+    (new,) = wait_for_workers(server, 1, generation=1)
+    server.wait_for(re.compile(rf"<worker {old} generation 0> exited"), timeout=WAIT)
+    assert ask(address)["pid"] == new
+    assert server.stop() == 0
+
+
 def test_reuse_port_workers_each_bind_the_port(cli: Spawn) -> None:
     server = start(cli, "--mode", "threading", "--reuse-port")
     address = server.address()

@@ -345,7 +345,8 @@ def describe_workers(options: Options, workers: Any) -> str:
     """One line per listener saying what is served where (for the logs)."""
     return "\n".join(
         f"serving {options['handler']} on {description} at {_where(address)} "
-        f"({options['workers']} workers, {options['mode'] or 'default'} mode)"
+        f"({options['workers']} worker{'s' if options['workers'] != 1 else ''}, "
+        f"{options['mode'] or 'default'} mode)"
         for description, address in zip(options["listens"], workers.addresses, strict=True)
     )
 

@@ -69,9 +69,16 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.pop(name, None)
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.python.usage import UsageError
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
-    worker = _Worker(spec, reactor)
+    try:
+        worker = _Worker(spec, reactor)
+    except UsageError as error:
+        # The handler or server class cannot be imported (a reload with
+        # broken code): say why; the supervisor retries after a back-off.
+        print(f"worker {os.getpid()}: cannot start: {error}", file=sys.stderr, flush=True)
+        os._exit(3)
     reactor.callWhenRunning(worker.start)
     reactor.run()
     sys.stdout.flush()
