@@ -62,7 +62,10 @@ def wait_for_workers(
 
 def ask(address: object, line: bytes = b"hi\n") -> dict[str, object]:
     """One request on a new connection: the handler's JSON reply."""
-    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    if isinstance(address, str):
+        family = socket.AF_UNIX
+    else:
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET  # type: ignore[index]
     with socket.socket(family) as client:
         client.settimeout(WAIT)
         client.connect(address)
@@ -313,6 +316,18 @@ def test_several_listen_options_serve_several_sockets(cli: Spawn, tmp_path: Path
     assert unix_reply["pid"] in pids
     assert server.stop() == 0
     assert not os.path.exists(path)
+
+
+def test_tcp6_workers(cli: Spawn) -> None:
+    server = cli(
+        *CLI, "--workers", "2", "--listen", r"tcp6:0:interface=\:\:1", "--handler", PID_HANDLER,
+    )  # fmt: skip
+    host, port = server.address()
+    assert host == "[::1]"
+    pids = wait_for_workers(server, 2)
+    reply = ask(("::1", port))
+    assert reply["pid"] in pids and reply["client"][0] == "::1"
+    assert server.stop() == 0
 
 
 def test_forking_workers(cli: Spawn) -> None:
