@@ -111,6 +111,14 @@ SCENARIOS = _table(
         for n in (1, 8)
     ),
     Scenario(
+        "forking-local-classes-connect-per-request-8",
+        "8 clients, a new connection per line; ForkingTCPServer with its classes "
+        "defined inside a function (ours carries them by value)",
+        forking_servers("echo", local_classes=True),
+        echo_load("connect", 8),
+        quick=False,
+    ),
+    Scenario(
         "forking-cpu-bound-4",
         "4 clients, a new connection per line, ~20 ms of pure Python each; ForkingTCPServer",
         forking_servers("cpu"),

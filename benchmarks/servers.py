@@ -170,6 +170,26 @@ def socketserver_forking(impl: str, work: str) -> ServerHandle:
     return ServerHandle(server.server_address[1], server.serve_forever)
 
 
+def socketserver_forking_local_classes(impl: str) -> ServerHandle:
+    """``ForkingTCPServer`` with the line echo, its classes defined here, inside
+    the function, as test suites and ``python -c`` define them: txsocketserver
+    carries them to its workers by value (cloudpickle), the stdlib's fork
+    copies them with the rest of its memory."""
+    module = socketserver_module(impl)
+
+    class Server(module.ForkingTCPServer):
+        allow_reuse_address = True
+        request_queue_size = BACKLOG
+
+    class LineEchoHandler(module.StreamRequestHandler):
+        def handle(self) -> None:
+            for line in self.rfile:
+                self.wfile.write(line)
+
+    server = Server((HOST, 0), LineEchoHandler)
+    return ServerHandle(server.server_address[1], server.serve_forever)
+
+
 def twisted_cpu_bound_echo() -> ServerHandle:
     """The same CPU work in a ``LineReceiver``: one process, one core."""
     from twisted.internet.protocol import Factory
@@ -188,8 +208,14 @@ def twisted_cpu_bound_echo() -> ServerHandle:
     return listen_twisted(Factory.forProtocol(CpuBoundEcho))
 
 
-def forking_servers(work: str) -> dict[str, ServerFactory]:
+def forking_servers(work: str, local_classes: bool = False) -> dict[str, ServerFactory]:
     """Forking servers; ``twisted`` is the single-process reference."""
+    if local_classes:
+        return {
+            "ours": lambda: socketserver_forking_local_classes("ours"),
+            "stdlib": lambda: socketserver_forking_local_classes("stdlib"),
+            "twisted": twisted_echo,
+        }
     return {
         "ours": lambda: socketserver_forking("ours", work),
         "stdlib": lambda: socketserver_forking("stdlib", work),

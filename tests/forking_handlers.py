@@ -101,10 +101,11 @@ class _Slow:
 
 
 class _Modules:
-    """Reply with which of Twisted and zope.interface this process has imported."""
+    """Reply with which of Twisted, zope.interface and cloudpickle this process has imported."""
 
     def handle(self) -> None:
-        loaded = [name for name in ("twisted", "zope.interface") if name in sys.modules]
+        watched = ("twisted", "zope.interface", "cloudpickle")
+        loaded = [name for name in watched if name in sys.modules]
         self.wfile.write(b"loaded: %s\n" % " ".join(loaded).encode())
 
 

@@ -52,7 +52,7 @@ from twisted_world_handlers import (
     receive_firehose_digest,
     stalled_firehose,
 )
-from txsocketserver._transport_socket import SEND_WINDOW, TransportSocket
+from txsocketserver._twisted.transport_socket import SEND_WINDOW, TransportSocket
 
 TCP = f"tcp:0:interface={LOCALHOST}"
 SERVER_CLASSES = [txsocketserver.TCPServer, txsocketserver.ThreadingTCPServer]
@@ -64,7 +64,7 @@ class _ListenTCP:
     its own, as a custom or third-party endpoint would be."""
 
     def listen(self, factory: Any) -> Deferred[Any]:
-        from txsocketserver import _reactor
+        from txsocketserver._twisted import reactor as _reactor
 
         reactor = _reactor.get_reactor()
         return defer.execute(reactor.listenTCP, 0, factory, interface=LOCALHOST)

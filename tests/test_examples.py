@@ -12,12 +12,11 @@ import signal
 import socket
 import ssl
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
-from support import LOCALHOST, WAIT, SelfSignedCert, connect, recv_line
-from test_twistd_cli import REPO, TWISTD, Spawn, spawn  # noqa: F401 - the fixture
+from support import LOCALHOST, WAIT, SelfSignedCert, connect, recv_line, wait_until
+from test_twistd_cli import REPO, TWISTD, ServerProcess, Spawn, spawn  # noqa: F401 - the fixture
 
 EXAMPLES = REPO / "examples"
 
@@ -44,15 +43,19 @@ def copy_example(name: str, directory: Path, replacements: dict[str, str]) -> Pa
     return copy
 
 
-def wait_for_connect(port: int) -> None:
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            connect((LOCALHOST, port)).close()
-            return
-        except OSError:
-            assert time.monotonic() < deadline, f"nothing listens on {port}"
-            time.sleep(0.05)
+def listening(port: int) -> bool:
+    try:
+        connect((LOCALHOST, port)).close()
+    except OSError:
+        return False
+    return True
+
+
+def wait_for_connect(server: ServerProcess, port: int) -> None:
+    """Wait until ``port`` accepts connections; fail at once if ``server`` exits."""
+    wait_until(lambda: listening(port) or server.process.poll() is not None, timeout=20)
+    assert server.process.poll() is None, server.output()
+    assert listening(port), f"nothing listens on {port}:\n{server.output()}"
 
 
 def test_two_handlers_tac_under_twistd(
@@ -73,8 +76,8 @@ def test_two_handlers_tac_under_twistd(
     )
     (tmp_path / "index.html").write_text("<p>served by the example</p>\n")
     server = spawn(*TWISTD, "-n", "--pidfile=", "-y", str(tac), cwd=tmp_path)
-    wait_for_connect(echo_port)
-    wait_for_connect(https_port)
+    wait_for_connect(server, echo_port)
+    wait_for_connect(server, https_port)
     with connect((LOCALHOST, echo_port)) as client:
         client.sendall(b"hello\n")
         assert recv_line(client) == b"hello\n"
@@ -97,8 +100,8 @@ def test_with_twisted_web_serves_both_in_one_process(
         {"tcp:8080:": f"tcp:{web_port}:", "tcp:8081:": f"tcp:{handler_port}:"},
     )
     server = spawn(sys.executable, str(program))
-    wait_for_connect(web_port)
-    wait_for_connect(handler_port)
+    wait_for_connect(server, web_port)
+    wait_for_connect(server, handler_port)
     bodies = []
     for port in (web_port, handler_port, web_port):
         with urllib.request.urlopen(f"http://{LOCALHOST}:{port}/", timeout=WAIT) as reply:

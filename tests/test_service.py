@@ -24,7 +24,7 @@ from twisted_world_handlers import (
     GateHandler,
     make_gate_server,
 )
-from txsocketserver import _reactor
+from txsocketserver._twisted import reactor as _reactor
 
 ADDRESSES = {"socket": ANY_PORT, "endpoint": f"tcp:0:interface={LOCALHOST}"}
 

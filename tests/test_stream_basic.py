@@ -73,24 +73,41 @@ def test_echo(ss, kind, threading_, unix_path):
 @pytest.mark.parametrize("threading_", [False, True], ids=["sync", "threading"])
 def test_concurrent_clients_queue_on_sync_server(ss, threading_):
     """Sync: one request at a time (others wait); threading: concurrent."""
+    clients = 4
     active = []
     peak = []
     lock = threading.Lock()
+    connected = []
 
     class Slow(ss.StreamRequestHandler):
         def handle(self):
             with lock:
+                first = not peak
                 active.append(1)
                 peak.append(len(active))
-            time.sleep(0.1)
+            if first:
+                # Hold the first request until every client waits for the
+                # server; then a threading server starts another one at once,
+                # while a sync server must start none for as long as we hold.
+                assert wait_until(lambda: len(connected) == clients)
+                wait_until(lambda: len(peak) > 1, timeout=WAIT if threading_ else 0.2)
             self.wfile.write(self.rfile.readline())
             with lock:
                 active.pop()
 
+    def client(payload):
+        with connect_to(server) as sock:
+            connected.append(sock)
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            return recv_all(sock)
+
     cls = ss.ThreadingTCPServer if threading_ else ss.TCPServer
     with cls(ANY_PORT, Slow) as server, serve_in_thread(server):
-        clients = [run_in_thread(request_reply, server, b"x%d\n" % i) for i in range(4)]
-        replies = [c.join().value for c in clients]
+        runs = [run_in_thread(client, b"x%d\n" % i) for i in range(clients)]
+        for run in runs:
+            assert run.join().error is None
+        replies = [run.value for run in runs]
     assert replies == [b"x%d\n" % i for i in range(4)]
     if threading_:
         assert max(peak) > 1
@@ -106,11 +123,12 @@ def test_handle_request_without_timeout(ss):
             timeouts.append(1)
 
     with Server(ANY_PORT, echo_handler(ss)) as server:
-        client = run_in_thread(lambda: (time.sleep(0.2), request_reply(server, b"one\n"))[1])
-        started = time.monotonic()
-        assert server.handle_request() is None
-        assert time.monotonic() - started >= 0.15
-        assert client.join().value == b"one\n"
+        handling = run_in_thread(server.handle_request)
+        # With no client, handle_request() keeps waiting; it serves the late one.
+        assert not handling.done.wait(0.2)
+        assert request_reply(server, b"one\n") == b"one\n"
+        assert handling.join().error is None
+        assert handling.value is None
         # A connection already waiting is served at once.
         with connect_to(server) as sock:
             sock.sendall(b"two\n")
@@ -135,10 +153,13 @@ def test_handle_request_timeout_calls_handle_timeout(ss):
         elapsed = time.monotonic() - started
         assert calls == ["handle_timeout"]
         assert 0.15 <= elapsed < 2.0
-        # The server still works after a timeout.
-        client = run_in_thread(request_reply, server, b"late\n")
-        server.handle_request()
-        assert client.join().value == b"late\n"
+        # The server still works after a timeout.  The client connects first,
+        # so that a slow client thread cannot make handle_request() time out.
+        with connect_to(server) as sock:
+            sock.sendall(b"late\n")
+            sock.shutdown(socket.SHUT_WR)
+            server.handle_request()
+            assert recv_all(sock) == b"late\n"
     assert calls == ["handle_timeout"]
 
 

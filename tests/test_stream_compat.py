@@ -25,7 +25,6 @@ from support import (
     run_in_thread,
     serve_in_thread,
     sha256,
-    wait_until,
 )
 
 
@@ -60,18 +59,20 @@ def test_server_fileno_not_readable_without_clients(ss):
 
 def test_handler_selects_on_request(ss):
     seen = []
+    first_select_done = threading.Event()
 
     class Handler(ss.BaseRequestHandler):
         def handle(self):
             readable, _, _ = select.select([self.request], [], [], 0.1)
             seen.append(bool(readable))
+            first_select_done.set()
             readable, _, _ = select.select([self.request], [], [], WAIT)
             seen.append(bool(readable))
             self.request.sendall(self.request.recv(100))
 
     with ss.TCPServer(ANY_PORT, Handler) as server, serve_in_thread(server):
         with connect_to(server) as sock:
-            time.sleep(0.3)
+            assert first_select_done.wait(WAIT)
             sock.sendall(b"late")
             assert sock.recv(100) == b"late"
     assert seen == [False, True]
@@ -81,6 +82,7 @@ def test_more_socket_methods(ss, tmp_path):
     seen = {}
     payload = os.urandom(200_000)
     (tmp_path / "f.bin").write_bytes(payload)
+    nonblocking_recv_done = threading.Event()
 
     class Handler(ss.BaseRequestHandler):
         def handle(self):
@@ -91,6 +93,7 @@ def test_more_socket_methods(ss, tmp_path):
                 request.recv(1)
             except BlockingIOError:
                 seen["nonblocking"] = "BlockingIOError"
+            nonblocking_recv_done.set()
             request.setblocking(True)
             request.settimeout(WAIT)
             buffer = bytearray(4)
@@ -101,7 +104,8 @@ def test_more_socket_methods(ss, tmp_path):
 
     with ss.TCPServer(ANY_PORT, Handler) as server, serve_in_thread(server):
         with connect_to(server) as sock:
-            time.sleep(0.1)
+            # Only once the handler's non-blocking recv() has found nothing.
+            assert nonblocking_recv_done.wait(WAIT)
             sock.sendall(b"abcd")
             assert recv_all(sock) == b"!" + payload
     assert seen == {
@@ -116,10 +120,17 @@ def test_more_socket_methods(ss, tmp_path):
 def test_shutdown_request_overridden_to_keep_connection(ss):
     """A server may keep a request open after the handler returns and answer later."""
     kept = []
+    moved_on = threading.Event()
 
     class Server(ss.TCPServer):
         def shutdown_request(self, request):
             kept.append(request)
+
+        def service_actions(self):
+            # serve_forever calls this after it has finished with a request:
+            # from here on the server has left the kept one behind.
+            if kept:
+                moved_on.set()
 
     class Handler(ss.StreamRequestHandler):
         def handle(self):
@@ -128,8 +139,8 @@ def test_shutdown_request_overridden_to_keep_connection(ss):
     with Server(ANY_PORT, Handler) as server, serve_in_thread(server):
         with connect_to(server) as sock:
             assert recv_line(sock) == b"first\n"
-            assert wait_until(lambda: kept)
-            time.sleep(0.1)
+            assert moved_on.wait(WAIT)
+            assert len(kept) == 1
             kept[0].sendall(b"later\n")
             assert recv_line(sock) == b"later\n"
             kept[0].close()
@@ -320,12 +331,14 @@ def test_listening_socket_replaced_by_inherited_one(ss):
 def test_no_busy_wait_while_sync_handler_blocks_with_queued_clients(ss):
     """Queued connections wait in the backlog; nobody spins on the readable socket."""
     started = threading.Event()
+    release = threading.Event()
 
     class Handler(ss.StreamRequestHandler):
         def handle(self):
             if not started.is_set():
                 started.set()
-                time.sleep(0.5)
+                # Busy until the measurement below is over, however long it takes.
+                release.wait(WAIT)
             self.wfile.write(self.rfile.readline())
 
     with ss.TCPServer(ANY_PORT, Handler) as server, serve_in_thread(server, poll_interval=0.5):
@@ -334,9 +347,11 @@ def test_no_busy_wait_while_sync_handler_blocks_with_queued_clients(ss):
         queued = [connect_to(server) for _ in range(3)]
         try:
             cpu = time.process_time()
-            time.sleep(0.3)
+            time.sleep(0.3)  # the window in which CPU use is measured
             assert time.process_time() - cpu < 0.15
+            assert not first.done.is_set()
         finally:
+            release.set()
             for sock in queued:
                 sock.close()
         assert first.join().value == b"first\n"

@@ -122,10 +122,17 @@ def test_shutdown_returns_promptly_with_long_poll_interval_tx_only(tx):
     # tx-only: the stdlib's serve_forever only notices shutdown() between
     # select() calls, so with poll_interval=5 its shutdown() can take 5 s.
     # txsocketserver wakes serve_forever at once (documented improvement).
-    with tx.TCPServer(ANY_PORT, echo_handler(tx)) as server:
+    looped = threading.Event()
+
+    class Server(tx.TCPServer):
+        def service_actions(self):
+            looped.set()
+
+    with Server(ANY_PORT, echo_handler(tx)) as server:
         serving = run_in_thread(server.serve_forever, 5)
         assert request_reply(server, b"up\n") == b"up\n"
-        time.sleep(0.1)
+        # Past the request, serve_forever goes back to its 5 s wait.
+        assert looped.wait(WAIT)
         started = time.monotonic()
         call_with_timeout(server.shutdown)
         assert time.monotonic() - started < 1.0

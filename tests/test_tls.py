@@ -52,7 +52,7 @@ from twisted_world_handlers import (
     receive_firehose_digest,
     stalled_firehose,
 )
-from txsocketserver._transport_socket import TransportSocket
+from txsocketserver._twisted.transport_socket import TransportSocket
 
 SERVER_CLASSES = [txsocketserver.TCPServer, txsocketserver.ThreadingTCPServer]
 
@@ -412,7 +412,7 @@ def test_bad_tls_files_fail_at_construction(tls_cert: SelfSignedCert, tmp_path: 
 def test_an_ssl4_endpoint_object_goes_through_twisted_tls(tls_cert: SelfSignedCert) -> None:
     """An endpoint object carries a Twisted TLS configuration of any kind
     (client certificates, SNI...): Twisted does that TLS."""
-    from txsocketserver import _reactor
+    from txsocketserver._twisted import reactor as _reactor
 
     pem = Path(tls_cert.key_path).read_bytes() + Path(tls_cert.cert_path).read_bytes()
     options = PrivateCertificate.loadPEM(pem).options()

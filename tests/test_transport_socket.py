@@ -31,9 +31,12 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from support import SelfSignedCert
-from txsocketserver._transport_socket import (
+from txsocketserver._twisted.endpoints import proxy_protocol_endpoint
+from txsocketserver._twisted.proxy_protocol import TrustedProxies
+from txsocketserver._twisted.transport_socket import (
     RECEIVE_HIGH_WATER,
     SEND_WINDOW,
+    ProxyHeaderPolicy,
     SocketAddress,
     TransportSocket,
     TransportSocketFactory,
@@ -48,7 +51,7 @@ Handler = Callable[[TransportSocket, SocketAddress], None]
 @pytest.fixture(scope="module")
 def reactor() -> Any:
     """The package's shared background reactor, started if nobody runs it."""
-    from txsocketserver._reactor import running_reactor
+    from txsocketserver._twisted.reactor import running_reactor
 
     return running_reactor()
 
@@ -126,8 +129,13 @@ def serving(reactor: Any, description: str, handler: Handler) -> Iterator[Served
         thread.start()
         served.connected.set()
 
-    factory = TransportSocketFactory(on_connection, reactor=reactor)
-    port = on_reactor(reactor, lambda: serverFromString(reactor, description).listen(factory))
+    endpoint = serverFromString(reactor, description)
+    # As EndpointListener does: a PROXY-protocol endpoint is served by our own
+    # header stage on the endpoint it wraps.
+    inner = proxy_protocol_endpoint(endpoint)
+    policy = ProxyHeaderPolicy(TrustedProxies(["127.0.0.1"]), WAIT) if inner else None
+    factory = TransportSocketFactory(on_connection, reactor=reactor, proxy=policy)
+    port = on_reactor(reactor, lambda: (inner or endpoint).listen(factory))
     served.port = getattr(port.getHost(), "port", 0)
     try:
         yield served

@@ -37,7 +37,13 @@ LISTENING = re.compile(r" at (\S+):(\d+) \(")
 class ServerProcess:
     """A server subprocess whose output (stdout and stderr) goes to a temp file."""
 
-    def __init__(self, argv: list[str], cwd: Path = REPO, pass_fds: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        cwd: Path = REPO,
+        pass_fds: tuple[int, ...] = (),
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(REPO)])
         env["PYTHONUNBUFFERED"] = "1"
@@ -50,6 +56,7 @@ class ServerProcess:
             stdout=self.output_file,
             stderr=subprocess.STDOUT,
             pass_fds=pass_fds,
+            preexec_fn=preexec_fn,
         )
 
     def output(self) -> str:
@@ -272,3 +279,128 @@ def test_flow_control_over_tls_bounds_server_memory(
     assert digest == firehose_digest(size)
     assert wait_until(lambda: server.process.poll() is None)
     assert server.stop() == 0
+
+
+PROXIED = f"haproxy:tcp:0:interface={LOCALHOST}"
+
+
+def proxy_v1(source: str = "10.1.2.3", port: int = 5555) -> bytes:
+    return f"PROXY TCP4 {source} 127.0.0.1 {port} 80\r\n".encode()
+
+
+@pytest.mark.parametrize("listen", [TCP, PROXIED])
+def test_cli_exit_is_bounded_by_the_drain_timeout(spawn: Spawn, listen: str) -> None:
+    # Ours only: the stdlib has no command line; its non-daemon request
+    # threads would hold exit for as long as the handler sleeps (30 s).
+    server = spawn(
+        *CLI, "--listen", listen, "--handler", "twisted_world_handlers:SleepyHandler",
+        "--drain-timeout", "1",
+    )  # fmt: skip
+    with connect(server.address()) as client:
+        if listen == PROXIED:
+            client.sendall(proxy_v1())
+        assert recv_line(client) == b"started\n"
+        stopped_at = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.finish() == 0
+        # The drain (1 s), the stragglers' grace (2 s), then out: never the
+        # handler's 30 s.
+        assert time.monotonic() - stopped_at < 1 + 2 + 2, server.output()
+        assert recv_all(client) == b""
+    assert "1 request(s) still running after 1.0s" in server.output()
+    assert "Traceback" not in server.output()
+
+
+def test_cli_second_signal_stops_at_once(spawn: Spawn) -> None:
+    server = spawn(
+        *CLI, "--listen", TCP, "--handler", "twisted_world_handlers:SleepyHandler",
+        "--drain-timeout", "60",
+    )  # fmt: skip
+    with connect(server.address()) as client:
+        assert recv_line(client) == b"started\n"
+        server.process.send_signal(signal.SIGINT)
+        server.wait_for(re.compile("SIGINT: stopping"))
+        again_at = time.monotonic()
+        server.process.send_signal(signal.SIGINT)
+        assert server.finish() == 130
+        assert time.monotonic() - again_at < 2, server.output()
+    assert "SIGINT again: stopping now" in server.output()
+    assert "Traceback" not in server.output()
+
+
+@pytest.mark.parametrize("front_end", ["cli", "twistd"])
+def test_refusals_access_lines_and_errors_are_logged_with_the_client(
+    spawn: Spawn, front_end: str, tmp_path: Path
+) -> None:
+    (tmp_path / "index.html").write_bytes(b"hello\n")
+    argv = [*CLI, "--log-level", "debug"] if front_end == "cli" else [
+        *TWISTD, "-n", "--pidfile=", "--logfile=-", "socketserver"]  # fmt: skip
+    server = spawn(
+        *argv, "--listen", PROXIED, "--handler", "http.server:SimpleHTTPRequestHandler",
+        cwd=tmp_path,
+    )  # fmt: skip
+    address = server.address()
+    with connect(address) as client:
+        client.sendall(proxy_v1() + b"GET / HTTP/1.0\r\n\r\n")
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client).endswith(b"\r\n\r\nhello\n")
+    with connect(address) as client:
+        client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert recv_all(client) == b""
+        refused = client.getsockname()[1]
+    with connect(address) as client:
+        client.sendall(b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00")  # PROXY v2 LOCAL
+        assert recv_all(client) == b""
+    server.wait_for(re.compile(r"#debug\] PROXY LOCAL connection \(a health check\)"))
+    output = server.output()
+    assert re.search(r'\[txsocketserver\.handler#info\] 10\.1\.2\.3 "GET / HTTP/1\.0" 200', output)
+    assert (
+        f"[txsocketserver#warn] refused connection from ('127.0.0.1', {refused}): "
+        "not a PROXY protocol header" in output
+    )
+    assert "stderr#error" not in output and "Traceback" not in output
+    assert server.stop() in (0, -signal.SIGTERM)
+
+
+def test_cli_handler_errors_go_to_the_log_as_errors(spawn: Spawn) -> None:
+    server = spawn(*CLI, "--listen", PROXIED, "--handler", "twisted_world_handlers:FailingHandler")
+    with connect(server.address()) as client:
+        client.sendall(proxy_v1())
+        assert recv_all(client) == b""
+    server.wait_for(re.compile(r"ValueError: handler failure for the test"))
+    assert (
+        "[txsocketserver#error] Exception occurred during processing of request from "
+        "('10.1.2.3', 5555)" in server.output()
+    )
+    assert server.stop() == 0
+
+
+def test_silent_clients_cannot_lock_others_out_under_a_low_fd_limit(spawn: Spawn) -> None:
+    import resource
+
+    def low_fd_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    server = ServerProcess(
+        [*CLI, "--listen", PROXIED, "--handler", "twisted_world_handlers:AddressHandler",
+         "--header-timeout", "60"],
+        preexec_fn=low_fd_limit,
+    )  # fmt: skip
+    try:
+        address = server.address()
+        # More silent clients than the process has descriptors to spare; a
+        # header timeout far beyond the test's waits, so it is not what saves us.
+        silent = [connect(address) for _ in range(56)]
+        try:
+            with connect(address) as client:
+                client.sendall(proxy_v1("10.9.8.7", 4242))
+                reply = recv_all(client)
+                assert b'"client": ["10.9.8.7", 4242]' in reply, server.output()
+        finally:
+            for sock in silent:
+                sock.close()
+        assert "while every slot was taken" in server.output()
+        assert server.stop() == 0
+        assert "Traceback" not in server.output()
+    finally:
+        server.kill()

@@ -137,3 +137,45 @@ class SlowEchoHandler(socketserver.StreamRequestHandler):
         line = self.rfile.readline()
         time.sleep(0.5)
         self.wfile.write(line)
+
+
+#: What :class:`MeasuredReplyHandler` sends after the digest line.
+MEASURED_REPLY_BODY = FIREHOSE_BLOCK[:16384]
+
+
+def measured_reply(body: bytes) -> bytes:
+    """The whole reply :class:`MeasuredReplyHandler` gives to a request of *body*."""
+    return hashlib.sha256(body).hexdigest().encode() + b"\n" + MEASURED_REPLY_BODY
+
+
+class MeasuredReplyHandler(socketserver.StreamRequestHandler):
+    """Read ``<size>\\n`` and that many bytes, or ``eof\\n`` and everything up to
+    the client's half-close; reply :func:`measured_reply` of the body.
+
+    A request cut short (the client closed or reset mid-request) gets no reply
+    and, for this handler, is no error: it counts it in ``server.cut_short``
+    (if the server has it).  The stdlib's handlers would let the
+    ``ConnectionResetError`` reach ``handle_error``.
+    """
+
+    def handle(self) -> None:
+        try:
+            first = self.rfile.readline()
+            size = None if first == b"eof\n" else int(first or b"0")
+            body = self.rfile.read() if size is None else self.rfile.read(size)
+        except ConnectionResetError:
+            body, size = b"", -1
+        if size is not None and len(body) != size or not first.endswith(b"\n"):
+            if hasattr(self.server, "cut_short"):
+                self.server.cut_short.append(self.client_address)
+            return
+        self.wfile.write(measured_reply(body))
+
+
+class SleepyHandler(socketserver.BaseRequestHandler):
+    """Say ``started``, then sleep 30 s ignoring the connection: a handler that
+    no drain can cut short, only the process's exit."""
+
+    def handle(self) -> None:
+        self.request.sendall(b"started\n")
+        time.sleep(30)

@@ -14,34 +14,33 @@ server and handler classes but never serve, stay small and cheap to fork
 
 from __future__ import annotations
 
-from txsocketserver._base import BaseServer
-from txsocketserver._datagram import UDPServer, UnixDatagramServer
-from txsocketserver._forking import ForkingMixIn
-from txsocketserver._handlers import (
+from txsocketserver._core.base import BaseServer
+from txsocketserver._core.datagram import UDPServer, UnixDatagramServer
+from txsocketserver._core.forking_mixin import ForkingMixIn
+from txsocketserver._core.handlers import (
     BaseRequestHandler,
     DatagramRequestHandler,
     StreamRequestHandler,
 )
-from txsocketserver._stream import TCPServer, UnixStreamServer
-from txsocketserver._threading import ThreadingMixIn
+from txsocketserver._core.stream import TCPServer, UnixStreamServer
+from txsocketserver._core.threading_mixin import ThreadingMixIn
 
-# typing costs every process that imports the package a megabyte.
-TYPE_CHECKING = False
+TYPE_CHECKING = False  # not typing's: see txsocketserver._core
 if TYPE_CHECKING:
     from typing import Any
 
-    from txsocketserver._endpoints import Endpoint
-    from txsocketserver._service import ServerService, start_server
-    from txsocketserver._workers._supervisor import Workers, run_workers, start_workers
+    from txsocketserver._twisted.endpoints import Endpoint
+    from txsocketserver._twisted.service import ServerService, start_server
+    from txsocketserver._workers.supervisor import Workers, run_workers, start_workers
 
 # The Twisted world's names, and the module that defines each.
 _TWISTED_WORLD = {
-    "Endpoint": "txsocketserver._endpoints",
-    "ServerService": "txsocketserver._service",
-    "start_server": "txsocketserver._service",
-    "Workers": "txsocketserver._workers._supervisor",
-    "run_workers": "txsocketserver._workers._supervisor",
-    "start_workers": "txsocketserver._workers._supervisor",
+    "Endpoint": "txsocketserver._twisted.endpoints",
+    "ServerService": "txsocketserver._twisted.service",
+    "start_server": "txsocketserver._twisted.service",
+    "Workers": "txsocketserver._workers.supervisor",
+    "run_workers": "txsocketserver._workers.supervisor",
+    "start_workers": "txsocketserver._workers.supervisor",
 }
 
 

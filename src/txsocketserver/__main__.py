@@ -2,11 +2,17 @@
 
     python -m txsocketserver --listen tcp:8000 --handler http.server:SimpleHTTPRequestHandler
 
-The options are those of ``twistd socketserver`` (``--help`` lists them).  The
-server runs ``serve_forever()`` in the main thread, in the blocking world.
+The options are those of ``twistd socketserver`` (``--help`` lists them), plus
+``--log-level``.  The server runs ``serve_forever()`` in the main thread, in
+the blocking world; log events (``twisted.logger``: handler errors, access
+lines of ``http.server`` handlers, refused connections) are written to stderr.
+
 SIGTERM or Ctrl-C stops it gracefully (stop accepting, drain the requests in
-flight for up to ``--drain-timeout`` seconds, close); a second Ctrl-C stops it
-at once.
+flight for up to ``--drain-timeout`` seconds, cut off the stragglers' connections,
+close): the process exits within the drain timeout plus a short grace
+(:data:`~txsocketserver._twisted.service.STRAGGLER_GRACE`), whatever its handlers do.
+A second signal stops it at once: the connections in flight are cut and the
+process exits.
 """
 
 from __future__ import annotations
@@ -16,17 +22,66 @@ import sys
 import threading
 from types import FrameType
 
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+    textFileLogObserver,
+)
 from twisted.python import usage
 
+import txsocketserver
 from txsocketserver._cli import Options, build_server, build_workers, describe, describe_workers
-from txsocketserver._service import stop_gracefully
+from txsocketserver._twisted.service import (
+    STRAGGLER_GRACE,
+    abort_requests,
+    log_errors,
+    stop_gracefully,
+)
 
 PROG = "python -m txsocketserver"
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+# Beyond the drain and the stragglers' grace: what closing the server may take.
+_CLOSE_MARGIN = 1.0
+
+
+class MainOptions(Options):
+    """The shared options, plus what only this front end has (``twistd`` has
+    its own logging options)."""
+
+    optParameters = [
+        *Options.optParameters,
+        [
+            "log-level",
+            None,
+            "info",
+            f"Least severe log events written to stderr: {', '.join(LOG_LEVELS)} "
+            "(debug shows health checks and connections that sent nothing).",
+        ],
+    ]
+
+    def postOptions(self) -> None:
+        if self["log-level"] not in LOG_LEVELS:
+            raise usage.UsageError(
+                f"--log-level {self['log-level']!r}: choose one of {', '.join(LOG_LEVELS)}"
+            )
+        super().postOptions()
+
+
+class _StopNow(BaseException):
+    """Raised in the main thread by a second stop signal."""
+
+
+def _begin_logging(level: str) -> None:
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
+    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, serve until SIGTERM/SIGINT, return the exit status."""
-    options = Options()
+    options = MainOptions()
     try:
         options.parseOptions(sys.argv[1:] if argv is None else argv)
         if options["workers"] is not None:
@@ -37,47 +92,64 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         print(f"{PROG}: try --help", file=sys.stderr)
         return 2
+    _begin_logging(options["log-level"])
     if options["workers"] is not None:
-        from txsocketserver._workers._supervisor import run_workers
+        from txsocketserver._workers.supervisor import run_workers
 
-        return run_workers(workers, describe=describe_workers(options, workers))
+        description = describe_workers(options, workers)
+        return run_workers(workers, describe=description, begin_logging=False)
+    log_errors(server)
+    if isinstance(server, txsocketserver.ThreadingMixIn):
+        # The drain, not interpreter exit, decides how long requests may run:
+        # a handler still running after it must not hold the process.
+        server.daemon_threads = True
 
-    stopping: list[threading.Thread] = []
     serving = threading.current_thread()
+    drain_timeout = options["drain-timeout"]
+    # The drain waits for serve_forever, which runs in this very thread: it
+    # has to happen in another one.  A daemon, so that a second signal can
+    # end the process under it.
+    stopper = threading.Thread(
+        target=stop_gracefully,
+        args=(server,),
+        kwargs={"drain_timeout": drain_timeout, "serving": serving},
+        name="txsocketserver-stop",
+        daemon=True,
+    )
+    stopping: list[threading.Thread] = []
 
     def stop(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
         if stopping:
-            raise KeyboardInterrupt  # second signal: stop now
-        print(f"{PROG}: {signal.Signals(signum).name}: stopping", file=sys.stderr, flush=True)
-        # The drain waits for serve_forever, which runs in this very thread:
-        # it has to happen in another one.
-        stopper = threading.Thread(
-            target=stop_gracefully,
-            args=(server,),
-            kwargs={"drain_timeout": options["drain-timeout"], "serving": serving},
-            name="txsocketserver-stop",
-        )
+            print(f"{PROG}: {name} again: stopping now", file=sys.stderr, flush=True)
+            raise _StopNow
+        # Recorded first: a second signal may interrupt the lines below.
         stopping.append(stopper)
+        print(f"{PROG}: {name}: stopping", file=sys.stderr, flush=True)
         stopper.start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     print(f"{PROG}: {describe(options, server)}", file=sys.stderr, flush=True)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        server.server_close()
-        return 130
-    except OSError:
-        # serve_forever fails once the stopper closed the server under a
-        # loop that did not leave in time: the stop itself reports on that.
+        try:
+            server.serve_forever()
+        except OSError:
+            # serve_forever fails once the stopper closed the server under a
+            # loop that did not leave in time: the stop itself reports on that.
+            if not stopping:
+                raise
         if not stopping:
-            raise
-    if stopping:
-        stopping[0].join()
-    else:
-        server.server_close()
-    return 0
+            server.server_close()
+            return 0
+        stopping[0].join(drain_timeout + STRAGGLER_GRACE + _CLOSE_MARGIN)
+        if stopping[0].is_alive():
+            print(f"{PROG}: handlers still running; exiting", file=sys.stderr, flush=True)
+        return 0
+    except (_StopNow, KeyboardInterrupt):
+        server.block_on_close = False
+        abort_requests(server)
+        return 130
 
 
 if __name__ == "__main__":

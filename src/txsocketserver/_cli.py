@@ -13,13 +13,17 @@ import os
 import sys
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.python import usage
 
 import txsocketserver
-from txsocketserver._endpoints import Endpoint, listening_socket
-from txsocketserver._service import DEFAULT_DRAIN_TIMEOUT
+from txsocketserver._twisted.endpoints import DEFAULT_HEADER_TIMEOUT, Endpoint, listening_socket
+from txsocketserver._twisted.proxy_protocol import DEFAULT_TRUSTED_PROXIES, TrustedProxies
+from txsocketserver._twisted.service import DEFAULT_DRAIN_TIMEOUT
 
 MODES = ("sync", "threading", "forking")
+
+_handler_log = Logger(namespace="txsocketserver.handler")
 
 _LISTEN_HELP = (
     "Twisted server endpoint to listen on, e.g. tcp:8000, "
@@ -126,6 +130,23 @@ class Options(usage.Options):
             "their connections are closed.",
             float,
         ],
+        [
+            "trusted-proxies",
+            None,
+            ",".join(DEFAULT_TRUSTED_PROXIES),
+            "With haproxy: endpoints, the comma-separated peer addresses or networks "
+            "(10.0.0.0/8, fd00::/8) whose PROXY header is believed; '*' trusts any "
+            "peer. Connections from other peers are refused and logged: their header "
+            "could claim any client address. Unix-socket peers are always trusted.",
+        ],
+        [
+            "header-timeout",
+            None,
+            DEFAULT_HEADER_TIMEOUT,
+            "With haproxy: endpoints, seconds from accept for the PROXY header to "
+            "arrive before the connection is closed.",
+            float,
+        ],
         # Workers: see txsocketserver._workers and docs/operations.md.
         [
             "workers",
@@ -180,6 +201,21 @@ class Options(usage.Options):
         except ValueError:
             raise usage.UsageError(f"--graceful-timeout {seconds!r}: not a number") from None
 
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Parse *options*; under ``twistd``, a usage error exits with status 1.
+
+        ``twistd`` before Twisted 26.4 prints a usage error and exits with
+        status 0, so a supervisor would take a misconfigured server for a clean
+        exit: as its subcommand (``parent`` set), we exit 1 ourselves, with the
+        one-line message, on every Twisted version.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as error:
+            if getattr(self, "parent", None) is None:
+                raise  # python -m txsocketserver reports it itself
+            raise SystemExit(f"twistd socketserver: {error}") from None
+
     def postOptions(self) -> None:
         if not self["listens"]:
             raise usage.UsageError("--listen ENDPOINT is required (e.g. --listen tcp:8000)")
@@ -198,8 +234,21 @@ class Options(usage.Options):
             raise usage.UsageError("--max-threads must be at least 1")
         if self["drain-timeout"] < 0:
             raise usage.UsageError("--drain-timeout must not be negative")
+        if self["header-timeout"] <= 0:
+            raise usage.UsageError("--header-timeout must be positive")
+        self["trusted_proxies"] = tuple(
+            entry.strip() for entry in self["trusted-proxies"].split(",") if entry.strip()
+        )
+        try:
+            TrustedProxies(self["trusted_proxies"])
+        except ValueError as exc:
+            raise usage.UsageError(f"--trusted-proxies: {exc}") from exc
         self["handler_class"] = load_object(self["handler"], "--handler")
         self["server_class"] = server_class(self["server"], mode)
+        if not issubclass(self["server_class"], txsocketserver.ForkingMixIn):
+            # A forking child imports its handler class by name: it keeps the
+            # stdlib's stderr lines.
+            self["handler_class"] = logging_handler_class(self["handler_class"])
         if self["max-threads"] is not None and not issubclass(
             self["server_class"], txsocketserver.ThreadingMixIn
         ):
@@ -311,6 +360,8 @@ def build_server(options: Options) -> Any:
         ) from exc
     if options["max-threads"] is not None:
         server.max_threads = options["max-threads"]
+    server.trusted_proxies = options["trusted_proxies"]
+    server.header_timeout = options["header-timeout"]
     return server
 
 
@@ -321,7 +372,7 @@ def build_workers(options: Options) -> Any:
         ``usage.UsageError`` when a socket cannot be made (port in use, an
         endpoint workers cannot share...), naming the reason.
     """
-    from txsocketserver._workers._supervisor import Workers
+    from txsocketserver._workers.supervisor import Workers
 
     try:
         return Workers(
@@ -336,6 +387,8 @@ def build_workers(options: Options) -> Any:
             max_requests=options["max-requests"],
             max_requests_jitter=options["max-requests-jitter"],
             worker_timeout=options["worker-timeout"],
+            trusted_proxies=options["trusted_proxies"],
+            header_timeout=options["header-timeout"],
         )
     except (OSError, ValueError, TypeError) as exc:
         raise usage.UsageError(f"cannot listen: {exc}") from exc
@@ -351,6 +404,40 @@ def describe_workers(options: Options, workers: Any) -> str:
     )
 
 
+def logging_handler_class(handler_class: type) -> type:
+    """*handler_class*, made to log through ``twisted.logger`` if it writes
+    log lines to stderr (``http.server``'s handlers: ``log_message``).
+
+    An access line becomes an info event, ``log_error`` a warning, each with
+    the client's address (``client``); other handler classes are returned
+    unchanged.
+    """
+    import http.server
+
+    if not issubclass(handler_class, http.server.BaseHTTPRequestHandler):
+        return handler_class
+
+    def log_message(self: Any, format: str, *args: Any) -> None:
+        _handler_log.info(
+            "{client} {message}", client=self.address_string(), message=format % args
+        )
+
+    def log_error(self: Any, format: str, *args: Any) -> None:
+        _handler_log.warn(
+            "{client} {message}", client=self.address_string(), message=format % args
+        )
+
+    return type(
+        f"Logging{handler_class.__name__}",
+        (handler_class,),
+        {
+            "__module__": __name__,
+            "log_message": log_message,
+            "log_error": log_error,
+        },
+    )
+
+
 def makeService(options: Options) -> Any:
     """The ``twistd socketserver`` service: the server, listening, as a ServerService.
 
@@ -358,7 +445,7 @@ def makeService(options: Options) -> Any:
     (so ``tcp:80`` works when started as root), and serves once the reactor runs.
     With ``--workers``, the :class:`~txsocketserver.Workers` supervisor instead.
     """
-    from txsocketserver._service import ServerService, _log
+    from txsocketserver._twisted.service import ServerService, _log
 
     if options["workers"] is not None:
         workers = build_workers(options)
@@ -392,6 +479,7 @@ __all__ = [
     "describe",
     "describe_workers",
     "load_object",
+    "logging_handler_class",
     "makeService",
     "server_class",
 ]

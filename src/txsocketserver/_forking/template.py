@@ -5,9 +5,9 @@ Theory of operation
 
 A forking server owns one *template* process, started with Twisted's
 ``reactor.spawnProcess`` (see ``_forking``).  The template is a fresh
-interpreter that imports the server's and the handler's modules once (and the
-main script, as ``__mp_main__``, when one of them lives there), then
-forks a few idle *workers* ahead of need (``warm_children``).  Each
+interpreter that imports the server's and the handler's modules once (or
+rebuilds the classes that were carried by value, see ``_process_dispatcher``),
+then forks a few idle *workers* ahead of need (``warm_children``).  Each
 request goes to one idle worker, which runs that one request and exits; the
 template forks a replacement at once.  The template never runs a request
 itself, so every worker starts from the same pristine state: nothing a
@@ -59,7 +59,7 @@ socket object in the parent is the same object in the worker.
 from __future__ import annotations
 
 import _pickle
-import _signal
+import _signal  # type: ignore[import-not-found]  # no stub: signal's C half
 import _socket
 import gc
 import io
@@ -69,11 +69,13 @@ import signal
 import socket
 import struct
 import sys
-import types
 
 # What the template imports, every worker carries and every fork copies:
 # _pickle rather than pickle (which imports re), no typing, and traceback
-# and runpy imported where they are used.
+# imported where it is used; cloudpickle only by a pickle that needs it.
+from txsocketserver._core.base import BaseServer
+from txsocketserver._forking import by_value as _by_value
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
@@ -119,26 +121,36 @@ class SocketPickler(_pickle.Pickler):
         self.fds: list[int] = []
 
     def reducer_override(self, obj: Any) -> Any:
-        # The pickler's memo makes a second reference to the same socket a
-        # reference to the first one's result: one fd, one object there too.
         if not isinstance(obj, socket.socket):
             return NotImplemented
-        if type(obj) is not socket.socket:
-            # ssl.SSLSocket, say: its TLS state lives in this process, and
-            # the bare fd would speak cleartext.
-            raise TypeError(
-                f"a {type(obj).__name__} cannot be handed to another process, only a "
-                "plain socket.socket can; ForkingMixIn cannot serve a request that "
-                "is wrapped in TLS (an ssl: endpoint, or a get_request() that wraps)"
-            )
-        fd = obj.fileno()
-        if fd < 0:
-            raise TypeError(f"cannot hand a closed socket to another process: {obj!r}")
-        self.fds.append(fd)
-        # The C-level attributes: socket.socket's own properties convert them
-        # to enums, a dozen Python calls each.
-        details = (_RAW_FAMILY.__get__(obj), _RAW_TYPE.__get__(obj), obj.proto, obj.gettimeout())
-        return _socket_from_message, (len(self.fds) - 1, *details)
+        return reduce_socket(self.fds, obj)
+
+
+def reduce_socket(fds: list[int], obj: socket.socket) -> Any:
+    """The reduction of *obj* to the index of its fd in *fds* (appended to it).
+
+    The pickler's memo makes a second reference to the same socket a
+    reference to the first one's result: one fd, one object there too.
+
+    Error handling:
+        ``TypeError`` for a socket that cannot cross a process boundary.
+    """
+    if type(obj) is not socket.socket:
+        # ssl.SSLSocket, say: its TLS state lives in this process, and
+        # the bare fd would speak cleartext.
+        raise TypeError(
+            f"a {type(obj).__name__} cannot be handed to another process, only a "
+            "plain socket.socket can; ForkingMixIn cannot serve a request that "
+            "is wrapped in TLS (an ssl: endpoint, or a get_request() that wraps)"
+        )
+    fd = obj.fileno()
+    if fd < 0:
+        raise TypeError(f"cannot hand a closed socket to another process: {obj!r}")
+    fds.append(fd)
+    # The C-level attributes: socket.socket's own properties convert them
+    # to enums, a dozen Python calls each.
+    details = (_RAW_FAMILY.__get__(obj), _RAW_TYPE.__get__(obj), obj.proto, obj.gettimeout())
+    return _socket_from_message, (len(fds) - 1, *details)
 
 
 _RAW_FAMILY = _socket.socket.family
@@ -167,7 +179,7 @@ class _SocketUnpickler(_pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module == __name__ and name == _socket_from_message.__name__:
             return self._socket_from_message
-        return super().find_class(module, name)
+        return _by_value.find(module, name) or super().find_class(module, name)
 
     def _socket_from_message(
         self, index: int, family: int, type_: int, proto: int, timeout: Any
@@ -230,46 +242,6 @@ def _receive_exactly(sock: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
-# -- the start-up spec ---------------------------------------------------------
-
-
-def main_module_spec() -> tuple[str, str] | None:
-    """How a new interpreter can load this program's ``__main__`` module.
-
-    Returns ``("name", module)`` when it was run with ``-m``, ``("path",
-    file)`` when it was run as a script, and ``None`` when it cannot be loaded
-    again (an interactive session, ``python -c``), following the rules of
-    multiprocessing's *spawn* start method.
-    """
-    main = sys.modules.get("__main__")
-    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
-    if spec_name is not None:
-        return ("name", spec_name)
-    path = getattr(main, "__file__", None)
-    if path is None:
-        return None
-    return ("path", os.path.abspath(path))
-
-
-def _load_main(spec: tuple[str, str]) -> None:
-    """Run the parent's main module as ``__mp_main__`` and make it ``__main__``
-    too, so that pickles naming ``__main__.Something`` find it (as
-    multiprocessing's spawn does: the ``if __name__ == "__main__"`` block does
-    not run)."""
-    import runpy
-
-    kind, where = spec
-    if kind == "name":
-        if where == "__main__" or where.endswith(".__main__"):
-            return
-        namespace = runpy.run_module(where, run_name="__mp_main__", alter_sys=True)
-    else:
-        namespace = runpy.run_path(where, run_name="__mp_main__")
-    module = types.ModuleType("__mp_main__")
-    module.__dict__.update(namespace)
-    sys.modules["__main__"] = sys.modules["__mp_main__"] = module
-
-
 # -- the template process -------------------------------------------------------
 
 
@@ -286,6 +258,20 @@ def _report_ready() -> None:
         pass  # the server process is gone: the channel's end of file follows
 
 
+def rebuild_server(server_class: type[BaseServer], state: dict[str, Any]) -> Any:
+    """Build the worker's server object; runs in the worker (or the template).
+
+    ``BaseServer.__init__`` gives it fresh private bookkeeping (it makes no
+    socket: binding is ``TCPServer.__init__``'s job), then the parent's
+    carried attributes (see ``ProcessDispatcher.child_state``) are copied over.
+    """
+    server = server_class.__new__(server_class)
+    BaseServer.__init__(server, state.get("server_address"), state.get("RequestHandlerClass"))
+    server.__dict__.update(state)
+    server._rebuilt_in_request_process()
+    return server
+
+
 def flush_stdio() -> None:
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:
@@ -298,10 +284,10 @@ def flush_stdio() -> None:
 def _prepare(spec: dict[str, Any]) -> None:
     sys.path[:] = spec["sys_path"]
     sys.argv[:] = spec["sys_argv"]
-    if spec["main"] is not None:
-        _load_main(spec["main"])
-    # Importing the classes now is what makes each request cheap later.
-    _pickle.loads(spec["preload"])
+    _by_value.enable_for(spec["cloudpickle"])
+    # Importing the classes now (or rebuilding them, for classes carried by
+    # value) is what makes each request cheap later.
+    loads_with_fds(spec["preload"], [])
 
 
 def _rehearse_hand_over() -> None:
@@ -386,7 +372,9 @@ class _Template:
         _report_ready()
         while self.channel is not None or self.running or self.idle or self.retiring:
             self._send_status()
-            watched = [self.wake_read] if self.channel is None else [self.wake_read, self.channel]
+            watched: list[Any] = [self.wake_read]
+            if self.channel is not None:
+                watched.append(self.channel)
             readable, _, _ = select.select(watched, [], [])
             if self.wake_read in readable:
                 self._drain_wake_pipe()
@@ -458,6 +446,10 @@ class _Template:
             _installed_server = make_server(*make_args)
         except Exception:
             _print_exc()
+        # What unpickling made (the server object; classes carried by value
+        # rebuilt) joins the objects the collector leaves alone: a worker's
+        # collections would otherwise walk them, copying their pages.
+        gc.freeze()
         self.installed_sockets = list(unpickler.sockets.values())
         used = {sock.fileno() for sock in self.installed_sockets}
         for fd in fds:

@@ -4,9 +4,9 @@ Theory of operation
 ===================
 
 The supervisor runs no user code.  It binds the listening sockets
-(``_listeners``), then keeps ``workers`` worker processes serving them, each
+(``listeners``), then keeps ``workers`` worker processes serving them, each
 started with ``reactor.spawnProcess`` (a fresh interpreter running
-``_worker``), the sockets passed as fds 3, 4, ... (``childFDs``) and a
+``worker``), the sockets passed as fds 3, 4, ... (``childFDs``) and a
 *control pipe* after them, on which the worker reports ``ready``, ``beat``
 and ``retire``, and a pipe the other way that the supervisor never writes:
 a worker seeing its end of file knows the supervisor died.
@@ -54,9 +54,9 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txsocketserver._service import DEFAULT_DRAIN_TIMEOUT
-from txsocketserver._workers._listeners import Listener, make_listener
-from txsocketserver._workers._worker import FIRST_LISTEN_FD
+from txsocketserver._twisted.service import DEFAULT_DRAIN_TIMEOUT
+from txsocketserver._workers.listeners import Listener, make_listener
+from txsocketserver._workers.worker import FIRST_LISTEN_FD
 
 _log = Logger(namespace="txsocketserver.workers")
 
@@ -184,6 +184,8 @@ class Workers(Service):
             not made progress for this many seconds (``None``: never); a
             synchronous worker running one request longer than this counts
             as stuck.
+        trusted_proxies, header_timeout: set on each worker's servers, for
+            ``haproxy:`` listeners (``None``: the server class's defaults).
         handle_signals: in ``startService``, take SIGHUP (reload), SIGTTIN
             and SIGTTOU (one worker more, or fewer); main thread only.
 
@@ -209,6 +211,8 @@ class Workers(Service):
         max_requests: int = 0,
         max_requests_jitter: int = 0,
         worker_timeout: float | None = None,
+        trusted_proxies: Sequence[str] | None = None,
+        header_timeout: float | None = None,
         handle_signals: bool = True,
     ) -> None:
         from txsocketserver._cli import MODES
@@ -226,6 +230,8 @@ class Workers(Service):
         self.max_requests = max_requests
         self.max_requests_jitter = max_requests_jitter
         self.worker_timeout = worker_timeout
+        self.trusted_proxies = None if trusted_proxies is None else list(trusted_proxies)
+        self.header_timeout = header_timeout
         self.handle_signals = handle_signals
         descriptions = [listen] if isinstance(listen, str) else list(listen)
         if not descriptions:
@@ -438,6 +444,8 @@ class Workers(Service):
             "worker_timeout": self.worker_timeout,
             "heartbeat": self.worker_timeout / 4 if self.worker_timeout else None,
             "max_requests": max_requests,
+            "trusted_proxies": self.trusted_proxies,
+            "header_timeout": self.header_timeout,
             "control_fd": control_fd,
             "sys_path": [os.getcwd() if entry == "" else entry for entry in sys.path],
             "listeners": [listener.worker_spec() for listener in self._ordered_listeners()],
@@ -456,7 +464,7 @@ class Workers(Service):
         env["LISTEN_FDNAMES"] = ":".join(f"listener{i}" for i in range(len(listeners)))
         env.pop("LISTEN_PID", None)
         process = _WorkerProcess(self, self._generation, control_fd)
-        argv = [sys.executable, "-m", "txsocketserver._workers._worker", json.dumps(spec)]
+        argv = [sys.executable, "-m", "txsocketserver._workers.worker", json.dumps(spec)]
         self._reactor.spawnProcess(
             process, sys.executable, argv, env=env, path=os.getcwd(), childFDs=child_fds
         )
@@ -530,10 +538,13 @@ class Workers(Service):
         self._reconcile()
 
 
-def run_workers(workers: Workers, *, describe: str | None = None) -> int:
+def run_workers(
+    workers: Workers, *, describe: str | None = None, begin_logging: bool = True
+) -> int:
     """Run *workers* in this process until SIGTERM or SIGINT; return the exit status.
 
-    Runs the reactor in the calling (main) thread, logs to stderr, and
+    Runs the reactor in the calling (main) thread, logs to stderr (unless
+    *begin_logging* is false: the caller has started Twisted's logging), and
     returns 0 after a graceful stop; a second SIGTERM/SIGINT kills the
     workers at once.  For a program of its own; under ``twistd``, use the
     service.
@@ -541,7 +552,10 @@ def run_workers(workers: Workers, *, describe: str | None = None) -> int:
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    if begin_logging:
+        globalLogBeginner.beginLoggingTo(
+            [textFileLogObserver(sys.stderr)], redirectStandardIO=False
+        )
     if describe:
         _log.info("{description}", description=describe)
     signals: list[int] = []

@@ -15,7 +15,7 @@ import io
 import socket
 import weakref
 
-from txsocketserver._base import log_warning
+from txsocketserver._core.base import log_warning
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -37,30 +37,33 @@ import time
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
-from twisted.logger import Logger
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from txsocketserver import _reactor
+from txsocketserver._twisted import reactor as _reactor
 
 #: Seconds ``stopService`` lets requests in flight finish before closing them.
 DEFAULT_DRAIN_TIMEOUT = 30.0
-# Seconds handlers get to end after their connections were shut down under them.
-_STRAGGLER_GRACE = 2.0
+#: Seconds handlers get to end after their connections were shut down under them.
+STRAGGLER_GRACE = 2.0
 
 _log = Logger(namespace="txsocketserver")
 
 
-def _stop_accepting(server: Any) -> None:
-    """Refuse new connections (stream servers only: a datagram server's socket
-    is also what in-flight handlers reply through)."""
-    listener = getattr(server, "_endpoint", None)
-    if listener is not None:
-        listener.stop_listening()
-        return
-    sock = getattr(server, "socket", None)
-    if sock is not None and getattr(server, "socket_type", None) == socket.SOCK_STREAM:
-        sock.close()
+class _ErrorLog:
+    """Where ``handle_error`` logs in the Twisted world: a handler's exception
+    is an error-level event (``Logger.failure`` would make it critical)."""
+
+    def failure(self, format: str, **kwargs: Any) -> None:
+        _log.failure(format, level=LogLevel.error, **kwargs)
+
+
+def log_errors(server: Any) -> None:
+    """Make ``server.handle_error`` log to ``twisted.logger`` (namespace
+    ``txsocketserver``, level error, with ``client_address``) instead of
+    printing to stderr; ``python -m txsocketserver`` and services do this."""
+    server._log_errors_to(_ErrorLog())
 
 
 def _abort(request: Any) -> None:
@@ -72,6 +75,12 @@ def _abort(request: Any) -> None:
         shutdown(socket.SHUT_RDWR)
     except OSError:
         pass  # already closed or reset: the handler is on its way out
+
+
+def abort_requests(server: Any) -> None:
+    """Shut down the connections of every request in flight under its handler."""
+    for request in server._requests_in_flight():
+        _abort(request)
 
 
 def stop_gracefully(
@@ -105,15 +114,15 @@ def stop_gracefully(
     loop_running = serving is not None and serving.is_alive()
     if loop_running:
         stopper.start()
-    if getattr(server, "_endpoint", None) is not None:
-        _stop_accepting(server)
+    if server._stops_accepting_at_once:
+        server._stop_accepting()
     elif loop_running:
         # A socket server's loop may still be waiting on its socket: close it
         # only once the loop has left (a synchronous server's loop leaves when
         # the request it is running ends).
         stopper.join(max(0.0, deadline - time.monotonic()))
         if not stopper.is_alive():
-            _stop_accepting(server)
+            server._stop_accepting()
     drained = server._wait_for_requests(max(0.0, deadline - time.monotonic()))
     if not drained:
         stragglers = server._requests_in_flight()
@@ -122,11 +131,10 @@ def stop_gracefully(
             count=len(stragglers),
             timeout=drain_timeout,
         )
-        for request in stragglers:
-            _abort(request)
-        server._wait_for_requests(_STRAGGLER_GRACE)
+        abort_requests(server)
+        server._wait_for_requests(STRAGGLER_GRACE)
     if loop_running:
-        stopper.join(_STRAGGLER_GRACE)
+        stopper.join(STRAGGLER_GRACE)
     if not server._wait_for_requests(0):
         # Handlers that ignore EOF and EPIPE: close without waiting for them.
         server.block_on_close = False
@@ -199,14 +207,8 @@ class ServerService(Service):
         return started
 
     def _listen_then_serve(self, started: Deferred[ServerService]) -> None:
-        listener = getattr(self.server, "_endpoint", None)
-        if listener is not None and not listener.listening and self._stopped is None:
-            listening = listener.listen_deferred()
-            listening.addCallback(lambda _: self.server._endpoint_listening())
-        elif _unbound_endpoint_socket(self.server) and self._stopped is None:
-            listening = maybeDeferred(self.server.server_bind)
-            listening.addCallback(lambda _: self.server.server_activate())
-        else:
+        listening = None if self._stopped is not None else self.server._start_listening()
+        if listening is None:
             listening = succeed(None)
 
         def serve(_: object) -> ServerService:
@@ -217,7 +219,7 @@ class ServerService(Service):
                 name=f"txsocketserver-serve-{self.name or type(self.server).__name__}",
                 daemon=True,
             )
-            self.server._log_errors_to(_log)
+            log_errors(self.server)
             self._serving.start()
             return self
 
@@ -267,15 +269,6 @@ class ServerService(Service):
         return stopped
 
 
-def _unbound_endpoint_socket(server: Any) -> bool:
-    """Whether *server* listens on its own socket for an endpoint (``tcp:``,
-    ``ssl:``...) but was made with ``bind_and_activate=False`` and has not
-    listened yet: ``start_server`` then binds it, as it would an endpoint."""
-    if not getattr(server, "_endpoint_socket", False) or server.socket.fileno() == -1:
-        return False
-    return not server.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-
-
 def start_server(
     server: Any, *, drain_timeout: float = DEFAULT_DRAIN_TIMEOUT, poll_interval: float = 0.5
 ) -> Deferred[ServerService]:
@@ -307,4 +300,12 @@ def start_server(
     return started.addErrback(failed)
 
 
-__all__ = ["DEFAULT_DRAIN_TIMEOUT", "ServerService", "start_server", "stop_gracefully"]
+__all__ = [
+    "DEFAULT_DRAIN_TIMEOUT",
+    "STRAGGLER_GRACE",
+    "ServerService",
+    "abort_requests",
+    "log_errors",
+    "start_server",
+    "stop_gracefully",
+]

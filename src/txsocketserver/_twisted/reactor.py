@@ -39,18 +39,12 @@ reactor thread can do: :func:`refuse_reactor_thread` turns that deadlock into a
 from __future__ import annotations
 
 import _thread
+import threading
 from collections.abc import Callable
+from typing import Any
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    import threading
-    from typing import Any
-
-# Twisted (and threading) are imported inside the functions below, never at
-# module level: the server classes import this module, and so does every
-# process that only defines or runs them (a forking server's template and
-# workers), which must not pay for Twisted, nor run threading's at-fork hook
-# at each fork (see ``_forking``).
+# The reactor is imported when first asked for, not with this module, so that
+# a program can install the reactor of its choice before it first makes a server.
 
 # How long a blocking caller waits for the reactor thread to answer before it
 # concludes that the reactor is wedged (a handler of somebody else's blocking
@@ -114,8 +108,6 @@ def running_reactor() -> Any:
         if _reactor_thread is None:
             if getattr(reactor, "_stopped", False) and getattr(reactor, "_started", False):
                 raise RuntimeError("the Twisted reactor has been stopped and cannot run again")
-            import threading
-
             started = threading.Event()
             reactor.callWhenRunning(started.set)
             _reactor_thread = threading.Thread(
@@ -152,8 +144,6 @@ def call_in_reactor(function: Callable[..., Any], *args: Any) -> Any:
     reactor = running_reactor()
     if threadable.isInIOThread():
         return function(*args)
-    import threading
-
     done = threading.Event()
     outcome: list[Any] = []
 

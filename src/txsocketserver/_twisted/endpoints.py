@@ -12,8 +12,8 @@ its subclasses, a ``str`` containing ``":"``), it owns an
   ``ssl:``, ``systemd:``, ``haproxy:``..., anything ``serverFromString``
   parses).  Twisted accepts the connections, does the TLS or reads the PROXY
   header, and for each connection a
-  :class:`~txsocketserver._transport_socket.TransportSocketProtocol` hands a
-  :class:`~txsocketserver._transport_socket.TransportSocket` and the client's
+  :class:`~txsocketserver._twisted.transport_socket.TransportSocketProtocol` hands a
+  :class:`~txsocketserver._twisted.transport_socket.TransportSocket` and the client's
   address to :meth:`EndpointListener._on_connection`, on the reactor thread.
 * That callback appends ``(transport_socket, client_address)`` to a queue and
   wakes the serving thread through :class:`EndpointReadiness`, the endpoint
@@ -26,7 +26,24 @@ its subclasses, a ``str`` containing ``":"``), it owns an
 The queue plays the role of the kernel's listen backlog: once
 ``request_queue_size`` connections wait in it, the port stops accepting until
 ``get_request()`` takes one, so a busy synchronous server leaves the next
-clients in the kernel backlog exactly as a socket server does.
+clients in the kernel backlog exactly as a socket server does.  A connection
+counts from the moment it is accepted, not from when it is queued: one still
+sending its PROXY header holds a descriptor and a slot like a queued one, so
+clients that connect and say nothing cannot make the process run out of
+descriptors.  Twisted's port accepts in batches (``numberAccepts`` at a time,
+whatever ``stopReading`` says meanwhile), so the batch is capped to the free
+slots before each one (:meth:`EndpointListener._cap_accepts`).  Silent
+clients cannot lock the others out either: while every slot is taken, a
+connection that has not finished its header within
+:data:`HEADER_TIMEOUT_WHEN_FULL` seconds is closed to make room.  For a
+``haproxy:`` endpoint, ``request_queue_size`` is the wrapped endpoint's
+backlog (Twisted's default: 50), as for ``tcp:``.
+
+``haproxy:`` endpoints (and ``proxyEndpoint(...)`` objects) are not served
+through Twisted's PROXY wrapper: :func:`proxy_protocol_endpoint` unwraps
+them, and our protocol reads the header itself (see ``_transport_socket``),
+with a deadline, the server's ``trusted_proxies``, half-close passed through,
+and a log line for every connection it turns away.
 
 Which thread owns what: the port, the factory and the protocols belong to the
 reactor thread; the queue is shared under one lock; ``get_request`` runs in the
@@ -37,9 +54,11 @@ from __future__ import annotations
 
 import collections
 import errno
+import os
 import socket
 import ssl
 import threading
+import time
 from typing import Any, NamedTuple, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -48,9 +67,11 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txsocketserver import _reactor
-from txsocketserver._readiness import IRequestReadiness
-from txsocketserver._transport_socket import (
+from txsocketserver._twisted import reactor as _reactor
+from txsocketserver._twisted.interfaces import IListener, IRequestReadiness
+from txsocketserver._twisted.proxy_protocol import DEFAULT_TRUSTED_PROXIES, TrustedProxies
+from txsocketserver._twisted.transport_socket import (
+    ProxyHeaderPolicy,
     SocketAddress,
     TransportSocket,
     TransportSocketFactory,
@@ -65,6 +86,14 @@ _T = TypeVar("_T")
 #: Seconds ``server_close()`` waits for the connections its handlers closed to
 #: finish sending (a transport closes asynchronously, after its buffer drains).
 CLOSE_FLUSH_TIMEOUT = 5.0
+
+#: Seconds a connection may take to complete its PROXY header (from accept),
+#: unless the server's ``header_timeout`` says otherwise.  A proxy sends the
+#: header with its first segment, so this only ever cuts off stalled peers.
+DEFAULT_HEADER_TIMEOUT = 10.0
+#: While every slot (``request_queue_size``) is taken, connections older than
+#: this that are still in their header stage are closed to let others in.
+HEADER_TIMEOUT_WHEN_FULL = 0.25
 
 
 class Endpoint:
@@ -165,35 +194,84 @@ def listening_socket(endpoint: Endpoint) -> ListeningSocket | None:
     """
     from twisted.internet import abstract, endpoints
 
+    from txsocketserver._twisted import compat
+
     resolved = endpoint.resolve()
-    kind = type(resolved)
-    # The endpoints' attributes are private, but have kept these names since
-    # Twisted 10; any other type simply takes the Twisted path.
-    if kind is endpoints.UNIXServerEndpoint:
+    unix = compat.unix_parameters(resolved)
+    if unix is not None:
         return ListeningSocket(
             socket.AF_UNIX,
-            resolved._address,  # type: ignore[attr-defined]
-            resolved._backlog,  # type: ignore[attr-defined]
-            unix_mode=resolved._mode,  # type: ignore[attr-defined]
-            unix_lock=bool(resolved._wantPID),  # type: ignore[attr-defined]
+            unix.address,
+            unix.backlog,
+            unix_mode=unix.mode,
+            unix_lock=unix.lockfile,
         )
+    tcp = compat.tcp_parameters(resolved)
+    if tcp is None:
+        return None
     tls = None
-    if kind is endpoints.SSL4ServerEndpoint:
+    if type(resolved) is endpoints.SSL4ServerEndpoint:
         if endpoint.description is None:
-            return None
-        from txsocketserver import _tls
+            return None  # an object: its own TLS configuration, served by Twisted
+        from txsocketserver._twisted import tls as _tls
 
         tls = _tls.server_context(endpoint.description)
         if tls is None:
             return None
-    elif kind not in (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint):
-        return None
-    interface = resolved._interface  # type: ignore[attr-defined]
-    ipv6 = kind is endpoints.TCP6ServerEndpoint or abstract.isIPv6Address(interface)
+    ipv6 = type(resolved) is endpoints.TCP6ServerEndpoint or abstract.isIPv6Address(tcp.interface)
     family = socket.AF_INET6 if ipv6 else socket.AF_INET
-    host = interface or ("::" if ipv6 else "0.0.0.0")
-    port = resolved._port  # type: ignore[attr-defined]
-    return ListeningSocket(family, (host, port), resolved._backlog, tls)  # type: ignore[attr-defined]
+    host = tcp.interface or ("::" if ipv6 else "0.0.0.0")
+    return ListeningSocket(family, (host, tcp.port), tcp.backlog, tls)
+
+
+def proxy_protocol_endpoint(endpoint: IStreamServerEndpoint) -> IStreamServerEndpoint | None:
+    """The endpoint under a PROXY-protocol one (``haproxy:...``), or ``None``.
+
+    Twisted's ``HAProxyProtocolWrapper`` reads the header with no deadline,
+    rejects a header split into small segments (it picks the parser from the
+    first read) and, being a plain ``ProtocolWrapper``, turns a client's
+    half-close into a lost connection.  So we listen on the endpoint it wraps
+    and read the header ourselves (``TransportSocketProtocol`` with a
+    ``ProxyHeaderPolicy``).  This reads two private attributes of Twisted's
+    ``_WrapperServerEndpoint``, which ``proxyEndpoint`` has returned since
+    Twisted 16; ``tests/test_proxy_protocol.py`` fails if that changes.
+    """
+    from twisted.internet.endpoints import _WrapperServerEndpoint
+    from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
+
+    if (
+        isinstance(endpoint, _WrapperServerEndpoint)
+        and getattr(endpoint, "_wrapperFactory", None) is HAProxyWrappingFactory
+    ):
+        return endpoint._wrappedEndpoint  # type: ignore[attr-defined,no-any-return]
+    return None
+
+
+def endpoint_backlog(endpoint: Endpoint) -> int | None:
+    """The listen backlog a PROXY-protocol endpoint's wrapped endpoint asks
+    for (``haproxy:tcp:8000:backlog=128``), if it names one."""
+    inner = proxy_protocol_endpoint(endpoint.resolve())
+    backlog = getattr(inner, "_backlog", None)
+    return backlog if isinstance(backlog, int) and backlog > 0 else None
+
+
+def listen_error(endpoint: Endpoint, error: Exception) -> Exception:
+    """What a socket server would raise where *endpoint* failed to listen.
+
+    Twisted raises ``CannotListenError`` for an address in use; ``socketserver``
+    code catches ``OSError`` and looks at ``errno``, so that is what we raise,
+    the Twisted exception as its ``__cause__``.  Other errors are returned as
+    they are.
+    """
+    from twisted.internet.error import CannotListenError
+
+    if not isinstance(error, CannotListenError):
+        return error
+    cause = error.socketError
+    code = getattr(cause, "errno", None) or errno.EADDRINUSE
+    converted = OSError(code, f"{os.strerror(code)}: cannot listen on {endpoint!r}")
+    converted.__cause__ = error
+    return converted
 
 
 def as_endpoint(server_address: Any, address_family: int) -> Endpoint | None:
@@ -218,6 +296,10 @@ class _TrackedProtocol(TransportSocketProtocol):
 
     listener: EndpointListener
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.listener._connection_made(self)
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         try:
             super().connectionLost(reason)
@@ -226,16 +308,25 @@ class _TrackedProtocol(TransportSocketProtocol):
 
 
 class _ListenerFactory(TransportSocketFactory):
-    def __init__(self, listener: EndpointListener, reactor: Any) -> None:
+    # Twisted's "Starting factory" lines say nothing an operator needs.
+    noisy = False
+
+    def logPrefix(self) -> str:
+        return "txsocketserver"
+
+    def __init__(self, listener: EndpointListener, reactor: Any, proxied: bool) -> None:
         super().__init__(listener._on_connection, reactor=reactor)
         self._listener = listener
         self._reactor = reactor
+        self._proxied = proxied
 
     def buildProtocol(self, addr: Any) -> _TrackedProtocol:
-        protocol = _TrackedProtocol(self._listener._on_connection, reactor=self._reactor)
+        policy = self._listener._proxy_policy() if self._proxied else None
+        protocol = _TrackedProtocol(
+            self._listener._on_connection, reactor=self._reactor, proxy=policy
+        )
         protocol.factory = self
         protocol.listener = self._listener
-        self._listener._connection_made(protocol)
         return protocol
 
 
@@ -262,18 +353,34 @@ class EndpointReadiness:
         pass
 
 
+@implementer(IListener)
 class EndpointListener:
     """The endpoint side of a stream server: a listening port and its queue.
 
     Args:
         endpoint: where to listen.
-        backlog: connections queued for ``get_request()`` before the port stops
-            accepting (the server's ``request_queue_size``).
+        backlog: connections accepted and not yet taken by ``get_request()``
+            (queued, or still in their PROXY header stage) before the port
+            stops accepting (the server's ``request_queue_size``).
+        server: the server it listens for: its ``server_address`` and
+            ``address_family`` follow the port, and its ``trusted_proxies``
+            and ``header_timeout`` apply to each new connection, read as it
+            arrives.
     """
 
-    def __init__(self, endpoint: Endpoint, *, backlog: int) -> None:
+    #: Twisted accepts, not the serving loop: accepting may stop at any time.
+    stops_at_once = True
+
+    def __init__(self, endpoint: Endpoint, *, backlog: int, server: Any = None) -> None:
         self.endpoint = endpoint
+        self._server = server
         self._backlog = max(1, backlog)
+        self._trusted: TrustedProxies | None = None
+        # Connections in their header stage, oldest first, with when they
+        # were accepted (reactor thread only).
+        self._pending: dict[_TrackedProtocol, float] = {}
+        self._make_room_call: Any = None
+        self._cap_scheduled = False
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._queue: collections.deque[tuple[TransportSocket, SocketAddress]] = collections.deque()
@@ -326,15 +433,51 @@ class EndpointListener:
         if self._port is not None or self._stopped:
             raise RuntimeError(f"{self.endpoint!r} was already listened on")
         reactor = _reactor.get_reactor()
-        factory = _ListenerFactory(self, reactor)
-        deferred = maybeDeferred(self.endpoint.resolve(reactor).listen, factory)
-        return deferred.addCallback(self._listening)
+        endpoint = self.endpoint.resolve(reactor)
+        inner = proxy_protocol_endpoint(endpoint)
+        factory = _ListenerFactory(self, reactor, proxied=inner is not None)
+        deferred = maybeDeferred((inner or endpoint).listen, factory)
+
+        def failed(failure: Failure) -> Failure:
+            return Failure(listen_error(self.endpoint, failure.value))
+
+        return deferred.addCallbacks(self._listening, failed)
+
+    def _proxy_policy(self) -> ProxyHeaderPolicy:
+        """The PROXY header policy for a connection arriving now (reactor thread)."""
+        entries = tuple(getattr(self._server, "trusted_proxies", DEFAULT_TRUSTED_PROXIES))
+        if self._trusted is None or self._trusted.entries != entries:
+            self._trusted = TrustedProxies(entries)
+        timeout = getattr(self._server, "header_timeout", DEFAULT_HEADER_TIMEOUT)
+        return ProxyHeaderPolicy(self._trusted, timeout)
 
     def _listening(self, port: IListeningPort) -> None:
         self._port = port
+        self._cap_accepts()
         address = port.getHost()
         self.host = socket_address(address)
         self.family = socket_family(address)
+        if self._server is not None:
+            self._server.server_address = self.host
+            self._server.address_family = self.family
+
+    # -- IListener: what the server's hooks call ----------------------------------------
+
+    def bind(self) -> None:
+        """Listen on the endpoint (it binds and listens in one step)."""
+        self.listen()
+
+    def activate(self) -> None:
+        """Nothing: the endpoint listened in :meth:`bind`."""
+
+    def accept(self) -> tuple[TransportSocket, SocketAddress]:
+        return self.take()
+
+    def start_listening(self) -> Deferred[None] | None:
+        return None if self.listening or self._stopped else self.listen_deferred()
+
+    def stop_accepting(self) -> None:
+        self.stop_listening()
 
     @property
     def listening(self) -> bool:
@@ -343,13 +486,86 @@ class EndpointListener:
     # -- the queue (reactor thread in, serving thread out) -----------------------------
 
     def _connection_made(self, protocol: _TrackedProtocol) -> None:
+        """A connection was accepted (reactor thread, after its connectionMade)."""
         with self._lock:
             self._connections.add(protocol)
+            if protocol.awaiting_header:
+                self._pending[protocol] = time.monotonic()
+            pause = self._load() >= self._backlog and not self._accepting_paused
+            if pause:
+                self._accepting_paused = True
+        if pause:
+            self._pause_accepting()
+        if self._accepting_paused and self._pending:
+            self._schedule_make_room()
+        if not self._cap_scheduled:
+            # After this accept batch, before the reactor polls again.
+            self._cap_scheduled = True
+            _reactor.get_reactor().callLater(0, self._cap_accepts)
+
+    def _cap_accepts(self) -> None:
+        """Make the port's next accept batch no larger than the free slots.
+
+        ``numberAccepts`` is the batch size of Twisted's POSIX ports (it grows
+        by 20 after each full batch); ports without it are left alone.
+        ``tests/test_proxy_protocol.py`` fails if Twisted drops it.
+        """
+        self._cap_scheduled = False
+        port = self._port
+        if port is None or not hasattr(port, "numberAccepts"):
+            return
+        with self._lock:
+            free = self._backlog - self._load()
+        port.numberAccepts = max(1, min(port.numberAccepts, free))  # type: ignore[attr-defined]
 
     def _connection_lost(self, protocol: _TrackedProtocol) -> None:
         with self._changed:
             self._connections.discard(protocol)
+            self._pending.pop(protocol, None)
+            resume = self._resume_wanted()
             self._changed.notify_all()
+        if resume:
+            self._resume_accepting()
+
+    def _load(self) -> int:
+        """Connections holding a slot: queued or in their header stage (lock held)."""
+        return len(self._queue) + len(self._pending)
+
+    def _resume_wanted(self) -> bool:
+        """Whether accepting should resume now; claims the resume (lock held)."""
+        if self._accepting_paused and self._load() < self._backlog:
+            self._accepting_paused = False
+            return True
+        return False
+
+    def _pause_accepting(self) -> None:
+        stop_reading = getattr(self._port, "stopReading", None)
+        if stop_reading is not None:
+            stop_reading()
+
+    def _schedule_make_room(self) -> None:
+        """While full, close the header-stage connections that have had their
+        chance (reactor thread)."""
+        if self._make_room_call is not None or not self._pending:
+            return
+        oldest = next(iter(self._pending.values()))
+        delay = max(0.0, oldest + HEADER_TIMEOUT_WHEN_FULL - time.monotonic())
+        self._make_room_call = _reactor.get_reactor().callLater(delay, self._make_room)
+
+    def _make_room(self) -> None:
+        self._make_room_call = None
+        if not self._accepting_paused or self._stopped:
+            return
+        limit = time.monotonic() - HEADER_TIMEOUT_WHEN_FULL
+        with self._lock:
+            stale = [p for p, accepted in self._pending.items() if accepted <= limit]
+        for protocol in stale:
+            protocol.evict(
+                f"no complete PROXY header within {HEADER_TIMEOUT_WHEN_FULL}s "
+                "while every slot was taken"
+            )
+        if self._accepting_paused:
+            self._schedule_make_room()
 
     def _closing_connections(self) -> bool:
         """Whether a connection its handler closed is still sending (lock held)."""
@@ -357,7 +573,10 @@ class EndpointListener:
         return any(p._bridge.closed for p in self._connections)
 
     def _on_connection(self, transport_socket: TransportSocket, address: SocketAddress) -> None:
+        """A connection is ready for a handler (reactor thread): queue it."""
         with self._lock:
+            # Its slot moves from the header stage to the queue.
+            self._pending.pop(transport_socket._protocol, None)  # type: ignore[call-overload]
             if self._stopped:
                 accepted = False
             else:
@@ -366,15 +585,13 @@ class EndpointListener:
                 if self._notify is not None:
                     self._notify[1].send(b"\0")
                 self._changed.notify()
-                pause = len(self._queue) >= self._backlog and not self._accepting_paused
+                pause = self._load() >= self._backlog and not self._accepting_paused
                 if pause:
                     self._accepting_paused = True
         if not accepted:
             transport_socket.close()
         elif pause:
-            stop_reading = getattr(self._port, "stopReading", None)
-            if stop_reading is not None:
-                stop_reading()
+            self._pause_accepting()
 
     def take(self) -> tuple[TransportSocket, SocketAddress]:
         """The next queued connection (serving thread).
@@ -390,9 +607,7 @@ class EndpointListener:
             request = self._queue.popleft()
             if self._notify is not None:
                 self._notify[0].recv(1)
-            resume = self._accepting_paused and len(self._queue) < self._backlog
-            if resume:
-                self._accepting_paused = False
+            resume = self._resume_wanted()
         if resume:
             _reactor.call_soon(self._resume_accepting)
         return request
@@ -402,6 +617,7 @@ class EndpointListener:
         if port is not None and not self._stopped and not self._accepting_paused:
             start_reading = getattr(port, "startReading", None)
             if start_reading is not None:
+                self._cap_accepts()
                 start_reading()
 
     def _wait(self, readiness: EndpointReadiness, timeout: float | None) -> bool:
@@ -464,14 +680,24 @@ class EndpointListener:
             return
         reactor = _reactor.get_reactor()
         if _reactor.in_reactor_thread():
-            port.stopListening()
+            self._stop_port(port)
         elif reactor.running:
-            _reactor.call_in_reactor(port.stopListening)
+            _reactor.call_in_reactor(self._stop_port, port)
         else:
             # Listening happened with no reactor running and nothing ran it
             # since: only a running reactor closes a port, so start ours.
             _reactor.running_reactor()
-            _reactor.call_in_reactor(port.stopListening)
+            _reactor.call_in_reactor(self._stop_port, port)
+
+    def _stop_port(self, port: IListeningPort) -> Any:
+        """Close the port and the connections still in their header stage
+        (no handler will ever take them); reactor thread."""
+        call, self._make_room_call = self._make_room_call, None
+        if call is not None and call.active():
+            call.cancel()
+        for protocol in list(self._pending):
+            protocol.evict("the server is stopping", level="info")
+        return port.stopListening()
 
     def _drain_notify(self) -> None:
         assert self._notify is not None
@@ -505,4 +731,14 @@ class EndpointListener:
                 end.close()
 
 
-__all__ = ["Endpoint", "EndpointListener", "EndpointReadiness", "as_endpoint"]
+__all__ = [
+    "DEFAULT_HEADER_TIMEOUT",
+    "HEADER_TIMEOUT_WHEN_FULL",
+    "Endpoint",
+    "EndpointListener",
+    "EndpointReadiness",
+    "as_endpoint",
+    "endpoint_backlog",
+    "listen_error",
+    "proxy_protocol_endpoint",
+]

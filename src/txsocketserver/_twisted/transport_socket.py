@@ -66,7 +66,11 @@ How a connection ends
   close hop.  Hops run in the order they were queued, so the close hop runs
   after the flushes of everything written before: it unregisters the producer
   and calls ``loseConnection()``, which sends what the transport still buffers,
-  then closes.  Nothing written before ``close()`` is lost.
+  then closes.  Nothing written before ``close()`` is lost: on TCP the close
+  *lingers*: it half-closes after the last byte and reads (discarding) until
+  the peer's FIN, for at most :data:`LINGER_TIMEOUT` seconds, because closing
+  with unread input would make the kernel reset the connection and the peer
+  would lose the end of the reply.
 * ``close()`` racing ``connectionLost``: both the close hop and
   ``connectionLost`` run on the reactor thread, so they are ordered; the close
   hop does nothing once ``lost`` is set, and ``connectionLost`` after ``closed``
@@ -81,10 +85,30 @@ How a connection starts
 -----------------------
 ``connectionMade`` registers the producer, builds the :class:`TransportSocket`
 and calls ``on_connection(transport_socket, client_address)`` on the reactor
-thread.  Behind a ``haproxy:`` endpoint Twisted connects us before the PROXY
-header has arrived, while ``getPeer()`` still names the load balancer: the
-call then waits until the header is parsed (bytes that follow it are buffered
-meanwhile), so ``client_address`` is the real client's.
+thread.
+
+Behind the PROXY protocol (a :class:`ProxyHeaderPolicy` given), a connection
+first goes through a *header stage*, still on the reactor thread, before any
+``TransportSocket`` exists:
+
+* a peer that is not a trusted proxy is refused at once (its header would
+  claim any address it likes);
+* otherwise the bytes are buffered until
+  :func:`~txsocketserver._twisted.proxy_protocol.parse_header` has a whole
+  header, however the proxy split it into segments; the bytes after it are
+  the first payload;
+* a deadline (``timeout``) bounds the stage: a silent client, or one that
+  stops inside its header, is closed;
+* a ``LOCAL`` header (the proxy's health check) ends the connection, with no
+  ``TransportSocket`` and no handler.
+
+Each way a connection ends in this stage is logged once, with the peer's
+address: a refusal or timeout as a warning, a health check or a connection
+that ends before sending anything at debug level.  Then ``client_address``,
+``getpeername()`` and ``getsockname()`` are those the header names.  The
+protocol sits directly on the TCP transport (see
+``_endpoints.proxy_protocol_endpoint``), so a client's half-close reaches it
+as ``readConnectionLost`` and the handler can still answer.
 
 Which thread owns what
 ----------------------
@@ -103,7 +127,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -120,6 +144,13 @@ from twisted.python import threadable
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txsocketserver._twisted.proxy_protocol import (
+    ProxyHeader,
+    ProxyHeaderError,
+    TrustedProxies,
+    parse_header,
+)
+
 # Bytes buffered for the handler before the transport is asked to stop reading.
 RECEIVE_HIGH_WATER = 256 * 1024
 # Bytes left in the buffer when the handler's reads ask the transport to read again.
@@ -127,6 +158,9 @@ RECEIVE_LOW_WATER = 64 * 1024
 # Bytes accepted by send/sendall that the reactor has not yet handed to the
 # transport; a writer waits beyond this.  The transport's own buffer comes on top.
 SEND_WINDOW = 256 * 1024
+# Seconds a closed connection keeps reading, after its FIN, for the peer's FIN
+# (see TransportSocketProtocol._close); Apache's lingering close waits 2 s too.
+LINGER_TIMEOUT = 2.0
 
 #: What ``socket.accept()`` returns as the address for each family: ``(host,
 #: port)`` for IPv4, ``(host, port, flowinfo, scope_id)`` for IPv6, a path (``""``
@@ -137,6 +171,8 @@ SocketAddress = tuple[str, int] | tuple[str, int, int, int] | str | bytes
 ConnectionCallback = Callable[["TransportSocket", SocketAddress], object]
 
 _log = Logger()
+# Connections refused or ended before a handler got them: the operator's log.
+_connection_log = Logger(namespace="txsocketserver")
 
 
 # socket.MSG_* are IntFlag members: every ``&`` or ``|`` on them runs enum
@@ -236,19 +272,15 @@ def _half_close(transport: Any) -> Callable[[], None] | None:
     return None
 
 
-def _pending_proxy_header(transport: Any) -> ProtocolWrapper | None:
-    """The PROXY-protocol wrapper around us if its header has not arrived yet.
+class ProxyHeaderPolicy(NamedTuple):
+    """How connections behind the PROXY protocol are admitted.
 
-    Twisted connects the wrapped protocol before the header is parsed, when
-    ``getPeer()`` still names the load balancer.  We must wait for the header
-    to report the real client address.
+    ``trusted``: the peers whose header is believed; ``timeout``: seconds from
+    accept for the whole header to arrive (``None``: no deadline).
     """
-    from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
 
-    if isinstance(transport, HAProxyProtocolWrapper):
-        if getattr(transport, "_proxyInfo", True) is None:
-            return transport
-    return None
+    trusted: TrustedProxies
+    timeout: float | None
 
 
 class _Bridge:
@@ -276,6 +308,7 @@ class _Bridge:
         self.closed = False  # the handler closed the socket
         self.lost = False  # connectionLost has run
         self.lost_errno = 0  # 0 for a clean close, else ECONNRESET
+        self.payload_seen = False  # a byte of payload has arrived
 
 
 @implementer(IPushProducer)
@@ -321,17 +354,38 @@ class TransportSocketProtocol(Protocol):
             hands the socket to a handler thread.  From then on the callee owns
             the socket and must ``close()`` it.
         reactor: the reactor that runs the transport; the global one by default.
+        proxy: read a PROXY protocol header first, admitting connections as
+            this policy says (see the module docstring); ``on_connection`` is
+            then called once the header has arrived, with the address it names.
 
     Error handling:
         If ``on_connection`` raises, the error is logged and the connection is
         closed.
     """
 
-    def __init__(self, on_connection: ConnectionCallback, *, reactor: Any = None) -> None:
+    def __init__(
+        self,
+        on_connection: ConnectionCallback,
+        *,
+        reactor: Any = None,
+        proxy: ProxyHeaderPolicy | None = None,
+    ) -> None:
         self._on_connection = on_connection
         self._reactor = reactor
         self._bridge = _Bridge()
         self.socket: TransportSocket | None = None
+        self._proxy = proxy
+        # The header stage: bytes of the PROXY header so far, None once over.
+        self._header: bytearray | None = None
+        self._header_deadline: Any = None
+        self._proxied: ProxyHeader | None = None
+        self._write_half_closed = False  # loseWriteConnection was called
+        self._linger: Any = None  # the lingering close's deadline, while it runs
+
+    @property
+    def awaiting_header(self) -> bool:
+        """Whether the connection is still in its PROXY header stage."""
+        return self._header is not None
 
     # IProtocol ------------------------------------------------------------------
 
@@ -340,31 +394,40 @@ class TransportSocketProtocol(Protocol):
             from twisted.internet import reactor
 
             self._reactor = reactor
-        self.transport.registerProducer(_OutgoingProducer(self._bridge), True)
-        proxy = _pending_proxy_header(self.transport)
-        if proxy is None:
+        if self._proxy is None:
             self._start()
             return
-        # Start once the wrapper has parsed the header, even if no payload
-        # follows it (protocols where the server speaks first).
-        parse = proxy.dataReceived
-
-        def data_received(data: bytes) -> None:
-            parse(data)
-            if proxy._proxyInfo is not None and self.socket is None and not self._bridge.lost:
-                del proxy.dataReceived
-                self._start()
-
-        proxy.dataReceived = data_received  # type: ignore[method-assign]
+        peer = socket_address(self.transport.getPeer())
+        if not self._proxy.trusted.trusts(peer):
+            _connection_log.warn(
+                "refused connection from {peer}: not a trusted proxy (trusted: {trusted}), "
+                "so its PROXY header cannot be believed",
+                peer=peer,
+                trusted=", ".join(self._proxy.trusted.entries) or "none",
+            )
+            self.transport.loseConnection()
+            return
+        self._header = bytearray()
+        if self._proxy.timeout is not None:
+            self._header_deadline = self._reactor.callLater(
+                self._proxy.timeout, self._header_timed_out
+            )
 
     def _start(self) -> None:
+        self.transport.registerProducer(_OutgoingProducer(self._bridge), True)
+        header = self._proxied
         peer = self.transport.getPeer()
+        family = socket_family(peer)
+        client = socket_address(peer)
+        host = socket_address(self.transport.getHost())
+        if header is not None and header.family is not None:
+            family, client, host = header.family, header.source, header.destination  # type: ignore[assignment]
         self.socket = TransportSocket(
             self,
             self._bridge,
-            family=socket_family(peer),
-            peer=socket_address(peer),
-            host=socket_address(self.transport.getHost()),
+            family=family,
+            peer=client,
+            host=host,
             os_socket=_underlying_socket(self.transport),
         )
         try:
@@ -373,11 +436,89 @@ class TransportSocketProtocol(Protocol):
             _log.failure("on_connection raised; closing the connection")
             self.socket.close()
 
+    # The PROXY header stage -------------------------------------------------------
+
+    def _header_received(self, data: bytes) -> bytes:
+        """Buffer *data* into the header; return the payload after a whole one."""
+        assert self._header is not None
+        self._header += data
+        try:
+            header = parse_header(self._header)
+        except ProxyHeaderError as error:
+            self._end_header_stage("warn", "refused connection from {peer}: {reason}", error)
+            self.transport.loseConnection()
+            return b""
+        if header is None:
+            return b""
+        payload = bytes(self._header[header.length :])
+        self._end_header_stage()
+        if header.local:
+            _connection_log.debug(
+                "PROXY LOCAL connection (a health check) from {peer}",
+                peer=socket_address(self.transport.getPeer()),
+            )
+            self.transport.loseConnection()
+            return b""
+        self._proxied = header
+        self._start()
+        return payload
+
+    def _end_header_stage(self, level: str = "", message: str = "", reason: object = "") -> None:
+        """Leave the header stage, logging *message* at *level* if one is given."""
+        if level:
+            getattr(_connection_log, level)(
+                message,
+                peer=socket_address(self.transport.getPeer()),
+                reason=reason,
+                received=len(self._header or b""),
+            )
+        self._header = None
+        deadline, self._header_deadline = self._header_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _header_timed_out(self) -> None:
+        self._header_deadline = None
+        if self._header is None:
+            return
+        self._end_header_stage(
+            "warn",
+            "closed connection from {peer}: {reason}",
+            f"no complete PROXY header within {self._proxy.timeout}s",  # type: ignore[union-attr]
+        )
+        self.transport.loseConnection()
+
+    def evict(self, reason: str, level: str = "warn") -> None:
+        """Close a connection still in its header stage, logging *reason* at
+        *level* (a ``twisted.logger`` level name); reactor thread."""
+        if self._header is not None:
+            self._end_header_stage(level, "closed connection from {peer}: {reason}", reason)
+            self.transport.loseConnection()
+
+    def _header_stage_lost(self, how: str) -> None:
+        """The peer ended the connection before its header was complete."""
+        if self._header:
+            self._end_header_stage(
+                "info",
+                "connection from {peer} " + how + " inside its PROXY header ({received} bytes)",
+            )
+        else:
+            self._end_header_stage(
+                "debug", "connection from {peer} " + how + " before sending anything"
+            )
+
+    # Payload ------------------------------------------------------------------------
+
     def dataReceived(self, data: bytes) -> None:
+        if self._header is not None:
+            data = self._header_received(data)
+            if not data:
+                return
         bridge = self._bridge
         with bridge.lock:
             if bridge.read_shut or bridge.closed:
                 return
+            bridge.payload_seen = True
             bridge.received += data
             pause = not bridge.read_paused and len(bridge.received) >= RECEIVE_HIGH_WATER
             if pause:
@@ -387,15 +528,28 @@ class TransportSocketProtocol(Protocol):
             self.transport.pauseProducing()
 
     def readConnectionLost(self) -> None:
+        if self._header is not None:
+            self._header_stage_lost("closed")
+            self.transport.loseConnection()
+            return
         with self._bridge.lock:
             self._bridge.read_eof = True
             self._bridge.readable.notify_all()
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+            self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
         # Only happens after our own loseWriteConnection: nothing to record.
         pass
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._header is not None:
+            self._header_stage_lost("closed" if reason.check(ConnectionDone) else "was reset")
+        linger, self._linger = self._linger, None
+        if linger is not None and linger.active():
+            linger.cancel()
         bridge = self._bridge
         with bridge.lock:
             bridge.lost = True
@@ -464,6 +618,7 @@ class TransportSocketProtocol(Protocol):
         half_close = _half_close(self.transport)
         if half_close is not None:
             self.transport.unregisterProducer()
+            self._write_half_closed = True
             half_close()
 
     def _close(self, abort: bool = False) -> None:
@@ -477,7 +632,18 @@ class TransportSocketProtocol(Protocol):
             return
         # A registered producer would keep the transport open: finish first.
         self.transport.unregisterProducer()
-        self.transport.loseConnection()
+        half_close = None if self._bridge.read_eof else _half_close(self.transport)
+        if half_close is None:
+            self.transport.loseConnection()
+            return
+        # A lingering close: closing a socket with unread input makes the
+        # kernel send a reset, and the peer's kernel then drops our last bytes
+        # unread.  So send a FIN after them, keep reading (and discarding)
+        # until the peer's own FIN, for at most LINGER_TIMEOUT seconds.
+        if not self._write_half_closed:
+            self._write_half_closed = True
+            half_close()
+        self._linger = self._reactor.callLater(LINGER_TIMEOUT, self.transport.loseConnection)
 
 
 class TransportSocketFactory(Factory):
@@ -486,14 +652,24 @@ class TransportSocketFactory(Factory):
     Args:
         on_connection: passed to each protocol; see :class:`TransportSocketProtocol`.
         reactor: the reactor that runs the transports; the global one by default.
+        proxy: passed to each protocol; see :class:`TransportSocketProtocol`.
     """
 
-    def __init__(self, on_connection: ConnectionCallback, *, reactor: Any = None) -> None:
+    def __init__(
+        self,
+        on_connection: ConnectionCallback,
+        *,
+        reactor: Any = None,
+        proxy: ProxyHeaderPolicy | None = None,
+    ) -> None:
         self._on_connection = on_connection
         self._reactor = reactor
+        self._proxy = proxy
 
     def buildProtocol(self, addr: IAddress) -> TransportSocketProtocol:
-        protocol = TransportSocketProtocol(self._on_connection, reactor=self._reactor)
+        protocol = TransportSocketProtocol(
+            self._on_connection, reactor=self._reactor, proxy=self._proxy
+        )
         protocol.factory = self
         return protocol
 
@@ -560,6 +736,13 @@ class TransportSocket:
         """Bytes accepted by ``send``/``sendall`` not yet handed to the transport."""
         with self._bridge.lock:
             return self._bridge.outgoing_bytes
+
+    @property
+    def ended_before_payload(self) -> bool:
+        """Whether the connection ended before a byte of payload arrived: a TCP
+        health check or a port scan, not a failed request."""
+        with self._bridge.lock:
+            return self._bridge.lost and not self._bridge.payload_seen
 
     @property
     def buffered_read_bytes(self) -> int:
@@ -1005,6 +1188,7 @@ __all__ = [
     "RECEIVE_LOW_WATER",
     "SEND_WINDOW",
     "ConnectionCallback",
+    "ProxyHeaderPolicy",
     "SocketAddress",
     "TransportSocket",
     "TransportSocketFactory",

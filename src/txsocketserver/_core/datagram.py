@@ -45,8 +45,8 @@ from __future__ import annotations
 
 import socket
 
-from txsocketserver._base import log_warning
-from txsocketserver._stream import TCPServer
+from txsocketserver._core.base import log_warning
+from txsocketserver._core.stream import TCPServer
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -3,7 +3,7 @@
 The loop has the stdlib's shape and calls the same hooks in the same order on
 the same thread (the caller of ``serve_forever``/``handle_request``).  What
 changes is how it waits: instead of ``select()`` on the socket it waits on an
-:class:`~txsocketserver._readiness.IRequestReadiness`, which the reactor feeds.
+:class:`~txsocketserver._twisted.readiness.IRequestReadiness`, which the reactor feeds.
 That gives two things the stdlib lacks: ``shutdown()`` wakes the loop at once
 instead of waiting out ``poll_interval``, and the same server can be fed by a
 Twisted endpoint instead of a socket.
@@ -14,20 +14,18 @@ from __future__ import annotations
 import _thread
 import contextlib
 import errno
+import socket
 import sys
 import time
 from collections.abc import Iterator
 
-from txsocketserver import _reactor
-
-# Not typing's: importing typing (like logging and traceback, imported where
-# they are used) would add a megabyte to every process that only defines or
-# runs handlers, and every fork of a forking server's template copies it.
-TYPE_CHECKING = False
+TYPE_CHECKING = False  # not typing's: see txsocketserver._core
 if TYPE_CHECKING:
     from typing import Any
 
-    from txsocketserver._readiness import IRequestReadiness
+    from typing_extensions import Self
+
+    from txsocketserver._twisted.interfaces import IRequestReadiness
 
 # accept() failing for lack of resources leaves the request queued, so the
 # socket stays readable; pausing briefly stops the loop from spinning on it
@@ -46,6 +44,13 @@ def log_warning(message: str, *args: Any) -> None:
     import logging
 
     logging.getLogger("txsocketserver").warning(message, *args)
+
+
+def _refuse_reactor_thread(call: str) -> None:
+    """``RuntimeError`` if *call* (a blocking API) is made on the reactor thread."""
+    from txsocketserver._twisted.reactor import refuse_reactor_thread
+
+    refuse_reactor_thread(call)
 
 
 def run_request(server: Any, request: Any, client_address: Any) -> bool:
@@ -94,6 +99,13 @@ class BaseServer:
     # Seconds handle_request() waits before calling handle_timeout(); None waits forever.
     timeout: float | None = None
 
+    if TYPE_CHECKING:
+        # Defined by the subclasses (TCPServer), used by the loop; the
+        # stdlib's stubs declare them here too.
+        def get_request(self) -> tuple[Any, Any]: ...
+
+        def fileno(self) -> int: ...
+
     # Private: True when process_request() hands requests to another thread or
     # process, whose code then calls _request_finished() itself.
     _requests_finish_elsewhere = False
@@ -137,7 +149,7 @@ class BaseServer:
             ``RuntimeError`` if called on the Twisted reactor thread (it would
             deadlock); use :class:`txsocketserver.ServerService` there.
         """
-        _reactor.refuse_reactor_thread("serve_forever")
+        _refuse_reactor_thread("serve_forever")
         self.__sync()[0].clear()
         try:
             with self.__watching() as readiness:
@@ -164,7 +176,7 @@ class BaseServer:
         Error handling:
             ``RuntimeError`` if called on the Twisted reactor thread.
         """
-        _reactor.refuse_reactor_thread("shutdown")
+        _refuse_reactor_thread("shutdown")
         self.__shutdown_request = True
         readiness = self.__readiness
         if readiness is not None:
@@ -183,7 +195,7 @@ class BaseServer:
         The timeout is the smaller of ``self.timeout`` and the socket's own;
         ``handle_timeout()`` is called when it passes with no request.
         """
-        _reactor.refuse_reactor_thread("handle_request")
+        _refuse_reactor_thread("handle_request")
         timeout = self._socket_timeout()
         if timeout is None:
             timeout = self.timeout
@@ -245,7 +257,7 @@ class BaseServer:
         """Make what tells the serving loop that a request is ready (private hook)."""
         # Imported here, where serving begins: it imports Twisted, which a
         # process that only defines or runs handlers never needs.
-        from txsocketserver._readiness import SocketReadiness
+        from txsocketserver._twisted.readiness import SocketReadiness
 
         return SocketReadiness(self.fileno())
 
@@ -312,7 +324,7 @@ class BaseServer:
         traceback.print_exc()
         print("-" * 40, file=sys.stderr)
 
-    def __enter__(self) -> BaseServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *args: object) -> None:
@@ -326,6 +338,31 @@ class BaseServer:
         if readiness is not None:
             readiness.close()
             readiness.wake()
+
+    def _rebuilt_in_request_process(self) -> None:
+        """Called on a forked request's copy of the server once the carried
+        attributes are in place (``ForkingMixIn``): what only the serving
+        process may have is replaced here."""
+
+    # -- what a service asks of a server (IServerControl) -------------------------
+
+    @property
+    def _stops_accepting_at_once(self) -> bool:
+        """Whether ``_stop_accepting`` may run while the serving loop waits (a
+        loop waiting on a socket must leave it before it is closed)."""
+        return False
+
+    def _start_listening(self) -> Any:
+        """A Deferred firing once a server made unbound listens, or ``None``
+        when its caller binds it (a socket address)."""
+        return None
+
+    def _stop_accepting(self) -> None:
+        """Refuse new requests (stream servers: close the listening socket; a
+        datagram server's socket is also what in-flight handlers reply through)."""
+        sock = getattr(self, "socket", None)
+        if sock is not None and getattr(self, "socket_type", None) == socket.SOCK_STREAM:
+            sock.close()
 
     def _log_errors_to(self, logger: Any) -> None:
         """Route ``handle_error`` to a ``twisted.logger.Logger`` (None: stderr)."""

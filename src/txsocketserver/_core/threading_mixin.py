@@ -12,6 +12,10 @@ Differences from the stdlib, all in the caller's favour:
   interpreter exit.  ``daemon_threads = False`` (the default) keeps its stdlib
   meaning all the same: at exit, and in ``server_close()`` when
   ``block_on_close`` is true, we wait for the requests in flight.
+
+As in the stdlib: what escapes a request (``SystemExit``, what an overridden
+``handle_error`` raises) goes to ``threading.excepthook`` with the thread that
+ran it, and ``_threads`` lists the (non-daemon) threads running requests.
 """
 
 from __future__ import annotations
@@ -20,13 +24,13 @@ import _thread
 import sys
 import weakref
 
-from txsocketserver._base import run_request
+from txsocketserver._core.base import run_request
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from txsocketserver._thread_dispatcher import ThreadDispatcher
+    from txsocketserver._twisted.interfaces import IThreadDispatcher
 
 
 # Servers whose requests run on non-daemon threads in the stdlib's sense,
@@ -81,6 +85,17 @@ if "threading" in sys.modules:
     _register_exit_hook()
 
 
+class _NoThreads:
+    """The stdlib's ``_NoThreads``: ``_threads`` of a server whose requests
+    nobody waits for."""
+
+    def append(self, thread: Any) -> None:
+        pass
+
+    def join(self) -> None:
+        pass
+
+
 class ThreadingMixIn:
     """Mix-in class to handle each request in a thread (of a reused pool)."""
 
@@ -93,14 +108,25 @@ class ThreadingMixIn:
     # Ours: seconds an idle pool thread lives before it is retired.
     idle_thread_timeout: float = 5.0
 
-    _thread_dispatcher: ThreadDispatcher | None = None
+    _thread_dispatcher: IThreadDispatcher | None = None
+    # The stdlib's private _threads, which code reads (len(server._threads):
+    # requests in flight): once a server with block_on_close has dispatched,
+    # the non-daemon threads running its requests now (see RequestThreads);
+    # before that, or without block_on_close, the stdlib's _NoThreads.
+    _threads: Any = _NoThreads()
     # _run_request_thread() ends each request's in-flight record.
     _requests_finish_elsewhere = True
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         """Run one request, in a pool thread: ``finish_request``, then
         ``handle_error`` on an ``Exception``, and ``shutdown_request`` always.
-        May be overridden."""
+        May be overridden.
+
+        Error handling:
+            What escapes it (``SystemExit``, what an overridden
+            ``handle_error`` raises) goes to ``threading.excepthook``, as from
+            the stdlib's request thread; the pool thread serves on.
+        """
         run_request(self, request, client_address)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -115,11 +141,11 @@ class ThreadingMixIn:
         finally:
             self._request_finished(request)  # type: ignore[attr-defined]
 
-    def _request_threads(self) -> ThreadDispatcher:
+    def _request_threads(self) -> IThreadDispatcher:
         # Made on first use so that daemon_threads/max_threads set on the
         # instance after construction still apply.
         if self._thread_dispatcher is None:
-            from txsocketserver._thread_dispatcher import ThreadDispatcher
+            from txsocketserver._twisted.thread_dispatcher import RequestThreads, ThreadDispatcher
 
             self._thread_dispatcher = ThreadDispatcher(
                 name=f"{type(self).__name__}-{id(self):x}",
@@ -129,6 +155,13 @@ class ThreadingMixIn:
             )
             if not self.daemon_threads:
                 _wait_at_exit_for(self)
+            if self.block_on_close:
+                # As the stdlib's list, it holds non-daemon threads only.
+                self._threads = (
+                    RequestThreads()
+                    if self.daemon_threads
+                    else self._thread_dispatcher.request_threads
+                )
         return self._thread_dispatcher
 
     def _after_serving_step(self) -> None:

@@ -9,8 +9,8 @@ template and the workers never import.
 from __future__ import annotations
 
 import enum
+import io
 import os
-import pickle
 import select
 import socket
 import subprocess
@@ -21,22 +21,23 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+import cloudpickle
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txsocketserver import _reactor
-from txsocketserver._dispatch import IRequestDispatcher
-from txsocketserver._forking import _child_server, check_reachable
-from txsocketserver._forking_child import (
+from txsocketserver._core.base import BaseServer
+from txsocketserver._forking.template import (
     CHANNEL_FD,
     INSTALL_TAG,
     SPEC_TAG,
     STATUS_FD,
-    dumps_with_fds,
-    main_module_spec,
+    rebuild_server,
+    reduce_socket,
     send_message,
 )
+from txsocketserver._twisted import reactor as _reactor
+from txsocketserver._twisted.interfaces import IProcessDispatcher
 
 # recv() flags: take what has arrived, never wait (the socket itself blocks).
 _RECEIVE_NOW = getattr(socket, "MSG_DONTWAIT", 0)
@@ -44,19 +45,15 @@ _RECEIVE_NOW = getattr(socket, "MSG_DONTWAIT", 0)
 # Seconds a closing server waits for an idle template to exit before killing it.
 TEMPLATE_EXIT_TIMEOUT = 10.0
 
-# Instance attributes that are this package's bookkeeping, not the user's:
-# they are not copied to the child's server object.
-_PRIVATE_PREFIXES = ("_BaseServer__", "_forking_")
-
 # Attributes that change from one request to the next (ours): they travel
 # with each request rather than being part of the state installed in the
 # template.
 _VOLATILE = ("active_children",)
 
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _TEMPLATE_COMMAND = (
     f"import sys; sys.path.insert(0, {_PACKAGE_ROOT!r}); "
-    "from txsocketserver._forking_child import main; main()"
+    "from txsocketserver._forking.template import main; main()"
 )
 
 
@@ -75,6 +72,82 @@ def _immutable(value: Any) -> bool:
     if kind is tuple or kind is frozenset:
         return all(_immutable(item) for item in value)
     return False
+
+
+class _CarryingPickler(cloudpickle.Pickler):
+    """Pickles what a worker needs: sockets as fds, classes and functions by
+    reference when a new process can import them by name, by value otherwise.
+
+    By value (cloudpickle's job, as for loky, Dask and Ray) are the classes
+    and functions of ``__main__`` and those a module cannot give by name
+    (defined inside a function, a closure), with the globals their code uses
+    as they are now: a handler of the main script reads the configuration
+    that its ``if __name__ == "__main__":`` block set, as after ``os.fork``.
+    The template loads these pickles without importing cloudpickle (see
+    ``_forking.by_value``): a pickle with nothing by value names no cloudpickle
+    function at all.
+    """
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, protocol=-1)
+        self.fds: list[int] = []
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, socket.socket):
+            return reduce_socket(self.fds, obj)
+        return super().reducer_override(obj)
+
+
+def dumps_with_fds(obj: Any) -> tuple[bytes, list[int]]:
+    """Pickle *obj* for a worker; return the bytes and the fds of the sockets in it.
+
+    Error handling:
+        ``TypeError`` (or the pickler's own error) for what cannot be carried:
+        a TLS socket, an object that does not pickle.
+    """
+    buffer = io.BytesIO()
+    pickler = _CarryingPickler(buffer)
+    pickler.dump(obj)
+    return buffer.getvalue(), pickler.fds
+
+
+def check_carried(role: str, obj: Any) -> None:
+    """Check that *obj* (the server or the handler class) can reach a worker.
+
+    Error handling:
+        ``TypeError`` naming *obj* and saying why it cannot.
+    """
+    try:
+        dumps_with_fds(obj)
+    except Exception as exc:
+        name = getattr(obj, "__qualname__", None) or repr(obj)
+        module = getattr(obj, "__module__", "?")
+        raise TypeError(
+            f"ForkingMixIn cannot carry the {role} {module}.{name} to the process "
+            f"that runs each request ({exc}). A class that a new process can import "
+            "by name travels as that name; any other (defined inside a function, "
+            "in __main__) is pickled by value, with the globals its methods use, "
+            "and all of that must pickle: move what does not (a lock, an open "
+            "file) out of the class, or create it in the handler."
+        ) from exc
+
+
+def serving_process_only(server_class: type) -> frozenset[str]:
+    """The instance attributes that stay with the serving process.
+
+    The rule: a forked request's server object (see ``rebuild_server``) gets
+    a copy of every instance attribute of the serving server that pickles,
+    except the bookkeeping that ``BaseServer.__init__`` makes afresh for it,
+    and the names that a class of the server lists in its
+    ``_serving_process_only`` (what would act on the serving process's
+    resources: a unix socket file to remove, a lock file, the dispatcher).
+    """
+    probe = BaseServer.__new__(BaseServer)
+    BaseServer.__init__(probe, None, None)
+    names = set(vars(probe)) - {"server_address", "RequestHandlerClass"}
+    for klass in server_class.__mro__:
+        names.update(vars(klass).get("_serving_process_only", ()))
+    return frozenset(names)
 
 
 def _pickles(value: Any) -> bool:
@@ -122,9 +195,14 @@ class _TemplateProtocol(ProcessProtocol):
         self._template = template
         self._ended = False
 
+    def _process(self) -> Any:
+        # Twisted's Process: reapProcess() is not part of IProcessTransport,
+        # and the transport is set before any of our methods is called.
+        return self.transport
+
     def connectionMade(self) -> None:
         # The template reads nothing from stdin: give it end of file.
-        self.transport.closeStdin()
+        self._process().closeStdin()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         # Only ever "R": the rest of the status comes on the channel.
@@ -142,7 +220,7 @@ class _TemplateProtocol(ProcessProtocol):
         def reap() -> None:
             if self._ended:
                 return
-            self.transport.reapProcess()
+            self._process().reapProcess()
             if not self._ended:
                 self._reap_later(min(delay * 2, 0.5))
 
@@ -158,12 +236,12 @@ class _TemplateProtocol(ProcessProtocol):
 
     def kill(self) -> None:
         if not self._ended:
-            self.transport.signalProcess("KILL")
+            self._process().signalProcess("KILL")
 
 
 def _spawn_template(protocol: _TemplateProtocol, channel_fd: int) -> None:
     """Start a template process; runs on the reactor thread."""
-    flags = getattr(subprocess, "_args_from_interpreter_flags", list)()
+    flags: list[str] = getattr(subprocess, "_args_from_interpreter_flags", list)()
     _reactor.get_reactor().spawnProcess(
         protocol,
         sys.executable,
@@ -173,7 +251,7 @@ def _spawn_template(protocol: _TemplateProtocol, channel_fd: int) -> None:
     )
 
 
-@implementer(IRequestDispatcher)
+@implementer(IProcessDispatcher)
 class ProcessDispatcher:
     """Runs each request in a new worker process forked from a template.
 
@@ -183,7 +261,8 @@ class ProcessDispatcher:
     *args*, sockets included.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, warm: int) -> None:
+        self._warm = warm
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         # tag -> worker pid (None until the template reports the fork).
@@ -196,6 +275,9 @@ class ProcessDispatcher:
         self._startup_failure: str | None = None
         self._closed = False
         self._copied: dict[tuple[str, type], bool] = {}
+        self._kept_back: frozenset[str] | None = None
+        # The server and handler classes last found carriable.
+        self._carried: tuple[type, Any] | None = None
         # The last state pickled, while its values are all immutable (see
         # _state_pickle): class, names, values, sockets' fds and timeouts,
         # then the pickle and its fds.  Holding the values keeps their
@@ -208,7 +290,7 @@ class ProcessDispatcher:
         server = function.__self__  # type: ignore[attr-defined]
         try:
             attributes = self.child_state(server)
-            full = (_child_server, (type(server), attributes), function.__name__, args)
+            full = (rebuild_server, (type(server), attributes), function.__name__, args)
             # What changes with every request travels with it; the rest is
             # installed in the template once (see _Template._install there).
             volatile = {name: attributes[name] for name in _VOLATILE if name in attributes}
@@ -285,7 +367,7 @@ class ProcessDispatcher:
             and cached[3] == sockets
         ):
             return cached[4], cached[5]
-        body, fds = dumps_with_fds((_child_server, (server_class, stable)))
+        body, fds = dumps_with_fds((rebuild_server, (server_class, stable)))
         if all(_immutable(value) for value in values):
             self._state_cache = (server_class, tuple(stable), values, sockets, body, fds)
         else:
@@ -329,13 +411,21 @@ class ProcessDispatcher:
     # -- for ForkingMixIn ------------------------------------------------------------
 
     def warm_up(self, server: Any) -> None:
-        """Start the template now, if none runs, so the first request finds it ready.
+        """Check that the classes can be carried, then start the template
+        now, if none runs, so the first request finds it ready.
 
-        Best effort: whatever stops it from starting (an unreachable handler
-        class set after construction, a template that failed to start) is
-        raised again by the first request, where ``handle_error`` reports it
-        and the server keeps serving.
+        Error handling:
+            ``TypeError`` if the server or handler class cannot be carried
+            (see :func:`check_carried`).  Otherwise best effort: what stops
+            the template from starting is raised again by the first request,
+            where ``handle_error`` reports it and the server keeps serving.
         """
+        classes = (type(server), server.RequestHandlerClass)
+        if classes != self._carried:
+            # Once per pair of classes, not at every handle_request().
+            check_carried("server class", classes[0])
+            check_carried("request handler class", classes[1])
+            self._carried = classes
         with self._lock:
             if self._startup_failure is not None:
                 return
@@ -359,18 +449,21 @@ class ProcessDispatcher:
     def child_state(self, server: Any) -> dict[str, Any]:
         """The instance attributes the worker's server object gets.
 
-        Every attribute of *server* that pickles, except this package's private
-        bookkeeping (``BaseServer`` gives the worker fresh bookkeeping of its
-        own); sockets among them travel as fds.  Whether an attribute is
-        copied is decided once per (name, type) and remembered.
+        Every attribute of *server* that pickles, except those that stay
+        with the serving process (see :func:`serving_process_only`); sockets
+        among them travel as fds.  Whether an attribute is copied is decided
+        once per (name, type) and remembered.
         """
         state = {}
         decided = self._copied
+        if self._kept_back is None:
+            self._kept_back = serving_process_only(type(server))
+        kept_back = self._kept_back
         for name, value in vars(server).items():
             key = (name, type(value))
             copied = decided.get(key)
             if copied is None:
-                copied = decided[key] = not name.startswith(_PRIVATE_PREFIXES) and _pickles(value)
+                copied = decided[key] = name not in kept_back and _pickles(value)
             if copied:
                 state[name] = value
         return state
@@ -393,18 +486,20 @@ class ProcessDispatcher:
         return self._start(self._spec(server))
 
     def _spec(self, server: Any) -> bytes:
-        uses_main = check_reachable("server class", type(server))
-        uses_main |= check_reachable("request handler", server.RequestHandlerClass)
+        check_carried("server class", type(server))
+        check_carried("request handler class", server.RequestHandlerClass)
         sys_path = [os.getcwd() if entry == "" else entry for entry in sys.path]
-        return pickle.dumps(
+        preload, _fds = dumps_with_fds((type(server), server.RequestHandlerClass))
+        spec, _fds = dumps_with_fds(
             {
                 "sys_path": sys_path,
                 "sys_argv": list(sys.argv),
-                "main": main_module_spec() if uses_main else None,
-                "warm": max(1, min(server.warm_children, server.max_children)),
-                "preload": pickle.dumps((type(server), server.RequestHandlerClass)),
+                "cloudpickle": cloudpickle.__version__,
+                "warm": self._warm,
+                "preload": preload,
             }
         )
+        return spec
 
     def _start(self, spec: bytes) -> _Template:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -24,7 +24,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from txsocketserver._endpoints import Endpoint, listening_socket
+from txsocketserver._twisted.endpoints import Endpoint, listening_socket
 
 _PROXY_PREFIX = "haproxy:"
 

@@ -27,9 +27,10 @@ from collections.abc import Callable
 
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.python.failure import Failure
-from zope.interface import Interface, implementer
+from zope.interface import implementer
 
-from txsocketserver import _reactor
+from txsocketserver._twisted import reactor as _reactor
+from txsocketserver._twisted.interfaces import IRequestReadiness
 
 _READY = "ready"
 _WAKE = "wake"
@@ -38,22 +39,6 @@ _WAKE = "wake"
 # before handing the watch to the reactor.  Short, because wake() (shutdown)
 # is noticed only after it; the wait is a blocking poll, not a busy loop.
 LINGER = 0.001
-
-
-class IRequestReadiness(Interface):
-    """Tells a serving thread when ``get_request()`` will not block."""
-
-    def wait(timeout: float | None) -> bool:
-        """Block the serving thread until a request is ready, ``wake()`` is
-        called, or *timeout* seconds pass (``None``: no limit).  Returns whether
-        a request is ready."""
-
-    def wake() -> None:
-        """Make a current or the next ``wait()`` return ``False`` at once.
-        Callable from any thread."""
-
-    def close() -> None:
-        """Stop watching.  Called once, from the serving thread."""
 
 
 @implementer(IReadDescriptor)

@@ -58,82 +58,16 @@ nearly double the CPU a request costs.
 
 from __future__ import annotations
 
-import _pickle
 import os
-import types
 
-from txsocketserver._base import BaseServer, run_request
-from txsocketserver._forking_child import flush_stdio, main_module_spec
+from txsocketserver._core.base import run_request
+from txsocketserver._forking.template import flush_stdio
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from txsocketserver._process_dispatcher import ProcessDispatcher
-
-
-class _MainProbe(_pickle.Pickler):
-    """Pickles into nothing, noting whether anything came from ``__main__``."""
-
-    uses_main = False
-
-    def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, (type, types.FunctionType)) and obj.__module__ == "__main__":
-            self.uses_main = True
-        return NotImplemented
-
-
-class _Discard:
-    def write(self, data: bytes) -> None:
-        pass
-
-
-def check_reachable(role: str, obj: Any) -> bool:
-    """Check that a new interpreter can find *obj* (a class, usually) by name.
-
-    Args:
-        role: what *obj* is, for the message ("request handler class").
-        obj: the object a worker process must unpickle.
-
-    Returns:
-        Whether *obj* needs the main module (then the template loads it).
-
-    Error handling:
-        ``TypeError`` naming *obj* and saying why, e.g. for a class defined
-        inside a function, or one defined in an interactive ``__main__``.
-    """
-    probe = _MainProbe(_Discard(), protocol=-1)
-    name = getattr(obj, "__qualname__", None) or repr(obj)
-    module = getattr(obj, "__module__", "?")
-    try:
-        probe.dump(obj)
-    except Exception as exc:
-        raise TypeError(
-            f"ForkingMixIn cannot use the {role} {module}.{name}: each request runs in "
-            f"a new process, which finds it by importing {module!r} and looking up "
-            f"{name!r}, and that cannot work ({exc}). Define it at the top level of a "
-            "module or of the main script."
-        ) from exc
-    if probe.uses_main and main_module_spec() is None:
-        raise TypeError(
-            f"ForkingMixIn cannot use the {role} {module}.{name}: it is defined in a "
-            "__main__ module that a new process cannot import (an interactive session "
-            "or python -c). Put it in a module or a script file."
-        )
-    return probe.uses_main
-
-
-def _child_server(server_class: type, state: dict[str, Any]) -> Any:
-    """Build the worker's server object; runs in the worker.
-
-    ``BaseServer.__init__`` gives it fresh private bookkeeping (it makes no
-    socket: binding is ``TCPServer.__init__``'s job), then the parent's
-    picklable attributes are copied over.
-    """
-    server = server_class.__new__(server_class)
-    BaseServer.__init__(server, state.get("server_address"), state.get("RequestHandlerClass"))
-    server.__dict__.update(state)
-    return server
+    from txsocketserver._twisted.interfaces import IProcessDispatcher
 
 
 class ForkingMixIn:
@@ -144,10 +78,16 @@ class ForkingMixIn:
     ``docs/forking.md`` for what the worker sees (module state as imported, a
     copy of the server's picklable attributes) and what that changes.
 
+    Like the stdlib's, the mixin has no constructor of its own: the server
+    class's ``__init__``, whatever its signature, runs untouched.
+
     Error handling:
-        Constructing the server raises ``TypeError`` if the server class or
-        the handler class cannot be imported by name in a new process (defined
-        inside a function, say).
+        Serving (``serve_forever``, ``handle_request``) raises ``TypeError``
+        when it starts if the server class or the handler class cannot be
+        carried to a new process: one that a new process cannot import by
+        name (defined inside a function, in ``python -c``...) is carried by
+        value, and that fails if it holds something that does not pickle
+        (a lock, an open file).
     """
 
     # Seconds handle_request() waits for a request before collecting children.
@@ -162,14 +102,9 @@ class ForkingMixIn:
     # not wait for a fork (at most max_children; read when serving starts).
     warm_children = 2
 
-    _forking_dispatcher: ProcessDispatcher | None = None
-
-    def __init__(
-        self, server_address: Any, RequestHandlerClass: Any, *args: Any, **kwargs: Any
-    ) -> None:
-        check_reachable("server class", type(self))
-        check_reachable("request handler", RequestHandlerClass)
-        super().__init__(server_address, RequestHandlerClass, *args, **kwargs)  # type: ignore[call-arg]
+    _forking_dispatcher: IProcessDispatcher | None = None
+    # The serving process's own: a forked request's server has none.
+    _serving_process_only: tuple[str, ...] = ("_forking_dispatcher",)
 
     def collect_children(self, *, blocking: bool = False) -> None:
         """Forget the children that have exited.
@@ -234,11 +169,13 @@ class ForkingMixIn:
         if workers is not None:
             workers.close(wait=self.block_on_close)
 
-    def _forking_workers(self) -> ProcessDispatcher:
+    def _forking_workers(self) -> IProcessDispatcher:
         if self._forking_dispatcher is None:
-            from txsocketserver._process_dispatcher import ProcessDispatcher
+            from txsocketserver._forking.dispatcher import ProcessDispatcher
 
-            self._forking_dispatcher = ProcessDispatcher()
+            # Read here, when serving starts.
+            warm = max(1, min(self.warm_children, self.max_children))
+            self._forking_dispatcher = ProcessDispatcher(warm=warm)
         return self._forking_dispatcher
 
     def _update_active_children(self) -> None:
@@ -250,7 +187,8 @@ class ForkingMixIn:
             active.update(pids)
 
     def _request_readiness(self) -> Any:
-        # Serving begins: start the template now rather than on the first request.
+        # Serving begins: refuse classes that cannot be carried to a worker,
+        # and start the template now rather than on the first request.
         self._forking_workers().warm_up(self)
         return super()._request_readiness()  # type: ignore[misc]
 

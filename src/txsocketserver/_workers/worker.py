@@ -1,11 +1,11 @@
 """A worker process: serve the handler on the listening sockets the supervisor handed over.
 
-Started by the supervisor (:mod:`txsocketserver._workers._supervisor`) with
-``reactor.spawnProcess`` as ``python -m txsocketserver._workers._worker SPEC``,
+Started by the supervisor (:mod:`txsocketserver._workers.supervisor`) with
+``reactor.spawnProcess`` as ``python -m txsocketserver._workers.worker SPEC``,
 a fresh interpreter, so a reload imports the handler's code anew.  What it
 receives:
 
-* ``SPEC``, a JSON object (see :class:`~txsocketserver._workers._supervisor.Workers`
+* ``SPEC``, a JSON object (see :class:`~txsocketserver._workers.supervisor.Workers`
   for what each field means): the handler, server class, mode and limits, and
   one entry per listener.
 * The shared listening sockets as fds 3, 4, ... with ``LISTEN_FDS`` and
@@ -130,7 +130,7 @@ class _Worker:
     def start(self) -> None:
         from twisted.internet.defer import gatherResults
 
-        from txsocketserver._service import start_server
+        from txsocketserver._twisted.service import start_server
 
         self._reactor.addSystemEventTrigger("before", "shutdown", self._stop)
         self._watch_supervisor = _SupervisorWatch(self._control + 1, self._reactor)
@@ -175,7 +175,7 @@ class _Worker:
         return 0.5 if not timeout else min(0.5, timeout / 4)
 
     def _make_server(self, index: int, listener: dict[str, Any]) -> Any:
-        from txsocketserver._endpoints import Endpoint
+        from txsocketserver._twisted.endpoints import Endpoint
 
         if listener["proxy"] is not None:
             description = f"{listener['proxy']}systemd:domain={listener['domain']}:index={index}"
@@ -200,6 +200,10 @@ class _Worker:
             server.server_address = sock.getsockname()
         if self._spec["max_threads"] is not None:
             server.max_threads = self._spec["max_threads"]
+        if self._spec["trusted_proxies"] is not None:
+            server.trusted_proxies = tuple(self._spec["trusted_proxies"])
+        if self._spec["header_timeout"] is not None:
+            server.header_timeout = self._spec["header_timeout"]
         self._watch(server)
         return server
 
@@ -225,6 +229,9 @@ class _Worker:
         def counting_verify_request(request: Any, client_address: Any) -> bool:
             self._requests += 1
             if self._requests == self._spec["max_requests"]:
+                # From the serving thread, shutdown() returns at once and the
+                # loop takes no request after this one; the drain follows.
+                server.shutdown()
                 self._reactor.callFromThread(self._retire)
             return verify_request(request, client_address)
 

@@ -58,6 +58,11 @@ import ssl
 import tempfile
 from typing import Any
 
+from zope.interface import implementer
+
+from txsocketserver._twisted import compat
+from txsocketserver._twisted.interfaces import IConnectionSecurity
+
 # sslmethod values (pyOpenSSL method names) that pin one TLS version.
 _PINNED_VERSIONS = {
     "TLSv1_METHOD": ssl.TLSVersion.TLSv1,
@@ -72,26 +77,6 @@ _PEM_CERTIFICATE = re.compile(
 )
 
 
-def _ssl_options(
-    port: str,
-    privateKey: str = "server.pem",  # noqa: N803 - Twisted's option names
-    certKey: str | None = None,  # noqa: N803
-    sslmethod: str | None = None,
-    interface: str = "",
-    backlog: str = "50",
-    extraCertChain: str | None = None,  # noqa: N803
-    dhParameters: str | None = None,  # noqa: N803
-) -> dict[str, Any]:
-    """Twisted's ``ssl:`` parameters, positional order included (``_parseSSL``)."""
-    return {
-        "privateKey": privateKey,
-        "certKey": certKey or privateKey,
-        "sslmethod": sslmethod,
-        "extraCertChain": extraCertChain,
-        "dhParameters": dhParameters,
-    }
-
-
 def server_context(description: str) -> ssl.SSLContext | None:
     """The server ``SSLContext`` for an ``ssl:`` endpoint *description*, or
     ``None`` if it has options this module does not know (it is then served
@@ -101,15 +86,11 @@ def server_context(description: str) -> ssl.SSLContext | None:
         ``OSError``/``ssl.SSLError`` for unreadable or mismatched key and
         certificate files (Twisted has normally refused them first).
     """
-    from twisted.internet.endpoints import _parse
-
-    arguments, options = _parse(description)
-    if not arguments or arguments[0] != "ssl":
+    chosen = compat.ssl_description_options(description)
+    if chosen is None:
         return None
-    try:
-        chosen = _ssl_options(*arguments[1:], **options)
-    except TypeError:
-        return None
+    if chosen["certKey"] is None:
+        chosen["certKey"] = chosen["privateKey"]
     method = chosen["sslmethod"]
     if method is not None and method not in _PINNED_VERSIONS and method not in _ANY_VERSION:
         return None
@@ -146,9 +127,28 @@ def _load_with_chain(context: ssl.SSLContext, certificate: str, chain: str, key:
         os.unlink(path)
 
 
-def wrap(context: ssl.SSLContext, sock: socket.socket) -> ssl.SSLSocket:
-    """An accepted socket as the server side of TLS; no I/O happens here."""
-    return context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+@implementer(IConnectionSecurity)
+class TLSSecurity:
+    """TLS around each connection of an ``ssl:`` description, with *context*."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+
+    def wrap(self, request: socket.socket) -> ssl.SSLSocket:
+        """The accepted socket as the server side of TLS; no I/O happens here."""
+        try:
+            return self.context.wrap_socket(
+                request, server_side=True, do_handshake_on_connect=False
+            )
+        except BaseException:
+            request.close()
+            raise
+
+    def establish(self, request: Any, timeout: float | None) -> bool:
+        return handshake(request, timeout)
+
+    def end(self, request: Any) -> None:
+        send_close_notify(request)
 
 
 def handshake(request: Any, timeout: float | None = None) -> bool:

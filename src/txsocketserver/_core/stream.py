@@ -1,0 +1,251 @@
+"""Stream servers: ``TCPServer`` and ``UnixStreamServer``, hook for hook the stdlib's.
+
+Each hook does the stdlib's work through two strategies the server picks once,
+when it is made: its *listener* (its own socket, made, bound and accepted
+exactly as the stdlib does; or a Twisted endpoint) and its *connection
+security* (nothing, or TLS for an ``ssl:`` description).  Both live on the
+Twisted side (``txsocketserver._twisted.listeners``); this module is part of
+the Twisted-free core.  See ``docs/architecture.md``.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from txsocketserver._core.base import BaseServer
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from txsocketserver._twisted.interfaces import IRequestReadiness
+
+
+class PlainConnections:
+    """Connection security of a server without TLS: nothing to do.
+
+    A class attribute of every stream server, so that the server object a
+    forking server's worker rebuilds has it without importing anything.
+    """
+
+    def wrap(self, request: Any) -> Any:
+        return request
+
+    def establish(self, request: Any, timeout: float | None) -> bool:
+        return True
+
+    def end(self, request: Any) -> None:
+        pass
+
+
+_PLAIN = PlainConnections()
+
+
+class RequestProcessListener:
+    """The listener of a forked request's copy of the server (``ForkingMixIn``).
+
+    The serving process's listener stays there (``_serving_process_only``):
+    what it holds acts on that process's resources (a ``unix:`` socket file to
+    remove, a lock, an endpoint).  In the request's process, ``server_close()``
+    closes that process's copy of the socket and nothing else, as after
+    ``os.fork``; serving from there is refused.
+    """
+
+    stops_at_once = False
+
+    def __init__(self, server: Any) -> None:
+        self._server = server
+
+    def close(self) -> None:
+        if self._server.socket is not None:
+            self._server.socket.close()
+
+    def fileno(self) -> int:
+        return self._server.socket.fileno()
+
+    def _refuse(self, *args: object) -> Any:
+        raise RuntimeError("a forked request's copy of the server does not listen or serve")
+
+    bind = activate = accept = readiness = start_listening = stop_accepting = _refuse
+
+
+class TCPServer(BaseServer):
+    """Base class for various socket-based server classes.
+
+    Defaults to synchronous IP stream (i.e., TCP): one request at a time, the
+    others waiting in the kernel's listen backlog.
+
+    Args:
+        server_address: ``(host, port)``; port 0 picks a free port, read back
+            from ``server_address`` after binding.  Or a Twisted server
+            endpoint: ``txsocketserver.Endpoint("haproxy:tcp:8000")`` or, for
+            the TCP family, a ``str`` description such as ``"tcp:8000"`` (see
+            ``docs/twisted.md``: ``tcp:``, ``tcp6:``, ``unix:`` and ``ssl:``
+            are served on a socket of the server's own, anything else through
+            Twisted, with a socket facade as ``request`` and ``socket`` None).
+        RequestHandlerClass: called as ``RequestHandlerClass(request,
+            client_address, server)`` for each connection.
+        bind_and_activate: when false, the caller must call ``server_bind()``
+            and ``server_activate()`` itself (after setting socket options, say).
+
+    Error handling:
+        Binding errors (``OSError`` with ``EADDRINUSE``, ``socket.gaierror`` for
+        a bad host) propagate from the constructor after the socket is closed.
+    """
+
+    address_family = socket.AF_INET
+    socket_type = socket.SOCK_STREAM
+    # listen() backlog: connections the kernel queues while every handler is busy.
+    request_queue_size = 5
+    # Set SO_REUSEADDR before bind (restart without waiting out TIME_WAIT).
+    allow_reuse_address = False
+    # Set SO_REUSEPORT before bind (several processes sharing one port).
+    allow_reuse_port = False
+    # Ours, for PROXY-protocol endpoints (haproxy:...): the peers whose header
+    # is believed, as addresses or networks ("10.0.0.0/8"; "*" for any).  A
+    # header from any other peer could claim any client address, so its
+    # connection is refused and logged.  Loopback only by default.
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+    # Ours: seconds from accept for the PROXY header to arrive; None: no limit.
+    header_timeout: float | None = 10.0
+    # The listening (or datagram) socket; None when Twisted listens for us.
+    socket: socket.socket
+    # Private: how connections arrive (an IListener); a forked request's copy
+    # of the server gets a RequestProcessListener instead.
+    _listener: Any
+    _serving_process_only: tuple[str, ...] = ("_listener",)
+    # Private: what each connection needs around its handler (TLS for ssl:).
+    _security: Any = _PLAIN
+
+    def __init__(
+        self,
+        server_address: Any,
+        RequestHandlerClass: Any,
+        bind_and_activate: bool = True,
+    ) -> None:
+        """Constructor.  May be extended, do not override."""
+        BaseServer.__init__(self, server_address, RequestHandlerClass)
+        # Here, not at import: the Twisted side loads when a server is made,
+        # never in a process that only defines the class (a forking worker).
+        from txsocketserver._twisted.listeners import listener_for
+
+        self._listener = listener_for(self)
+        if bind_and_activate:
+            try:
+                self.server_bind()
+                self.server_activate()
+            except BaseException:
+                self.server_close()
+                raise
+
+    def server_bind(self) -> None:
+        """Called by the constructor to bind the socket.  May be overridden.
+
+        Sets ``SO_REUSEADDR``/``SO_REUSEPORT`` as ``allow_reuse_address`` and
+        ``allow_reuse_port`` say, binds, and sets ``server_address`` to the
+        bound address (an endpoint listens here, in one step).
+        """
+        self._listener.bind()
+
+    def server_activate(self) -> None:
+        """Called by the constructor to activate the server.  May be overridden."""
+        self._listener.activate()
+
+    def server_close(self) -> None:
+        """Called to clean up the server.  May be overridden.
+
+        A ``unix:`` endpoint's socket file (and lock file) are removed, as
+        Twisted removes them; a plain path is left, as the stdlib leaves it.
+        """
+        self._stop_watching()
+        self._listener.close()
+
+    def fileno(self) -> int:
+        """Return the socket's file descriptor (what the reactor watches).
+
+        Served through Twisted, a descriptor that is readable while an
+        accepted connection waits for ``get_request()``.
+        """
+        return self._listener.fileno()
+
+    def get_request(self) -> tuple[Any, Any]:
+        """Get the request and client address from the socket.  May be
+        overridden (to wrap the accepted socket in TLS, for instance).
+
+        Served through Twisted: the next connection Twisted accepted, as
+        ``(socket facade, client_address)``.
+        """
+        request, client_address = self._listener.accept()
+        return self._security.wrap(request), client_address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Finish one request by instantiating RequestHandlerClass.
+
+        On an ``ssl:`` endpoint the TLS handshake happens here first, in the
+        thread that runs the request, bounded by the handler class's
+        ``timeout``; a client that leaves or stalls during it is not an error.
+        """
+        if self._security.establish(request, getattr(self.RequestHandlerClass, "timeout", None)):
+            super().finish_request(request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Handle an error raised by a handler (see ``BaseServer.handle_error``).
+
+        On the Twisted-endpoint path, a connection that ended before sending a
+        single byte of payload (a load balancer's TCP health check, a port
+        scanner) is not a failed request: it gets one debug-level log line
+        instead of a traceback.
+        """
+        if getattr(request, "ended_before_payload", False):
+            from twisted.logger import Logger
+
+            Logger(namespace="txsocketserver").debug(
+                "connection from {client_address} ended before sending anything",
+                client_address=client_address,
+            )
+            return
+        super().handle_error(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        """Called to shutdown and close an individual request."""
+        self._security.end(request)
+        try:
+            # Half-close first so the client sees EOF after every byte written,
+            # even if something else still holds the socket open.
+            request.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.close_request(request)
+
+    def close_request(self, request: Any) -> None:
+        """Called to clean up an individual request."""
+        request.close()
+
+    # -- private: the serving loop and a service reach the listener here ----------
+
+    def _rebuilt_in_request_process(self) -> None:
+        self._listener = RequestProcessListener(self)
+
+    def _request_readiness(self) -> IRequestReadiness:
+        return self._listener.readiness()
+
+    def _start_listening(self) -> Any:
+        return self._listener.start_listening()
+
+    def _stop_accepting(self) -> None:
+        self._listener.stop_accepting()
+
+    @property
+    def _stops_accepting_at_once(self) -> bool:
+        return bool(self._listener.stops_at_once)
+
+
+if hasattr(socket, "AF_UNIX"):
+
+    class UnixStreamServer(TCPServer):
+        """A stream server on a Unix socket path (the path must not exist yet)."""
+
+        address_family = socket.AF_UNIX
+
+
+__all__ = ["TCPServer"] + (["UnixStreamServer"] if hasattr(socket, "AF_UNIX") else [])

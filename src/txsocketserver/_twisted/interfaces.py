@@ -1,0 +1,177 @@
+"""The roles behind the socketserver classes, each filled by small strategy objects.
+
+A server picks its strategies once, when it is made (or, for a mixin, when it
+first needs one), and its hooks talk to them only through these interfaces:
+
+* :class:`IListener`: how a stream server gets its connections (its own
+  socket, or a Twisted endpoint).
+* :class:`IConnectionSecurity`: what a connection needs around its handler
+  (nothing, or TLS on an ``ssl:`` description).
+* :class:`IRequestReadiness`: how the serving thread learns that a request
+  can be taken without blocking.
+* :class:`IRequestDispatcher`: where a request runs (a pool thread; a worker
+  process, with the more that :class:`IProcessDispatcher` says).  Inline needs
+  no object: it is ``BaseServer.process_request`` itself, as in the stdlib.
+* :class:`IServerControl`: what a service (``_twisted.service``) may ask of a
+  server, beyond the public socketserver API.
+
+The Twisted-free classes that fill a role (``BaseServer`` for
+:class:`IServerControl`, ``PlainConnections`` for :class:`IConnectionSecurity`)
+cannot import ``zope.interface`` and declare nothing; ``tests/test_layout.py``
+verifies them against their interface like the declared ones.  See
+``docs/architecture.md`` for the whole design.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from zope.interface import Attribute, Interface
+
+
+class IRequestReadiness(Interface):
+    """Tells a serving thread when ``get_request()`` will not block."""
+
+    def wait(timeout: float | None) -> bool:
+        """Block the serving thread until a request is ready, ``wake()`` is
+        called, or *timeout* seconds pass (``None``: no limit).  Returns whether
+        a request is ready."""
+
+    def wake() -> None:
+        """Make a current or the next ``wait()`` return ``False`` at once.
+        Callable from any thread."""
+
+    def close() -> None:
+        """Stop watching.  Called once, from the serving thread."""
+
+
+class IListener(Interface):
+    """How a stream server gets its connections; the server's hooks call it.
+
+    A listener serves one server, whose attributes (``socket``,
+    ``server_address``, ``allow_reuse_address``, ``request_queue_size``...)
+    keep their stdlib meaning and are read when used, so that a subclass
+    overriding a hook can still do the stdlib's work itself.
+    """
+
+    stops_at_once = Attribute(
+        "Whether stop_accepting() may run while the serving loop waits on this "
+        "listener.  A socket must wait for the loop to leave it first."
+    )
+
+    def bind() -> None:
+        """``server_bind``: bind (or listen on the endpoint); set ``server_address``."""
+
+    def activate() -> None:
+        """``server_activate``: start listening."""
+
+    def accept() -> tuple[Any, Any]:
+        """``get_request``: the next ``(request, client_address)``; called when
+        the readiness said one is waiting.
+
+        Error handling: ``OSError`` as ``socket.accept`` raises it (``EBADF``
+        once closed, ``EMFILE``...)."""
+
+    def fileno() -> int:
+        """``fileno``: a descriptor that is readable while a connection waits."""
+
+    def readiness() -> IRequestReadiness:
+        """A readiness for one serving call (``serve_forever``, ``handle_request``)."""
+
+    def start_listening() -> Any:
+        """For ``start_server``: a Deferred that fires once a server made with
+        ``bind_and_activate=False`` listens, or ``None`` if it listens already
+        or its caller binds it (a plain socket address).  Reactor thread."""
+
+    def stop_accepting() -> None:
+        """Refuse new connections; the requests in flight go on.  Any thread."""
+
+    def close() -> None:
+        """``server_close``: stop listening and release everything."""
+
+
+class IConnectionSecurity(Interface):
+    """What a stream connection needs around its handler (TLS, or nothing)."""
+
+    def wrap(request: Any) -> Any:
+        """The accepted socket as the handler will see it; no I/O.  In
+        ``get_request``, serving thread."""
+
+    def establish(request: Any, timeout: float | None) -> bool:
+        """Get the connection ready before the handler is made (the TLS
+        handshake), in the thread that runs the request.  ``False``: the
+        client left or stalled, which is nobody's error; skip the handler."""
+
+    def end(request: Any) -> None:
+        """Say goodbye before the connection is shut down (``close_notify``)."""
+
+
+class IRequestDispatcher(Interface):
+    """Runs requests somewhere other than the serving thread."""
+
+    def dispatch(function: Callable[..., object], *args: Any) -> None:
+        """Start ``function(*args)`` (a server's ``process_request_thread`` or
+        equivalent) and return without waiting for it."""
+
+    def upkeep() -> None:
+        """Periodic housekeeping, called from the serving loop (cheap when there
+        is nothing to do)."""
+
+    def close(wait: bool) -> None:
+        """Release the dispatcher's resources; with *wait*, first let the
+        requests in flight finish."""
+
+
+class IThreadDispatcher(IRequestDispatcher):
+    """Runs each request on a pool thread (``ThreadingMixIn``'s strategy)."""
+
+    request_threads = Attribute(
+        "The threads running requests now, as the stdlib's _threads: a list "
+        "whose join() waits for them and whose reap() forgets the ended ones."
+    )
+
+
+class IProcessDispatcher(IRequestDispatcher):
+    """Runs each request in a worker process (``ForkingMixIn``'s strategy)."""
+
+    def warm_up(server: Any) -> None:
+        """Serving starts: check that the server's and the handler's classes
+        can be carried to a worker (``TypeError`` saying why not), and start
+        the worker processes now rather than at the first request."""
+
+    def wait_below(limit: int) -> None:
+        """Block until fewer than *limit* requests run (``max_children``)."""
+
+    def wait_idle(timeout: float | None) -> bool:
+        """Block until no request runs; whether that happened in time."""
+
+    def running_pids() -> set[int]:
+        """The pids of the workers running requests now (``active_children``)."""
+
+
+class IServerControl(Interface):
+    """What a service asks of a server beyond the socketserver API.
+
+    ``BaseServer`` provides it: a server class of the user's, derived from
+    any of ours, needs nothing more to run as a service.
+    """
+
+    def _start_listening() -> Any:
+        """As :meth:`IListener.start_listening`; reactor thread."""
+
+    def _stop_accepting() -> None:
+        """Refuse new requests; those in flight go on.  Any thread."""
+
+    _stops_accepting_at_once = Attribute(
+        "Whether _stop_accepting() may run while the serving loop is still waiting."
+    )
+
+    def _requests_in_flight() -> list[Any]:
+        """The requests between ``verify_request`` and the end of their handling."""
+
+    def _wait_for_requests(timeout: float | None) -> bool:
+        """Wait until no request is in flight; whether that happened in time."""
+
+    def _log_errors_to(logger: Any) -> None:
+        """Send ``handle_error`` to a ``twisted.logger.Logger`` (``None``: stderr)."""
