@@ -241,12 +241,21 @@ def test_haproxy_tcp_health_checks_leave_no_traceback(
     front = start_haproxy(
         balancers, tmp_path, "send-proxy-v2", a_address, checks="", stats=str(stats)
     )
+    assert wait_until(lambda: _answers(front), 4 * WAIT), "HAProxy does not answer"
     # A check every 50 ms while these requests run: a few dozen checks.
     for _ in range(40):
         get(front)
     assert "L4OK" in haproxy_stats(stats), "HAProxy ran no TCP check"
     assert a.stop() == 0
     assert "Traceback" not in a.output()
+
+
+def _answers(front: tuple[str, int]) -> bool:
+    try:
+        get(front)
+    except (OSError, AssertionError, http.client.HTTPException):
+        return False
+    return True
 
 
 def haproxy_stats(path: Path) -> str:

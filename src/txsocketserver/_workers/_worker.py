@@ -225,6 +225,9 @@ class _Worker:
         def counting_verify_request(request: Any, client_address: Any) -> bool:
             self._requests += 1
             if self._requests == self._spec["max_requests"]:
+                # From the serving thread, shutdown() returns at once and the
+                # loop takes no request after this one; the drain follows.
+                server.shutdown()
                 self._reactor.callFromThread(self._retire)
             return verify_request(request, client_address)
 
