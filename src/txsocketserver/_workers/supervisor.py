@@ -261,6 +261,7 @@ class Workers(Service):
         self._stopping: Deferred[None] | None = None
         self._old_signals: dict[int, Any] = {}
         self._devnull: int | None = None
+        self._reactor: Any = None  # the running reactor, from startService
         self._ready_waiters: list[Deferred[None]] = []
 
     # -- what operators and tests look at ------------------------------------------
@@ -450,6 +451,7 @@ class Workers(Service):
             "sys_path": [os.getcwd() if entry == "" else entry for entry in sys.path],
             "listeners": [listener.worker_spec() for listener in self._ordered_listeners()],
         }
+        assert self._devnull is not None  # startService opened it
         child_fds: dict[int, int | str] = {
             0: self._devnull,
             1: 1,
@@ -468,6 +470,7 @@ class Workers(Service):
         self._reactor.spawnProcess(
             process, sys.executable, argv, env=env, path=os.getcwd(), childFDs=child_fds
         )
+        assert process.transport is not None
         process.pid = process.transport.pid
         self._processes.append(process)
         _log.info("started {worker}", worker=process)
@@ -549,9 +552,10 @@ def run_workers(
     workers at once.  For a program of its own; under ``twistd``, use the
     service.
     """
-    from twisted.internet import reactor
+    from twisted.internet import reactor as installed
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
+    reactor: Any = installed
     if begin_logging:
         globalLogBeginner.beginLoggingTo(
             [textFileLogObserver(sys.stderr)], redirectStandardIO=False
