@@ -9,7 +9,7 @@ socketserver names are defined without them, and Twisted is loaded when a
 server is created.  A forking server's workers, which import the
 server and handler classes but never serve, stay small and cheap to fork
 (see ``_forking``).  The Twisted world's names (``Endpoint``,
-``ServerService``, ``start_server``) are imported on first use.
+``ServerService``, ``start_server``, ``Workers``...) are imported on first use.
 """
 
 from __future__ import annotations
@@ -36,12 +36,16 @@ if TYPE_CHECKING:
 
     from txsocketserver._twisted.endpoints import Endpoint
     from txsocketserver._twisted.service import ServerService, start_server
+    from txsocketserver._workers.supervisor import Workers, run_workers, start_workers
 
 # The Twisted world's names, and the module that defines each.
 _TWISTED_WORLD = {
     "Endpoint": "txsocketserver._twisted.endpoints",
     "ServerService": "txsocketserver._twisted.service",
     "start_server": "txsocketserver._twisted.service",
+    "Workers": "txsocketserver._workers.supervisor",
+    "run_workers": "txsocketserver._workers.supervisor",
+    "start_workers": "txsocketserver._workers.supervisor",
 }
 
 
@@ -119,4 +123,8 @@ __all__ = [
     "Endpoint",
     "ServerService",
     "start_server",
+    # Beyond socketserver: worker processes sharing the listening sockets.
+    "Workers",
+    "run_workers",
+    "start_workers",
 ]

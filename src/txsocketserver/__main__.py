@@ -32,7 +32,7 @@ from twisted.logger import (
 from twisted.python import usage
 
 import txsocketserver
-from txsocketserver._cli import Options, build_server, describe
+from txsocketserver._cli import Options, build_server, build_workers, describe, describe_workers
 from txsocketserver._twisted.service import (
     STRAGGLER_GRACE,
     abort_requests,
@@ -96,12 +96,20 @@ def main(argv: list[str] | None = None) -> int:
     options = MainOptions()
     try:
         options.parseOptions(sys.argv[1:] if argv is None else argv)
-        server = build_server(options)
+        if options["workers"] is not None:
+            workers = build_workers(options)
+        else:
+            server = build_server(options)
     except usage.UsageError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         print(f"{PROG}: try --help", file=sys.stderr)
         return 2
     _begin_logging(options["log-level"])
+    if options["workers"] is not None:
+        from txsocketserver._workers.supervisor import run_workers
+
+        description = describe_workers(options, workers)
+        return run_workers(workers, describe=description, begin_logging=False)
     log_errors(server)
     if isinstance(server, txsocketserver.ThreadingMixIn):
         # The drain, not interpreter exit, decides how long requests may run:

@@ -30,7 +30,8 @@ _LISTEN_HELP = (
     "tcp:8000:interface=127.0.0.1, tcp6:8000, unix:/run/app.sock, "
     "ssl:8443:privateKey=key.pem:certKey=cert.pem, systemd:domain=INET:index=0 "
     "(socket activation), haproxy:tcp:8000 (PROXY protocol v1/v2: handlers see "
-    "the real client address). A bare port number means tcp:PORT."
+    "the real client address). A bare port number means tcp:PORT. Repeat it "
+    "(with --workers) to serve several sockets."
 )
 
 
@@ -80,8 +81,16 @@ class Options(usage.Options):
         "accepting, lets the requests in flight finish for up to --drain-timeout "
         "seconds, then closes their connections."
     )
+    optFlags = [
+        [
+            "reuse-port",
+            None,
+            "With --workers: each worker binds its own SO_REUSEPORT socket, and the "
+            "kernel spreads connections over them (tcp:, tcp6:, ssl: only). Default: "
+            "the workers share the supervisor's socket.",
+        ],
+    ]
     optParameters = [
-        ["listen", "l", None, _LISTEN_HELP],
         [
             "handler",
             None,
@@ -139,7 +148,59 @@ class Options(usage.Options):
             "arrive before the connection is closed.",
             float,
         ],
+        # Workers: see txsocketserver._workers and docs/operations.md.
+        [
+            "workers",
+            "w",
+            None,
+            "Serve with this many worker processes sharing the listening socket(s), "
+            "supervised: SIGHUP reloads (new workers, then the old ones drain), "
+            "SIGTTIN/SIGTTOU add/remove one, a dead worker is replaced. Default: "
+            "one process, no supervisor.",
+            int,
+        ],
+        [
+            "max-requests",
+            None,
+            0,
+            "With --workers: recycle a worker after this many requests (0: never).",
+            int,
+        ],
+        [
+            "max-requests-jitter",
+            None,
+            0,
+            "With --max-requests: add a random 0..N to each worker's limit, so that "
+            "workers do not restart all at once.",
+            int,
+        ],
+        [
+            "worker-timeout",
+            None,
+            None,
+            "With --workers: replace (and log) a worker whose serving loop or reactor "
+            "has not made progress for this many seconds, e.g. a sync worker stuck in "
+            "one request. Default: never.",
+            float,
+        ],
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listens"] = []
+
+    def opt_listen(self, description: str) -> None:
+        self["listens"].append(description)
+
+    opt_listen.__doc__ = _LISTEN_HELP
+    opt_l = opt_listen
+
+    def opt_graceful_timeout(self, seconds: str) -> None:
+        """Alias of --drain-timeout (gunicorn's name)."""
+        try:
+            self["drain-timeout"] = float(seconds)
+        except ValueError:
+            raise usage.UsageError(f"--graceful-timeout {seconds!r}: not a number") from None
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         """Parse *options*; under ``twistd``, a usage error exits with status 1.
@@ -157,15 +218,16 @@ class Options(usage.Options):
             raise SystemExit(f"twistd socketserver: {error}") from None
 
     def postOptions(self) -> None:
-        if not self["listen"]:
+        if not self["listens"]:
             raise usage.UsageError("--listen ENDPOINT is required (e.g. --listen tcp:8000)")
         if not self["handler"]:
             raise usage.UsageError(
                 "--handler package.module:Class is required "
                 "(e.g. --handler http.server:SimpleHTTPRequestHandler)"
             )
-        if self["listen"].isdigit():
-            self["listen"] = f"tcp:{self['listen']}"
+        self["listens"] = [f"tcp:{d}" if d.isdigit() else d for d in self["listens"]]
+        self["listen"] = self["listens"][0]
+        self._check_workers()
         mode = self["mode"]
         if mode is not None and mode not in MODES:
             raise usage.UsageError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
@@ -193,21 +255,47 @@ class Options(usage.Options):
             self["server_class"], txsocketserver.ThreadingMixIn
         ):
             raise usage.UsageError("--max-threads needs --mode threading")
-        self["endpoint"] = Endpoint(self["listen"])
-        try:
-            self["endpoint"].resolve()
-        except ValueError as exc:
-            raise usage.UsageError(f"--listen: {exc}") from exc
-        if issubclass(self["server_class"], txsocketserver.ForkingMixIn):
-            listening = listening_socket(self["endpoint"])
-            if listening is None or listening.tls is not None:
-                raise usage.UsageError(
-                    f"--listen {self['listen']!r}: forking servers hand each child the "
-                    "accepted OS socket, so they need a plain tcp:PORT, tcp6:PORT or "
-                    "unix:PATH; TLS and PROXY-protocol connections live in the parent "
-                    "process (use --mode threading)"
+        endpoints = []
+        for description in self["listens"]:
+            endpoint = Endpoint(description)
+            try:
+                endpoint.resolve()
+            except ValueError as exc:
+                raise usage.UsageError(f"--listen: {exc}") from exc
+            if issubclass(self["server_class"], txsocketserver.ForkingMixIn):
+                listening = listening_socket(endpoint)
+                if listening is None or listening.tls is not None:
+                    raise usage.UsageError(
+                        f"--listen {description!r}: forking servers hand each child the "
+                        "accepted OS socket, so they need a plain tcp:PORT, tcp6:PORT or "
+                        "unix:PATH; TLS and PROXY-protocol connections live in the parent "
+                        "process (use --mode threading)"
+                    )
+            endpoints.append(endpoint)
+        self["endpoint"] = self["address"] = endpoints[0]
+
+    def _check_workers(self) -> None:
+        workers = self["workers"]
+        if workers is None:
+            needing = [
+                option
+                for option, given in (
+                    ("several --listen", len(self["listens"]) > 1),
+                    ("--reuse-port", self["reuse-port"]),
+                    ("--max-requests", self["max-requests"]),
+                    ("--worker-timeout", self["worker-timeout"] is not None),
                 )
-        self["address"] = self["endpoint"]
+                if given
+            ]
+            if needing:
+                raise usage.UsageError(f"{', '.join(needing)} need(s) --workers N")
+            return
+        if workers < 1:
+            raise usage.UsageError("--workers must be at least 1")
+        if self["max-requests"] < 0 or self["max-requests-jitter"] < 0:
+            raise usage.UsageError("--max-requests and --max-requests-jitter must not be negative")
+        if self["worker-timeout"] is not None and self["worker-timeout"] <= 0:
+            raise usage.UsageError("--worker-timeout must be positive")
 
 
 def _async_mode(handler_class: type, mode: str | None) -> str | None:
@@ -299,6 +387,45 @@ def build_server(options: Options) -> Any:
     return server
 
 
+def build_workers(options: Options) -> Any:
+    """The ``--workers`` supervisor the options describe, its sockets bound.
+
+    Error handling:
+        ``usage.UsageError`` when a socket cannot be made (port in use, an
+        endpoint workers cannot share...), naming the reason.
+    """
+    from txsocketserver._workers.supervisor import Workers
+
+    try:
+        return Workers(
+            options["handler"],
+            options["listens"],
+            workers=options["workers"],
+            mode=options["mode"],
+            server=options["server"],
+            max_threads=options["max-threads"],
+            drain_timeout=options["drain-timeout"],
+            reuse_port=options["reuse-port"],
+            max_requests=options["max-requests"],
+            max_requests_jitter=options["max-requests-jitter"],
+            worker_timeout=options["worker-timeout"],
+            trusted_proxies=options["trusted_proxies"],
+            header_timeout=options["header-timeout"],
+        )
+    except (OSError, ValueError, TypeError) as exc:
+        raise usage.UsageError(f"cannot listen: {exc}") from exc
+
+
+def describe_workers(options: Options, workers: Any) -> str:
+    """One line per listener saying what is served where (for the logs)."""
+    return "\n".join(
+        f"serving {options['handler']} on {description} at {_where(address)} "
+        f"({options['workers']} worker{'s' if options['workers'] != 1 else ''}, "
+        f"{options['mode'] or 'default'} mode)"
+        for description, address in zip(options["listens"], workers.addresses, strict=True)
+    )
+
+
 def logging_handler_class(handler_class: type) -> type:
     """*handler_class*, made to log through ``twisted.logger`` if it writes
     log lines to stderr (``http.server``'s handlers: ``log_message``).
@@ -338,9 +465,14 @@ def makeService(options: Options) -> Any:
 
     The server listens here, before ``twistd`` daemonises or drops privileges
     (so ``tcp:80`` works when started as root), and serves once the reactor runs.
+    With ``--workers``, the :class:`~txsocketserver.Workers` supervisor instead.
     """
     from txsocketserver._twisted.service import ServerService, _log
 
+    if options["workers"] is not None:
+        workers = build_workers(options)
+        _log.info("{description}", description=describe_workers(options, workers))
+        return workers
     server = build_server(options)
     _log.info("{description}", description=describe(options, server))
     return ServerService(server, drain_timeout=options["drain-timeout"])
@@ -348,22 +480,26 @@ def makeService(options: Options) -> Any:
 
 def describe(options: Options, server: Any) -> str:
     """One line saying what is served where (for the logs)."""
-    address = server.server_address
+    return (
+        f"serving {options['handler']} on {options['listen']} at "
+        f"{_where(server.server_address)} ({type(server).__name__})"
+    )
+
+
+def _where(address: Any) -> str:
     if isinstance(address, tuple):
         host = f"[{address[0]}]" if ":" in address[0] else address[0]
-        where = f"{host}:{address[1]}"
-    else:
-        where = str(address)
-    return (
-        f"serving {options['handler']} on {options['listen']} at {where} ({type(server).__name__})"
-    )
+        return f"{host}:{address[1]}"
+    return str(address)
 
 
 __all__ = [
     "MODES",
     "Options",
     "build_server",
+    "build_workers",
     "describe",
+    "describe_workers",
     "load_object",
     "logging_handler_class",
     "makeService",

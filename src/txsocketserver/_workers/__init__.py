@@ -1,0 +1,11 @@
+"""Workers: several processes serving the same listening sockets, supervised.
+
+``listeners`` makes the supervisor's sockets from ``--listen`` descriptions,
+``supervisor`` holds the :class:`~txsocketserver.Workers` service (start,
+replace, reload, recycle, stop the workers), and ``worker`` is the worker
+process's entry point.  Operators' view: ``docs/operations.md``.
+
+Nothing is imported here: a worker process starts as
+``python -m txsocketserver._workers.worker``, and must set up its
+environment before anything imports Twisted (see ``worker``).
+"""

@@ -1,0 +1,607 @@
+"""The supervisor: N worker processes serving the same listening sockets.
+
+Theory of operation
+===================
+
+The supervisor runs no user code.  It binds the listening sockets
+(``listeners``), then keeps ``workers`` worker processes serving them, each
+started with ``reactor.spawnProcess`` (a fresh interpreter running
+``worker``), the sockets passed as fds 3, 4, ... (``childFDs``) and a
+*control pipe* after them, on which the worker reports ``ready``, ``beat``
+and ``retire``, and a pipe the other way that the supervisor never writes:
+a worker seeing its end of file knows the supervisor died.
+
+Every event (a worker ready, exited, retiring, timed out; a signal) ends in
+:meth:`Workers._reconcile`, which compares what runs with what is wanted:
+
+* Workers belong to a *generation*; a reload (SIGHUP) starts a new one.
+  While fewer than ``workers`` workers of the current generation run (not
+  stopping), new ones are started, after a back-off if workers have been
+  dying before they got ready (0.25 s, doubling, at most 16 s; reset once a
+  worker gets ready or on reload).
+* Once ``workers`` workers of the current generation are ready, workers of
+  older generations are told to stop (SIGTERM: they drain their requests in
+  flight within ``drain_timeout`` and exit), as are extra workers after
+  SIGTTOU, those that are not ready yet first, then the oldest.
+
+So a reload or a recycled worker never leaves the sockets without a serving
+process, and nothing is ever refused: the sockets stay open in the supervisor
+throughout.  A worker that stops beating for ``worker_timeout`` seconds is
+logged, sent SIGABRT (its threads' tracebacks go to stderr) and, if it still
+lives a moment later, SIGKILL; it is replaced at once, as a worker that
+exits for any other reason is.
+
+Stopping (:meth:`Workers.stopService`, SIGTERM/SIGINT) refuses new
+connections in every process at once (``Listener.stop_listening``), sends
+SIGTERM to every worker, and kills those still running ``drain_timeout``
+plus a grace period later.  Everything here runs on the reactor thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txsocketserver._twisted.service import DEFAULT_DRAIN_TIMEOUT
+from txsocketserver._workers.listeners import Listener, make_listener
+from txsocketserver._workers.worker import FIRST_LISTEN_FD
+
+_log = Logger(namespace="txsocketserver.workers")
+
+#: Back-off before starting again after a worker died before it got ready.
+FIRST_BACKOFF = 0.25
+MAX_BACKOFF = 16.0
+#: Seconds a worker may take to get ready (import the handler, listen).
+START_TIMEOUT = 60.0
+#: Seconds between SIGABRT and SIGKILL for a stuck worker, and added to the
+#: drain timeout before the supervisor kills workers that do not stop.
+KILL_GRACE = 3.0
+
+
+def class_spec(obj: str | type) -> str:
+    """``package.module:Name`` for a class (workers import it by that name)."""
+    if isinstance(obj, str):
+        return obj
+    qualname = obj.__qualname__
+    if "<locals>" in qualname or obj.__module__ == "__main__":
+        raise TypeError(
+            f"workers import {qualname} by name in new processes: define it at the top "
+            "level of an importable module (not __main__) and pass that"
+        )
+    return f"{obj.__module__}:{qualname}"
+
+
+class _WorkerProcess(ProcessProtocol):
+    """One worker, as the supervisor sees it (reactor thread)."""
+
+    def __init__(self, supervisor: Workers, generation: int, control_fd: int) -> None:
+        self.supervisor = supervisor
+        self.generation = generation
+        self.control_fd = control_fd
+        self.started = time.monotonic()
+        self.last_beat = self.started
+        self.ready = False
+        self.stopping = False  # told to stop, retiring, or killed
+        self.ended = False
+        self.pid: int | None = None
+        self._buffer = b""
+        self._deadline: Any = None  # the kill timer of a stopping worker
+
+    def __repr__(self) -> str:
+        return f"<worker {self.pid} generation {self.generation}>"
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD != self.control_fd:
+            return
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            self.last_beat = time.monotonic()
+            if line == b"ready":
+                self.ready = True
+                self.supervisor._worker_ready(self)
+            elif line == b"retire":
+                self.expect_exit()
+                self.supervisor._worker_retiring(self)
+
+    def signal(self, signum: int) -> None:
+        if self.ended or self.transport is None:
+            return
+        try:
+            self.transport.signalProcess(signum)
+        except OSError:
+            pass  # it has just exited: processEnded follows
+
+    def terminate(self) -> None:
+        """Ask the worker to drain and exit (SIGTERM)."""
+        self.signal(signal.SIGTERM)
+        self.expect_exit()
+
+    def expect_exit(self) -> None:
+        """The worker is on its way out: kill it if it is not gone in time."""
+        if self.stopping:
+            return
+        self.stopping = True
+        timeout = self.supervisor.drain_timeout + KILL_GRACE
+        self._deadline = self.supervisor._reactor.callLater(timeout, self._overdue, timeout)
+
+    def _overdue(self, timeout: float) -> None:
+        if not self.ended:
+            _log.warn("{worker} still running {t}s after it was stopped; killing it",
+                      worker=self, t=timeout)  # fmt: skip
+            self.signal(signal.SIGKILL)
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended = True
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self.supervisor._worker_ended(self, reason.value)
+
+
+class Workers(Service):
+    """Serve a handler class with several worker processes sharing the listening sockets.
+
+    A Twisted ``IService``: ``Workers(...).setServiceParent(application)`` in a
+    ``.tac``, ``twistd socketserver --workers N``, or
+    :func:`txsocketserver.run_workers` for a program of its own.  The sockets
+    are bound in the constructor (before ``twistd`` drops privileges);
+    ``startService`` starts the workers, ``stopService`` drains and stops them.
+
+    Args:
+        handler: the request handler class, or ``"package.module:Class"``.
+            Workers import it by name, anew at each reload.
+        listen: one or several ``--listen`` descriptions: ``tcp:``,
+            ``tcp6:``, ``unix:``, ``ssl:``, ``systemd:``, or ``haproxy:`` in
+            front of one of them (not ``ssl:``).
+        workers: how many worker processes serve (at least 1).
+        mode: ``"sync"``, ``"threading"`` or ``"forking"``, how each worker
+            runs requests (as ``--mode``); ``None``: threading, or the
+            *server* class as it is.
+        server: a txsocketserver stream server class (or its name); default
+            ``TCPServer`` with *mode*'s mix-in.
+        max_threads: with threading, the cap on each worker's requests at once.
+        drain_timeout: seconds a stopping worker lets its requests in flight
+            finish (``stopService``, reload, recycling).
+        reuse_port: each worker binds its own ``SO_REUSEPORT`` socket and the
+            kernel spreads connections over them, instead of all workers
+            accepting from one shared socket (see ``docs/operations.md``).
+        max_requests: recycle a worker after about this many requests
+            (0: never), plus a random 0..*max_requests_jitter* per worker, so
+            that workers do not all restart at once.
+        worker_timeout: replace a worker whose reactor or serving loop has
+            not made progress for this many seconds (``None``: never); a
+            synchronous worker running one request longer than this counts
+            as stuck.
+        trusted_proxies, header_timeout: set on each worker's servers, for
+            ``haproxy:`` listeners (``None``: the server class's defaults).
+        handle_signals: in ``startService``, take SIGHUP (reload), SIGTTIN
+            and SIGTTOU (one worker more, or fewer); main thread only.
+
+    Error handling:
+        ``ValueError`` for a description workers cannot serve or an unknown
+        *mode*, ``OSError``
+        if binding fails, ``TypeError`` for a class workers cannot import.
+        A worker that cannot start (its import fails) is logged and started
+        again after a back-off, the others serving meanwhile.
+    """
+
+    def __init__(
+        self,
+        handler: str | type,
+        listen: str | Sequence[str],
+        *,
+        workers: int = 2,
+        mode: str | None = None,
+        server: str | type | None = None,
+        max_threads: int | None = None,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        reuse_port: bool = False,
+        max_requests: int = 0,
+        max_requests_jitter: int = 0,
+        worker_timeout: float | None = None,
+        trusted_proxies: Sequence[str] | None = None,
+        header_timeout: float | None = None,
+        handle_signals: bool = True,
+    ) -> None:
+        from txsocketserver._cli import MODES
+
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
+        self.handler = class_spec(handler)
+        self.server = None if server is None else class_spec(server)
+        self.mode = mode
+        self.max_threads = max_threads
+        self.workers = workers
+        self.drain_timeout = drain_timeout
+        self.max_requests = max_requests
+        self.max_requests_jitter = max_requests_jitter
+        self.worker_timeout = worker_timeout
+        self.trusted_proxies = None if trusted_proxies is None else list(trusted_proxies)
+        self.header_timeout = header_timeout
+        self.handle_signals = handle_signals
+        descriptions = [listen] if isinstance(listen, str) else list(listen)
+        if not descriptions:
+            raise ValueError("workers need at least one listen description")
+        self.listeners: list[Listener] = []
+        try:
+            for description in descriptions:
+                self.listeners.append(make_listener(description, reuse_port=reuse_port))
+            if mode == "forking":
+                for listener in self.listeners:
+                    if listener.proxy is not None or listener.tls is not None:
+                        raise ValueError(
+                            f"{listener.description!r}: forking servers hand each child the "
+                            "accepted OS socket; TLS and PROXY-protocol connections need "
+                            "mode='threading'"
+                        )
+        except BaseException:
+            for listener in self.listeners:
+                listener.close()
+            raise
+        self._generation = 0
+        self._processes: list[_WorkerProcess] = []
+        self._failures = 0  # workers in a row that died before getting ready
+        self._next_start = 0.0
+        self._pending_start: Any = None
+        self._checker: Any = None
+        self._stopping: Deferred[None] | None = None
+        self._old_signals: dict[int, Any] = {}
+        self._devnull: int | None = None
+        self._reactor: Any = None  # the running reactor, from startService
+        self._ready_waiters: list[Deferred[None]] = []
+
+    # -- what operators and tests look at ------------------------------------------
+
+    @property
+    def addresses(self) -> list[Any]:
+        """Each listener's bound address, in ``listen`` order."""
+        return [listener.address for listener in self.listeners]
+
+    @property
+    def pids(self) -> set[int]:
+        """Pids of the workers currently ready and not stopping."""
+        return {p.pid for p in self._processes if p.ready and not p.stopping and p.pid is not None}
+
+    def when_ready(self) -> Deferred[None]:
+        """A Deferred firing once ``workers`` workers of the current
+        generation are ready (at once if they are); it fails if the service
+        stops first."""
+        if self._stopping is not None:
+            from twisted.internet.defer import fail
+
+            return fail(RuntimeError("the workers were stopped"))
+        if self._all_ready():
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._ready_waiters.append(waiter)
+        return waiter
+
+    def _all_ready(self) -> bool:
+        ready = [p for p in self._processes if p.generation == self._generation and p.ready]
+        return len(ready) >= self.workers and not any(p.stopping for p in ready)
+
+    def _notify_ready(self) -> None:
+        if self._stopping is None and not self._all_ready():
+            return
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for waiter in waiters:
+            if self._stopping is None:
+                waiter.callback(None)
+            else:
+                waiter.errback(RuntimeError("the workers were stopped before they were ready"))
+
+    # -- the service -----------------------------------------------------------------
+
+    def startService(self) -> None:
+        if self._devnull is not None:
+            raise RuntimeError("Workers run once; make a new Workers to serve again")
+        Service.startService(self)
+        from twisted.internet import reactor
+        from twisted.internet.task import LoopingCall
+
+        self._reactor = reactor
+        self._devnull = os.open(os.devnull, os.O_RDWR)
+        if self.handle_signals:
+            handlers = {
+                signal.SIGHUP: self.reload,
+                signal.SIGTTIN: self.add_worker,
+                signal.SIGTTOU: self.remove_worker,
+            }
+            for signum, action in handlers.items():
+                self._old_signals[signum] = signal.signal(signum, self._on_signal(action))
+        self._checker = LoopingCall(self._check_workers)
+        interval = 1.0 if not self.worker_timeout else min(1.0, self.worker_timeout / 4)
+        self._checker.start(interval, now=False)
+        self._reconcile()
+
+    def _on_signal(self, action: Any) -> Any:
+        def handler(signum: int, frame: Any) -> None:
+            # Python runs signal handlers between bytecodes of the main
+            # thread, which is the reactor's: hand the work to the reactor.
+            self._reactor.callFromThread(self._signalled, signum, action)
+
+        return handler
+
+    def _signalled(self, signum: int, action: Any) -> None:
+        _log.info("{signal}: {what}", signal=signal.Signals(signum).name, what=action.__doc__)
+        action()
+
+    def reload(self) -> None:
+        """starting new workers, then draining the old ones"""
+        if self._stopping is not None:
+            return
+        self._generation += 1
+        self._failures = 0
+        self._next_start = 0.0
+        self._reconcile()
+
+    def add_worker(self) -> None:
+        """one worker more"""
+        self.workers += 1
+        self._reconcile()
+
+    def remove_worker(self) -> None:
+        """one worker fewer (never fewer than one)"""
+        self.workers = max(1, self.workers - 1)
+        self._reconcile()
+
+    def stopService(self) -> Deferred[None]:
+        """Refuse new connections, let every worker drain, close the sockets.
+
+        The Deferred fires once every worker has exited: by itself within
+        ``drain_timeout``, or killed ``KILL_GRACE`` seconds after that.
+        """
+        Service.stopService(self)
+        if self._stopping is not None:
+            return self._stopping
+        self._stopping = Deferred()
+        for signum, old in self._old_signals.items():
+            signal.signal(signum, old)
+        self._old_signals = {}
+        if self._pending_start is not None and self._pending_start.active():
+            self._pending_start.cancel()
+        if self._checker is not None and self._checker.running:
+            self._checker.stop()
+        for listener in self.listeners:
+            listener.stop_listening()
+        for process in self._processes:
+            process.terminate()
+        stopping = self._stopping
+        self._notify_ready()
+        self._maybe_stopped()
+        return stopping
+
+    def kill_now(self) -> None:
+        """Kill every worker at once (a second stop signal)."""
+        for process in self._processes:
+            process.signal(signal.SIGKILL)
+
+    def _maybe_stopped(self) -> None:
+        if self._stopping is None or self._processes or self._stopping.called:
+            return
+        for listener in self.listeners:
+            listener.close()
+        if self._devnull is not None:
+            os.close(self._devnull)
+        _log.info("all workers stopped")
+        self._stopping.callback(None)
+
+    # -- keeping the right workers running ----------------------------------------
+
+    def _reconcile(self) -> None:
+        if self._stopping is not None or not self.running:
+            return
+        current = [
+            p for p in self._processes if p.generation == self._generation and not p.stopping
+        ]
+        ready = [p for p in current if p.ready]
+        if len(ready) >= self.workers:
+            for process in self._processes:
+                if process.generation < self._generation and not process.stopping:
+                    _log.info("stopping {worker} (replaced)", worker=process)
+                    process.terminate()
+        extra = len(current) - self.workers
+        if extra > 0:
+            for process in sorted(current, key=lambda p: (p.ready, p.started))[:extra]:
+                _log.info("stopping {worker} (one worker fewer)", worker=process)
+                process.terminate()
+        missing = self.workers - len(current)
+        if missing <= 0:
+            return
+        delay = self._next_start - time.monotonic()
+        if delay > 0:
+            if self._pending_start is None or not self._pending_start.active():
+                self._pending_start = self._reactor.callLater(delay, self._reconcile)
+            return
+        for _ in range(missing):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        listeners = [listener for listener in self.listeners if listener.inherited]
+        control_fd = FIRST_LISTEN_FD + len(listeners)
+        max_requests = self.max_requests
+        if max_requests and self.max_requests_jitter:
+            max_requests += random.randint(0, self.max_requests_jitter)
+        spec = {
+            "handler": self.handler,
+            "server": self.server,
+            "mode": self.mode,
+            "max_threads": self.max_threads,
+            "drain_timeout": self.drain_timeout,
+            "worker_timeout": self.worker_timeout,
+            "heartbeat": self.worker_timeout / 4 if self.worker_timeout else None,
+            "max_requests": max_requests,
+            "trusted_proxies": self.trusted_proxies,
+            "header_timeout": self.header_timeout,
+            "control_fd": control_fd,
+            "sys_path": [os.getcwd() if entry == "" else entry for entry in sys.path],
+            "listeners": [listener.worker_spec() for listener in self._ordered_listeners()],
+        }
+        assert self._devnull is not None  # startService opened it
+        child_fds: dict[int, int | str] = {
+            0: self._devnull,
+            1: 1,
+            2: 2,
+            control_fd: "r",
+            control_fd + 1: "w",
+        }
+        for index, listener in enumerate(listeners):
+            child_fds[FIRST_LISTEN_FD + index] = listener.sock.fileno()
+        env = dict(os.environ)
+        env["LISTEN_FDS"] = str(len(listeners))
+        env["LISTEN_FDNAMES"] = ":".join(f"listener{i}" for i in range(len(listeners)))
+        env.pop("LISTEN_PID", None)
+        process = _WorkerProcess(self, self._generation, control_fd)
+        argv = [sys.executable, "-m", "txsocketserver._workers.worker", json.dumps(spec)]
+        self._reactor.spawnProcess(
+            process, sys.executable, argv, env=env, path=os.getcwd(), childFDs=child_fds
+        )
+        assert process.transport is not None
+        process.pid = process.transport.pid
+        self._processes.append(process)
+        _log.info("started {worker}", worker=process)
+
+    def _ordered_listeners(self) -> list[Listener]:
+        # Inherited sockets first, in order, so that listener i of the spec is
+        # fd FIRST_LISTEN_FD + i; the reuse_port ones, bound by workers, after.
+        return [x for x in self.listeners if x.inherited] + [
+            x for x in self.listeners if not x.inherited
+        ]
+
+    # -- events from workers -----------------------------------------------------------
+
+    def _worker_ready(self, process: _WorkerProcess) -> None:
+        self._failures = 0
+        _log.info("{worker} ready", worker=process)
+        self._reconcile()
+        self._notify_ready()
+
+    def _worker_retiring(self, process: _WorkerProcess) -> None:
+        _log.info("{worker} reached --max-requests; replacing it", worker=process)
+        self._reconcile()
+
+    def _worker_ended(self, process: _WorkerProcess, how: BaseException) -> None:
+        self._processes.remove(process)
+        status = getattr(how, "exitCode", None)
+        killed_by = getattr(how, "signal", None)
+        outcome = f"signal {signal.Signals(killed_by).name}" if killed_by else f"status {status}"
+        if process.stopping or self._stopping is not None:
+            _log.info("{worker} exited ({outcome})", worker=process, outcome=outcome)
+        elif not process.ready:
+            self._failures += 1
+            backoff = min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** (self._failures - 1))
+            self._next_start = time.monotonic() + backoff
+            _log.error(
+                "{worker} died before it was ready ({outcome}); next start in {backoff}s",
+                worker=process,
+                outcome=outcome,
+                backoff=backoff,
+            )
+        else:
+            _log.warn("{worker} died ({outcome}); replacing it", worker=process, outcome=outcome)
+        self._maybe_stopped()
+        self._reconcile()
+
+    def _check_workers(self) -> None:
+        now = time.monotonic()
+        for process in list(self._processes):
+            if process.stopping:
+                continue
+            if not process.ready:
+                if now - process.started > START_TIMEOUT:
+                    _log.error("{worker} not ready after {s}s; killing it", worker=process,
+                               s=START_TIMEOUT)  # fmt: skip
+                    process.stopping = True
+                    process.signal(signal.SIGKILL)
+                continue
+            if self.worker_timeout and now - process.last_beat > self.worker_timeout:
+                _log.error(
+                    "{worker} missed its heartbeat for {timeout}s (stuck in a blocking call?); "
+                    "killing it",
+                    worker=process,
+                    timeout=self.worker_timeout,
+                )
+                process.stopping = True
+                process.signal(signal.SIGABRT)
+                self._reactor.callLater(KILL_GRACE, process.signal, signal.SIGKILL)
+        self._reconcile()
+
+
+def run_workers(
+    workers: Workers, *, describe: str | None = None, begin_logging: bool = True
+) -> int:
+    """Run *workers* in this process until SIGTERM or SIGINT; return the exit status.
+
+    Runs the reactor in the calling (main) thread, logs to stderr (unless
+    *begin_logging* is false: the caller has started Twisted's logging), and
+    returns 0 after a graceful stop; a second SIGTERM/SIGINT kills the
+    workers at once.  For a program of its own; under ``twistd``, use the
+    service.
+    """
+    from twisted.internet import reactor as installed
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    reactor: Any = installed
+    if begin_logging:
+        globalLogBeginner.beginLoggingTo(
+            [textFileLogObserver(sys.stderr)], redirectStandardIO=False
+        )
+    if describe:
+        _log.info("{description}", description=describe)
+    signals: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        signals.append(signum)
+        if len(signals) == 1:
+            reactor.callFromThread(stop_gracefully, signum)
+        else:
+            reactor.callFromThread(workers.kill_now)
+
+    def stop_gracefully(signum: int) -> None:
+        _log.info("{signal}: stopping", signal=signal.Signals(signum).name)
+        workers.stopService().addBoth(lambda _: reactor.stop())
+
+    def install() -> None:
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        workers.startService()
+
+    reactor.callWhenRunning(install)
+    reactor.run(installSignalHandlers=True)
+    return 0
+
+
+def start_workers(*args: Any, **kwargs: Any) -> Deferred[Workers]:
+    """Make and start a :class:`Workers` service from code running on the reactor.
+
+    Takes :class:`Workers`' arguments (``handle_signals`` defaults to false
+    here); returns a Deferred firing with the service once its first workers
+    are ready (stop it with ``stopService()``), or failing with the binding
+    error.
+    """
+    kwargs.setdefault("handle_signals", False)
+    try:
+        workers = Workers(*args, **kwargs)
+    except BaseException:
+        from twisted.internet.defer import fail
+
+        return fail()
+    workers.startService()
+    return workers.when_ready().addCallback(lambda _: workers)
+
+
+__all__ = ["Workers", "class_spec", "run_workers", "start_workers"]
