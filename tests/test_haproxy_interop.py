@@ -143,11 +143,12 @@ def test_health_checks_are_quiet_and_clients_keep_their_address(
             with connect(front) as client:
                 reply = recv_all(client)
                 assert f'"client": ["127.0.0.1", {client.getsockname()[1]}]'.encode() in reply
-        assert server.handled == 20
+        # The health checks are served too (as the proxy's own connections).
+        assert server.handled >= 20
     failures = [event for event in events if "log_failure" in event]
     assert failures == [], [event["log_failure"].getTraceback() for event in failures]
-    other = [formatEvent(e) for e in events if "PROXY LOCAL" not in formatEvent(e)]
-    assert other == []
+    louder = [formatEvent(e) for e in events if e["log_level"].name != "debug"]
+    assert louder == []
     assert "Traceback" not in capfd.readouterr().err
 
 
@@ -263,7 +264,10 @@ def test_fault_mix_through_haproxy(
     before = lines("was reset before", "closed before")
     ended = lines("ended before sending anything")
     assert per_kind <= before <= 2 * per_kind
-    assert before - per_kind + ended + len(server.cut_short) <= per_kind
+    # HAProxy's health checks are served as its own (LOCAL), and close at once:
+    # their handlers, too, see a request cut short.
+    cut_short = len(server.cut_short) - local_checks(events)
+    assert before - per_kind + ended + cut_short <= per_kind
     known = ("PROXY LOCAL", "before sending anything", "inside its PROXY header", "no complete")
     assert [m for m in map(formatEvent, events) if not any(k in m for k in known)] == []
     assert not [event for event in events if "log_failure" in event]

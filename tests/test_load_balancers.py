@@ -209,16 +209,9 @@ def start_haproxy(
     "send_proxy",
     [
         "send-proxy",
-        pytest.param(
-            "send-proxy-v2",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="the PROXY path closes every v2 LOCAL connection unserved, so "
-                "HAProxy's HTTP health checks (send-proxy-v2 sends them as LOCAL) get no "
-                "answer and mark the instances DOWN; the PROXY spec says a LOCAL "
-                "connection is served, with the connection's own addresses",
-            ),
-        ),
+        # send-proxy-v2 sends HAProxy's HTTP health checks as LOCAL, which
+        # must be served (with the connection's own addresses) to pass.
+        "send-proxy-v2",
     ],
 )
 def test_haproxy_in_front_of_two_instances(

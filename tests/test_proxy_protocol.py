@@ -199,7 +199,7 @@ def test_a_client_that_never_completes_its_header_is_closed_and_logged(
         assert server.handled == []
 
 
-# -- items 4 and 5: refusals and health checks are logged once, no handler for LOCAL ---
+# -- items 4 and 5: refusals are logged once; health checks are quiet -----------------
 
 
 def test_a_malformed_header_is_refused_with_one_warning(events: list[dict[str, Any]]) -> None:
@@ -215,23 +215,32 @@ def test_a_malformed_header_is_refused_with_one_warning(events: list[dict[str, A
         assert server.handled == []
 
 
-def test_a_local_health_check_makes_no_handler_and_one_debug_line(
+def test_a_local_health_check_is_served_as_the_proxy_itself(
     events: list[dict[str, Any]],
 ) -> None:
-    with Counting(PROXIED, AddressHandler) as server, serve_in_thread(server):
+    # The PROXY spec: a LOCAL connection is the proxy's own (a health check),
+    # served with the connection's real addresses; an HTTP check waits for
+    # its answer.  One debug line each, nothing louder.
+    class Admitting(Counting):
+        def verify_request(self, request: Any, client_address: Any) -> bool:
+            return True
+
+    with Admitting(PROXIED, AddressHandler) as server, serve_in_thread(server):
+        ports = []
         for _ in range(3):
             with connect(server.server_address) as client:
                 client.sendall(v2_header(command=0))
-                assert recv_all(client) == b""
+                ports.append(client.getsockname()[1])
+                assert f'["127.0.0.1", {ports[-1]}]'.encode() in recv_all(client)
         assert wait_until(lambda: len(messages(events)) == 3)
         assert all(
             "PROXY LOCAL connection (a health check)" in m for m in messages(events, "debug")
         )
-        assert len(messages(events, "debug")) == 3
+        assert messages(events) == messages(events, "debug")
         with connect(server.server_address) as client:
             client.sendall(v2_header())
             assert b"10.1.2.3" in recv_all(client)
-        assert server.handled == [("10.1.2.3", 5555)]
+        assert server.handled == [("127.0.0.1", port) for port in ports] + [("10.1.2.3", 5555)]
 
 
 def reset(client: socket.socket) -> None:

@@ -350,6 +350,7 @@ def test_refusals_access_lines_and_errors_are_logged_with_the_client(
         refused = client.getsockname()[1]
     with connect(address) as client:
         client.sendall(b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00")  # PROXY v2 LOCAL
+        client.shutdown(socket.SHUT_WR)  # a TCP health check: served, and nothing asked
         assert recv_all(client) == b""
     server.wait_for(re.compile(r"#debug\] PROXY LOCAL connection \(a health check\)"))
     output = server.output()

@@ -341,6 +341,20 @@ def test_forking_workers(cli: Spawn) -> None:
     assert server.stop() == 0
 
 
+def test_async_workers(cli: Spawn) -> None:
+    # An async handler class: each worker serves it on its own reactor thread.
+    server = cli(
+        *CLI, "--workers", "2", "--listen", TCP, "--handler", "worker_handlers:AsyncPidHandler",
+    )  # fmt: skip
+    address = server.address()
+    workers = wait_for_workers(server, 2)
+    with Load(address, clients=4) as load:
+        load.wait_for_replies(40)
+    assert not load.failures
+    assert load.pids() == workers
+    assert server.stop() == 0
+
+
 def test_tls_workers(cli: Spawn, tls_cert: SelfSignedCert) -> None:
     server = cli(
         *CLI, "--workers", "2", "--listen", tls_endpoint(tls_cert), "--handler", PID_HANDLER,
@@ -462,7 +476,8 @@ def test_library_start_workers_from_a_twisted_program(cli: Spawn) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"mode": "async"}, ValueError, "mode 'async': choose one of sync, threading, forking"),
+        ({"mode": "bogus"}, ValueError,
+         "mode 'bogus': choose one of sync, threading, forking, async"),
         ({"workers": 0}, ValueError, "workers must be at least 1"),
         ({"listen": "bogus:1"}, ValueError, "Unknown endpoint type: 'bogus'"),
         ({"listen": f"haproxy:{TCP}", "mode": "forking"}, ValueError,

@@ -8,6 +8,8 @@ import socketserver
 import time
 from http.server import BaseHTTPRequestHandler
 
+import txsocketserver
+
 #: Read once per import: a reload (new workers, fresh interpreters) sees a new value.
 VERSION = os.environ.get("WORKER_TEST_VERSION_FILE") and open(  # noqa: SIM115
     os.environ["WORKER_TEST_VERSION_FILE"]
@@ -48,3 +50,15 @@ class PidHTTPHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         pass
+
+
+class AsyncPidHandler(txsocketserver.AsyncStreamRequestHandler):
+    """PidHandler as an async handler: served on each worker's reactor."""
+
+    async def handle(self) -> None:
+        async for line in self.rfile:
+            if line.split()[:1] == [b"sleep"]:
+                await self.server.to_thread(time.sleep, float(line.split()[1]))
+            reply = {"pid": os.getpid(), "client": list(self.client_address), "version": VERSION}
+            self.wfile.write(json.dumps(reply).encode() + b"\n")
+            await self.wfile.drain()

@@ -245,7 +245,7 @@ class Options(usage.Options):
         except ValueError as exc:
             raise usage.UsageError(f"--trusted-proxies: {exc}") from exc
         self["handler_class"] = load_object(self["handler"], "--handler")
-        mode = _async_mode(self["handler_class"], mode)
+        mode = mode_for(self["handler_class"], mode)
         self["server_class"] = server_class(self["server"], mode)
         if not issubclass(self["server_class"], txsocketserver.ForkingMixIn):
             # A forking child imports its handler class by name: it keeps the
@@ -298,7 +298,7 @@ class Options(usage.Options):
             raise usage.UsageError("--worker-timeout must be positive")
 
 
-def _async_mode(handler_class: type, mode: str | None) -> str | None:
+def mode_for(handler_class: type, mode: str | None) -> str | None:
     """The ``--mode`` to build the server with: async handler classes run on
     the reactor, as a plain (sync) server's handlers."""
     from txsocketserver._async import is_async_handler
@@ -503,5 +503,6 @@ __all__ = [
     "load_object",
     "logging_handler_class",
     "makeService",
+    "mode_for",
     "server_class",
 ]

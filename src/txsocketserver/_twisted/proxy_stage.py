@@ -11,7 +11,9 @@ handlers' (``_async.protocol``) begin a proxied connection with one
   has a whole header, however the proxy split it; what follows it is payload;
 * bounds itself with a deadline (``timeout``): a silent client, or one that
   stops inside its header, is closed;
-* ends a ``LOCAL`` connection (the proxy's health check) with no handler;
+* serves a ``LOCAL`` connection (the proxy's health check: a TCP check
+  closes at once, an HTTP check waits for its answer) with the connection's
+  own addresses, as the PROXY specification says;
 * logs one line for every connection that ends in it: a warning for a
   refusal, a bad header or the deadline; info for an end inside the header;
   debug for an end before any byte (a TCP health check, a port scanner).
@@ -54,8 +56,9 @@ class ProxyHeaderStage:
         transport: the connection's transport (closed here on a refusal).
         policy: whom to believe, and the deadline.
         reactor: runs the deadline.
-        on_header: called with the header once it is whole (never for
-            ``LOCAL``); the stage is over by then.
+        on_header: called with the header once it is whole (for ``LOCAL``
+            too, whose ``family`` is ``None``: the connection's own addresses
+            stand); the stage is over by then.
     """
 
     def __init__(
@@ -111,9 +114,13 @@ class ProxyHeaderStage:
         payload = bytes(self._received[header.length :])
         self._end()
         if header.local:
-            _log.debug("PROXY LOCAL connection (a health check) from {peer}", peer=self._peer())
-            self._transport.loseConnection()
-            return b""
+            # The proxy speaks for itself (HAProxy's health checks): the PROXY
+            # spec says to serve it with the connection's own addresses, and
+            # an HTTP check waits for its answer.
+            _log.debug(
+                "PROXY LOCAL connection (a health check) from {peer}: served as the proxy's own",
+                peer=self._peer(),
+            )
         self._on_header(header)
         return payload
 

@@ -113,7 +113,7 @@ class _Worker:
     """The servers of one worker process, and its side of the control pipe."""
 
     def __init__(self, spec: dict[str, Any], reactor: Any) -> None:
-        from txsocketserver._cli import load_object, server_class
+        from txsocketserver._cli import load_object, mode_for, server_class
 
         self._spec = spec
         self._reactor = reactor
@@ -125,7 +125,7 @@ class _Worker:
         self._requests = 0
         self._retiring = False
         self._handler = load_object(spec["handler"], "--handler")
-        self._server_class = server_class(spec["server"], spec["mode"])
+        self._server_class = server_class(spec["server"], mode_for(self._handler, spec["mode"]))
 
     def start(self) -> None:
         from twisted.internet.defer import gatherResults
