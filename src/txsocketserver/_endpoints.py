@@ -67,6 +67,10 @@ _T = TypeVar("_T")
 CLOSE_FLUSH_TIMEOUT = 5.0
 
 
+# What Twisted's TLS needs (its ``tls`` extra), which ours installs.
+TLS_EXTRA_MODULES = frozenset({"OpenSSL", "service_identity"})
+
+
 class Endpoint:
     """A Twisted server endpoint, used as a stream server's ``server_address``.
 
@@ -88,7 +92,9 @@ class Endpoint:
     Error handling:
         ``ValueError`` for a description Twisted cannot parse (unknown type,
         bad argument, unreadable certificate), raised when the server is
-        created.
+        created; for an ``ssl:`` description without the TLS libraries
+        (pyOpenSSL, service_identity), a ``ValueError`` saying to install
+        ``txsocketserver[tls]``.
     """
 
     def __init__(self, endpoint: str | IStreamServerEndpoint) -> None:
@@ -125,6 +131,15 @@ class Endpoint:
                 self._endpoint = serverFromString(
                     reactor or _reactor.get_reactor(), self.description
                 )
+            except ImportError as exc:
+                if (exc.name or "").partition(".")[0] not in TLS_EXTRA_MODULES:
+                    raise ValueError(
+                        f"bad endpoint description {self.description!r}: {exc}"
+                    ) from exc
+                raise ValueError(
+                    f"endpoint description {self.description!r} needs TLS support "
+                    f"({exc.name} is not installed): pip install 'txsocketserver[tls]'"
+                ) from exc
             except Exception as exc:
                 raise ValueError(f"bad endpoint description {self.description!r}: {exc}") from exc
         return self._endpoint
