@@ -18,6 +18,11 @@ Nothing in the reference is copied by hand, so it cannot drift:
     entries (so ``:option:`` references work), with synopsis, description and
     defaults, read from a parser instance.
 
+``.. benchmark-table:: PATH.json``
+    The medians and per-round ratio ranges of a benchmark run written by
+    ``benchmarks/run.py --json`` (the run the performance charts are drawn
+    from), with where and when it ran.
+
 ``.. twistd-plugin-options:: TAPNAME``
     The same for the options of the ``twistd`` plugin registered as
     ``TAPNAME``, found the way ``twistd`` finds it (``IServiceMaker`` plugins).
@@ -30,11 +35,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import re
 import socketserver
+import statistics
 import sys
 import textwrap
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from docutils import nodes
@@ -338,7 +346,50 @@ def plain_interface_names(
     return plain(signature), plain(return_annotation)
 
 
+def _benchmark_charts() -> Any:
+    benchmarks = Path(__file__).resolve().parents[2] / "benchmarks"
+    sys.path.insert(0, str(benchmarks))
+    try:
+        import charts
+    finally:
+        sys.path.remove(str(benchmarks))
+    return charts
+
+
+class BenchmarkTable(GeneratedRst):
+    required_arguments = 1
+
+    def lines(self) -> list[str]:
+        charts = _benchmark_charts()
+        relative, path = self.env.relfn2path(self.arguments[0])
+        self.env.note_dependency(relative)
+        run = json.loads(Path(path).read_text())
+        impls = [i for i in ("ours", "stdlib", "twisted") if i in run["settings"]["impls"]]
+        others = [o for o in ("stdlib", "twisted") if o in impls and "ours" in impls]
+        ratios = {o: {r[0]: r[1:] for r in charts.ratio_summary(run, o)} for o in others}
+        header = ["scenario", *(f"{i} (req/s)" for i in impls), *(f"ours/{o}" for o in others)]
+        rows = []
+        for scenario, results in run["results"].items():
+            row = [f"``{scenario}``"]
+            for impl in impls:
+                rates = [m["rate"] for m in results.get(impl, [])]
+                row.append(f"{statistics.median(rates):,.0f}" if rates else "failed")
+            for other in others:
+                found = ratios[other].get(scenario)
+                row.append(
+                    f"**{found[0]:.2f}** ({found[1]:.2f}–{found[2]:.2f})" if found else "—"
+                )
+            rows.append(row)
+        return [
+            f"Run: {escape(charts.caption(run))}.  Figures: the median over the rounds; "
+            "ratios: the median of the per-round ratios (lowest–highest round).",
+            "",
+            *list_table(header, rows, "auto"),
+        ]
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
+    app.add_directive("benchmark-table", BenchmarkTable)
     app.connect("autodoc-process-signature", plain_interface_names)
     app.add_directive("txsocketserver-api", ApiReference)
     app.add_directive("txsocketserver-api-summary", ApiSummary)
