@@ -333,7 +333,12 @@ INTERFACE_REPR = re.compile(r"<InterfaceClass ([\w.]+)>")
 
 
 def plain_interface_names(
-    app: Sphinx, what: str, name: str, obj: Any, options: Any, signature: str | None,
+    app: Sphinx,
+    what: str,
+    name: str,
+    obj: Any,
+    options: Any,
+    signature: str | None,
     return_annotation: str | None,
 ) -> tuple[str | None, str | None]:
     """Annotations naming a ``zope.interface`` interface (Twisted's
@@ -376,9 +381,7 @@ class BenchmarkTable(GeneratedRst):
                 row.append(f"{statistics.median(rates):,.0f}" if rates else "failed")
             for other in others:
                 found = ratios[other].get(scenario)
-                row.append(
-                    f"**{found[0]:.2f}** ({found[1]:.2f}–{found[2]:.2f})" if found else "—"
-                )
+                row.append(f"**{found[0]:.2f}** ({found[1]:.2f}–{found[2]:.2f})" if found else "—")
             rows.append(row)
         return [
             f"Run: {escape(charts.caption(run))}.  Figures: the median over the rounds; "
