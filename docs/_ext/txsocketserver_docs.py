@@ -73,7 +73,7 @@ def has_stdlib_counterpart(name: str) -> bool:
     return name in socketserver.__all__ or name in STDLIB_NAMES_SINCE
 
 
-def stdlib_reference(env: Any, name: str, role: str = "class") -> str:
+def stdlib_reference(env: Any, name: str, role: str = "class", *, short: bool = False) -> str:
     """A link to ``socketserver.NAME`` in Python's docs, if they document it
     (they name some classes only in prose), else the name as literal text."""
     from sphinx.ext.intersphinx import InventoryAdapter
@@ -81,8 +81,8 @@ def stdlib_reference(env: Any, name: str, role: str = "class") -> str:
     target = f"socketserver.{name}"
     inventory = InventoryAdapter(env).main_inventory
     if any(target in inventory.get(f"py:{kind}", {}) for kind in ("class", "function")):
-        return f":py:{role}:`{target}`"
-    return f"``{target}``"
+        return f":py:{role}:`{'~' if short else ''}{target}`"
+    return f"``{name if short else target}``"
 
 
 def first_line(obj: Any) -> str:
@@ -91,13 +91,14 @@ def first_line(obj: Any) -> str:
 
 
 def public_attributes(cls: type) -> dict[str, Any]:
-    """Public names a class has (its own and inherited), without object's."""
+    """Public names a class has (its own and inherited, and the constructor),
+    without object's."""
     found: dict[str, Any] = {}
     for klass in reversed(cls.__mro__):
         if klass is object:
             continue
         for key, value in vars(klass).items():
-            if not key.startswith("_"):
+            if not key.startswith("_") or key == "__init__":
                 found[key] = value
     return found
 
@@ -205,13 +206,13 @@ class ApiSummary(GeneratedRst):
             role = "class" if isinstance(obj, type) else "func"
             if has_stdlib_counterpart(name):
                 since = STDLIB_NAMES_SINCE.get(name)
-                stdlib = stdlib_reference(self.env, name, role)
+                stdlib = stdlib_reference(self.env, name, role, short=True)
                 if since is not None:
                     stdlib += f" (Python {since}+)"
             else:
                 stdlib = "— (ours only)"
             rows.append((f":py:{role}:`~{PACKAGE}.{name}`", stdlib, first_line(obj)))
-        return list_table(("txsocketserver", "socketserver", "what it is"), rows, "25 30 45")
+        return list_table(("txsocketserver", "socketserver", "what it is"), rows, "auto")
 
 
 class ApiReference(GeneratedRst):
