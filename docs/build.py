@@ -14,7 +14,8 @@
    heading anchor fails the build.
 3. **Internal links**: every ``href`` and ``src`` in the built pages that is not
    an external URL must name an existing file, and its ``#fragment`` an ``id``
-   in that file.  (Sphinx's ``linkcheck`` builder checks external URLs, which
+   in that file; a link with a scheme other than http(s) or mailto (text such
+   as ``tcp:8000`` that docutils took for an address) is an error too.  (Sphinx's ``linkcheck`` builder checks external URLs, which
    need the network, and does not check local anchors.)
 
 Options: ``--out DIR`` (default ``docs/_build/html``), ``--no-inventories``
@@ -40,6 +41,8 @@ PYTHON_INVENTORIES = [
     *sorted(Path("/usr/share/doc").glob("python3.*-doc/html/objects.inv"), reverse=True),
 ]
 TWISTED_API = "https://docs.twisted.org/en/stable/api/"
+# Links to these leave the site; any other scheme in a link is a mistake.
+WEB_SCHEMES = frozenset({"http", "https", "mailto"})
 
 
 def python_inventory() -> None:
@@ -123,8 +126,13 @@ def check_internal_links(site: Path) -> int:
     for page, parser in sorted(pages.items()):
         for link in parser.links:
             parts = urllib.parse.urlsplit(link)
+            if parts.scheme and parts.scheme not in WEB_SCHEMES:
+                # Text docutils took for a URI (an endpoint such as "tcp:8000").
+                broken += 1
+                print(f"broken link in {page.relative_to(site)}: {link} (not a web address)")
+                continue
             if parts.scheme or parts.netloc:
-                continue  # external (http:, https:, mailto:...): not ours to check offline
+                continue  # external: not ours to check offline
             checked += 1
             path = urllib.parse.unquote(parts.path)
             target = (page.parent / path).resolve() if path else page

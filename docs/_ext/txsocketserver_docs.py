@@ -277,7 +277,7 @@ def option_entries(options: Any, program: str) -> list[str]:
         out.append(f".. option:: {', '.join(forms)}")
         out.append("")
         doc = " ".join(inspect.cleandoc(options.docs.get(name) or "").split())
-        out.append(textwrap.indent(escape(doc) or "(undocumented)", "   "))
+        out.append(textwrap.indent(help_text(doc) or "(undocumented)", "   "))
         default = options.defaults.get(name)
         if takes_value and default is not None:
             out += ["", f"   Default: ``{default}``."]
@@ -286,10 +286,29 @@ def option_entries(options: Any, program: str) -> list[str]:
 
 
 def escape(text: str) -> str:
-    """Plain help text as reStructuredText (no markup meant)."""
+    """Plain text as reStructuredText (no markup meant)."""
     for char in ("\\", "*", "`", "|", "_"):
         text = text.replace(char, "\\" + char)
     return text
+
+
+# In help text: option names (``--drain-timeout``) and anything with a colon
+# (``tcp:8000``, ``package.module:Class``) are code.  Left as text, docutils
+# would make ``--`` a dash and ``tcp:8000`` a link to nowhere.
+CODE_TOKEN = re.compile(r"(?<![\w`])(--?[A-Za-z][\w-]*|[\w.+/-]*:[^\s,()]*[^\s,().;])")
+
+
+def help_text(text: str) -> str:
+    """Help text as reStructuredText: its code tokens as literals."""
+    out, last = [], 0
+    for match in CODE_TOKEN.finditer(text):
+        out.append(escape(text[last : match.start()]))
+        # A literal must not run straight into a word character.
+        joined = match.end() < len(text) and text[match.end()].isalnum()
+        out.append(f"``{match.group(1)}``" + ("\\ " if joined else ""))
+        last = match.end()
+    out.append(escape(text[last:]))
+    return "".join(out)
 
 
 def options_page(options: Any, program: str) -> list[str]:
@@ -300,7 +319,7 @@ def options_page(options: Any, program: str) -> list[str]:
         out += ["::", "", "   " + usage, ""]
     longdesc = " ".join((getattr(options, "longdesc", "") or "").split())
     if longdesc:
-        out += [escape(longdesc), ""]
+        out += [help_text(longdesc), ""]
     return out + option_entries(options, program)
 
 
@@ -326,7 +345,7 @@ class TwistdPluginOptions(GeneratedRst):
         if not makers:
             raise self.error(f"no twistd plugin {tapname!r} is installed")
         maker = makers[0]
-        out = [escape(maker.description), ""]
+        out = [help_text(maker.description), ""]
         return out + options_page(maker.options(), f"twistd {tapname}")
 
 
