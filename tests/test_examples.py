@@ -8,6 +8,7 @@ listening on the machine.
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import ssl
@@ -15,7 +16,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+import xmlrpc.client
 from pathlib import Path
+
+import pytest
 
 from support import LOCALHOST, WAIT, SelfSignedCert, connect, recv_line
 from test_twistd_cli import REPO, TWISTD, Spawn, spawn  # noqa: F401 - the fixture
@@ -148,3 +152,15 @@ def test_library_tour_on_the_stdlib_differs_only_where_the_docs_say() -> None:
         "ForkingTCPServer: hello alan, request 3 in my process",
     ]
     assert theirs[4] == ours[4]
+
+
+def test_xmlrpc_server_example_answers_xmlrpc_client(spawn: Spawn) -> None:  # noqa: F811
+    # The porting guide shows this server; the stdlib's own client calls it.
+    server = spawn(sys.executable, str(EXAMPLES / "xmlrpc_server.py"), "--port", "0")
+    port = int(server.wait_for(re.compile(r"XML-RPC on http://127\.0\.0\.1:(\d+)/")).group(1))
+    with xmlrpc.client.ServerProxy(f"http://{LOCALHOST}:{port}/") as proxy:
+        assert proxy.pow(2, 10) == 1024
+        with pytest.raises(xmlrpc.client.Fault):
+            proxy.no_such_method()
+    assert server.stop(signal.SIGINT) == 0
+    assert '"POST / HTTP/1.1" 200' in server.output()
