@@ -295,7 +295,7 @@ def escape(text: str) -> str:
 # In help text: option names (``--drain-timeout``) and anything with a colon
 # (``tcp:8000``, ``package.module:Class``) are code.  Left as text, docutils
 # would make ``--`` a dash and ``tcp:8000`` a link to nowhere.
-CODE_TOKEN = re.compile(r"(?<![\w`])(--?[A-Za-z][\w-]*|[\w.+/-]*:[^\s,()]*[^\s,().;])")
+CODE_TOKEN = re.compile(r"(?<![\w`])(--?[A-Za-z][\w-]*|[\w.+/-]*:[^\s,()]*[^\s,().;:])")
 
 
 def help_text(text: str) -> str:
@@ -316,7 +316,7 @@ def options_page(options: Any, program: str) -> list[str]:
     synopsis = getattr(options, "synopsis", None)
     if synopsis:
         usage = synopsis if synopsis.startswith("Usage:") else f"Usage: {program} {synopsis}"
-        out += ["::", "", "   " + usage, ""]
+        out += [".. code-block:: text", "", "   " + usage, ""]
     longdesc = " ".join((getattr(options, "longdesc", "") or "").split())
     if longdesc:
         out += [help_text(longdesc), ""]
