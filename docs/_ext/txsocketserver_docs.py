@@ -135,18 +135,19 @@ def differences(ours: type, stdlib: type) -> list[tuple[str, str, str]]:
     rows = []
     mine, theirs = public_attributes(ours), public_attributes(stdlib)
     for name in sorted(set(mine) | set(theirs)):
+        member = f"``{name}``"
         if name not in theirs:
-            rows.append((name, "—", _describe(mine[name])))
+            rows.append((member, "—", _describe(mine[name])))
         elif name not in mine:
-            rows.append((name, _describe(theirs[name]), "—"))
+            rows.append((member, _describe(theirs[name]), "—"))
         else:
             a, b = theirs[name], mine[name]
             sig_a, sig_b = signature_of(a), signature_of(b)
             if sig_a is not None or sig_b is not None:
                 if sig_a != sig_b:
-                    rows.append((name, literal(sig_a or ""), literal(sig_b or "")))
+                    rows.append((member, literal(sig_a or ""), literal(sig_b or "")))
             elif not isinstance(a, type) and a != b:
-                rows.append((name, literal(repr(a)), literal(repr(b))))
+                rows.append((member, literal(repr(a)), literal(repr(b))))
     return rows
 
 
@@ -256,7 +257,7 @@ class ApiReference(GeneratedRst):
             "the public members that differ (— : not there).",
             "",
         ]
-        table = list_table((f"``{name}``", "socketserver", "txsocketserver"), rows, "25 35 40")
+        table = list_table(("member", "socketserver", "txsocketserver"), rows, "25 35 40")
         return heading + [indent + line if line else "" for line in table]
 
 
