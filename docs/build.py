@@ -15,8 +15,9 @@
 3. **Internal links**: every ``href`` and ``src`` in the built pages that is not
    an external URL must name an existing file, and its ``#fragment`` an ``id``
    in that file; a link with a scheme other than http(s) or mailto (text such
-   as ``tcp:8000`` that docutils took for an address) is an error too.  (Sphinx's ``linkcheck`` builder checks external URLs, which
-   need the network, and does not check local anchors.)
+   as ``tcp:8000`` that docutils took for an address) is an error too.
+   (Sphinx's ``linkcheck`` builder checks external URLs, which need the
+   network, and does not check local anchors.)
 
 Options: ``--out DIR`` (default ``docs/_build/html``), ``--no-inventories``
 (use what ``_build/inventories`` holds, or the network).
