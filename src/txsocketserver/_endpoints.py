@@ -131,16 +131,13 @@ class Endpoint:
                 self._endpoint = serverFromString(
                     reactor or _reactor.get_reactor(), self.description
                 )
-            except ImportError as exc:
-                if (exc.name or "").partition(".")[0] not in TLS_EXTRA_MODULES:
-                    raise ValueError(
-                        f"bad endpoint description {self.description!r}: {exc}"
-                    ) from exc
-                raise ValueError(
-                    f"endpoint description {self.description!r} needs TLS support "
-                    f"({exc.name} is not installed): pip install 'txsocketserver[tls]'"
-                ) from exc
             except Exception as exc:
+                missing = exc.name if isinstance(exc, ImportError) else None
+                if missing and missing.partition(".")[0] in TLS_EXTRA_MODULES:
+                    raise ValueError(
+                        f"endpoint description {self.description!r} needs TLS support "
+                        f"({missing} is not installed): pip install 'txsocketserver[tls]'"
+                    ) from exc
                 raise ValueError(f"bad endpoint description {self.description!r}: {exc}") from exc
         return self._endpoint
 
