@@ -19,6 +19,7 @@ import argparse
 import fnmatch
 import json
 import os
+import platform
 import selectors
 import signal
 import statistics
@@ -349,6 +350,33 @@ def pin_cpus() -> str | None:
     return str(cpus[0])
 
 
+def describe_machine(tools: LoadTools, args: argparse.Namespace) -> dict[str, object]:
+    """Where and when the run happened, for the JSON (charts cite it)."""
+    from importlib.metadata import version
+
+    try:
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    return {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "commit": commit or None,
+        "python": platform.python_version(),
+        "twisted": version("twisted"),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "load_average_start": round(os.getloadavg()[0], 2),
+        "load_tools": tools.describe(),
+        "servers_pinned_to_cpu": args.server_cpus,
+    }
+
+
 def raise_system_exit(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -384,6 +412,7 @@ def main() -> None:
             flush=True,
         )
         all_results: dict[str, dict[str, list[Measurement]]] = {}
+        machine = describe_machine(tools, args)
         interrupted = False
         try:
             for scenario in scenarios:
@@ -399,7 +428,9 @@ def main() -> None:
             f"(figures are noisy when it is near or above {os.cpu_count()})"
         )
         if args.json:
+            machine["load_average_end"] = round(os.getloadavg()[0], 2)
             dump = {
+                "machine": machine,
                 "settings": {
                     "rounds": args.rounds,
                     "duration": args.duration,

@@ -8,12 +8,17 @@ listening on the machine.
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import ssl
+import subprocess
 import sys
 import urllib.request
+import xmlrpc.client
 from pathlib import Path
+
+import pytest
 
 from support import LOCALHOST, WAIT, SelfSignedCert, connect, recv_line, wait_until
 from test_twistd_cli import REPO, TWISTD, ServerProcess, Spawn, spawn  # noqa: F401 - the fixture
@@ -111,3 +116,49 @@ def test_with_twisted_web_serves_both_in_one_process(
     assert bodies[2].startswith("twisted.web resource, request #3 ")
     assert server.stop(signal.SIGINT) == 0
     assert "Traceback" not in server.output()
+
+
+def test_library_tour_prints_what_the_docs_show() -> None:
+    # The library user's tutorial shows library_tour.out as this program's output.
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "library_tour.py")],
+        capture_output=True,
+        text=True,
+        timeout=WAIT * 6,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (EXAMPLES / "library_tour.out").read_text()
+    assert result.stderr == ""
+
+
+def test_library_tour_on_the_stdlib_prints_the_same() -> None:
+    # The same program on socketserver: one import changed.  Its forking
+    # requests run in copies of the server process (os.fork), which has seen
+    # the threading server's two requests; ours carry the main script's global
+    # as it was when serving started: both count 3.
+    ours_import = "import txsocketserver as socketserver\n"
+    source = (EXAMPLES / "library_tour.py").read_text()
+    assert ours_import in source
+    stdlib_source = source.replace(ours_import, "import socketserver\n")
+    result = subprocess.run(
+        [sys.executable, "-c", stdlib_source],
+        capture_output=True,
+        text=True,
+        timeout=WAIT * 6,
+    )
+    assert result.returncode == 0, result.stderr
+    ours = (EXAMPLES / "library_tour.out").read_text().splitlines()
+    theirs = result.stdout.splitlines()
+    assert theirs == ours
+
+
+def test_xmlrpc_server_example_answers_xmlrpc_client(spawn: Spawn) -> None:  # noqa: F811
+    # The porting guide shows this server; the stdlib's own client calls it.
+    server = spawn(sys.executable, str(EXAMPLES / "xmlrpc_server.py"), "--port", "0")
+    port = int(server.wait_for(re.compile(r"XML-RPC on http://127\.0\.0\.1:(\d+)/")).group(1))
+    with xmlrpc.client.ServerProxy(f"http://{LOCALHOST}:{port}/") as proxy:
+        assert proxy.pow(2, 10) == 1024
+        with pytest.raises(xmlrpc.client.Fault):
+            proxy.no_such_method()
+    assert server.stop(signal.SIGINT) == 0
+    assert '"POST / HTTP/1.1" 200' in server.output()

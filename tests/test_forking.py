@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -342,13 +343,32 @@ def test_server_process_killed_leaves_no_process_and_no_noise(tmp_path):
         assert spawned, "the template runs"
     finally:
         proc.kill()
-        # End of file on stderr: the template and its workers have all exited.
+        # End of file on stderr: the template and its workers have closed it,
+        # which they do on their way out, an instant before they have exited.
         _out, err = proc.communicate(timeout=WAIT_FORK)
     assert err == b""
-    # A process closes its files before it becomes a zombie: wait for that.
-    assert wait_until(
-        lambda: all(process_states().get(pid, (0, "Z"))[1] == "Z" for pid in spawned), WAIT_FORK
-    )
+    wait_for_exit(spawned, timeout=WAIT_FORK)
+    assert all(process_states().get(pid, (0, "Z"))[1] == "Z" for pid in spawned)
+
+
+def wait_for_exit(pids: list[int], timeout: float) -> None:
+    """Wait until each process has exited (a zombie or gone), at most ``timeout``.
+
+    A pidfd becomes readable when its process exits: an event to wait on for
+    processes that are not our children.
+    """
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            poller.poll(max(0.0, deadline - time.monotonic()) * 1000)
+        finally:
+            os.close(pidfd)
 
 
 # -- resources ---------------------------------------------------------------------------

@@ -473,3 +473,28 @@ def test_tls_servers_leave_nothing_behind(tls_cert: SelfSignedCert) -> None:
             assert wait_until(lambda: not server._requests_in_flight())
     threading.Event().wait(0.1)
     settle_resources(fds, threads)
+
+
+def test_ssl_endpoint_without_the_tls_extra_says_to_install_it(tls_cert: SelfSignedCert) -> None:
+    # Ours only: the stdlib has no endpoints.  A fresh interpreter in which
+    # pyOpenSSL cannot be imported (None in sys.modules makes the import fail,
+    # as an absent package does) stands for an install without the tls extra.
+    description = (
+        f"ssl:0:interface={LOCALHOST}:privateKey={quoteStringArgument(tls_cert.key_path)}"
+        f":certKey={quoteStringArgument(tls_cert.cert_path)}"
+    )
+    program = (
+        "import sys\n"
+        "sys.modules['OpenSSL'] = None\n"
+        "import txsocketserver\n"
+        "try:\n"
+        f"    txsocketserver.TCPServer({description!r}, txsocketserver.BaseRequestHandler)\n"
+        "except ValueError as error:\n"
+        "    print(error)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=WAIT * 4
+    )
+    assert result.returncode == 0, result.stderr
+    assert "needs TLS support (OpenSSL is not installed)" in result.stdout
+    assert "pip install 'txsocketserver[tls]'" in result.stdout

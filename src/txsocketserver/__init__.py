@@ -14,6 +14,9 @@ server and handler classes but never serve, stay small and cheap to fork
 
 from __future__ import annotations
 
+# The one place the version is written: pyproject.toml reads it from here.
+__version__ = "0.1.0"
+
 from txsocketserver._async import (
     AsyncBaseRequestHandler,
     AsyncDatagramRequestHandler,

@@ -95,6 +95,10 @@ DEFAULT_HEADER_TIMEOUT = 10.0
 HEADER_TIMEOUT_WHEN_FULL = 0.25
 
 
+# What Twisted's TLS needs (its ``tls`` extra), which ours installs.
+TLS_EXTRA_MODULES = frozenset({"OpenSSL", "service_identity"})
+
+
 class Endpoint:
     """A Twisted server endpoint, used as a stream server's ``server_address``.
 
@@ -116,7 +120,9 @@ class Endpoint:
     Error handling:
         ``ValueError`` for a description Twisted cannot parse (unknown type,
         bad argument, unreadable certificate), raised when the server is
-        created.
+        created; for an ``ssl:`` description without the TLS libraries
+        (pyOpenSSL, service_identity), a ``ValueError`` saying to install
+        ``txsocketserver[tls]``.
     """
 
     def __init__(self, endpoint: str | IStreamServerEndpoint) -> None:
@@ -154,6 +160,12 @@ class Endpoint:
                     reactor or _reactor.get_reactor(), self.description
                 )
             except Exception as exc:
+                missing = exc.name if isinstance(exc, ImportError) else None
+                if missing and missing.partition(".")[0] in TLS_EXTRA_MODULES:
+                    raise ValueError(
+                        f"endpoint description {self.description!r} needs TLS support "
+                        f"({missing} is not installed): pip install 'txsocketserver[tls]'"
+                    ) from exc
                 raise ValueError(f"bad endpoint description {self.description!r}: {exc}") from exc
         return self._endpoint
 

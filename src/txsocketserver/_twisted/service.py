@@ -244,7 +244,9 @@ class ServerService(Service):
     def stopService(self) -> Deferred[None]:
         """Stop accepting, drain, close; the Deferred fires when that is done.
 
-        See :func:`stop_gracefully` for the steps and ``drain_timeout``.
+        The server takes no new request; the requests in flight get
+        ``drain_timeout`` seconds to finish; the connections of those still
+        running are then shut down under them, and ``server_close()`` runs.
         """
         Service.stopService(self)
         if self._stopped is not None:

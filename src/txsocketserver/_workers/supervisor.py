@@ -586,7 +586,7 @@ def run_workers(
 
 
 def start_workers(*args: Any, **kwargs: Any) -> Deferred[Workers]:
-    """Make and start a :class:`Workers` service from code running on the reactor.
+    """Make and start a :class:`~txsocketserver.Workers` service from code running on the reactor.
 
     Takes :class:`Workers`' arguments (``handle_signals`` defaults to false
     here); returns a Deferred firing with the service once its first workers
