@@ -109,6 +109,7 @@ def test_each_strategy_provides_its_role() -> None:
     from zope.interface.verify import verifyClass, verifyObject
 
     import txsocketserver as ss
+    from txsocketserver._async.serving import AsyncServing
     from txsocketserver._core.stream import PlainConnections
     from txsocketserver._forking.dispatcher import ProcessDispatcher
     from txsocketserver._twisted import interfaces
@@ -125,6 +126,7 @@ def test_each_strategy_provides_its_role() -> None:
         (interfaces.IRequestReadiness, SocketReadiness),
         (interfaces.IThreadDispatcher, ThreadDispatcher),
         (interfaces.IProcessDispatcher, ProcessDispatcher),
+        (interfaces.IAsyncServing, AsyncServing),
     ]:
         assert verifyClass(role, strategy)
     # Twisted-free classes declare nothing (no zope.interface there), but fit.

@@ -8,7 +8,7 @@ Importing the package imports neither Twisted nor ``zope.interface``: the
 socketserver names are defined without them, and Twisted is loaded when a
 server is created.  A forking server's workers, which import the
 server and handler classes but never serve, stay small and cheap to fork
-(see ``_forking``).  The Twisted world's names (``Endpoint``,
+(see ``docs/architecture.md``).  The Twisted world's names (``Endpoint``,
 ``ServerService``, ``start_server``, ``Workers``...) are imported on first use.
 """
 

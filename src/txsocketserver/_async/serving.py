@@ -28,8 +28,8 @@ from txsocketserver._async.task import HandlerTask
 from txsocketserver._core.base import _RESOURCE_BACKOFF, _RESOURCE_ERRNOS, log_warning
 from txsocketserver._twisted import reactor as _reactor
 from txsocketserver._twisted.endpoints import Endpoint, EndpointListener, proxy_protocol_endpoint
+from txsocketserver._twisted.interfaces import IAsyncServing, IRequestReadiness
 from txsocketserver._twisted.proxy_stage import ProxyHeaderPolicy
-from txsocketserver._twisted.readiness import IRequestReadiness
 from txsocketserver._twisted.thread_dispatcher import DaemonThread
 
 #: Connections (or datagrams) a readable listening socket yields per reactor turn.
@@ -168,6 +168,7 @@ def _set_reading(port: Any, reading: bool) -> None:
         method()
 
 
+@implementer(IAsyncServing)
 class AsyncServing:
     """The async strategy of one server.
 

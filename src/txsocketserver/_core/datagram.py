@@ -4,7 +4,7 @@ How a datagram is served
 ========================
 
 The bound socket is handed to the reactor exactly like a listening socket (see
-``_readiness``): the reactor only *watches* it, and wakes the serving thread
+``_twisted.readiness``): the reactor only *watches* it, and wakes the serving thread
 when a datagram is waiting.  The serving thread then runs the stdlib hooks in
 the stdlib order: ``get_request()`` reads one datagram (at most
 ``max_packet_size`` bytes), ``verify_request()``, ``process_request()``.  The

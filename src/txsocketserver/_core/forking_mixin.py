@@ -1,59 +1,13 @@
-"""``ForkingMixIn``: every request in a process of its own, with Twisted doing the spawning.
+"""``ForkingMixIn``: every request in a process of its own.
 
-Theory of operation
-===================
-
-The stdlib forks the *server* process for each request.  We do not: the server
-process runs a reactor thread and a thread pool, and forking a threaded process
-is unsafe (a lock held by another thread stays held forever in the child).
-Starting a fresh interpreter per request with ``spawnProcess`` is safe but
-slow: importing a handler module and txsocketserver costs tenths of a second of
-CPU, against about a millisecond for a fork.  So the two are combined:
-
-* ``reactor.spawnProcess`` (called on the reactor thread) starts one *template*
-  process per server, ahead of need, when serving begins.  It is a new
-  interpreter with no threads, which imports the server's and the handler's
-  modules once (see ``_forking_child`` for its side of the story), then
-  forks ``warm_children`` idle *workers*.
-* For each request the serving thread pickles the server's state (unless it
-  cannot have changed since the last request: the same immutable objects) and
-  the request, passes the request's sockets as fds (``SCM_RIGHTS``) over a Unix
-  socketpair to the template, and closes its own copy of the connection, as
-  the stdlib's parent does.  The state travels once, not per request: the
-  template *installs* it (builds the worker's server object once; workers
-  forked afterwards inherit it), and a request whose state is the installed
-  one carries only its ``active_children``.  A state that differs from the
-  installed one travels with the request; one seen twice in a row is
-  installed in place of the old.  The template passes it on to an idle worker,
-  which runs exactly that request (``finish_request``, ``handle_error``,
-  ``shutdown_request``, ``os._exit``: the stdlib's child code) and exits;
-  the template forks a replacement.
-* The template reports every worker start and exit back on the same
-  socketpair.  The serving thread reads those reports when it needs them (to
-  keep at most ``max_children`` requests running, to maintain
-  ``active_children``, the pids of the running workers, once per serving
-  loop), so a request costs the reactor thread nothing; the reactor only
-  starts the template, sees it get ready (one line on a pipe) and reaps it.
-
-The reactor reaps exactly the template, the template exactly its workers: no
-``waitpid(-1)``, so no child that somebody else started is ever reaped.
-
-Which thread owns what: the serving thread sends requests and closes the
-channel; whichever thread waits for a request to end (the serving thread, or
-``server_close``'s) reads the reports, one thread at a time; the reactor
-thread owns the ``ProcessProtocol`` and the process transport; the
-bookkeeping they touch (requests in flight, worker pids, whether the
-template is up) sits behind one condition variable.
-
-Where the code lives, and why it is split so: this module holds what every
-process needs (the mixin, which the template imports with the server class);
-``_process_dispatcher`` the server process's side (``ProcessDispatcher``,
-the ``ProcessProtocol``), which needs Twisted and is imported only when the
-server first starts its template; ``_forking_child`` the template's and the
-workers' side.  The template and the workers never import Twisted or
-``zope.interface``: each fork copies the page tables of the template's
-memory and each worker copies the pages it writes, so their 20 MB would
-nearly double the CPU a request costs.
+The mixin keeps the stdlib's public shape (``max_children``,
+``active_children``, ``collect_children``, ``block_on_close``...) and hands
+each request to its dispatcher (``IProcessDispatcher``, in ``_forking.dispatcher``),
+which runs it in a worker process forked from a template that Twisted's
+``spawnProcess`` started: the server process, which runs threads, is never
+forked.  ``docs/architecture.md`` tells the path of a request, and
+``docs/forking.md`` what the request's process sees.  This module is part of
+the Twisted-free core: the template imports it with the server class.
 """
 
 from __future__ import annotations

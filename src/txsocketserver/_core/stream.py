@@ -18,8 +18,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from txsocketserver._async.serving import AsyncServing
-    from txsocketserver._twisted.interfaces import IRequestReadiness
+    from txsocketserver._twisted.interfaces import IAsyncServing, IRequestReadiness
 
 
 class PlainConnections:
@@ -158,7 +157,7 @@ class TCPServer(BaseServer):
         """Constructor.  May be extended, do not override."""
         BaseServer.__init__(self, server_address, RequestHandlerClass)
         # How an async handler class is served (see txsocketserver._async); None for the others.
-        self._async: AsyncServing | None = None
+        self._async: IAsyncServing | None = None
         if _check_handler_class(self, RequestHandlerClass):
             from txsocketserver._async.serving import AsyncServing
 

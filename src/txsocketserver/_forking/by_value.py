@@ -3,12 +3,12 @@ template, without importing cloudpickle.
 
 The server process pickles a class that a new process cannot import by name
 (defined inside a function, in ``__main__``) with cloudpickle (see
-``_process_dispatcher``).  Such a pickle names the functions that rebuild it
+``_forking.dispatcher``).  Such a pickle names the functions that rebuild it
 as ``cloudpickle.cloudpickle.<name>``, and unpickling it would import
 cloudpickle in the template, and with it ``threading``, ``logging`` and
 ``typing``: ``threading``'s at-fork hook alone doubles the CPU of each fork
 (≈ 0.5 ms per request, measured), and every fork copies the page tables of
-their memory.  So the template's unpickler (``_forking_child``) takes the
+their memory.  So the template's unpickler (``_forking.template``) takes the
 rebuilding functions below in their place: the few that classes, functions
 and closures need, written for the cloudpickle series :data:`CHECKED_SERIES`
 (the server process sends its version; ``tests/test_forking_fidelity.py``

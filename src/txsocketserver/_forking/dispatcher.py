@@ -1,6 +1,6 @@
 """``ProcessDispatcher``: the server process's side of ``ForkingMixIn``.
 
-See ``_forking`` for the design.  This module runs only in the server
+See ``docs/architecture.md`` for the design.  This module runs only in the server
 process, and is imported there when the server first starts its template:
 it needs Twisted (``spawnProcess``, a ``ProcessProtocol``), which the
 template and the workers never import.

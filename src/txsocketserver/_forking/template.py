@@ -1,12 +1,12 @@
 """The process side of ``ForkingMixIn``: the wire format and the worker template.
 
-Theory of operation
-===================
+The whole path of a forked request is in ``docs/architecture.md``; what
+follows is what editing this module needs.
 
 A forking server owns one *template* process, started with Twisted's
-``reactor.spawnProcess`` (see ``_forking``).  The template is a fresh
+``reactor.spawnProcess`` (``_forking.dispatcher``).  The template is a fresh
 interpreter that imports the server's and the handler's modules once (or
-rebuilds the classes that were carried by value, see ``_process_dispatcher``),
+rebuilds the classes that were carried by value, ``_forking.by_value``),
 then forks a few idle *workers* ahead of need (``warm_children``).  Each
 request goes to one idle worker, which runs that one request and exits; the
 template forks a replacement at once.  The template never runs a request

@@ -1,53 +1,26 @@
-"""Endpoint mode: a stream server fed by a Twisted server endpoint.
+"""Twisted endpoints as server addresses: :class:`Endpoint`, and the listener Twisted feeds.
 
-Theory of operation
-===================
+:func:`listening_socket` tells which endpoints are nothing but a listening
+socket (``tcp:``, ``tcp6:``, ``unix:``, ``ssl:``: served on the server's own
+socket, ``_twisted.listeners``); every other endpoint (``haproxy:``,
+``systemd:``, endpoint objects) gets an :class:`EndpointListener`, whose
+port accepts on the reactor thread and queues each connection, as a socket
+facade, for ``get_request()`` (the path is told in ``docs/architecture.md``).
 
-A stream server normally owns a listening socket and accepts from it itself.
-Given an :class:`Endpoint` as its address instead (or, for ``TCPServer`` and
-its subclasses, a ``str`` containing ``":"``), it owns an
-:class:`EndpointListener` and no socket:
+The listener's local rules:
 
-* ``server_bind()`` asks the endpoint to listen (``tcp:``, ``tcp6:``, ``unix:``,
-  ``ssl:``, ``systemd:``, ``haproxy:``..., anything ``serverFromString``
-  parses).  Twisted accepts the connections, does the TLS or reads the PROXY
-  header, and for each connection a
-  :class:`~txsocketserver._twisted.transport_socket.TransportSocketProtocol` hands a
-  :class:`~txsocketserver._twisted.transport_socket.TransportSocket` and the client's
-  address to :meth:`EndpointListener._on_connection`, on the reactor thread.
-* That callback appends ``(transport_socket, client_address)`` to a queue and
-  wakes the serving thread through :class:`EndpointReadiness`, the endpoint
-  counterpart of the socket readiness.
-* ``get_request()`` takes the next queued connection.  ``verify_request``,
-  ``process_request``, threading and the limits apply unchanged: the
-  ``request`` is always a ``TransportSocket``, whatever the endpoint (one
-  mechanism for every endpoint, plain ``tcp:`` included).
-
-The queue plays the role of the kernel's listen backlog: once
-``request_queue_size`` connections wait in it, the port stops accepting until
-``get_request()`` takes one, so a busy synchronous server leaves the next
-clients in the kernel backlog exactly as a socket server does.  A connection
-counts from the moment it is accepted, not from when it is queued: one still
-sending its PROXY header holds a descriptor and a slot like a queued one, so
-clients that connect and say nothing cannot make the process run out of
-descriptors.  Twisted's port accepts in batches (``numberAccepts`` at a time,
-whatever ``stopReading`` says meanwhile), so the batch is capped to the free
-slots before each one (:meth:`EndpointListener._cap_accepts`).  Silent
-clients cannot lock the others out either: while every slot is taken, a
-connection that has not finished its header within
-:data:`HEADER_TIMEOUT_WHEN_FULL` seconds is closed to make room.  For a
-``haproxy:`` endpoint, ``request_queue_size`` is the wrapped endpoint's
-backlog (Twisted's default: 50), as for ``tcp:``.
-
-``haproxy:`` endpoints (and ``proxyEndpoint(...)`` objects) are not served
-through Twisted's PROXY wrapper: :func:`proxy_protocol_endpoint` unwraps
-them, and our protocol reads the header itself (see ``_transport_socket``),
-with a deadline, the server's ``trusted_proxies``, half-close passed through,
-and a log line for every connection it turns away.
-
-Which thread owns what: the port, the factory and the protocols belong to the
-reactor thread; the queue is shared under one lock; ``get_request`` runs in the
-serving thread.  ``close()`` may be called from any thread.
+* The queue is the listen backlog: a connection holds one of
+  ``request_queue_size`` slots from the moment it is accepted (a PROXY header
+  stage included) until ``get_request()`` takes it; at the cap the port stops
+  accepting, and the accept batch Twisted takes per read is capped to the
+  free slots.  While every slot is taken, a connection that has not finished
+  its header within :data:`HEADER_TIMEOUT_WHEN_FULL` seconds is closed to make
+  room, so silent clients cannot lock the others out.
+* ``haproxy:`` endpoints are served on the endpoint they wrap, by our own
+  header stage (``proxy_stage``), not by Twisted's wrapper.
+* The port, the factory and the protocols belong to the reactor thread; the
+  queue is shared under one lock; ``get_request`` runs in the serving thread;
+  ``close()`` may be called from any thread.
 """
 
 from __future__ import annotations
@@ -195,7 +168,7 @@ def listening_socket(endpoint: Endpoint) -> ListeningSocket | None:
     listening sockets, and an ``ssl:`` description is
     one plus TLS options: a stream server binds and accepts them itself, so
     handlers get real sockets (``ssl.SSLSocket`` objects for ``ssl:``, see
-    ``_tls``) with no thread hop per read and write.  Subclasses and every
+    ``tls``) with no thread hop per read and write.  Subclasses and every
     other endpoint (``haproxy:``, ``systemd:``, an ``SSL4ServerEndpoint``
     object with its own TLS configuration...) go through Twisted
     (:class:`EndpointListener`).

@@ -12,6 +12,8 @@ first needs one), and its hooks talk to them only through these interfaces:
 * :class:`IRequestDispatcher`: where a request runs (a pool thread; a worker
   process, with the more that :class:`IProcessDispatcher` says).  Inline needs
   no object: it is ``BaseServer.process_request`` itself, as in the stdlib.
+* :class:`IAsyncServing`: how a server with an async handler class serves,
+  the reactor taking its requests and running its handlers' coroutines.
 * :class:`IServerControl`: what a service (``_twisted.service``) may ask of a
   server, beyond the public socketserver API.
 
@@ -148,6 +150,32 @@ class IProcessDispatcher(IRequestDispatcher):
 
     def running_pids() -> set[int]:
         """The pids of the workers running requests now (``active_children``)."""
+
+
+class IAsyncServing(Interface):
+    """How a server with an async handler class serves: on the reactor.
+
+    Picked when the server is made (``TCPServer.__init__``, from the handler
+    class).  The reactor, not the serving thread, takes each request and runs
+    the hooks (``get_request``, ``verify_request``, ``process_request``); a
+    request's handling ends when its handler's coroutines have, so
+    ``process_request`` hands over to :meth:`process_request` here and
+    ``shutdown_request`` follows later.  See ``txsocketserver._async``.
+    """
+
+    once = Attribute("True while one handle_request() call is served.")
+
+    def readiness() -> IRequestReadiness:
+        """For a serving call: the reactor accepts while it lasts."""
+
+    def process_request(request: Any, client_address: Any) -> None:
+        """Make the handler (``finish_request``) and start its coroutines."""
+
+    def to_thread(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A Deferred of ``function(*args, **kwargs)`` run on the server's own pool."""
+
+    def close() -> None:
+        """Stop accepting, cancel the handlers still running, wait for them."""
 
 
 class IServerControl(Interface):

@@ -12,7 +12,7 @@ module is pure parsing and policy, with no Twisted and no I/O:
   another address at all.
 
 The connection side (buffering, the header deadline, logging) lives in
-``_transport_socket``; choosing the endpoints that use it in ``_endpoints``.
+``proxy_stage``; choosing the endpoints that use it in ``endpoints``.
 
 Specification: https://www.haproxy.org/download/2.9/doc/proxy-protocol.txt
 """

@@ -1,7 +1,7 @@
 """``ThreadDispatcher``: the requests of a ``ThreadingMixIn`` server on a Twisted ``ThreadPool``.
 
 Imported by ``ThreadingMixIn`` when its server first dispatches a request
-(see ``_dispatch``): merely defining a threading server class imports no
+(see ``_twisted.interfaces``): merely defining a threading server class imports no
 Twisted.
 """
 

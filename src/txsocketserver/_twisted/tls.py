@@ -4,8 +4,8 @@ Theory of operation
 ===================
 
 An ``ssl:`` description is a TCP port plus TLS options.  A stream server
-serves it on the *socket* path (see ``_stream`` and
-``_endpoints.listening_socket``): it binds, listens and accepts a real TCP
+serves it on the *socket* path (see ``_core.stream`` and
+``endpoints.listening_socket``): it binds, listens and accepts a real TCP
 socket exactly as for ``("host", port)``, and ``get_request()`` wraps each
 accepted socket in an ``ssl.SSLSocket`` made from the :class:`ssl.SSLContext`
 that :func:`server_context` builds from the description's options.  The
