@@ -15,6 +15,7 @@ import ipaddress
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -282,3 +283,18 @@ def warm_up(module: Any) -> None:
         with server_class(ANY_PORT, Echo) as server, serve_in_thread(server):
             assert request_reply(server, b"warm\n") == b"warm\n"
     gc.collect()
+
+
+def systemd_activation(fd: int, name: str = "app.socket") -> list[str]:
+    """The argv prefix that runs ``python -m txsocketserver`` (followed by its own
+    arguments) as systemd socket activation would: the socket *fd* as fd 3,
+    ``LISTEN_FDS=1``, its name in ``LISTEN_FDNAMES`` (Twisted requires it, as
+    systemd >= 227 sets it), ``LISTEN_PID`` the server's pid (an exec keeps the
+    pid of the wrapper that sets it).  Pass ``pass_fds=(fd,)`` to the spawn."""
+    wrapper = (
+        "import os, sys; os.dup2(int(sys.argv[1]), 3); os.close(int(sys.argv[1])); "
+        f"os.environ.update(LISTEN_FDS='1', LISTEN_FDNAMES={name!r}, "
+        "LISTEN_PID=str(os.getpid())); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'txsocketserver', *sys.argv[2:]])"
+    )
+    return [sys.executable, "-c", wrapper, str(fd)]

@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from support import connect, recv_line
+from support import connect, recv_line, systemd_activation
 from test_twistd_cli import CLI, TCP, TWISTD, Spawn, spawn  # noqa: F401
 
 
@@ -60,7 +60,6 @@ def test_cli_refuses_threading_for_an_async_handler(spawn: Spawn) -> None:  # no
 def test_systemd_socket_activation_serves_an_async_handler(spawn: Spawn) -> None:  # noqa: F811
     import json
     import socket
-    import sys
 
     from support import LOCALHOST
 
@@ -68,15 +67,8 @@ def test_systemd_socket_activation_serves_an_async_handler(spawn: Spawn) -> None
         listening.bind((LOCALHOST, 0))
         listening.listen()
         fd = listening.fileno()
-        # As in test_twistd_cli: what systemd does, then exec the CLI.
-        wrapper = (
-            "import os, sys; os.dup2(int(sys.argv[1]), 3); os.close(int(sys.argv[1])); "
-            "os.environ.update(LISTEN_FDS='1', LISTEN_FDNAMES='echo.socket', "
-            "LISTEN_PID=str(os.getpid())); "
-            "os.execv(sys.executable, [sys.executable, '-m', 'txsocketserver', *sys.argv[2:]])"
-        )
         server = spawn(
-            sys.executable, "-c", wrapper, str(fd),
+            *systemd_activation(fd, "echo.socket"),
             "--listen", "systemd:domain=INET:index=0",
             "--handler", "async_handlers:AsyncAddress",
             pass_fds=(fd,),

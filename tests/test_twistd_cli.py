@@ -21,7 +21,16 @@ from pathlib import Path
 import pytest
 from twisted.internet.endpoints import quoteStringArgument
 
-from support import LOCALHOST, WAIT, SelfSignedCert, connect, recv_all, recv_line, wait_until
+from support import (
+    LOCALHOST,
+    WAIT,
+    SelfSignedCert,
+    connect,
+    recv_all,
+    recv_line,
+    systemd_activation,
+    wait_until,
+)
 from twisted_world_handlers import firehose_digest, receive_firehose_digest
 
 HERE = Path(__file__).resolve().parent
@@ -231,17 +240,8 @@ def test_systemd_socket_activation(spawn: Spawn) -> None:
         listening.bind((LOCALHOST, 0))
         listening.listen()
         fd = listening.fileno()
-        # What systemd does: the socket as fd 3, LISTEN_FDS=1, its name in
-        # LISTEN_FDNAMES (Twisted requires it, as systemd >= 227 sets it), LISTEN_PID=the
-        # server's pid (an exec keeps the pid of the wrapper that sets it).
-        wrapper = (
-            "import os, sys; os.dup2(int(sys.argv[1]), 3); os.close(int(sys.argv[1])); "
-            "os.environ.update(LISTEN_FDS='1', LISTEN_FDNAMES='echo.socket', "
-            "LISTEN_PID=str(os.getpid())); "
-            "os.execv(sys.executable, [sys.executable, '-m', 'txsocketserver', *sys.argv[2:]])"
-        )
         server = spawn(
-            sys.executable, "-c", wrapper, str(fd),
+            *systemd_activation(fd, "echo.socket"),
             "--listen", "systemd:domain=INET:index=0",
             "--handler", "twisted_world_handlers:AddressHandler",
             pass_fds=(fd,),

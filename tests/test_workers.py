@@ -24,7 +24,15 @@ from pathlib import Path
 
 import pytest
 
-from support import LOCALHOST, WAIT, SelfSignedCert, connect, recv_line, wait_until
+from support import (
+    LOCALHOST,
+    WAIT,
+    SelfSignedCert,
+    connect,
+    recv_line,
+    systemd_activation,
+    wait_until,
+)
 from test_twistd_cli import (  # noqa: F401 - spawn: the fixture
     CLI,
     TCP,
@@ -376,15 +384,8 @@ def test_systemd_socket_shared_by_workers(cli: Spawn) -> None:
         listening.bind((LOCALHOST, 0))
         listening.listen()
         fd = listening.fileno()
-        # As in test_twistd_cli: what systemd does, then exec the supervisor.
-        wrapper = (
-            "import os, sys; os.dup2(int(sys.argv[1]), 3); os.close(int(sys.argv[1])); "
-            "os.environ.update(LISTEN_FDS='1', LISTEN_FDNAMES='app.socket', "
-            "LISTEN_PID=str(os.getpid())); "
-            "os.execv(sys.executable, [sys.executable, '-m', 'txsocketserver', *sys.argv[2:]])"
-        )
         server = cli(
-            sys.executable, "-c", wrapper, str(fd), "--workers", "2", "--mode", "sync",
+            *systemd_activation(fd), "--workers", "2", "--mode", "sync",
             "--listen", "systemd:domain=INET:index=0", "--handler", PID_HANDLER,
             pass_fds=(fd,),
         )  # fmt: skip

@@ -96,7 +96,7 @@ class Options(usage.Options):
             None,
             None,
             "Request handler class to serve, as package.module:Class "
-            "(e.g. http.server:SimpleHTTPRequestHandler, examples.echo:EchoHandler).",
+            "(e.g. http.server:SimpleHTTPRequestHandler, examples.echo_server:EchoHandler).",
         ],
         [
             "mode",
