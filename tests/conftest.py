@@ -12,6 +12,7 @@ import importlib
 import socketserver
 from collections.abc import Iterator
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -43,3 +44,22 @@ def unix_path() -> Iterator[str]:
 def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> SelfSignedCert:
     """A self-signed certificate for localhost, made once per session."""
     return make_self_signed_cert(str(tmp_path_factory.mktemp("tls")))
+
+
+@pytest.fixture
+def events() -> Iterator[list[dict[str, Any]]]:
+    """Every twisted.logger event of the ``txsocketserver`` namespace (and every
+    logged failure) during the test."""
+    from twisted.logger import globalLogPublisher
+
+    seen: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "txsocketserver" or "log_failure" in event:
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield seen
+    finally:
+        globalLogPublisher.removeObserver(observe)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 
 import txsocketserver
 from support import (
@@ -100,21 +100,6 @@ backend back
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(WAIT)
-
-
-@pytest.fixture
-def events() -> Iterator[list[dict[str, Any]]]:
-    seen: list[dict[str, Any]] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        if event.get("log_namespace") == "txsocketserver" or "log_failure" in event:
-            seen.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    try:
-        yield seen
-    finally:
-        globalLogPublisher.removeObserver(observe)
 
 
 def local_checks(events: list[dict[str, Any]]) -> int:

@@ -16,12 +16,11 @@ import socket
 import socketserver
 import struct
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from twisted.internet.error import CannotListenError
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 
 import twisted
 import txsocketserver
@@ -48,22 +47,6 @@ def v2_header(source: tuple[str, int] = ("10.1.2.3", 5555), command: int = 1) ->
         + struct.pack("!HH", source[1], 80)
     )
     return V2_SIGNATURE + bytes([0x20 | command, 0x11]) + struct.pack("!H", 12) + addresses
-
-
-@pytest.fixture
-def events() -> Iterator[list[dict[str, Any]]]:
-    """Every twisted.logger event of the ``txsocketserver`` namespace during the test."""
-    seen: list[dict[str, Any]] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        if event.get("log_namespace") == "txsocketserver" or "log_failure" in event:
-            seen.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    try:
-        yield seen
-    finally:
-        globalLogPublisher.removeObserver(observe)
 
 
 def messages(events: list[dict[str, Any]], level: str | None = None) -> list[str]:
