@@ -6,6 +6,7 @@ process is killed in a finalizer, every wait is bounded.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -405,3 +406,17 @@ def test_silent_clients_cannot_lock_others_out_under_a_low_fd_limit(spawn: Spawn
         assert "Traceback" not in server.output()
     finally:
         server.kill()
+
+
+def test_forking_mode_with_a_server_class_of_ones_own(spawn: Spawn) -> None:
+    # --mode forking mixes ForkingMixIn into the --server class on the fly; the
+    # workers get that class by value (it cannot be imported by name).
+    server = spawn(
+        *CLI, "--listen", TCP, "--handler", "twisted_world_handlers:AddressHandler",
+        "--server", "txsocketserver:TCPServer", "--mode", "forking",
+    )  # fmt: skip
+    with connect(server.address()) as client:
+        reply = json.loads(recv_line(client))
+        assert reply["client"] == list(client.getsockname())
+    assert "ForkingTCPServer" in server.output()
+    assert server.stop() == 0

@@ -8,20 +8,16 @@ runs ``serve_forever`` in the blocking world.
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 from typing import Any
 
 from twisted.logger import Logger
 from twisted.python import usage
 
 import txsocketserver
+from txsocketserver._server_classes import MODES, load_object, mode_for, server_class
 from txsocketserver._twisted.endpoints import DEFAULT_HEADER_TIMEOUT, Endpoint, listening_socket
 from txsocketserver._twisted.proxy_protocol import DEFAULT_TRUSTED_PROXIES, TrustedProxies
 from txsocketserver._twisted.service import DEFAULT_DRAIN_TIMEOUT
-
-MODES = ("sync", "threading", "forking", "async")
 
 _handler_log = Logger(namespace="txsocketserver.handler")
 
@@ -33,40 +29,6 @@ _LISTEN_HELP = (
     "the real client address). A bare port number means tcp:PORT. Repeat it "
     "(with --workers) to serve several sockets."
 )
-
-
-def load_object(spec: str, option: str) -> Any:
-    """Import ``package.module:Name`` (``Name`` may be dotted: ``Outer.Inner``).
-
-    The current directory is searched too (as ``python -m`` does), so a
-    handler module next to the operator works under ``twistd`` as well.
-
-    Error handling:
-        ``usage.UsageError`` naming *option* and saying what went wrong.
-    """
-    module_name, sep, attribute = spec.partition(":")
-    if not sep or not module_name or not attribute:
-        raise usage.UsageError(f"{option} {spec!r}: expected package.module:Name")
-    cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise usage.UsageError(
-            f"{option} {spec!r}: cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
-        ) from exc
-    obj: Any = module
-    for name in attribute.split("."):
-        try:
-            obj = getattr(obj, name)
-        except AttributeError:
-            raise usage.UsageError(
-                f"{option} {spec!r}: module {module_name!r} has no attribute {attribute!r}"
-            ) from None
-    if not isinstance(obj, type):
-        raise usage.UsageError(f"{option} {spec!r} is not a class")
-    return obj
 
 
 class Options(usage.Options):
@@ -298,73 +260,6 @@ class Options(usage.Options):
             raise usage.UsageError("--worker-timeout must be positive")
 
 
-def mode_for(handler_class: type, mode: str | None) -> str | None:
-    """The ``--mode`` to build the server with: async handler classes run on
-    the reactor, as a plain (sync) server's handlers."""
-    from txsocketserver._async import is_async_handler
-
-    if not is_async_handler(handler_class):
-        if mode == "async":
-            raise usage.UsageError(
-                f"--mode async needs an async handler class "
-                f"(txsocketserver.AsyncStreamRequestHandler); {handler_class.__name__} is not one"
-            )
-        return mode
-    if mode not in (None, "async", "sync"):
-        raise usage.UsageError(
-            f"--mode {mode}: {handler_class.__name__} is an async handler class, which runs "
-            "on the reactor thread (leave --mode out, or say --mode async)"
-        )
-    return "sync"
-
-
-def server_class(spec: str | None, mode: str | None) -> type:
-    """The server class for ``--server`` and ``--mode``.
-
-    Error handling:
-        ``usage.UsageError`` for a class that is not a txsocketserver stream
-        server, or a mode it contradicts.
-    """
-    mixins: dict[str, type | None] = {
-        "sync": None,
-        "threading": txsocketserver.ThreadingMixIn,
-        "forking": txsocketserver.ForkingMixIn,
-    }
-    if spec is None:
-        base: type = txsocketserver.TCPServer
-        mode = mode or "threading"
-    else:
-        base = load_object(spec, "--server")
-        if not issubclass(base, txsocketserver.BaseServer):
-            hint = ""
-            if any(cls.__module__ == "socketserver" for cls in base.__mro__):
-                hint = " (it is built on the stdlib's socketserver; rebase it on txsocketserver)"
-            raise usage.UsageError(f"--server {spec!r} is not a txsocketserver server{hint}")
-        if mode is None:
-            return base
-    concurrent = (txsocketserver.ThreadingMixIn, txsocketserver.ForkingMixIn)
-    current = next((m for m in concurrent if issubclass(base, m)), None)
-    wanted = mixins[mode]
-    if current is not None and current is not wanted:
-        raise usage.UsageError(
-            f"--mode {mode} contradicts --server {spec!r}, which is a {current.__name__}"
-        )
-    if wanted is None or current is wanted:
-        return base
-    if mode == "forking":
-        if spec is None:
-            return txsocketserver.ForkingTCPServer
-        # A child process imports its server class by name, so a class made
-        # here on the fly would not do.
-        raise usage.UsageError(
-            f"--mode forking needs a forking --server class: define "
-            f"class Forking{base.__name__}(ForkingMixIn, {base.__name__}) at the top "
-            "level of a module and pass that"
-        )
-    # Only threading is left: sync and forking returned above.
-    return type(f"Threading{base.__name__}", (wanted, base), {"__module__": __name__})
-
-
 def build_server(options: Options) -> Any:
     """Create (bind, listen) the server the options describe.
 
@@ -494,15 +389,11 @@ def _where(address: Any) -> str:
 
 
 __all__ = [
-    "MODES",
     "Options",
     "build_server",
     "build_workers",
     "describe",
     "describe_workers",
-    "load_object",
     "logging_handler_class",
     "makeService",
-    "mode_for",
-    "server_class",
 ]

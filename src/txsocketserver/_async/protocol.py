@@ -92,7 +92,11 @@ class Connection(Protocol):
             self._start()
             return
         self._stage = ProxyHeaderStage(
-            transport, self._proxy, self.serving.reactor, self._proxied_by
+            transport,
+            socket_address(transport.getPeer()),
+            self._proxy,
+            self.serving.reactor,
+            self._proxied_by,
         )
         self._stage.begin()
 

@@ -54,6 +54,8 @@ class ProxyHeaderStage:
 
     Args:
         transport: the connection's transport (closed here on a refusal).
+        peer: the address the connection comes from, as ``socket.accept()``
+            gives it (for the trust rule and the log lines).
         policy: whom to believe, and the deadline.
         reactor: runs the deadline.
         on_header: called with the header once it is whole (for ``LOCAL``
@@ -64,11 +66,13 @@ class ProxyHeaderStage:
     def __init__(
         self,
         transport: Any,
+        peer: Any,
         policy: ProxyHeaderPolicy,
         reactor: Any,
         on_header: Callable[[ProxyHeader], None],
     ) -> None:
         self._transport = transport
+        self._peer = peer
         self._policy = policy
         self._reactor = reactor
         self._on_header = on_header
@@ -83,7 +87,7 @@ class ProxyHeaderStage:
 
     def begin(self) -> bool:
         """At ``connectionMade``: admit the peer or refuse it (``False``, closed)."""
-        peer = self._peer()
+        peer = self._peer
         if not self._policy.trusted.trusts(peer):
             _log.warn(
                 "refused connection from {peer}: not a trusted proxy (trusted: {trusted}), "
@@ -119,7 +123,7 @@ class ProxyHeaderStage:
             # an HTTP check waits for its answer.
             _log.debug(
                 "PROXY LOCAL connection (a health check) from {peer}: served as the proxy's own",
-                peer=self._peer(),
+                peer=self._peer,
             )
         self._on_header(header)
         return payload
@@ -149,7 +153,7 @@ class ProxyHeaderStage:
         if level:
             getattr(_log, level)(
                 message,
-                peer=self._peer(),
+                peer=self._peer,
                 reason=reason,
                 received=len(self._received or b""),
             )
@@ -157,8 +161,3 @@ class ProxyHeaderStage:
         deadline, self._deadline = self._deadline, None
         if deadline is not None and deadline.active():
             deadline.cancel()
-
-    def _peer(self) -> Any:
-        from txsocketserver._twisted.transport_socket import socket_address
-
-        return socket_address(self._transport.getPeer())

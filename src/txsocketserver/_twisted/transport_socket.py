@@ -345,7 +345,11 @@ class TransportSocketProtocol(Protocol):
             self._start()
             return
         self._stage = ProxyHeaderStage(
-            self.transport, self._proxy, self._reactor, self._proxied_by
+            self.transport,
+            socket_address(self.transport.getPeer()),
+            self._proxy,
+            self._reactor,
+            self._proxied_by,
         )
         self._stage.begin()
 

@@ -215,7 +215,7 @@ class Workers(Service):
         header_timeout: float | None = None,
         handle_signals: bool = True,
     ) -> None:
-        from txsocketserver._cli import MODES
+        from txsocketserver._server_classes import MODES
 
         if workers < 1:
             raise ValueError("workers must be at least 1")

@@ -113,7 +113,7 @@ class _Worker:
     """The servers of one worker process, and its side of the control pipe."""
 
     def __init__(self, spec: dict[str, Any], reactor: Any) -> None:
-        from txsocketserver._cli import load_object, mode_for, server_class
+        from txsocketserver._server_classes import load_object, mode_for, server_class
 
         self._spec = spec
         self._reactor = reactor
