@@ -7,13 +7,15 @@ service calls are made on that reactor thread, as in ``twistd``.
 from __future__ import annotations
 
 import socket
+import struct
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 
 import txsocketserver
 from support import ANY_PORT, LOCALHOST, WAIT, connect, recv_all, recv_line, wait_until
@@ -94,14 +96,17 @@ def test_handler_errors_go_to_twisted_logger(
 def test_stop_drains_request_in_flight(mode: str, server_class: type) -> None:
     server: Any = make_gate_server(server_class, ADDRESSES[mode], GateHandler)
     address = address_of(server)
+    # The stop's first step is shutdown(): seen here, on the instance.
+    stop_begun = threading.Event()
+    shutdown = server.shutdown
+    server.shutdown = lambda: (stop_begun.set(), shutdown())[1]
     service = on_reactor(txsocketserver.start_server, server, drain_timeout=WAIT)
     with connect(address) as client:
         client.sendall(b"go\n")
         assert server.started.wait(WAIT)
         stopped = deferred_on_reactor(service.stopService)
-        # The stop has begun (its first step asks the serving loop to end)...
-        assert wait_until(lambda: server._BaseServer__shutdown_request)
-        assert not stopped.called  # ...and the request in flight holds it
+        assert stop_begun.wait(WAIT)
+        assert not stopped.called  # the request in flight holds the stop
         # No new request is served once the stop began: the connection is
         # refused (the port is closed) or waits in the backlog until closed.
         try:
@@ -224,3 +229,22 @@ def test_blocking_calls_refused_on_reactor_thread() -> None:
             on_reactor(server.serve_forever)
     finally:
         server.server_close()
+
+
+def test_a_client_gone_mid_request_is_one_line_in_the_twisted_world(
+    events: list[dict[str, Any]],
+) -> None:
+    # Ours only (the stdlib prints a traceback): under a service, the CLI or
+    # twistd, a reset while the handler writes is logged without a traceback.
+    from twisted_world_handlers import FirehoseHandler
+
+    server = txsocketserver.ThreadingTCPServer(ANY_PORT, FirehoseHandler)
+    service = on_reactor(txsocketserver.start_server, server, drain_timeout=WAIT)
+    with connect(address_of(server)) as client:
+        client.sendall(b"100000000\n")
+        assert client.recv(1)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    assert wait_until(lambda: any("went away" in formatEvent(e) for e in events))
+    deferred = deferred_on_reactor(service.stopService)
+    assert wait_until(lambda: deferred.called)
+    assert not [event for event in events if "log_failure" in event]

@@ -32,6 +32,7 @@ The Deferred of ``stopService`` fires when that is done.
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -53,9 +54,22 @@ _log = Logger(namespace="txsocketserver")
 
 class _ErrorLog:
     """Where ``handle_error`` logs in the Twisted world: a handler's exception
-    is an error-level event (``Logger.failure`` would make it critical)."""
+    is an error-level event (``Logger.failure`` would make it critical).
+
+    A client that went away while being served (a reset, a closed pipe: a
+    load balancer's HTTP check that hangs up once it has the status line, a
+    user who gave up) is nobody's bug: one info line, no traceback.
+    """
 
     def failure(self, format: str, **kwargs: Any) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionResetError, BrokenPipeError)):
+            _log.info(
+                "connection from {client_address} went away while being served: {error}",
+                client_address=kwargs.get("client_address"),
+                error=error,
+            )
+            return
         _log.failure(format, level=LogLevel.error, **kwargs)
 
 
