@@ -31,7 +31,7 @@ class PlainConnections:
     def wrap(self, request: Any) -> Any:
         return request
 
-    def establish(self, request: Any, timeout: float | None) -> bool:
+    def establish(self, request: Any, handler_class: Any) -> bool:
         return True
 
     def end(self, request: Any) -> None:
@@ -224,7 +224,7 @@ class TCPServer(BaseServer):
         thread that runs the request, bounded by the handler class's
         ``timeout``; a client that leaves or stalls during it is not an error.
         """
-        if self._security.establish(request, getattr(self.RequestHandlerClass, "timeout", None)):
+        if self._security.establish(request, self.RequestHandlerClass):
             super().finish_request(request, client_address)
 
     def handle_error(self, request: Any, client_address: Any) -> None:

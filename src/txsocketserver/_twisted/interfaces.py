@@ -100,10 +100,11 @@ class IConnectionSecurity(Interface):
         """The accepted socket as the handler will see it; no I/O.  In
         ``get_request``, serving thread."""
 
-    def establish(request: Any, timeout: float | None) -> bool:
-        """Get the connection ready before the handler is made (the TLS
-        handshake), in the thread that runs the request.  ``False``: the
-        client left or stalled, which is nobody's error; skip the handler."""
+    def establish(request: Any, handler_class: Any) -> bool:
+        """Get the connection ready before *handler_class* is made (the TLS
+        handshake, bounded by the class's ``timeout``), in the thread that
+        runs the request.  ``False``: the client left or stalled, which is
+        nobody's error; skip the handler."""
 
     def end(request: Any) -> None:
         """Say goodbye before the connection is shut down (``close_notify``)."""

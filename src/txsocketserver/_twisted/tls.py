@@ -144,8 +144,9 @@ class TLSSecurity:
             request.close()
             raise
 
-    def establish(self, request: Any, timeout: float | None) -> bool:
-        return handshake(request, timeout)
+    def establish(self, request: Any, handler_class: Any) -> bool:
+        # The handler class's timeout bounds the handshake, as it will its reads.
+        return handshake(request, getattr(handler_class, "timeout", None))
 
     def end(self, request: Any) -> None:
         send_close_notify(request)
