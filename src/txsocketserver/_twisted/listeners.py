@@ -35,12 +35,17 @@ def remove_socket_file(path: str) -> None:
             os.remove(path)
 
 
-def _names_endpoint(address: Any, family: int) -> bool:
-    if isinstance(address, str):
-        # A Unix server's str is a path; an IP server's addresses are tuples.
-        return ":" in address and family in (socket.AF_INET, socket.AF_INET6)
-    endpoints = sys.modules.get(_ENDPOINTS_MODULE)
-    return endpoints is not None and isinstance(address, endpoints.Endpoint)
+def _endpoint_named(server: Any) -> Any:
+    """The ``Endpoint`` the server's address names, or ``None`` for a socket
+    address (``endpoints.as_endpoint`` decides; its module is loaded only for
+    an address that could be one)."""
+    address = server.server_address
+    could_be = isinstance(address, str) and ":" in address
+    if not could_be and _ENDPOINTS_MODULE not in sys.modules:
+        return None
+    from txsocketserver._twisted import endpoints
+
+    return endpoints.as_endpoint(address, server.address_family)
 
 
 def listener_for(server: Any) -> IListener:
@@ -54,13 +59,12 @@ def listener_for(server: Any) -> IListener:
         ``ValueError`` for an endpoint description Twisted cannot parse;
         ``TypeError`` for a stream endpoint given to a datagram server.
     """
-    if not _names_endpoint(server.server_address, server.address_family):
+    endpoint = _endpoint_named(server)
+    if endpoint is None:
         server.socket = socket.socket(server.address_family, server.socket_type)
         return SocketListener(server)
     from txsocketserver._twisted import endpoints
 
-    endpoint = endpoints.as_endpoint(server.server_address, server.address_family)
-    assert endpoint is not None
     if server.socket_type != socket.SOCK_STREAM:
         raise TypeError(f"{type(server).__name__} cannot serve a stream endpoint ({endpoint!r})")
     listening = endpoints.listening_socket(endpoint)
