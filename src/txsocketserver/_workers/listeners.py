@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from txsocketserver._twisted.endpoints import Endpoint, listening_socket
+from txsocketserver._twisted.listeners import remove_socket_file
 
 _PROXY_PREFIX = "haproxy:"
 
@@ -97,10 +98,7 @@ class Listener:
         self.sock.close()
         path, self.unix_path = self.unix_path, None
         if path is not None:
-            try:
-                os.remove(path)
-            except OSError:
-                pass
+            remove_socket_file(path)
 
 
 def make_listener(description: str, *, reuse_port: bool = False) -> Listener:
