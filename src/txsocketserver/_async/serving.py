@@ -26,6 +26,7 @@ from zope.interface import implementer
 from txsocketserver._async.protocol import Connection
 from txsocketserver._async.task import HandlerTask
 from txsocketserver._core.base import _RESOURCE_BACKOFF, _RESOURCE_ERRNOS, log_warning
+from txsocketserver._twisted import compat
 from txsocketserver._twisted import reactor as _reactor
 from txsocketserver._twisted.endpoints import Endpoint, EndpointListener, proxy_protocol_endpoint
 from txsocketserver._twisted.interfaces import IAsyncServing, IRequestReadiness
@@ -257,30 +258,13 @@ class AsyncServing:
             self.server.handle_error(request, client_address)
 
     def _adopt(self, sock: socket.socket, client_address: Any) -> None:
-        """Make a Twisted transport of an accepted socket (no dup, no syscall).
-
-        What ``IReactorSocket.adoptStreamConnection`` does, minus its
-        ``dup()`` and ``getpeername()``: the address is known already, and a
-        client that reset before this point would make its ``getpeername``
-        fail (and leak the dup).  ``tcp.Server``/``unix.Server`` take exactly
-        these arguments since Twisted 8; a port of ``None`` is what
-        ``adoptStreamConnection`` passes too.
-        """
-        from twisted.internet import tcp, unix
-
+        """Make a Twisted transport of an accepted socket (see ``compat.adopted_transport``)."""
         protocol = Connection(self, client_address, sock)
         protocol.factory = self.factory
         sock.setblocking(False)
         self._sessions += 1
-        kind = unix.Server if self._unix else tcp.Server
-        # No Port: the server accepted the socket itself.
-        transport = kind(
-            sock,
-            protocol,
-            client_address,
-            None,  # type: ignore[arg-type]
-            self._sessions,
-            self.reactor,
+        transport = compat.adopted_transport(
+            sock, protocol, client_address, self._sessions, self.reactor, unix=self._unix
         )
         transport.repstr = _REPR
         protocol.makeConnection(transport)
@@ -368,7 +352,12 @@ class AsyncServing:
                 "(an instance of txsocketserver.AsyncBaseRequestHandler)"
             )
         connection = getattr(request, "_connection", None)
-        task = HandlerTask(handler, owner=self, reactor=self.reactor)
+        task = HandlerTask(
+            handler,
+            owner=self,
+            reactor=self.reactor,
+            writer=None if connection is None else connection.writer,
+        )
         self.tasks.add(task)
         if connection is not None:
             connection.task = task

@@ -18,7 +18,13 @@ read needs more bytes than are buffered (a long line is never an error).
 
 Writer
 ------
-``write()`` hands the bytes to the transport at once.  When the transport's
+``write()`` queues at once.  What a handler writes in one step (between two
+``await`` that suspend) reaches the transport in one piece when the step ends
+(``HandlerTask`` calls ``flush()``), or as soon as ``FLUSH_AT`` bytes are
+waiting; a write outside a step goes at once.  The transport of a connection
+the server accepted itself sends it then and there when its buffer is empty
+(``compat.adopted_transport``): a reply costs one ``send()``, and the bytes of
+one reply leave together, with no Nagle stall between them.  When the transport's
 buffer is full Twisted pauses its producer (us): ``drain()`` then waits until it
 resumes.  Bytes written while paused are counted; past ``max_buffer`` the
 connection is aborted and ``write()`` raises ``ConnectionAbortedError`` (which
@@ -33,7 +39,7 @@ import errno
 import io
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Coroutine, Generator
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -42,6 +48,8 @@ from twisted.internet.defer import CancelledError, Deferred
 DEFAULT_READ_LIMIT = 64 * 1024
 #: Bytes a handler may write while the client is not reading before the connection is aborted.
 DEFAULT_MAX_WRITE_BUFFER = 4 * 1024 * 1024
+#: Bytes one step may write before they go to the transport without waiting for the step's end.
+FLUSH_AT = 64 * 1024
 
 _monotonic = time.monotonic
 _IncompleteReadError = asyncio.IncompleteReadError
@@ -75,33 +83,16 @@ class Wait:
             wait.timer = connection.call_later(timeout, wait.fire, TimeoutError("timed out"))
         return wait
 
-    # The iterator protocol by hand (no generator per await): ``send`` returns
-    # what the driver should wait on, and ends the await once fired.
-
-    def __await__(self) -> Any:  # the iterator itself (typing wants a generator)
-        return self
-
-    def __iter__(self) -> Wait:
-        return self
-
-    def __next__(self) -> Any:
-        if self.done:
-            if self.error is not None:
-                raise self.error
-            raise StopIteration
-        return self
-
-    def send(self, value: Any) -> Any:
-        if value is self and not self.done:
+    def __await__(self) -> Generator[Any, Any, None]:
+        sent = yield self
+        if sent is self and not self.done:
             # Sent back unchanged: not our task (which sends None) but a
             # Deferred-driven coroutine.  Wait the Deferred way.
             if self.deferred is None:
                 self.deferred = Deferred(lambda _: self.fire(CancelledError()))
-            return self.deferred
-        return self.__next__()
-
-    def throw(self, *args: Any) -> Any:
-        raise args[0] if len(args) == 1 else args[1]
+            yield self.deferred
+        if self.error is not None:
+            raise self.error
 
     def fire(self, error: BaseException | None = None) -> None:
         """Wake the waiting coroutine (raising *error* at its ``await``)."""
@@ -121,95 +112,6 @@ class Wait:
 
     def cancel(self) -> None:
         self.fire(CancelledError())
-
-
-class Done:
-    """An awaitable that is already done: ``await`` gives *value* at once.
-
-    Returned by reads that the buffer can satisfy and by ``drain()`` with
-    nothing to wait for: cheaper than a coroutine, which would run just as
-    synchronously.
-    """
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def __await__(self) -> Any:  # the iterator itself (typing wants a generator)
-        return self
-
-    def __iter__(self) -> Done:
-        return self
-
-    def __next__(self) -> Any:
-        raise StopIteration(self.value)
-
-    def send(self, value: Any) -> Any:
-        raise StopIteration(self.value)
-
-    def throw(self, *args: Any) -> Any:
-        raise args[0] if len(args) == 1 else args[1]
-
-
-_NOTHING_TO_WAIT_FOR = Done(None)
-
-
-class LineRead:
-    """``readline()`` (and ``__anext__``) when the line has not arrived yet.
-
-    An awaitable by hand rather than a coroutine: a line-at-a-time protocol
-    waits for nearly every line, and this costs one small object per wait
-    instead of a coroutine and its frame.  Each resumption looks at the
-    buffer again; until the line is there it waits on a :class:`Wait`.
-    """
-
-    __slots__ = ("_reader", "_size", "_stop_at_eof", "_start", "_wait")
-
-    def __init__(self, reader: AsyncReader, size: int, *, stop_at_eof: bool) -> None:
-        self._reader = reader
-        self._size = size
-        self._stop_at_eof = stop_at_eof  # async for: b"" ends the iteration
-        self._start = 0  # where to look for b"\n" (the bytes before have none)
-        self._wait: Wait | None = None
-
-    def __await__(self) -> Any:  # the iterator itself (typing wants a generator)
-        return self
-
-    def __iter__(self) -> LineRead:
-        return self
-
-    def __next__(self) -> Any:
-        wait = self._wait
-        if wait is not None:
-            self._wait = None
-            if wait.error is not None:
-                raise wait.error
-        reader = self._reader
-        buffer = reader._buffer
-        size = self._size
-        end = buffer.find(b"\n", self._start) + 1
-        if end:
-            raise StopIteration(reader._take(end if size < 0 or end <= size else size))
-        if 0 <= size <= len(buffer):
-            raise StopIteration(reader._take(size))
-        if reader._eof:
-            line = reader._take_rest()
-            if not line and self._stop_at_eof:
-                raise StopAsyncIteration
-            raise StopIteration(line)
-        self._start = len(buffer)
-        self._wait = wait = reader._more("readline")
-        return wait
-
-    def send(self, value: Any) -> Any:
-        wait = self._wait
-        if value is not None and value is wait and not wait.done:
-            return wait.send(value)  # a Deferred-driven coroutine: see Wait
-        return self.__next__()
-
-    def throw(self, *args: Any) -> Any:
-        raise args[0] if len(args) == 1 else args[1]
 
 
 def _reset_error() -> ConnectionResetError:
@@ -294,16 +196,13 @@ class AsyncReader:
             await self._more("read1")
         return self._take(len(buffer) if n < 0 else n)
 
-    def readline(self, size: int = -1) -> Awaitable[bytes]:
+    def readline(self, size: int = -1) -> Coroutine[Any, Any, bytes]:
         """Read one line, ``b"\\n"`` included: at most *size* bytes if *size* >= 0.
 
         At *size* bytes, or at end of file, the partial line is returned; the
         rest of a long line comes with the next read.  ``b""`` at end of file.
         """
-        end = self._buffer.find(b"\n") + 1
-        if end and (size < 0 or end <= size):
-            return Done(self._take(end))
-        return LineRead(self, size, stop_at_eof=False)
+        return self._line(size, False)
 
     async def readlines(self, hint: int = -1) -> list[bytes]:
         """Read lines until end of file (or until they total *hint* bytes, if positive)."""
@@ -379,13 +278,29 @@ class AsyncReader:
     def __aiter__(self) -> AsyncReader:
         return self
 
-    def __anext__(self) -> Awaitable[bytes]:
-        end = self._buffer.find(b"\n") + 1
-        if end:
-            return Done(self._take(end))
-        return LineRead(self, -1, stop_at_eof=True)
+    def __anext__(self) -> Coroutine[Any, Any, bytes]:
+        return self._line(-1, True)
 
     # -- plumbing -----------------------------------------------------------------------
+
+    async def _line(self, size: int, stop_at_eof: bool) -> bytes:
+        # readline() and async for: one coroutine for both (one await level
+        # fewer for every line than async for awaiting readline()).
+        buffer = self._buffer
+        start = 0  # where to look for b"\n" (the bytes before have none)
+        while True:
+            end = buffer.find(b"\n", start) + 1
+            if end:
+                return self._take(end if size < 0 or end <= size else size)
+            if 0 <= size <= len(buffer):
+                return self._take(size)
+            if self._eof:
+                line = self._take_rest()
+                if not line and stop_at_eof:
+                    raise StopAsyncIteration
+                return line
+            start = len(buffer)
+            await self._more("readline")
 
     def _take(self, n: int) -> bytes:
         buffer = self._buffer
@@ -454,6 +369,9 @@ class AsyncWriter:
         "_reset",
         "_closing",
         "_eof_written",
+        "_batch",
+        "_batched",
+        "batching",
         "max_buffer",
     )
 
@@ -467,6 +385,10 @@ class AsyncWriter:
         self._reset = False
         self._closing = False
         self._eof_written = False
+        self._batch: list[bytes] = []  # written during the current step
+        self._batched = 0
+        #: Set by the handler's task while a step runs: writes wait for its end.
+        self.batching = False
         #: Bytes written while the client is not reading before the connection is aborted.
         self.max_buffer = DEFAULT_MAX_WRITE_BUFFER
 
@@ -476,13 +398,20 @@ class AsyncWriter:
             data = bytes(data)
         if self._lost:
             return len(data)
-        self._transport.write(data)
+        if self.batching:
+            self._batch.append(data)
+            self._batched += len(data)
+            if self._batched >= FLUSH_AT:
+                self.flush()
+        else:
+            self._transport.write(data)
         connection = self._connection
         if connection.idle_timer is not None:
             connection.last_activity = _monotonic()
         if self._paused:
             self._queued += len(data)
             if self._queued > self.max_buffer:
+                self._batch.clear()
                 self._transport.abortConnection()
                 self._lost_now(reset=False)
                 raise ConnectionAbortedError(
@@ -496,18 +425,24 @@ class AsyncWriter:
         for line in lines:
             self.write(line)
 
-    def drain(self) -> Awaitable[None]:
+    def flush(self) -> None:
+        """Hand what the current step wrote to the transport (the task calls
+        this when a step ends; ``close()`` and ``write_eof()`` do first)."""
+        batch = self._batch
+        if batch:
+            data = batch[0] if len(batch) == 1 else b"".join(batch)
+            batch.clear()
+            self._batched = 0
+            if not self._lost:
+                self._transport.write(data)
+
+    async def drain(self) -> None:
         """Wait until the transport takes more; several coroutines may wait at once.
 
         Error handling:
             ``ConnectionResetError``/``BrokenPipeError`` once the connection is
             lost; ``TimeoutError`` after the handler's ``timeout``.
         """
-        if not self._paused and not self._lost:
-            return _NOTHING_TO_WAIT_FOR
-        return self._drain()
-
-    async def _drain(self) -> None:
         while True:
             if self._lost:
                 raise (
@@ -533,6 +468,7 @@ class AsyncWriter:
             raise OSError(errno.ENOTSUP, "this transport cannot half-close (TLS)")
         if self._lost or self._eof_written:
             return
+        self.flush()
         self._eof_written = True
         if self._connection.reader.at_eof():
             # Nothing more to read either: closing says the same, in one step.
@@ -545,6 +481,7 @@ class AsyncWriter:
         """Close once everything written has been sent."""
         self._closing = True
         if not self._lost:
+            self.flush()
             self._stop_producing()
             self._transport.loseConnection()
 
@@ -585,6 +522,7 @@ class AsyncWriter:
         if not self._lost:
             self._lost = True
             self._reset = reset
+            self._batch.clear()
             self._wake()
 
     def _wake(self) -> None:

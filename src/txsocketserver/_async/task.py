@@ -48,6 +48,8 @@ class HandlerTask:
             is not an error), and ``owner.handler_ended(task)`` once it has
             ended, however it ended.
         reactor: schedules the resumption after a bare ``yield``.
+        writer: the connection's ``AsyncWriter``, if any: what a step writes
+            is flushed to the transport in one piece when the step ends.
     """
 
     __slots__ = (
@@ -59,10 +61,11 @@ class HandlerTask:
         "_awaiting",
         "_stepping",
         "_early",
+        "_writer",
         "done",
     )
 
-    def __init__(self, handler: Any, *, owner: Any, reactor: Any) -> None:
+    def __init__(self, handler: Any, *, owner: Any, reactor: Any, writer: Any = None) -> None:
         self.handler = handler
         self._coroutine: Coroutine[Any, Any, Any] = handler._serve()
         self._owner = owner
@@ -71,6 +74,7 @@ class HandlerTask:
         self._awaiting: Any = None
         self._stepping = False
         self._early: Any = _NOTHING
+        self._writer = writer
         self.done = False
 
     @property
@@ -105,8 +109,11 @@ class HandlerTask:
 
     def _step(self, error: BaseException | None) -> None:
         coroutine = self._coroutine
+        writer = self._writer
         while True:
             started = _monotonic()
+            if writer is not None:
+                writer.batching = True
             try:
                 if error is None:
                     awaited = coroutine.send(None)
@@ -126,6 +133,10 @@ class HandlerTask:
             except BaseException:
                 self._finished(started)
                 raise
+            finally:
+                if writer is not None:
+                    writer.batching = False
+                    writer.flush()
             limit = self._blocking_warning
             if limit is not None and _monotonic() - started > limit:
                 self._held(started)

@@ -5,7 +5,9 @@ of the server's own (``docs/architecture.md``) needs what Twisted parsed out
 of a description, reading the PROXY header ourselves needs the endpoint that
 ``haproxy:`` wraps, bounding what silent clients can hold needs the size of
 a port's accept batch, and half-closing through a wrapper needs to know what
-the wrapper does to the bytes.  Twisted has no public API for these.  Each
+the wrapper does to the bytes, and sending an async connection's bytes at
+once (not on the reactor's next turn) needs Twisted's transport buffers.
+Twisted has no public API for these.  Each
 assumption is
 written once here, and ``tests/test_twisted_compat.py`` checks each against
 the installed Twisted, so a release that breaks one fails the suite rather
@@ -132,8 +134,72 @@ def half_close(transport: Any) -> Any:
     return None
 
 
+def _direct_writes(transport_class: Any) -> Any:
+    """*transport_class* (``tcp.Server`` or ``unix.Server``), sending at once
+    when nothing is queued, as asyncio's transports do.
+
+    Twisted's ``write()`` always queues and sends on the reactor's next turn:
+    for a request-reply protocol that is an ``epoll_ctl`` to watch for
+    writability, a whole reactor turn to learn it, and another ``epoll_ctl``
+    to stop, for every reply.  Here ``write()`` tries ``send()`` first when
+    Twisted holds no bytes (nor, on Unix, descriptors to pass with them) and
+    queues only what the kernel did not take; any error other than "would
+    block" is left to Twisted's own write path, which meets it again and
+    closes the connection as it always does.  The async writer calls
+    ``write()`` once per handler step with what the step wrote, so the bytes
+    of one reply still leave together (no Nagle stall between them).
+    """
+
+    class DirectWrites(transport_class):  # type: ignore[misc, valid-type]
+        def write(self, data: bytes) -> None:
+            if (
+                self.dataBuffer
+                or self._tempDataBuffer
+                or not self.connected
+                or self._writeDisconnected
+                or getattr(self, "_sendmsgQueue", None)
+            ):
+                super().write(data)
+                return
+            try:
+                sent = self.socket.send(data)
+            except OSError:
+                sent = 0
+            if sent < len(data):
+                super().write(data[sent:])
+
+    DirectWrites.__name__ = DirectWrites.__qualname__ = f"DirectWrites{transport_class.__name__}"
+    return DirectWrites
+
+
+_ADOPTED: dict[bool, Any] = {}
+
+
+def adopted_transport(
+    sock: Any, protocol: Any, client_address: Any, session: int, reactor: Any, *, unix: bool
+) -> Any:
+    """A transport for *sock*, a connection the server accepted itself, to
+    give *protocol* (``makeConnection``).
+
+    What ``IReactorSocket.adoptStreamConnection`` does, minus its ``dup()``
+    and ``getpeername()`` (the address is known already, and a client that
+    reset before this point would make its ``getpeername`` fail and leak the
+    dup), with writes sent at once (``_direct_writes``).  ``tcp.Server`` and
+    ``unix.Server`` take exactly these arguments since Twisted 8; a port of
+    ``None`` is what ``adoptStreamConnection`` passes too.
+    """
+    kind = _ADOPTED.get(unix)
+    if kind is None:
+        from twisted.internet import tcp
+        from twisted.internet import unix as unix_module
+
+        kind = _ADOPTED[unix] = _direct_writes(unix_module.Server if unix else tcp.Server)
+    return kind(sock, protocol, client_address, None, session, reactor)
+
+
 __all__ = [
     "TCPParameters",
+    "adopted_transport",
     "cap_accept_batch",
     "half_close",
     "proxied_endpoint",
