@@ -8,6 +8,7 @@ import socket
 
 import pytest
 from twisted.internet import endpoints, reactor
+from twisted.internet.error import ConnectionDone
 
 from txsocketserver._twisted import compat
 from txsocketserver._twisted.endpoints import Endpoint, listening_socket
@@ -117,3 +118,66 @@ def test_half_close_is_found_through_wrappers_that_keep_the_bytes() -> None:
     secure.transport = tcp
     found = compat.half_close(secure)
     assert found is None or found.__self__ is secure
+
+
+def test_an_accepted_connections_transport_sends_at_once_and_reads_through_a_multiplexer() -> None:
+    # If Twisted renames its transport buffers or _disconnectSelectable, an
+    # accepted async connection would lose bytes or never end: fail here.
+    import queue
+
+    from twisted.internet.interfaces import IHalfCloseableProtocol
+    from twisted.internet.protocol import Protocol
+    from zope.interface import implementer
+
+    from txsocketserver._twisted.reactor import call_in_reactor
+
+    events: queue.SimpleQueue[tuple[object, ...]] = queue.SimpleQueue()
+
+    @implementer(IHalfCloseableProtocol)
+    class Recorder(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            events.put(("data", data))
+
+        def readConnectionLost(self) -> None:
+            events.put(("eof",))
+            self.transport.write(b"after eof")
+            self.transport.loseConnection()
+
+        def writeConnectionLost(self) -> None:
+            pass
+
+        def connectionLost(self, reason: object) -> None:
+            events.put(("lost", type(reason.value)))
+
+    ours, theirs = socket.socketpair()
+    theirs.settimeout(10)
+    protocol = Recorder()
+
+    def connect() -> tuple[compat.ReadMultiplexer, bytes]:
+        multiplexer = compat.ReadMultiplexer.for_reactor(reactor)
+        assert multiplexer is not None, "Linux reactors have epoll and _disconnectSelectable"
+        ours.setblocking(False)
+        transport = compat.adopted_transport(
+            ours, protocol, "peer", 1, reactor, unix=True, multiplexer=multiplexer
+        )
+        protocol.makeConnection(transport)
+        transport.write(b"at once")
+        # Before the reactor turns: the bytes are in the peer's socket already.
+        return multiplexer, theirs.recv(100, socket.MSG_DONTWAIT)
+
+    try:
+        multiplexer, sent = call_in_reactor(connect)
+        assert sent == b"at once"
+        theirs.sendall(b"hello")
+        assert events.get(timeout=10) == ("data", b"hello")
+        theirs.shutdown(socket.SHUT_WR)
+        assert events.get(timeout=10) == ("eof",)
+        assert theirs.recv(100) == b"after eof"
+        assert theirs.recv(100) == b""
+        assert events.get(timeout=10) == ("lost", ConnectionDone)
+        assert events.empty(), "the EOF was read once"
+        call_in_reactor(multiplexer.retire)
+        assert multiplexer._epoll.closed
+    finally:
+        theirs.close()
+        ours.close()

@@ -199,6 +199,9 @@ class AsyncServing:
         self._sessions = 0
         self._pool: ThreadPool | None = None
         self._closed = False
+        # Reads the accepted connections (made with the first; None: none can be).
+        self._multiplexer: compat.ReadMultiplexer | None = None
+        self._multiplexer_made = False
 
     # -- the serving loop's side (serving thread) -------------------------------------------
 
@@ -263,8 +266,17 @@ class AsyncServing:
         protocol.factory = self.factory
         sock.setblocking(False)
         self._sessions += 1
+        if not self._multiplexer_made:
+            self._multiplexer_made = True
+            self._multiplexer = compat.ReadMultiplexer.for_reactor(self.reactor)
         transport = compat.adopted_transport(
-            sock, protocol, client_address, self._sessions, self.reactor, unix=self._unix
+            sock,
+            protocol,
+            client_address,
+            self._sessions,
+            self.reactor,
+            unix=self._unix,
+            multiplexer=self._multiplexer,
         )
         transport.repstr = _REPR
         protocol.makeConnection(transport)
@@ -414,12 +426,14 @@ class AsyncServing:
         self._closed = True
         reactor = self.reactor
         if not reactor.running:
+            self._retire_multiplexer()
             self._stop_pool()
             return
         done = threading.Event()
 
         def cancel_all() -> None:
             self.update_accepting()
+            self._retire_multiplexer()
             for task in list(self.tasks):
                 task.cancel()
             self._when_idle(done.set)
@@ -430,6 +444,10 @@ class AsyncServing:
             reactor.callFromThread(cancel_all)
             done.wait(CLOSE_TIMEOUT)
         self._stop_pool()
+
+    def _retire_multiplexer(self) -> None:
+        if self._multiplexer is not None:
+            self._multiplexer.retire()
 
     def _when_idle(self, callback: Callable[[], None]) -> None:
         if not self.tasks and not self.connections:
