@@ -264,7 +264,6 @@ class AsyncServing:
         """Make a Twisted transport of an accepted socket (see ``compat.adopted_transport``)."""
         protocol = Connection(self, client_address, sock)
         protocol.factory = self.factory
-        sock.setblocking(False)
         self._sessions += 1
         if not self._multiplexer_made:
             self._multiplexer_made = True

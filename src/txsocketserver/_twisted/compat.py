@@ -152,7 +152,16 @@ def _adopted_class(transport_class: Any) -> Any:
       what the step wrote, so the bytes of one reply leave together.
     * **Reads come through a** :class:`ReadMultiplexer` when one is given:
       ``startReading``/``stopReading`` register with it instead of the reactor.
+    * **A close with nothing left to send happens at once**, as Twisted's own
+      ``loseConnection`` does once the write side is shut, instead of waiting
+      a reactor turn for writability to find nothing to write.
     """
+
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    # One for every close, as the reactor's _disconnectSelectable keeps one.
+    closed = Failure(ConnectionDone())
 
     class Adopted(transport_class):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, multiplexer: ReadMultiplexer | None) -> None:
@@ -188,6 +197,21 @@ def _adopted_class(transport_class: Any) -> Any:
                 sent = 0
             if sent < len(data):
                 super().write(data[sent:])
+
+        def loseConnection(self) -> None:
+            if (
+                self.connected
+                and not self.disconnecting
+                and not self.dataBuffer
+                and not self._tempDataBuffer
+                and self.producer is None
+                and not getattr(self, "_sendmsgQueue", None)
+            ):
+                self.stopReading()
+                self.stopWriting()
+                self.connectionLost(closed)
+                return
+            super().loseConnection()
 
     Adopted.__name__ = Adopted.__qualname__ = f"Adopted{transport_class.__name__}"
     return Adopted
