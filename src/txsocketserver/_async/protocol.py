@@ -144,7 +144,8 @@ class Connection(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._stage is not None and self._stage.active:
-            self._stage.peer_ended("closed" if reason.check(ConnectionDone) else "was reset")
+            clean = isinstance(reason.value, ConnectionDone)
+            self._stage.peer_ended("closed" if clean else "was reset")
         self.lost = True
         reset = not self._clean_end(reason)
         # The writer first: a handler woken by the reader finds it lost.
@@ -159,10 +160,12 @@ class Connection(Protocol):
     def _clean_end(self, reason: Failure) -> bool:
         # Over TLS a TCP close without close_notify is reported as
         # ConnectionLost, like a reset; most clients close that way, so it
-        # reads as EOF (the ssl module's suppress_ragged_eofs).
-        if reason.check(ConnectionDone):
+        # reads as EOF (the ssl module's suppress_ragged_eofs).  isinstance,
+        # not Failure.check: that one compares qualified names, once per class.
+        error = reason.value
+        if isinstance(error, ConnectionDone):
             return True
-        return bool(reason.check(ConnectionLost)) and ISSLTransport.providedBy(self.transport)
+        return isinstance(error, ConnectionLost) and ISSLTransport.providedBy(self.transport)
 
     # -- IPushProducer: the transport's buffer filled / drained ----------------------------
 

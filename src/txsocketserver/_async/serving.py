@@ -299,12 +299,15 @@ class AsyncServing:
         else:
             connection.dataReceived = connection.reader.feed  # type: ignore[method-assign]
         self._consume_budget()
-        self.update_accepting()
+        # Only a cap makes the number of connections matter for accepting.
+        if self.server.max_connections is not None:
+            self.update_accepting()
         self.run_request(connection.request, connection.client_address, connection)
 
     def connection_lost(self, connection: Connection) -> None:
         self.connections.discard(connection)
-        self.update_accepting()
+        if self.server.max_connections is not None:
+            self.update_accepting()
 
     def _check_idle(self, connection: Connection) -> None:
         if connection.lost:

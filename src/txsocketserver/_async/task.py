@@ -136,7 +136,8 @@ class HandlerTask:
             finally:
                 if writer is not None:
                     writer.batching = False
-                    writer.flush()
+                    if writer._batch:
+                        writer.flush()
             limit = self._blocking_warning
             if limit is not None and _monotonic() - started > limit:
                 self._held(started)
