@@ -550,6 +550,61 @@ def test_half_close_both_ways() -> None:
         assert request_reply(server, payload) == expected == b"got 300000 bytes\n"
 
 
+class CountsWrites(txsocketserver.AsyncStreamRequestHandler):
+    async def handle(self) -> None:
+        transport = self.wfile._transport
+        handed: list[bytes] = []
+        write = transport.write
+        transport.write = lambda data: (handed.append(data), write(data))[1]
+        await self.rfile.readline()
+        self.wfile.write(b"status\n")
+        self.wfile.writelines([b"header\n", b"\n"])
+        self.wfile.write(b"body\n")
+        await self.rfile.readline()
+        self.wfile.write(b"%r\n" % handed)
+
+
+def test_what_one_step_writes_reaches_the_transport_in_one_piece() -> None:
+    # Ours only (the stdlib's unbuffered wfile sends each write): one write to
+    # the transport, so one send() and the bytes of a reply leave together.
+    with serving(txsocketserver.TCPServer(ANY_PORT, CountsWrites)) as server:
+        with connect_to(server) as client:
+            client.sendall(b"go\n")
+            assert recv_all(client, 20) == b"status\nheader\n\nbody\n"
+            client.sendall(b"report\n")
+            assert recv_line(client) == b"[b'status\\nheader\\n\\nbody\\n']\n"
+
+
+class Pieces(txsocketserver.AsyncStreamRequestHandler):
+    async def handle(self) -> None:
+        while size := int(await self.rfile.readline() or 0):
+            self.wfile.write(b"status\n")
+            self.wfile.write(b"header\n")
+            self.wfile.write(b"b" * size + b"\n")
+            await self.wfile.drain()
+
+
+def test_a_step_that_writes_more_than_the_flush_size_keeps_every_byte_in_order() -> None:
+    # Ours only: a step's writes wait for its end, except past FLUSH_AT bytes.
+    from txsocketserver._async.streams import FLUSH_AT
+
+    with (
+        serving(txsocketserver.TCPServer(ANY_PORT, Pieces)) as server,
+        connect_to(server) as client,
+    ):
+        client.sendall(b"4\n")
+        assert client.recv(1000) == b"status\nheader\nbbbb\n"
+        big = 3 * FLUSH_AT
+        client.sendall(b"%d\n" % big)
+        expected = b"status\nheader\n" + b"b" * big + b"\n"
+        got = b""
+        while len(got) < len(expected):
+            chunk = client.recv(1 << 20)
+            assert chunk, "the server closed before the whole reply"
+            got += chunk
+        assert got == expected
+
+
 # -- stopping: cancellation, graceful drain ----------------------------------------------------
 
 

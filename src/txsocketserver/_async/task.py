@@ -1,12 +1,13 @@
 """``HandlerTask``: runs one handler coroutine on the reactor thread.
 
-What ``Deferred.fromCoroutine`` does, with three differences that handlers need:
+What ``Deferred.fromCoroutine`` does, with four differences that handlers need:
 
 * **Cheap resumption.**  A stream wait (``streams.Wait``) is no Deferred:
-  when it fires, the coroutine is resumed with one ``send``.  A read whose
-  data is already buffered never suspends at all (an already-done
-  awaitable), so a busy connection pays for a wait only when it really has
-  to wait for the network.  Deferreds work as usual.
+  when it fires, the coroutine is resumed with one ``send``.  Deferreds work
+  as usual.
+* **Writes leave per step.**  What the handler writes to its connection
+  during one step (the code between two suspending awaits) reaches the
+  transport in one piece when the step ends (``AsyncWriter.flush``).
 * **asyncio futures.**  Under Twisted's asyncio reactor a handler may await
   asyncio futures (and so the coroutines of asyncio client libraries that end
   up awaiting them) as well as Deferreds; a bare ``yield`` (``asyncio.sleep(0)``)
