@@ -71,6 +71,8 @@ class Connection(Protocol):
         self.idle_timer: Any = None
         self.lost = False
         self.producing = False
+        # Set once the request's handling is over (shutdown_request done).
+        self.request_over = False
 
     # -- IProtocol -------------------------------------------------------------------
 
@@ -156,6 +158,8 @@ class Connection(Protocol):
             self.idle_timer.cancel()
         self.idle_timer = None
         self.serving.connection_lost(self)
+        if self.task is None or self.request_over:
+            self.release()
 
     def _clean_end(self, reason: Failure) -> bool:
         # Over TLS a TCP close without close_notify is reported as
@@ -203,3 +207,24 @@ class Connection(Protocol):
     def _cancel(self) -> None:
         if self.task is not None:
             self.task.cancel()
+
+    def ended(self) -> None:
+        """The request's handling is over: release the connection once it is lost too."""
+        self.request_over = True
+        if self.lost:
+            self.release()
+
+    def release(self) -> None:
+        """Cut the links back from this connection to its streams and handler.
+
+        They refer to it and it to them; with its side cut, reference
+        counting frees them all once the handler's objects are unreferenced,
+        instead of leaving cycles for the garbage collector, whose passes cost
+        more per connection than serving it.  Called once the connection is
+        lost and its request over: nothing reads or writes through it then
+        (the streams keep their own references, so a handler kept alive
+        still finds them closed).
+        """
+        self.reader = self.writer = self.request = None  # type: ignore[assignment]
+        self.task = None
+        self.__dict__.pop("dataReceived", None)

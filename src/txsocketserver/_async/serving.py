@@ -396,6 +396,10 @@ class AsyncServing:
                 self.tasks.discard(task)
             if self.datagram:
                 self.update_accepting()
+            else:
+                connection = getattr(request, "_connection", None)
+                if connection is not None:
+                    connection.ended()
 
     # -- to_thread --------------------------------------------------------------------------
 
