@@ -575,6 +575,34 @@ def test_what_one_step_writes_reaches_the_transport_in_one_piece() -> None:
             assert recv_line(client) == b"[b'status\\nheader\\n\\nbody\\n']\n"
 
 
+def test_a_finished_connection_leaves_no_reference_cycle() -> None:
+    # Ours only: a connection's objects (protocol, streams, handler, task)
+    # refer to each other; left as cycles they wait for the garbage
+    # collector, whose passes cost more per connection than serving it.
+    with serving(txsocketserver.TCPServer(ANY_PORT, AsyncEcho)) as server:
+        serving_strategy = server._async
+
+        def idle() -> bool:
+            return not serving_strategy.connections and not serving_strategy.tasks
+
+        assert request_reply(server, b"warm\n") == b"warm\n"
+        assert wait_until(idle)
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for n in range(20):
+                assert request_reply(server, b"%d\n" % n) == b"%d\n" % n
+            assert wait_until(idle)
+            gc.collect()
+            cyclic = [
+                type(o).__qualname__ for o in gc.garbage if "txsocketserver" in repr(type(o))
+            ]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    assert cyclic == []
+
+
 class Pieces(txsocketserver.AsyncStreamRequestHandler):
     async def handle(self) -> None:
         while size := int(await self.rfile.readline() or 0):
