@@ -51,6 +51,16 @@ from support import (
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
 
+@pytest.fixture(autouse=True, params=["reactor", "multiplexed"])
+def reads(request: Any, monkeypatch: Any) -> str:
+    """Every test twice: every accepted connection read by the reactor itself
+    (as a lone connection is), and every one through the server's
+    ReadMultiplexer (as while others are open)."""
+    at = 0 if request.param == "multiplexed" else 1 << 30
+    monkeypatch.setattr("txsocketserver._async.serving.MULTIPLEX_AT", at)
+    return str(request.param)
+
+
 class SyncEcho(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         for line in self.rfile:

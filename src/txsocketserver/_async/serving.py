@@ -35,6 +35,10 @@ from txsocketserver._twisted.thread_dispatcher import DaemonThread
 
 #: Connections (or datagrams) a readable listening socket yields per reactor turn.
 ACCEPTS_PER_READ = 64
+#: Connections open from which a new one is read through the server's
+#: ``ReadMultiplexer``: a lone connection's events are one at a time, and the
+#: multiplexer's own poll would cost more than it saves.
+MULTIPLEX_AT = 1
 #: Threads of ``to_thread``'s pool when the server sets no ``max_threads``.
 DEFAULT_TO_THREAD_MAX = 10
 #: Seconds ``server_close()`` waits for cancelled handlers and closing connections.
@@ -199,7 +203,7 @@ class AsyncServing:
         self._sessions = 0
         self._pool: ThreadPool | None = None
         self._closed = False
-        # Reads the accepted connections (made with the first; None: none can be).
+        # Reads accepted connections once there are many (None: none can be).
         self._multiplexer: compat.ReadMultiplexer | None = None
         self._multiplexer_made = False
 
@@ -265,9 +269,12 @@ class AsyncServing:
         protocol = Connection(self, client_address, sock)
         protocol.factory = self.factory
         self._sessions += 1
-        if not self._multiplexer_made:
-            self._multiplexer_made = True
-            self._multiplexer = compat.ReadMultiplexer.for_reactor(self.reactor)
+        multiplexer = None
+        if len(self.connections) >= MULTIPLEX_AT:
+            if not self._multiplexer_made:
+                self._multiplexer_made = True
+                self._multiplexer = compat.ReadMultiplexer.for_reactor(self.reactor)
+            multiplexer = self._multiplexer
         transport = compat.adopted_transport(
             sock,
             protocol,
@@ -275,7 +282,7 @@ class AsyncServing:
             self._sessions,
             self.reactor,
             unix=self._unix,
-            multiplexer=self._multiplexer,
+            multiplexer=multiplexer,
         )
         transport.repstr = _REPR
         protocol.makeConnection(transport)
