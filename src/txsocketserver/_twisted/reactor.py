@@ -43,6 +43,14 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+# Imported here, never inside a function that a serving thread calls: the
+# ``twisted.python`` package is a deprecation proxy whose attribute lookups
+# run Python code, and CPython (3.11 at least) clears an exception raised
+# while the import machinery reads a module's ``__spec__``, so a Ctrl-C
+# (KeyboardInterrupt) landing in ``from twisted.python import ...`` there was
+# silently lost and ``serve_forever()`` went on serving.
+from twisted.python import threadable
+
 # The reactor is imported when first asked for, not with this module, so that
 # a program can install the reactor of its choice before it first makes a server.
 
@@ -68,8 +76,6 @@ def get_reactor() -> Any:
 
 def in_reactor_thread() -> bool:
     """Whether the calling thread is the thread that runs the reactor."""
-    from twisted.python import threadable
-
     return bool(get_reactor().running and threadable.isInIOThread())
 
 
@@ -138,7 +144,6 @@ def call_in_reactor(function: Callable[..., Any], *args: Any) -> Any:
     """
     from twisted.internet.defer import maybeDeferred
     from twisted.internet.interfaces import IReactorThreads
-    from twisted.python import threadable
     from twisted.python.failure import Failure
 
     reactor = running_reactor()
@@ -166,7 +171,6 @@ def call_in_reactor(function: Callable[..., Any], *args: Any) -> Any:
 def call_soon(function: Callable[..., object], *args: Any) -> None:
     """Schedule ``function(*args)`` on the reactor thread without waiting."""
     from twisted.internet.interfaces import IReactorThreads
-    from twisted.python import threadable
 
     reactor = get_reactor()
     if reactor.running and threadable.isInIOThread():
