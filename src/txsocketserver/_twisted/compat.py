@@ -138,7 +138,7 @@ def _adopted_class(transport_class: Any) -> Any:
     """*transport_class* (``tcp.Server`` or ``unix.Server``) as the transport
     of a connection the server accepted itself.
 
-    Two differences, both for speed and neither visible to the protocol:
+    Three differences, all for speed and none visible to the protocol:
 
     * **Writes go at once.**  Twisted's ``write()`` always queues and sends on
       the reactor's next turn: for a request-reply protocol that is an
@@ -181,14 +181,14 @@ def _adopted_class(transport_class: Any) -> Any:
             else:
                 self._multiplexer.remove(self)
 
+        def _holds_nothing(self) -> bool:
+            """Whether Twisted has no bytes (nor, on Unix, descriptors) queued."""
+            return not (
+                self.dataBuffer or self._tempDataBuffer or getattr(self, "_sendmsgQueue", None)
+            )
+
         def write(self, data: bytes) -> None:
-            if (
-                self.dataBuffer
-                or self._tempDataBuffer
-                or not self.connected
-                or self._writeDisconnected
-                or getattr(self, "_sendmsgQueue", None)
-            ):
+            if not self.connected or self._writeDisconnected or not self._holds_nothing():
                 super().write(data)
                 return
             try:
@@ -202,10 +202,8 @@ def _adopted_class(transport_class: Any) -> Any:
             if (
                 self.connected
                 and not self.disconnecting
-                and not self.dataBuffer
-                and not self._tempDataBuffer
                 and self.producer is None
-                and not getattr(self, "_sendmsgQueue", None)
+                and self._holds_nothing()
             ):
                 self.stopReading()
                 self.stopWriting()

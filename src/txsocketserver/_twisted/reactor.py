@@ -172,11 +172,10 @@ def call_soon(function: Callable[..., object], *args: Any) -> None:
     """Schedule ``function(*args)`` on the reactor thread without waiting."""
     from twisted.internet.interfaces import IReactorThreads
 
-    reactor = get_reactor()
-    if reactor.running and threadable.isInIOThread():
+    if in_reactor_thread():
         function(*args)
     else:
-        IReactorThreads(reactor).callFromThread(function, *args)
+        IReactorThreads(get_reactor()).callFromThread(function, *args)
 
 
 __all__ = [
