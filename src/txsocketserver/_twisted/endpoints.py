@@ -29,10 +29,9 @@ import collections
 import errno
 import os
 import socket
-import ssl
 import threading
 import time
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
@@ -52,6 +51,9 @@ from txsocketserver._twisted.transport_socket import (
     socket_address,
     socket_family,
 )
+
+if TYPE_CHECKING:
+    from txsocketserver._twisted.tls import TLSConfig
 
 _T = TypeVar("_T")
 
@@ -98,6 +100,13 @@ class Endpoint:
         ``txsocketserver[tls]``.
     """
 
+    #: For an ``ssl:`` (or ``haproxy:ssl:``) description: its TLS, set by
+    #: :meth:`resolve` (``None`` until then, and for every other endpoint).
+    tls_config: TLSConfig | None = None
+    #: ``haproxy:ssl:``: the TLS begins after the PROXY header (what HAProxy's
+    #: ``send-proxy`` sends to a TLS server), not under it as Twisted has it.
+    tls_after_proxy: bool = False
+
     def __init__(self, endpoint: str | IStreamServerEndpoint) -> None:
         if isinstance(endpoint, str):
             self.description: str | None = endpoint
@@ -128,10 +137,13 @@ class Endpoint:
             # forking workers included.
             from twisted.internet.endpoints import serverFromString
 
+            from txsocketserver._twisted import tls
+
+            reactor = reactor or _reactor.get_reactor()
             try:
-                self._endpoint = serverFromString(
-                    reactor or _reactor.get_reactor(), self.description
-                )
+                twisted_description, _ = tls.split_description(self.description)
+                resolved = serverFromString(reactor, twisted_description)
+                self._endpoint = self._with_our_tls(reactor, resolved)
             except Exception as exc:
                 missing = exc.name if isinstance(exc, ImportError) else None
                 if missing and missing.partition(".")[0] in TLS_EXTRA_MODULES:
@@ -141,6 +153,36 @@ class Endpoint:
                     ) from exc
                 raise ValueError(f"bad endpoint description {self.description!r}: {exc}") from exc
         return self._endpoint
+
+    def _with_our_tls(self, reactor: Any, resolved: IStreamServerEndpoint) -> Any:
+        """*resolved*, its TLS made from our :class:`~txsocketserver._twisted.tls.TLSConfig`
+        when the description is ``ssl:`` or ``haproxy:ssl:`` (Twisted's own
+        parser knows none of our options, and reads a PROXY header inside TLS)."""
+        from twisted.internet import endpoints
+
+        from txsocketserver._twisted import compat, tls
+
+        assert self.description is not None
+        inner = proxy_protocol_endpoint(resolved)
+        under = resolved if inner is None else inner
+        if type(under) is not endpoints.SSL4ServerEndpoint:
+            return resolved
+        config = tls.server_context(self.description)
+        if config is None:
+            return resolved  # an sslmethod Twisted's TLS serves, not ours
+        self.tls_config = config
+        tcp = compat.tcp_parameters(under)
+        assert tcp is not None
+        if inner is None:
+            return endpoints.SSL4ServerEndpoint(
+                reactor, tcp.port, config, tcp.backlog, tcp.interface
+            )
+        from twisted.protocols.haproxy import proxyEndpoint
+
+        self.tls_after_proxy = True
+        return proxyEndpoint(
+            endpoints.TCP4ServerEndpoint(reactor, tcp.port, tcp.backlog, tcp.interface)
+        )
 
 
 class ListeningSocket(NamedTuple):
@@ -152,7 +194,7 @@ class ListeningSocket(NamedTuple):
     address: Any
     backlog: int
     # For ssl: descriptions: what each accepted socket is wrapped with.
-    tls: ssl.SSLContext | None = None
+    tls: TLSConfig | None = None
     # The permissions Twisted gives a Unix socket's file.
     unix_mode: int | None = None
     # unix: with lockfile=1 (Twisted's default): a PATH.lock file guards the
@@ -195,12 +237,10 @@ def listening_socket(endpoint: Endpoint) -> ListeningSocket | None:
         return None
     tls = None
     if type(resolved) is endpoints.SSL4ServerEndpoint:
-        if endpoint.description is None:
-            return None  # an object: its own TLS configuration, served by Twisted
-        from txsocketserver._twisted import tls as _tls
-
-        tls = _tls.server_context(endpoint.description)
+        tls = endpoint.tls_config
         if tls is None:
+            # An object with its own TLS configuration, or an sslmethod only
+            # Twisted's TLS knows: served by Twisted.
             return None
     ipv6 = type(resolved) is endpoints.TCP6ServerEndpoint or abstract.isIPv6Address(tcp.interface)
     family = socket.AF_INET6 if ipv6 else socket.AF_INET
