@@ -13,7 +13,12 @@ import time
 from typing import Any
 
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ISSLTransport
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IHandshakeListener,
+    IPushProducer,
+    ISSLTransport,
+)
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -31,7 +36,7 @@ from txsocketserver._twisted.transport_socket import (
 _monotonic = time.monotonic
 
 
-@implementer(IHalfCloseableProtocol, IPushProducer)
+@implementer(IHalfCloseableProtocol, IPushProducer, IHandshakeListener)
 class Connection(Protocol):
     """One connection of an async stream server (reactor thread only).
 
@@ -57,6 +62,8 @@ class Connection(Protocol):
         self._stage: ProxyHeaderStage | None = None
         # What getsockname() gives: the PROXY header's destination, if any.
         self._host: Any = None
+        #: The PROXY header the connection began with, if any.
+        self.proxy_header: ProxyHeader | None = None
         self.client_address = client_address
         # The socket, for a connection the server accepted itself.
         self.adopted = adopted
@@ -102,8 +109,18 @@ class Connection(Protocol):
         )
         self._stage.begin()
 
-    def _proxied_by(self, header: ProxyHeader) -> None:
-        if header.family is not None:
+    def handshakeCompleted(self) -> None:  # noqa: N802 (Twisted's name)
+        """TLS started by the header stage is established (``IHandshakeListener``)."""
+        if self._stage is not None:
+            self._stage.tls_established()
+
+    def _proxied_by(self, header: ProxyHeader | None) -> None:
+        self.proxy_header = header
+        if self._stage is not None and self._proxy is not None and self._proxy.tls is not None:
+            # TLS began on the transport since connectionMade: half-closing
+            # is now the TLS layer's business.
+            self.half_close = compat.half_close(self.transport)
+        if header is not None and header.family is not None:
             self.client_address = header.source
             self._host = header.destination
             self._start(header.family, underlying_socket(self.transport))
@@ -147,7 +164,7 @@ class Connection(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._stage is not None and self._stage.active:
             clean = isinstance(reason.value, ConnectionDone)
-            self._stage.peer_ended("closed" if clean else "was reset")
+            self._stage.peer_ended("closed" if clean else "was reset", reason)
         self.lost = True
         reset = not self._clean_end(reason)
         # The writer first: a handler woken by the reader finds it lost.

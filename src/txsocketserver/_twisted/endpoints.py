@@ -106,6 +106,8 @@ class Endpoint:
     #: ``haproxy:ssl:``: the TLS begins after the PROXY header (what HAProxy's
     #: ``send-proxy`` sends to a TLS server), not under it as Twisted has it.
     tls_after_proxy: bool = False
+    # ssl: with our TLS: the TCP endpoint under it.
+    _plain: IStreamServerEndpoint | None = None
 
     def __init__(self, endpoint: str | IStreamServerEndpoint) -> None:
         if isinstance(endpoint, str):
@@ -173,15 +175,37 @@ class Endpoint:
         self.tls_config = config
         tcp = compat.tcp_parameters(under)
         assert tcp is not None
+        plain = endpoints.TCP4ServerEndpoint(reactor, tcp.port, tcp.backlog, tcp.interface)
         if inner is None:
+            # What a listener that runs the handshake itself listens on.
+            self._plain = plain
             return endpoints.SSL4ServerEndpoint(
                 reactor, tcp.port, config, tcp.backlog, tcp.interface
             )
         from twisted.protocols.haproxy import proxyEndpoint
 
         self.tls_after_proxy = True
-        return proxyEndpoint(
-            endpoints.TCP4ServerEndpoint(reactor, tcp.port, tcp.backlog, tcp.interface)
+        return proxyEndpoint(plain)
+
+    def staged(self) -> tuple[IStreamServerEndpoint, bool]:
+        """Where a listener fed by Twisted listens for this endpoint, and
+        whether each connection begins with our stage (``proxy_stage``: a
+        PROXY header, a TLS handshake of our policy, or both)."""
+        resolved = self.resolve()
+        inner = proxy_protocol_endpoint(resolved)
+        if inner is not None:
+            return inner, True
+        if self._plain is not None:
+            return self._plain, True
+        return resolved, False
+
+    def stage_policy(self, trusted: TrustedProxies, timeout: float | None) -> ProxyHeaderPolicy:
+        """The stage of a connection arriving now (see :meth:`staged`)."""
+        return ProxyHeaderPolicy(
+            trusted,
+            timeout,
+            tls=self.tls_config if (self.tls_after_proxy or self._plain is not None) else None,
+            header=proxy_protocol_endpoint(self.resolve()) is not None,
         )
 
 
@@ -454,10 +478,10 @@ class EndpointListener:
         if self._port is not None or self._stopped:
             raise RuntimeError(f"{self.endpoint!r} was already listened on")
         reactor = _reactor.get_reactor()
-        endpoint = self.endpoint.resolve(reactor)
-        inner = proxy_protocol_endpoint(endpoint)
-        factory = _ListenerFactory(self, reactor, proxied=inner is not None)
-        deferred = maybeDeferred((inner or endpoint).listen, factory)
+        self.endpoint.resolve(reactor)
+        listen_on, staged = self.endpoint.staged()
+        factory = _ListenerFactory(self, reactor, proxied=staged)
+        deferred = maybeDeferred(listen_on.listen, factory)
 
         def failed(failure: Failure) -> Failure:
             return Failure(listen_error(self.endpoint, failure.value))
@@ -470,7 +494,7 @@ class EndpointListener:
         if self._trusted is None or self._trusted.entries != entries:
             self._trusted = TrustedProxies(entries)
         timeout = getattr(self._server, "header_timeout", DEFAULT_HEADER_TIMEOUT)
-        return ProxyHeaderPolicy(self._trusted, timeout)
+        return self.endpoint.stage_policy(self._trusted, timeout)
 
     def _listening(self, port: IListeningPort) -> None:
         self._port = port

@@ -404,11 +404,11 @@ def openssl_context(policy: TLSPolicy) -> Any:
     if policy.alpn:
         offered = [p.encode() for p in policy.alpn]
 
-        def select(connection: Any, protocols: list[bytes]) -> bytes:
+        def select(connection: Any, protocols: list[bytes]) -> Any:
             for protocol in offered:
                 if protocol in protocols:
                     return protocol
-            return SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[no-any-return]
+            return SSL.NO_OVERLAPPING_PROTOCOLS
 
         context.set_alpn_select_callback(select)
     # Sessions resumed across this server's connections only.
@@ -722,13 +722,14 @@ class TransportTLS:
     def _connection(self) -> Any:
         from twisted.internet.interfaces import ISSLTransport
 
-        transport = self._transport
+        from OpenSSL import SSL
+
+        transport: Any = self._transport
         for _ in range(8):
             if transport is None:
                 return None
             if ISSLTransport.providedBy(transport):
-                handle = transport.getHandle()
-                from OpenSSL import SSL
+                handle = transport.getHandle()  # type: ignore[attr-defined]
 
                 return handle if isinstance(handle, SSL.Connection) else None
             transport = getattr(transport, "transport", None)
