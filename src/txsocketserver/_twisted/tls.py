@@ -396,7 +396,8 @@ def openssl_context(policy: TLSPolicy) -> Any:
         context.load_tmp_dh(policy.dh_parameters.encode())
     if policy.client_ca is not None:
         context.load_verify_locations(policy.client_ca.encode())
-        context.set_client_ca_list(_ca_names(policy.client_ca))
+        # The CA names sent to clients, so that they pick a certificate these CAs signed.
+        context.load_client_ca(policy.client_ca.encode())
         flags = SSL.VERIFY_PEER
         if policy.verify_client == "required":
             flags |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
@@ -421,18 +422,6 @@ _DEFAULT_CIPHERS = ":".join(
     for cipher in ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).get_ciphers()
     if cipher["protocol"] != "TLSv1.3"  # TLS 1.3's suites are not in the list
 )
-
-
-def _ca_names(path: str) -> list[Any]:
-    """The subjects of the CA certificates in *path* (sent to clients, so
-    that they pick a certificate these CAs signed)."""
-    from OpenSSL import crypto
-
-    with open(path, "rb") as pem:
-        return [
-            crypto.load_certificate(crypto.FILETYPE_PEM, certificate).get_subject()
-            for certificate in _PEM_CERTIFICATE.findall(pem.read())
-        ]
 
 
 # -- one listener's TLS, reloadable ------------------------------------------------------
