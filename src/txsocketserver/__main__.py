@@ -33,6 +33,7 @@ from twisted.python import usage
 
 import txsocketserver
 from txsocketserver._cli import Options, build_server, build_workers, describe, describe_workers
+from txsocketserver._twisted.tls import reload_certificates_on_sighup
 from txsocketserver._twisted.service import (
     STRAGGLER_GRACE,
     abort_requests,
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    reload_certificates_on_sighup(server)
     print(f"{PROG}: {describe(options, server)}", file=sys.stderr, flush=True)
     try:
         try:

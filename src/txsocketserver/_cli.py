@@ -370,6 +370,10 @@ def makeService(options: Options) -> Any:
         return workers
     server = build_server(options)
     _log.info("{description}", description=describe(options, server))
+    from txsocketserver._twisted.tls import reload_certificates_on_sighup
+
+    # twistd leaves SIGHUP alone: with ssl: listeners, it reloads their certificates.
+    reload_certificates_on_sighup(server)
     return ServerService(server, drain_timeout=options["drain-timeout"])
 
 

@@ -63,6 +63,7 @@ import ssl
 import tempfile
 import threading
 import weakref
+from collections.abc import Iterable
 from typing import Any
 
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
@@ -757,3 +758,45 @@ class TransportTLS:
         chosen = connection.get_alpn_proto_negotiated()
         return chosen.decode("ascii", "replace") if chosen else None
 
+
+
+# -- reloading on a signal ------------------------------------------------------------------
+
+
+def reload_certificates_on_sighup(server: Any = None) -> bool:
+    """Make ``SIGHUP`` reload the certificates of *server* (of every
+    ``ssl:`` listener if ``None``); main thread only.
+
+    Does nothing (and returns ``False``) when there is no ``ssl:`` listener,
+    so ``SIGHUP`` keeps its default meaning for a server without TLS.  The
+    reload runs on a thread of its own: a signal handler interrupts the
+    main thread anywhere, holding any lock.
+    """
+    import signal
+
+    if not tls_configs(server):
+        return False
+
+    def reload(signum: int, frame: Any) -> None:
+        _log.info("SIGHUP: reloading certificates")
+        threading.Thread(
+            target=reload_certificates, args=(server,), name="txsocketserver-reload", daemon=True
+        ).start()
+
+    signal.signal(signal.SIGHUP, reload)
+    return True
+
+
+def unloadable(descriptions: Iterable[str]) -> list[str]:
+    """What is wrong with the TLS files of each ``ssl:`` description, if
+    anything: a ``--workers`` reload checks them before starting workers
+    that would fail on them."""
+    problems = []
+    for description in descriptions:
+        try:
+            policy = policy_for_description(description)
+            if policy is not None:
+                ssl_context(policy)
+        except (ValueError, OSError, ssl.SSLError) as error:
+            problems.append(f"{description}: {error}")
+    return problems
