@@ -143,7 +143,12 @@ class ProxyHeaderStage:
             self._start_tls(payload)
             return b""
         self._end()
-        if header.local:
+        self._admit(header)
+        return payload
+
+    def _admit(self, header: ProxyHeader | None) -> None:
+        """The stage is over: hand the connection on."""
+        if header is not None and header.local:
             # The proxy speaks for itself (HAProxy's health checks): the PROXY
             # spec says to serve it with the connection's own addresses, and
             # an HTTP check waits for its answer.
@@ -152,7 +157,6 @@ class ProxyHeaderStage:
                 peer=self._peer,
             )
         self._on_header(header)
-        return payload
 
     def _start_tls(self, payload: bytes) -> None:
         """Begin the TLS handshake on the transport; *payload* (what came
@@ -174,7 +178,7 @@ class ProxyHeaderStage:
         if self._received is None or not self._tls_started:
             return
         self._end()
-        self._on_header(self._header)
+        self._admit(self._header)
 
     def peer_ended(self, how: str, reason: Any = None) -> None:
         """The peer ended the connection in the stage (*how*: "closed", "was
