@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     from typing import Any
 
     from txsocketserver._twisted.endpoints import Endpoint
-    from txsocketserver._twisted.tls import reload_certificates
     from txsocketserver._twisted.service import ServerService, start_server
+    from txsocketserver._twisted.tls import reload_certificates
     from txsocketserver._workers.supervisor import Workers, run_workers, start_workers
 
 # The Twisted world's names, and the module that defines each.

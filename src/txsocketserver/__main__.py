@@ -33,13 +33,13 @@ from twisted.python import usage
 
 import txsocketserver
 from txsocketserver._cli import Options, build_server, build_workers, describe, describe_workers
-from txsocketserver._twisted.tls import reload_certificates_on_sighup
 from txsocketserver._twisted.service import (
     STRAGGLER_GRACE,
     abort_requests,
     log_errors,
     stop_gracefully,
 )
+from txsocketserver._twisted.tls import reload_certificates_on_sighup
 
 PROG = "python -m txsocketserver"
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")

@@ -74,6 +74,16 @@ HEADER_TIMEOUT_WHEN_FULL = 0.25
 TLS_EXTRA_MODULES = frozenset({"OpenSSL", "service_identity"})
 
 
+class ListenerOptions(NamedTuple):
+    """The listener options of a description, checked: ``ipv6_only``
+    (``tcp6:...:ipv6only=1``, ``None``: the system's default), and a Unix
+    socket file's owner and group (uid, gid; -1: unchanged)."""
+
+    ipv6_only: bool | None = None
+    owner: int = -1
+    group: int = -1
+
+
 class Endpoint:
     """A Twisted server endpoint, used as a stream server's ``server_address``.
 
@@ -106,6 +116,8 @@ class Endpoint:
     #: ``haproxy:ssl:``: the TLS begins after the PROXY header (what HAProxy's
     #: ``send-proxy`` sends to a TLS server), not under it as Twisted has it.
     tls_after_proxy: bool = False
+    #: Our listener options (``ipv6only=``, ``owner=``, ``group=``), set by :meth:`resolve`.
+    listener_options: ListenerOptions = ListenerOptions()
     # ssl: with our TLS: the TCP endpoint under it.
     _plain: IStreamServerEndpoint | None = None
 
@@ -144,7 +156,11 @@ class Endpoint:
             reactor = reactor or _reactor.get_reactor()
             try:
                 twisted_description, _ = tls.split_description(self.description)
-                resolved = serverFromString(reactor, twisted_description)
+                twisted_description, self.listener_options = listener_options(twisted_description)
+                if self.description.startswith("fd:"):
+                    resolved = inherited_descriptor(reactor, self.description)
+                else:
+                    resolved = serverFromString(reactor, twisted_description)
                 self._endpoint = self._with_our_tls(reactor, resolved)
             except Exception as exc:
                 missing = exc.name if isinstance(exc, ImportError) else None
@@ -209,6 +225,74 @@ class Endpoint:
         )
 
 
+#: Options txsocketserver adds to Twisted's descriptions, by endpoint type.
+LISTENER_OPTIONS = {"tcp6": ("ipv6only",), "unix": ("owner", "group")}
+
+
+def listener_options(description: str) -> tuple[str, ListenerOptions]:
+    """Take our listener options (:data:`LISTENER_OPTIONS`) out of a ``tcp6:``
+    or ``unix:`` description.
+
+    Error handling:
+        ``ValueError`` naming the option whose value is wrong.
+    """
+    from txsocketserver._twisted import tls
+
+    kind = description.partition(":")[0]
+    rest, taken = tls.split_options(description, (kind,), LISTENER_OPTIONS.get(kind, ()))
+    options = ListenerOptions()
+    if "ipv6only" in taken:
+        value = taken["ipv6only"].lower()
+        if value not in ("0", "1", "yes", "no", "true", "false"):
+            raise ValueError(f"tcp6: option ipv6only={taken['ipv6only']!r}: expected 1 or 0")
+        options = options._replace(ipv6_only=value in ("1", "yes", "true"))
+    if "owner" in taken:
+        import pwd
+
+        name = taken["owner"]
+        try:
+            uid = int(name) if name.isdigit() else pwd.getpwnam(name).pw_uid
+        except KeyError:
+            raise ValueError(f"unix: option owner={name!r}: no such user") from None
+        options = options._replace(owner=uid)
+    if "group" in taken:
+        import grp
+
+        name = taken["group"]
+        try:
+            gid = int(name) if name.isdigit() else grp.getgrnam(name).gr_gid
+        except KeyError:
+            raise ValueError(f"unix: option group={name!r}: no such group") from None
+        options = options._replace(group=gid)
+    return rest, options
+
+
+def inherited_descriptor(reactor: Any, description: str) -> IStreamServerEndpoint:
+    """The endpoint of ``fd:N``: the listening stream socket this process
+    inherited as descriptor N (from a supervisor, ``systemfd``, a shell).
+
+    Error handling:
+        ``ValueError`` if N is not a descriptor of a listening stream socket.
+    """
+    from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+
+    text = description[len("fd:") :]
+    if not text.isdigit():
+        raise ValueError(f"fd: expected fd:N, a descriptor number, not {text!r}")
+    fileno = int(text)
+    try:
+        probe = socket.socket(fileno=os.dup(fileno))
+    except OSError as error:
+        raise ValueError(f"fd:{fileno} is not an open socket: {error}") from None
+    with probe:
+        if probe.type != socket.SOCK_STREAM or not probe.getsockopt(
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+        ):
+            raise ValueError(f"fd:{fileno} is not a listening stream socket")
+        family = probe.family
+    return AdoptedStreamServerEndpoint(reactor, fileno, family)
+
+
 class ListeningSocket(NamedTuple):
     """An endpoint that is nothing but a listening socket, which a stream
     server makes and accepts itself (see ``TCPServer.__init__``)."""
@@ -224,6 +308,8 @@ class ListeningSocket(NamedTuple):
     # unix: with lockfile=1 (Twisted's default): a PATH.lock file guards the
     # socket file, and a stale socket file is removed under it.
     unix_lock: bool = False
+    # Our listener options (ipv6only=, owner=, group=).
+    options: ListenerOptions = ListenerOptions()
 
 
 def listening_socket(endpoint: Endpoint) -> ListeningSocket | None:
@@ -255,6 +341,7 @@ def listening_socket(endpoint: Endpoint) -> ListeningSocket | None:
             unix.backlog,
             unix_mode=unix.mode,
             unix_lock=unix.lockfile,
+            options=endpoint.listener_options,
         )
     tcp = compat.tcp_parameters(resolved)
     if tcp is None:
@@ -269,7 +356,9 @@ def listening_socket(endpoint: Endpoint) -> ListeningSocket | None:
     ipv6 = type(resolved) is endpoints.TCP6ServerEndpoint or abstract.isIPv6Address(tcp.interface)
     family = socket.AF_INET6 if ipv6 else socket.AF_INET
     host = tcp.interface or ("::" if ipv6 else "0.0.0.0")
-    return ListeningSocket(family, (host, tcp.port), tcp.backlog, tls)
+    return ListeningSocket(
+        family, (host, tcp.port), tcp.backlog, tls, options=endpoint.listener_options
+    )
 
 
 def proxy_protocol_endpoint(endpoint: IStreamServerEndpoint) -> IStreamServerEndpoint | None:

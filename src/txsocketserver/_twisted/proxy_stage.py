@@ -186,9 +186,7 @@ class ProxyHeaderStage:
         if self._tls_started:
             error = getattr(reason, "value", None)
             if error is not None and type(error).__module__.startswith("OpenSSL"):
-                self._end(
-                    "warn", "TLS handshake with {peer} failed: {reason}", _ssl_reason(error)
-                )
+                self._end("warn", "TLS handshake with {peer} failed: {reason}", _ssl_reason(error))
             else:
                 self._end("info", "connection from {peer} " + how + " during its TLS handshake")
         elif self._received:

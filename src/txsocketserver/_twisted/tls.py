@@ -143,6 +143,33 @@ def _key_value(field: str) -> tuple[str, str] | None:
     return _unescape(match.group(1)), _unescape(match.group(2))
 
 
+def split_options(
+    description: str, kinds: tuple[str, ...], names: tuple[str, ...]
+) -> tuple[str, dict[str, str]]:
+    """Take the options *names* out of *description* if its type is one of
+    *kinds*; the rest stays written as it was, for Twisted to parse.
+
+    Error handling:
+        ``ValueError`` for an option given twice.
+    """
+    fields = _fields(description)
+    if _unescape(fields[0]) not in kinds:
+        return description, {}
+    kept: list[str] = []
+    ours: dict[str, str] = {}
+    for field in fields:
+        pair = _key_value(field)
+        if pair is not None and pair[0] in names:
+            if pair[0] in ours:
+                raise ValueError(
+                    f"{fields[0]}: option {pair[0]} is given twice in {description!r}"
+                )
+            ours[pair[0]] = pair[1]
+        else:
+            kept.append(field)
+    return ":".join(kept), ours
+
+
 def split_description(description: str) -> tuple[str, dict[str, str]]:
     """Take this module's options (:data:`TLS_OPTIONS`) out of an ``ssl:``
     (or ``haproxy:ssl:``) description.
@@ -710,9 +737,8 @@ class TransportTLS:
         self._transport = transport
 
     def _connection(self) -> Any:
-        from twisted.internet.interfaces import ISSLTransport
-
         from OpenSSL import SSL
+        from twisted.internet.interfaces import ISSLTransport
 
         transport: Any = self._transport
         for _ in range(8):
@@ -757,7 +783,6 @@ class TransportTLS:
             return None
         chosen = connection.get_alpn_proto_negotiated()
         return chosen.decode("ascii", "replace") if chosen else None
-
 
 
 # -- reloading on a signal ------------------------------------------------------------------
