@@ -159,7 +159,7 @@ class AsyncEndpointListener(EndpointListener):
         # A PROXY-protocol endpoint: our own header stage on the endpoint it
         # wraps, as for blocking handlers (see EndpointListener).
         self.endpoint.resolve(reactor)
-        listen_on, staged = self.endpoint.staged()
+        listen_on, staged = self.endpoint._staged()
         factory = ServerFactory(self._serving, self._proxy_policy if staged else None)
         port = await listen_on.listen(factory)
         self._listening(port)

@@ -110,14 +110,14 @@ class Endpoint:
         ``txsocketserver[tls]``.
     """
 
-    #: For an ``ssl:`` (or ``haproxy:ssl:``) description: its TLS, set by
-    #: :meth:`resolve` (``None`` until then, and for every other endpoint).
-    tls_config: TLSConfig | None = None
-    #: ``haproxy:ssl:``: the TLS begins after the PROXY header (what HAProxy's
-    #: ``send-proxy`` sends to a TLS server), not under it as Twisted has it.
-    tls_after_proxy: bool = False
-    #: Our listener options (``ipv6only=``, ``owner=``, ``group=``), set by :meth:`resolve`.
-    listener_options: ListenerOptions = ListenerOptions()
+    # For an ``ssl:`` (or ``haproxy:ssl:``) description: its TLS, set by
+    # resolve() (None until then, and for every other endpoint).
+    _tls_config: TLSConfig | None = None
+    # haproxy:ssl:: the TLS begins after the PROXY header (what HAProxy's
+    # send-proxy sends to a TLS server), not under it as Twisted has it.
+    _tls_after_proxy: bool = False
+    # Our listener options (ipv6only=, owner=, group=), set by resolve().
+    _listener_options: ListenerOptions = ListenerOptions()
     # ssl: with our TLS: the TCP endpoint under it.
     _plain: IStreamServerEndpoint | None = None
 
@@ -156,7 +156,7 @@ class Endpoint:
             reactor = reactor or _reactor.get_reactor()
             try:
                 twisted_description, _ = tls.split_description(self.description)
-                twisted_description, self.listener_options = listener_options(twisted_description)
+                twisted_description, self._listener_options = listener_options(twisted_description)
                 if self.description.startswith("fd:"):
                     resolved = inherited_descriptor(reactor, self.description)
                 else:
@@ -188,7 +188,7 @@ class Endpoint:
         config = tls.server_context(self.description)
         if config is None:
             return resolved  # an sslmethod Twisted's TLS serves, not ours
-        self.tls_config = config
+        self._tls_config = config
         tcp = compat.tcp_parameters(under)
         assert tcp is not None
         plain = endpoints.TCP4ServerEndpoint(reactor, tcp.port, tcp.backlog, tcp.interface)
@@ -200,10 +200,10 @@ class Endpoint:
             )
         from twisted.protocols.haproxy import proxyEndpoint
 
-        self.tls_after_proxy = True
+        self._tls_after_proxy = True
         return proxyEndpoint(plain)
 
-    def staged(self) -> tuple[IStreamServerEndpoint, bool]:
+    def _staged(self) -> tuple[IStreamServerEndpoint, bool]:
         """Where a listener fed by Twisted listens for this endpoint, and
         whether each connection begins with our stage (``proxy_stage``: a
         PROXY header, a TLS handshake of our policy, or both)."""
@@ -215,12 +215,12 @@ class Endpoint:
             return self._plain, True
         return resolved, False
 
-    def stage_policy(self, trusted: TrustedProxies, timeout: float | None) -> ProxyHeaderPolicy:
+    def _stage_policy(self, trusted: TrustedProxies, timeout: float | None) -> ProxyHeaderPolicy:
         """The stage of a connection arriving now (see :meth:`staged`)."""
         return ProxyHeaderPolicy(
             trusted,
             timeout,
-            tls=self.tls_config if (self.tls_after_proxy or self._plain is not None) else None,
+            tls=self._tls_config if (self._tls_after_proxy or self._plain is not None) else None,
             header=proxy_protocol_endpoint(self.resolve()) is not None,
         )
 
@@ -341,14 +341,14 @@ def listening_socket(endpoint: Endpoint) -> ListeningSocket | None:
             unix.backlog,
             unix_mode=unix.mode,
             unix_lock=unix.lockfile,
-            options=endpoint.listener_options,
+            options=endpoint._listener_options,
         )
     tcp = compat.tcp_parameters(resolved)
     if tcp is None:
         return None
     tls = None
     if type(resolved) is endpoints.SSL4ServerEndpoint:
-        tls = endpoint.tls_config
+        tls = endpoint._tls_config
         if tls is None:
             # An object with its own TLS configuration, or an sslmethod only
             # Twisted's TLS knows: served by Twisted.
@@ -357,7 +357,7 @@ def listening_socket(endpoint: Endpoint) -> ListeningSocket | None:
     family = socket.AF_INET6 if ipv6 else socket.AF_INET
     host = tcp.interface or ("::" if ipv6 else "0.0.0.0")
     return ListeningSocket(
-        family, (host, tcp.port), tcp.backlog, tls, options=endpoint.listener_options
+        family, (host, tcp.port), tcp.backlog, tls, options=endpoint._listener_options
     )
 
 
@@ -568,7 +568,7 @@ class EndpointListener:
             raise RuntimeError(f"{self.endpoint!r} was already listened on")
         reactor = _reactor.get_reactor()
         self.endpoint.resolve(reactor)
-        listen_on, staged = self.endpoint.staged()
+        listen_on, staged = self.endpoint._staged()
         factory = _ListenerFactory(self, reactor, proxied=staged)
         deferred = maybeDeferred(listen_on.listen, factory)
 
@@ -583,7 +583,7 @@ class EndpointListener:
         if self._trusted is None or self._trusted.entries != entries:
             self._trusted = TrustedProxies(entries)
         timeout = getattr(self._server, "header_timeout", DEFAULT_HEADER_TIMEOUT)
-        return self.endpoint.stage_policy(self._trusted, timeout)
+        return self.endpoint._stage_policy(self._trusted, timeout)
 
     def _listening(self, port: IListeningPort) -> None:
         self._port = port

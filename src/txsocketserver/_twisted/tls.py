@@ -556,7 +556,7 @@ def tls_configs(server: Any = None) -> list[TLSConfig]:
     if isinstance(security, TLSSecurity):
         mine.append(security.config)
     endpoint = getattr(getattr(server, "_listener", None), "endpoint", None)
-    config = getattr(endpoint, "tls_config", None)
+    config = getattr(endpoint, "_tls_config", None)
     if isinstance(config, TLSConfig):
         mine.append(config)
     return [c for c in configs if c in mine]
