@@ -181,3 +181,38 @@ def test_an_accepted_connections_transport_sends_at_once_and_reads_through_a_mul
     finally:
         theirs.close()
         ours.close()
+
+
+def test_a_tcp_transport_turned_tls_by_starttls_is_not_half_closed(tls_cert) -> None:
+    # haproxy:ssl: starts TLS on the TCP transport after the PROXY header;
+    # Twisted marks such a transport with TLS = True, and its own
+    # loseWriteConnection would shut the TCP stream under the TLS records.
+    import threading
+
+    from twisted.internet import protocol
+
+    from txsocketserver._twisted import tls
+    from txsocketserver._twisted.reactor import call_in_reactor, running_reactor
+
+    running_reactor()
+    config = tls.server_context(
+        f"ssl:0:privateKey={tls_cert.key_path}:certKey={tls_cert.cert_path}"
+    )
+    found: list[object] = []
+    done = threading.Event()
+
+    class StartsTLS(protocol.Protocol):
+        def connectionMade(self) -> None:
+            found.append(compat.half_close(self.transport))
+            self.transport.startTLS(config)
+            found.append(compat.half_close(self.transport))
+            done.set()
+
+    factory = protocol.Factory.forProtocol(StartsTLS)
+    port = call_in_reactor(lambda: reactor.listenTCP(0, factory, interface="127.0.0.1"))
+    try:
+        with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5):
+            assert done.wait(5)
+    finally:
+        call_in_reactor(port.stopListening)
+    assert found[0] is not None and found[1] is None
