@@ -23,6 +23,7 @@ from support import (
     connect_to,
     recv_all,
     serve_in_thread,
+    wait_until,
 )
 from txsocketserver._core import lifecycle
 
@@ -394,3 +395,33 @@ def test_without_observers_no_record_is_made() -> None:
     with QuietTCP(ANY_PORT, LineEcho) as server:
         assert server._observers == ()
         assert lifecycle.accepted(server, None) is None
+
+
+# -- gauges ----------------------------------------------------------------------------
+
+
+class Parked(txsocketserver.StreamRequestHandler):
+    """Holds its request until the test releases it."""
+
+    inside = threading.Semaphore(0)
+    release = threading.Event()
+
+    def handle(self) -> None:
+        Parked.inside.release()
+        Parked.release.wait(WAIT)
+
+
+def test_the_gauges_count_requests_and_pool_threads() -> None:
+    Parked.release.clear()
+    with txsocketserver.ThreadingTCPServer(ANY_PORT, Parked) as server:
+        server.max_threads = 1
+        assert server.requests_in_flight == 0
+        assert server.pool_threads() == (0, 0, 0)
+        with serve_in_thread(server), connect_to(server), connect_to(server):
+            assert Parked.inside.acquire(timeout=WAIT)
+            assert wait_until(lambda: server.requests_in_flight == 2)
+            # One runs, one waits for the only thread.
+            assert server.pool_threads() == (1, 0, 1)
+            Parked.release.set()
+            assert wait_until(lambda: server.requests_in_flight == 0)
+        assert Parked.inside.acquire(timeout=WAIT)

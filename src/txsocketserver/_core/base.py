@@ -408,6 +408,16 @@ class BaseServer:
         """
         self._observers = (*self._observers, observer)
 
+    @property
+    def requests_in_flight(self) -> int:
+        """The number of requests between ``verify_request`` and the end of
+        their handling now (ours, read-only; any thread: a gauge for metrics).
+
+        A forking server's request leaves this count once it is handed to its
+        child: ``active_children`` counts those.
+        """
+        return len(self.__in_flight)
+
     def remove_observer(self, observer: LifecycleObserver) -> None:
         """Stop telling *observer* (records already made still tell it their end).
 

@@ -164,6 +164,15 @@ class ThreadingMixIn:
                 )
         return self._thread_dispatcher
 
+    def pool_threads(self) -> tuple[int, int, int]:
+        """Ours: ``(busy, idle, waiting)``, the pool threads running a request
+        and waiting for one, and the requests waiting for a thread (at
+        ``max_threads``).  Any thread; a gauge for metrics."""
+        dispatcher = self._thread_dispatcher
+        if dispatcher is None:
+            return (0, 0, 0)
+        return dispatcher.counts()
+
     def _after_serving_step(self) -> None:
         super()._after_serving_step()  # type: ignore[misc]
         if self._thread_dispatcher is not None:

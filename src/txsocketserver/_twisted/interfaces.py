@@ -135,6 +135,10 @@ class IThreadDispatcher(IRequestDispatcher):
         "whose join() waits for them and whose reap() forgets the ended ones."
     )
 
+    def counts() -> tuple[int, int, int]:
+        """``(busy, idle, waiting)``: threads running a request, threads
+        waiting for one, requests waiting for a thread."""
+
 
 class IProcessDispatcher(IRequestDispatcher):
     """Runs each request in a worker process (``ForkingMixIn``'s strategy)."""
