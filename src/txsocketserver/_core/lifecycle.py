@@ -18,8 +18,9 @@ the same four steps, made here and nowhere else:
 
 An observer (metrics, an access log) attached with ``server.add_observer``
 sees these calls; ``docs/architecture.md`` ("The request lifecycle") says
-which thread makes each, for each kind of server, and which counts exist where.  Observers are snapshot
-into the record when it is made, so each observer sees a whole sequence.
+which thread makes each, for each kind of server, and which counts exist
+where.  Observers are snapshot into the record when it is made, so each
+observer sees a whole sequence.
 
 Part of the Twisted-free core (see ``txsocketserver._core``).
 """
