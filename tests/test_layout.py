@@ -110,7 +110,7 @@ def test_each_strategy_provides_its_role() -> None:
 
     import txsocketserver as ss
     from txsocketserver._async.serving import AsyncServing
-    from txsocketserver._core.stream import PlainConnections
+    from txsocketserver._core.stream import PlainConnections, ServingThread
     from txsocketserver._forking.dispatcher import ProcessDispatcher
     from txsocketserver._twisted import interfaces
     from txsocketserver._twisted.endpoints import EndpointListener
@@ -126,11 +126,12 @@ def test_each_strategy_provides_its_role() -> None:
         (interfaces.IRequestReadiness, SocketReadiness),
         (interfaces.IThreadDispatcher, ThreadDispatcher),
         (interfaces.IProcessDispatcher, ProcessDispatcher),
-        (interfaces.IAsyncServing, AsyncServing),
+        (interfaces.IServing, AsyncServing),
     ]:
         assert verifyClass(role, strategy)
     # Twisted-free classes declare nothing (no zope.interface there), but fit.
     assert verifyClass(interfaces.IConnectionSecurity, PlainConnections, tentative=True)
+    assert verifyObject(interfaces.IServing, ServingThread(), tentative=True)
     assert verifyClass(interfaces.IServerControl, ss.BaseServer, tentative=True)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     assert verifyObject(interfaces.IConnectionSecurity, TLSSecurity(context))

@@ -174,9 +174,11 @@ class Connection(Protocol):
                 # Twisted's TLS reports a failed handshake (or a TLS error) so.
                 lifecycle.refused(record, lifecycle.TLS_HANDSHAKE)
             elif reset and not self.request_over:
-                record.outcome = (
-                    lifecycle.RESET if record.outcome == lifecycle.OK else record.outcome
-                )
+                lifecycle.reset(record)
+            if record.started is None:
+                # It never reached a handler (refused, or gone in its
+                # header stage): its lifecycle ends here.
+                lifecycle.ended(record)
         # The writer first: a handler woken by the reader finds it lost.
         if self.writer is not None:
             self.writer._lost_now(reset)
@@ -237,6 +239,8 @@ class Connection(Protocol):
 
     def ended(self) -> None:
         """The request's handling is over: release the connection once it is lost too."""
+        if self.request_over:
+            return
         self.request_over = True
         if self.lost:
             self.release()
@@ -255,5 +259,3 @@ class Connection(Protocol):
         self.reader = self.writer = self.request = None  # type: ignore[assignment]
         self.task = None
         self.__dict__.pop("dataReceived", None)
-        if self.record is not None:
-            lifecycle.ended(self.record)

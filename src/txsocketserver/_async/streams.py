@@ -106,8 +106,7 @@ class Wait:
             timer.cancel()
         task = self.task
         if task is not None:
-            task._awaiting = None
-            task._step(None)
+            task.resume()
         elif self.deferred is not None and not self.deferred.called:
             self.deferred.callback(None)
 
@@ -158,8 +157,7 @@ class AsyncReader:
             if task is not None and waiter.timer is None:
                 # Wait.fire(), inlined for the common case: once per line.
                 waiter.done = True
-                task._awaiting = None
-                task._step(None)
+                task.resume()
             else:
                 waiter.fire()
         # Not while a read waits for more: it needs more than the limit holds.

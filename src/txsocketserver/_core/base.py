@@ -49,11 +49,20 @@ def log_warning(message: str, *args: Any) -> None:
     logging.getLogger("txsocketserver").warning(message, *args)
 
 
+def twisted_side() -> Any:
+    """``txsocketserver._twisted.strategies``: all the core asks of the Twisted side.
+
+    The core's one import of a part above it, made when a server is made or
+    first serves, never when the package is imported (see ``txsocketserver._core``).
+    """
+    from txsocketserver._twisted import strategies
+
+    return strategies
+
+
 def _refuse_reactor_thread(call: str) -> None:
     """``RuntimeError`` if *call* (a blocking API) is made on the reactor thread."""
-    from txsocketserver._twisted.reactor import refuse_reactor_thread
-
-    refuse_reactor_thread(call)
+    twisted_side().refuse_reactor_thread(call)
 
 
 def run_request(server: Any, request: Any, client_address: Any) -> bool:
@@ -247,7 +256,7 @@ class BaseServer:
         elif self.timeout is not None:
             timeout = min(timeout, self.timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self.__watching() as readiness:
+        with self.__watching(once=True) as readiness:
             while True:
                 if readiness.wait(timeout):
                     return self._handle_request_noblock()
@@ -270,10 +279,21 @@ class BaseServer:
         record = self._accepted_record(request, client_address) if self._observers else None
         if self.idle_timeout is not None and hasattr(request, "settimeout"):
             request.settimeout(self.idle_timeout)
+        self._serve_request(request, client_address, record)
+
+    def _serve_request(self, request: Any, client_address: Any, record: Any = None) -> None:
+        """``verify_request`` → ``process_request``, and ``handle_error`` for
+        what that raises: the one lifecycle of a request, whichever strategy
+        took it (the serving thread here, the reactor for async handlers).
+
+        *record*: its lifecycle record, if observed.  As in the stdlib, what
+        ``verify_request`` raises propagates.
+        """
         if not self.verify_request(request, client_address):
-            self.shutdown_request(request)
             if record is not None:
                 lifecycle.refused(record, lifecycle.VERIFY_REQUEST)
+            self.shutdown_request(request)
+            if record is not None:
                 lifecycle.ended(record)
             return
         self._request_started(request, record)
@@ -293,9 +313,9 @@ class BaseServer:
                 self._request_finished(request)
 
     @contextlib.contextmanager
-    def __watching(self) -> Iterator[IRequestReadiness]:
-        """A readiness for the duration of one serving call."""
-        readiness = self._request_readiness()
+    def __watching(self, once: bool = False) -> Iterator[IRequestReadiness]:
+        """A readiness for the duration of one serving call (*once*: ``handle_request``)."""
+        readiness = self._request_readiness(once)
         self.__serving_thread = _thread.get_ident()
         self.__readiness = readiness
         try:
@@ -314,13 +334,12 @@ class BaseServer:
             record = lifecycle.accepted(self, client_address, client_address)
         return record
 
-    def _request_readiness(self) -> IRequestReadiness:
-        """Make what tells the serving loop that a request is ready (private hook)."""
-        # Imported here, where serving begins: it imports Twisted, which a
+    def _request_readiness(self, once: bool = False) -> IRequestReadiness:
+        """Make what tells the serving loop that a request is ready (private
+        hook); *once*: for one ``handle_request()`` call."""
+        # Loaded here, where serving begins: the Twisted side, which a
         # process that only defines or runs handlers never needs.
-        from txsocketserver._twisted.readiness import SocketReadiness
-
-        return SocketReadiness(self.fileno())
+        return twisted_side().socket_readiness(self.fileno())  # type: ignore[no-any-return]
 
     def _socket_timeout(self) -> float | None:
         sock = getattr(self, "socket", None)

@@ -182,7 +182,10 @@ def accepted(server: Any, peer: Any, client_address: Any = None) -> ConnectionRe
 
 
 def refused(record: ConnectionRecord, reason: str) -> None:
-    """It will not be served, for *reason* (one of this module's constants)."""
+    """It will not be served, for *reason* (one of this module's constants);
+    nothing once the record has ended."""
+    if record.ended is not None:
+        return
     record.outcome = "refused:" + reason
     _tell(record, "refused")
 
@@ -206,6 +209,18 @@ def failed(record: ConnectionRecord, error: BaseException | None = None) -> None
         record.outcome = RESET
     else:
         record.outcome = ERROR
+
+
+def timed_out(record: ConnectionRecord) -> None:
+    """It is closed for making no progress (``idle_timeout``)."""
+    if record.outcome == OK:
+        record.outcome = TIMEOUT
+
+
+def reset(record: ConnectionRecord) -> None:
+    """The client reset the connection while it was served."""
+    if record.outcome == OK:
+        record.outcome = RESET
 
 
 def ended(record: ConnectionRecord, outcome: str | None = None) -> None:

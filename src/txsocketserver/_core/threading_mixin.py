@@ -24,7 +24,7 @@ import _thread
 import sys
 import weakref
 
-from txsocketserver._core.base import run_request
+from txsocketserver._core.base import run_request, twisted_side
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -145,9 +145,8 @@ class ThreadingMixIn:
         # Made on first use so that daemon_threads/max_threads set on the
         # instance after construction still apply.
         if self._thread_dispatcher is None:
-            from txsocketserver._twisted.thread_dispatcher import RequestThreads, ThreadDispatcher
-
-            self._thread_dispatcher = ThreadDispatcher(
+            twisted = twisted_side()
+            self._thread_dispatcher = twisted.thread_dispatcher(
                 name=f"{type(self).__name__}-{id(self):x}",
                 max_threads=self.max_threads,
                 idle_thread_timeout=self.idle_thread_timeout,
@@ -158,7 +157,7 @@ class ThreadingMixIn:
             if self.block_on_close:
                 # As the stdlib's list, it holds non-daemon threads only.
                 self._threads = (
-                    RequestThreads()
+                    twisted.request_threads()
                     if self.daemon_threads
                     else self._thread_dispatcher.request_threads
                 )
