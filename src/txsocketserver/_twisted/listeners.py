@@ -14,12 +14,12 @@ import errno
 import os
 import socket
 import stat
-import sys
 from typing import Any
 
 from zope.interface import implementer
 
 from txsocketserver._twisted.interfaces import IListener, IRequestReadiness
+
 
 def remove_socket_file(path: str) -> None:
     """Remove *path* if it is a socket file (never any other kind of file)."""
