@@ -28,7 +28,15 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
     from txsocketserver._core.lifecycle import LifecycleObserver
-    from txsocketserver._twisted.interfaces import IRequestReadiness
+
+    # The roles the core's strategies fill, for the type checker only: the
+    # other core modules take them from here, so that the core names the
+    # Twisted side in two places (this one and twisted_side()).
+    from txsocketserver._twisted import interfaces
+
+    IProcessDispatcher = interfaces.IProcessDispatcher
+    IRequestReadiness = interfaces.IRequestReadiness
+    IThreadDispatcher = interfaces.IThreadDispatcher
 
 # accept() failing for lack of resources leaves the request queued, so the
 # socket stays readable; pausing briefly stops the loop from spinning on it

@@ -22,7 +22,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from txsocketserver._twisted.interfaces import IProcessDispatcher
+    from txsocketserver._core.base import IProcessDispatcher
 
 
 class ForkingMixIn:

@@ -21,7 +21,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from txsocketserver._twisted.interfaces import IRequestReadiness
+    from txsocketserver._core.base import IRequestReadiness
 
 
 class PlainConnections:

@@ -30,7 +30,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from txsocketserver._twisted.interfaces import IThreadDispatcher
+    from txsocketserver._core.base import IThreadDispatcher
 
 
 # Servers whose requests run on non-daemon threads in the stdlib's sense,
