@@ -21,13 +21,9 @@ from zope.interface import implementer
 from txsocketserver._async.streams import AsyncReader, AsyncSocket, AsyncWriter
 from txsocketserver._core import lifecycle
 from txsocketserver._twisted import compat
+from txsocketserver._twisted.addresses import socket_address, socket_family, underlying_socket
 from txsocketserver._twisted.proxy_protocol import ProxyHeader
 from txsocketserver._twisted.proxy_stage import ProxyHeaderPolicy, ProxyHeaderStage
-from txsocketserver._twisted.transport_socket import (
-    socket_address,
-    socket_family,
-    underlying_socket,
-)
 
 _monotonic = time.monotonic
 

@@ -30,8 +30,8 @@ from txsocketserver._async.protocol import Connection
 from txsocketserver._async.task import HandlerTask
 from txsocketserver._core import lifecycle
 from txsocketserver._core.base import _RESOURCE_BACKOFF, _RESOURCE_ERRNOS, log_warning
-from txsocketserver._twisted import compat
 from txsocketserver._twisted import reactor as _reactor
+from txsocketserver._twisted.adopted_transport import ReadMultiplexer, adopted_transport
 from txsocketserver._twisted.endpoints import Endpoint, EndpointListener, proxy_protocol_endpoint
 from txsocketserver._twisted.interfaces import IRequestReadiness, IServing
 from txsocketserver._twisted.proxy_stage import ProxyHeaderPolicy
@@ -219,7 +219,7 @@ class AsyncServing:
         self._pool: ThreadPool | None = None
         self._closed = False
         # Reads accepted connections once there are many (None: none can be).
-        self._multiplexer: compat.ReadMultiplexer | None = None
+        self._multiplexer: ReadMultiplexer | None = None
         self._multiplexer_made = False
 
     # -- the serving loop's side (serving thread) -------------------------------------------
@@ -285,7 +285,7 @@ class AsyncServing:
             self.server.handle_error(request, client_address)
 
     def _adopt(self, sock: socket.socket, client_address: Any) -> None:
-        """Make a Twisted transport of an accepted socket (see ``compat.adopted_transport``)."""
+        """Make a Twisted transport of an accepted socket (see ``adopted_transport``)."""
         protocol = Connection(self, client_address, sock)
         protocol.factory = self.factory
         self._sessions += 1
@@ -293,9 +293,9 @@ class AsyncServing:
         if len(self.connections) >= MULTIPLEX_AT:
             if not self._multiplexer_made:
                 self._multiplexer_made = True
-                self._multiplexer = compat.ReadMultiplexer.for_reactor(self.reactor)
+                self._multiplexer = ReadMultiplexer.for_reactor(self.reactor)
             multiplexer = self._multiplexer
-        transport = compat.adopted_transport(
+        transport = adopted_transport(
             sock,
             protocol,
             client_address,

@@ -24,7 +24,7 @@ Writer
 (``HandlerTask`` calls ``flush()``), or as soon as ``FLUSH_AT`` bytes are
 waiting; a write outside a step goes at once.  The transport of a connection
 the server accepted itself sends it then and there when its buffer is empty
-(``compat.adopted_transport``): a reply costs one ``send()``, and the bytes of
+(``_twisted.adopted_transport``): a reply costs one ``send()``, and the bytes of
 one reply leave together, with no Nagle stall between them.  When the transport's
 buffer is full Twisted pauses its producer (us): ``drain()`` then waits until it
 resumes.  Bytes written while paused are counted; past ``max_buffer`` the
