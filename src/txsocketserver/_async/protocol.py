@@ -23,7 +23,11 @@ from txsocketserver._core import lifecycle
 from txsocketserver._twisted import compat
 from txsocketserver._twisted.addresses import socket_address, socket_family, underlying_socket
 from txsocketserver._twisted.proxy_protocol import ProxyHeader
-from txsocketserver._twisted.proxy_stage import ProxyHeaderPolicy, ProxyHeaderStage
+from txsocketserver._twisted.proxy_stage import (
+    ProxyHeaderPolicy,
+    ProxyHeaderStage,
+    begin_header_stage,
+)
 
 _monotonic = time.monotonic
 
@@ -98,15 +102,9 @@ class Connection(Protocol):
         if self._proxy is None:
             self._start()
             return
-        self._stage = ProxyHeaderStage(
-            transport,
-            socket_address(transport.getPeer()),
-            self._proxy,
-            self.serving.reactor,
-            self._proxied_by,
-            self.record,
+        self._stage = begin_header_stage(
+            transport, self._proxy, self.serving.reactor, self._proxied_by, self.record
         )
-        self._stage.begin()
 
     def _proxied_by(self, header: ProxyHeader) -> None:
         if header.family is not None:
@@ -149,9 +147,7 @@ class Connection(Protocol):
         self.reader.feed(data)
 
     def readConnectionLost(self) -> None:
-        if self._stage is not None and self._stage.active:
-            self._stage.peer_ended("closed")
-            self.transport.loseConnection()
+        if self._stage is not None and self._stage.read_lost():
             return
         self.reader.feed_eof()
 
@@ -159,9 +155,8 @@ class Connection(Protocol):
         """Only after our own half-close: nothing to do."""
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._stage is not None and self._stage.active:
-            clean = isinstance(reason.value, ConnectionDone)
-            self._stage.peer_ended("closed" if clean else "was reset")
+        if self._stage is not None:
+            self._stage.connection_lost(reason)
         self.lost = True
         reset = not self._clean_end(reason)
         record = self.record

@@ -135,7 +135,11 @@ from txsocketserver._twisted.addresses import (
     underlying_socket,
 )
 from txsocketserver._twisted.proxy_protocol import ProxyHeader
-from txsocketserver._twisted.proxy_stage import ProxyHeaderPolicy, ProxyHeaderStage
+from txsocketserver._twisted.proxy_stage import (
+    ProxyHeaderPolicy,
+    ProxyHeaderStage,
+    begin_header_stage,
+)
 
 # Bytes buffered for the handler before the transport is asked to stop reading.
 RECEIVE_HIGH_WATER = 256 * 1024
@@ -291,15 +295,9 @@ class TransportSocketProtocol(Protocol):
         if self._proxy is None:
             self._start()
             return
-        self._stage = ProxyHeaderStage(
-            self.transport,
-            socket_address(self.transport.getPeer()),
-            self._proxy,
-            self._reactor,
-            self._proxied_by,
-            self.record,
+        self._stage = begin_header_stage(
+            self.transport, self._proxy, self._reactor, self._proxied_by, self.record
         )
-        self._stage.begin()
 
     def _proxied_by(self, header: ProxyHeader) -> None:
         self._proxied = header
@@ -364,9 +362,7 @@ class TransportSocketProtocol(Protocol):
             self.transport.pauseProducing()
 
     def readConnectionLost(self) -> None:
-        if self._stage is not None and self._stage.active:
-            self._stage.peer_ended("closed")
-            self.transport.loseConnection()
+        if self._stage is not None and self._stage.read_lost():
             return
         with self._bridge.lock:
             self._bridge.read_eof = True
@@ -381,8 +377,8 @@ class TransportSocketProtocol(Protocol):
         pass
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._stage is not None and self._stage.active:
-            self._stage.peer_ended("closed" if reason.check(ConnectionDone) else "was reset")
+        if self._stage is not None:
+            self._stage.connection_lost(reason)
         if self.record is not None and self.socket is None:
             # It never reached a handler (refused, or gone in its header
             # stage): its lifecycle ends here.
