@@ -590,7 +590,7 @@ def test_a_finished_connection_leaves_no_reference_cycle() -> None:
     # refer to each other; left as cycles they wait for the garbage
     # collector, whose passes cost more per connection than serving it.
     with serving(txsocketserver.TCPServer(ANY_PORT, AsyncEcho)) as server:
-        serving_strategy = server._async
+        serving_strategy = server._serving
 
         def idle() -> bool:
             return not serving_strategy.connections and not serving_strategy.tasks
@@ -958,7 +958,7 @@ def test_fds_and_threads_back_at_baseline_after_10000_connections_with_resets() 
                 client.sendall(b"echo\n")
                 assert recv_line(client) == b"echo\n"
                 client.close()
-        assert wait_until(lambda: not server._async.connections, timeout=2 * WAIT)
+        assert wait_until(lambda: not server._serving.connections, timeout=2 * WAIT)
         settle_resources(baseline_fds, baseline_threads)
         assert request_reply(server, b"after\n") == b"after\n"
 

@@ -1,9 +1,10 @@
 """The PROXY header stage of a connection: what any protocol behind ``haproxy:`` reads first.
 
 Both the blocking handlers' protocol (``transport_socket``) and the async
-handlers' (``_async.protocol``) begin a proxied connection with one
-:class:`ProxyHeaderStage`; the parsing and the trust rule are in
-``proxy_protocol``.  The stage:
+handlers' (``_async.protocol``) begin a proxied connection with
+:func:`begin_header_stage`, and hand it their bytes (``feed``) and their
+ends (``read_lost``, ``connection_lost``) while it is active; the parsing and
+the trust rule are in ``proxy_protocol``.  The stage:
 
 * refuses at once a peer that is not a trusted proxy (its header could claim
   any address);
@@ -23,10 +24,11 @@ carries but our policy makes (``policy.tls``: async handlers on ``ssl:``, and
 ``haproxy:ssl:``, whose TLS begins *after* the PROXY header, as HAProxy's
 ``send-proxy`` to a TLS server sends it): it starts TLS on the transport,
 hands it whatever followed the header, and ends when the handshake
-completes (the protocol forwards Twisted's ``handshakeCompleted``), within
-the policy's ``handshakeTimeout``; a failed handshake is logged with its
-reason.  With ``policy.header`` false there is no PROXY header: the stage
-is the handshake alone.
+completes (the protocol forwards Twisted's ``handshakeCompleted`` to
+``tls_established``), within the policy's ``handshakeTimeout``; a failed
+handshake is logged with its reason and refused as ``tls_handshake``.  With
+``policy.header`` false there is no PROXY header: the stage is the
+handshake alone.
 
 Reactor thread only.
 """
@@ -36,8 +38,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from txsocketserver._core import lifecycle
+from txsocketserver._twisted.addresses import socket_address
 from txsocketserver._twisted.proxy_protocol import (
     ProxyHeader,
     ProxyHeaderError,
@@ -63,6 +69,23 @@ class ProxyHeaderPolicy(NamedTuple):
     header: bool = True
 
 
+def begin_header_stage(
+    transport: Any,
+    policy: ProxyHeaderPolicy,
+    reactor: Any,
+    on_header: Callable[[ProxyHeader | None], None],
+    record: lifecycle.ConnectionRecord | None = None,
+) -> ProxyHeaderStage:
+    """At a proxied connection's ``connectionMade``: its header stage, begun
+    (the peer admitted, or refused and the connection closed).  See
+    :class:`ProxyHeaderStage` for the arguments."""
+    stage = ProxyHeaderStage(
+        transport, socket_address(transport.getPeer()), policy, reactor, on_header, record
+    )
+    stage.begin()
+    return stage
+
+
 class ProxyHeaderStage:
     """The header stage of one connection.
 
@@ -76,6 +99,8 @@ class ProxyHeaderStage:
             too, whose ``family`` is ``None``: the connection's own addresses
             stand), and with TLS once the handshake completed (``None`` if
             there was no header); the stage is over by then.
+        record: the connection's lifecycle record, if observed: a refusal
+            is recorded on it, and the header's addresses.
     """
 
     def __init__(
@@ -85,8 +110,10 @@ class ProxyHeaderStage:
         policy: ProxyHeaderPolicy,
         reactor: Any,
         on_header: Callable[[ProxyHeader | None], None],
+        record: lifecycle.ConnectionRecord | None = None,
     ) -> None:
         self._transport = transport
+        self._record = record
         self._peer = peer
         self._policy = policy
         self._reactor = reactor
@@ -117,6 +144,8 @@ class ProxyHeaderStage:
                 peer=peer,
                 trusted=", ".join(self._policy.trusted.entries) or "none",
             )
+            if self._record is not None:
+                lifecycle.refused(self._record, lifecycle.UNTRUSTED_PROXY)
             self._transport.loseConnection()
             return False
         self._received = bytearray()
@@ -133,6 +162,8 @@ class ProxyHeaderStage:
             header = parse_header(self._received)
         except ProxyHeaderError as error:
             self._end("warn", "refused connection from {peer}: {reason}", error)
+            if self._record is not None:
+                lifecycle.refused(self._record, lifecycle.PROXY_HEADER)
             self._transport.loseConnection()
             return b""
         if header is None:
@@ -148,7 +179,16 @@ class ProxyHeaderStage:
 
     def _admit(self, header: ProxyHeader | None) -> None:
         """The stage is over: hand the connection on."""
-        if header is not None and header.local:
+        if header is None:
+            self._on_header(None)
+            return
+        record = self._record
+        if record is not None and header.family is not None:
+            record.client_address = header.source
+            lifecycle.add_detail(
+                record, "proxy", {"source": header.source, "destination": header.destination}
+            )
+        if header.local:
             # The proxy speaks for itself (HAProxy's health checks): the PROXY
             # spec says to serve it with the connection's own addresses, and
             # an HTTP check waits for its answer.
@@ -180,16 +220,35 @@ class ProxyHeaderStage:
         self._end()
         self._admit(self._header)
 
-    def peer_ended(self, how: str, reason: Any = None) -> None:
+    def read_lost(self) -> bool:
+        """The peer half-closed (``readConnectionLost``): inside the stage
+        that ends the connection; whether it did (the protocol then has
+        nothing more to do)."""
+        if self._received is None:
+            return False
+        self.peer_ended("closed")
+        self._transport.loseConnection()
+        return True
+
+    def connection_lost(self, reason: Failure) -> None:
+        """``connectionLost``: inside the stage, the peer left in its header."""
+        if self._received is not None:
+            self.peer_ended(
+                "closed" if isinstance(reason.value, ConnectionDone) else "was reset", reason
+            )
+
+    def peer_ended(self, how: str, reason: Failure | None = None) -> None:
         """The peer ended the connection in the stage (*how*: "closed", "was
-        reset"; *reason*: the failure, if the caller has it)."""
+        reset"; *reason*: the failure, if known)."""
         if self._tls_started:
-            error = getattr(reason, "value", None)
-            if error is not None and type(error).__module__.startswith("OpenSSL"):
-                self._end("warn", "TLS handshake with {peer} failed: {reason}", _ssl_reason(error))
-            else:
-                self._end("info", "connection from {peer} " + how + " during its TLS handshake")
-        elif self._received:
+            self._tls_ended(how, reason)
+            return
+        if self._record is not None:
+            if self._received:
+                lifecycle.refused(self._record, lifecycle.PROXY_HEADER)
+            elif how != "closed":
+                self._record.outcome = lifecycle.RESET
+        if self._received:
             self._end(
                 "info",
                 "connection from {peer} " + how + " inside its PROXY header ({received} bytes)",
@@ -197,11 +256,27 @@ class ProxyHeaderStage:
         else:
             self._end("debug", "connection from {peer} " + how + " before sending anything")
 
-    def evict(self, reason: str, level: str = "warn") -> None:
+    def evict(
+        self, reason: str, level: str = "warn", refusal: str = lifecycle.PROXY_HEADER
+    ) -> None:
         """Close the connection, logging *reason* at *level* (a
-        ``twisted.logger`` level name)."""
+        ``twisted.logger`` level name); *refusal*: the lifecycle's reason."""
+        if self._record is not None:
+            lifecycle.refused(self._record, refusal)
         self._end(level, "closed connection from {peer}: {reason}", reason)
         self._transport.loseConnection()
+
+    def _tls_ended(self, how: str, reason: Failure | None) -> None:
+        """The connection ended during its TLS handshake."""
+        error = None if reason is None else reason.value
+        if error is not None and type(error).__module__.startswith("OpenSSL"):
+            if self._record is not None:
+                lifecycle.refused(self._record, lifecycle.TLS_HANDSHAKE)
+            self._end("warn", "TLS handshake with {peer} failed: {reason}", _ssl_reason(error))
+            return
+        if self._record is not None and how != "closed":
+            self._record.outcome = lifecycle.RESET
+        self._end("info", "connection from {peer} " + how + " during its TLS handshake")
 
     def _timed_out(self) -> None:
         self._deadline = None
@@ -209,6 +284,8 @@ class ProxyHeaderStage:
             return
         if self._tls_started:
             seconds = self._policy.tls.policy.handshake_timeout
+            if self._record is not None:
+                lifecycle.refused(self._record, lifecycle.TLS_HANDSHAKE)
             self._end("warn", "TLS handshake with {peer} timed out after {reason}s", seconds)
             # Not loseConnection: that would wait to send TLS's close_notify.
             self._transport.abortConnection()
