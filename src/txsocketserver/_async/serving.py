@@ -121,12 +121,15 @@ class _SocketAcceptor:
                 if exc.errno in _RESOURCE_ERRNOS:
                     # Out of fds: the request stays queued; look again shortly
                     # instead of spinning on a socket that stays readable.
+                    serving.server._accept_failed(exc)
                     self.disarm()
                     serving.reactor.callLater(_RESOURCE_BACKOFF, serving.update_accepting)
                     return
                 if exc.errno == errno.ECONNABORTED:
                     continue
                 return
+            if serving.server._accept_failures:
+                serving.server._accept_recovered()
             serving.accepted(request, client_address)
 
     def connectionLost(self, reason: Failure) -> None:

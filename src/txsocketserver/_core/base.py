@@ -143,6 +143,11 @@ class BaseServer:
     # Private: whether the class can serve an async handler class (the socket servers).
     _serves_async_handlers = False
 
+    # Private: get_request() failures for lack of resources (EMFILE...) in the
+    # current episode, and when it began; 0 once a request is taken again.
+    _accept_failures = 0
+    _accept_failing_since = 0.0
+
     # Private: the lifecycle observers (see add_observer), a tuple replaced
     # whole so that any thread may read it without a lock; empty: none.
     _observers: tuple[Any, ...] = ()
@@ -282,8 +287,11 @@ class BaseServer:
             request, client_address = self.get_request()
         except OSError as exc:
             if exc.errno in _RESOURCE_ERRNOS:
+                self._accept_failed(exc)
                 time.sleep(_RESOURCE_BACKOFF)
             return
+        if self._accept_failures:
+            self._accept_recovered()
         record = self._accepted_record(request, client_address) if self._observers else None
         if self.idle_timeout is not None and hasattr(request, "settimeout"):
             request.settimeout(self.idle_timeout)
@@ -554,6 +562,32 @@ class BaseServer:
             record = self.__records.get(id(request))
             if record is not None:
                 lifecycle.refused(record, reason)
+
+    def _accept_failed(self, error: OSError) -> None:
+        """``get_request()`` failed for lack of resources (*error*): the first
+        failure of an episode is logged, the others counted (any one thread)."""
+        self._accept_failures += 1
+        if self._accept_failures == 1:
+            self._accept_failing_since = time.monotonic()
+            log_warning(
+                "%s at %r cannot accept: %s. Retrying every %d ms; new clients wait "
+                "in the backlog meanwhile. Logged once until it works again.",
+                type(self).__name__,
+                self.server_address,
+                error,
+                _RESOURCE_BACKOFF * 1000,
+            )
+
+    def _accept_recovered(self) -> None:
+        """A request was taken after resource failures: log the episode's count."""
+        log_warning(
+            "%s at %r accepts again, after %d failed attempts over %.1f s.",
+            type(self).__name__,
+            self.server_address,
+            self._accept_failures,
+            time.monotonic() - self._accept_failing_since,
+        )
+        self._accept_failures = 0
 
     def _take_record(self, request: Any) -> Any:
         """Take over the lifecycle record of *request* (``None`` if it has
