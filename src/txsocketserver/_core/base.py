@@ -260,7 +260,10 @@ class BaseServer:
         """Handle one request, waiting at most ``timeout`` seconds for it.
 
         The timeout is the smaller of ``self.timeout`` and the socket's own;
-        ``handle_timeout()`` is called when it passes with no request.
+        ``handle_timeout()`` is called when it passes with no request.  With
+        an async handler class: accept one request and start its handler on
+        the reactor, then return (as a threading server returns once the
+        request runs on its thread).
         """
         _refuse_reactor_thread("handle_request")
         timeout = self._socket_timeout()
