@@ -460,3 +460,35 @@ def test_accept_out_of_fds_is_logged_once_per_episode_with_its_count(
     assert "accepts again, after 3 failed attempts" in logged[1]
     assert "cannot accept" in logged[2]
     assert "accepts again, after 2 failed attempts" in logged[3]
+
+
+# -- timeouts and resets -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("handler", [LineEcho, AsyncLineEcho], ids=["sync", "async"])
+def test_a_quiet_connection_ends_as_a_timeout(handler: Any) -> None:
+    recorder = Recorder()
+    with QuietTCP(ANY_PORT, handler) as server:
+        server.verified = 5
+        server.idle_timeout = 0.2
+        server.add_observer(recorder)
+        with serve_in_thread(server), connect_to(server) as client:
+            (record,) = recorder.records(ended=1)  # the server gave up waiting
+            assert recv_all(client) == b""
+    assert (recorder.sequence(record), record.outcome) == (OK, "timeout")
+
+
+@pytest.mark.parametrize("handler", [LineEcho, AsyncLineEcho], ids=["sync", "async"])
+def test_a_client_that_resets_mid_request_ends_as_a_reset(handler: Any) -> None:
+    from support import reset_close
+
+    recorder = Recorder()
+    with QuietTCP(ANY_PORT, handler) as server:
+        server.verified = 5
+        server.add_observer(recorder)
+        with serve_in_thread(server):
+            client = connect_to(server)
+            client.sendall(b"no end of line")
+            reset_close(client)
+            (record,) = recorder.records(ended=1)
+    assert (recorder.sequence(record), record.outcome) == (OK, "reset")
