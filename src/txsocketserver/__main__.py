@@ -50,6 +50,8 @@ class MainOptions(Options):
     """The shared options, plus what only this front end has (``twistd`` has
     its own logging options and ``-r`` for the reactor)."""
 
+    # Twisted's default usage line names the interpreter's file name.
+    synopsis = f"Usage: {PROG} {Options.synopsis}"
     optParameters = [
         *Options.optParameters,
         [
