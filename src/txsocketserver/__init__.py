@@ -6,7 +6,7 @@ everything from here: the underscored modules are private.
 
 Importing the package imports neither Twisted nor ``zope.interface``: the
 socketserver names are defined without them, and Twisted is loaded when a
-server is created.  A forking server's workers, which import the
+server is created.  A forking server's children, which import the
 server and handler classes but never serve, stay small and cheap to fork
 (see ``docs/architecture.md``).  The Twisted world's names (``Endpoint``,
 ``ServerService``, ``start_server``, ``Workers``...) are imported on first use.

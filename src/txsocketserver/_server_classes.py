@@ -113,7 +113,7 @@ def server_class(spec: str | None, mode: str | None) -> type:
             "threading": txsocketserver.ThreadingTCPServer,
             "forking": txsocketserver.ForkingTCPServer,
         }[mode]
-    # A class made here: a forking server's workers get it by value.
+    # A class made here: a forking server's children get it by value.
     return type(f"{wanted.__name__.removesuffix('MixIn')}{base.__name__}", (wanted, base), {})
 
 

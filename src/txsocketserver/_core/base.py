@@ -54,11 +54,12 @@ def _refuse_reactor_thread(call: str) -> None:
 
 
 def run_request(server: Any, request: Any, client_address: Any) -> bool:
-    """Run one request away from the serving thread, as the stdlib's workers do.
+    """Run one request away from the serving thread, as the stdlib's request threads
+    and children do.
 
     ``finish_request``, then ``handle_error`` if it raised an ``Exception``, and
     ``shutdown_request`` always.  Returns whether the handler succeeded.  Both
-    mixins' workers (a pool thread, a worker process) run this.
+    mixins run this where the request runs: a pool thread, a forked child.
     """
     try:
         server.finish_request(request, client_address)
@@ -408,8 +409,8 @@ class BaseServer:
         condition a graceful stop waits on for the requests in flight.
 
         Made on first use, not in ``__init__``: a forking server's template
-        builds the workers' server object, and importing ``threading`` there
-        would make every worker run its at-fork hook (about 140 page copies
+        builds the children's server object, and importing ``threading`` there
+        would make every child run its at-fork hook (about 140 page copies
         and 0.3 ms of CPU per request).
         """
         if self.__is_shut_down is None:

@@ -56,7 +56,7 @@ def _register_exit_hook() -> None:
     """
     global _registered_at_exit
     # Imported here, not with the module: a process that only defines the
-    # classes (a forking worker) must not carry threading's at-fork hook.
+    # classes (a forking server's child) must not carry threading's at-fork hook.
     import threading
 
     with _registering:

@@ -125,7 +125,7 @@ class Endpoint:
             assert self.description is not None
             # Imported here: it loads pyOpenSSL and cryptography (some 18 MB),
             # which every process importing txsocketserver would pay for,
-            # forking workers included.
+            # forking servers' children included.
             from twisted.internet.endpoints import serverFromString
 
             try:
