@@ -56,7 +56,7 @@ from twisted.python.failure import Failure
 
 from txsocketserver._twisted.service import DEFAULT_DRAIN_TIMEOUT
 from txsocketserver._workers.bound_sockets import BoundSocket, bind_socket
-from txsocketserver._workers.worker import FIRST_LISTEN_FD
+from txsocketserver._workers.worker import EXIT_MEANINGS, FIRST_LISTEN_FD
 
 _log = Logger(namespace="txsocketserver.workers")
 
@@ -499,6 +499,8 @@ class Workers(Service):
         status = getattr(how, "exitCode", None)
         killed_by = getattr(how, "signal", None)
         outcome = f"signal {signal.Signals(killed_by).name}" if killed_by else f"status {status}"
+        if not killed_by and status in EXIT_MEANINGS:
+            outcome += f": {EXIT_MEANINGS[status]}"
         if process.stopping or self._stopping is not None:
             _log.info("{worker} exited ({outcome})", worker=process, outcome=outcome)
         elif not process.ready:
