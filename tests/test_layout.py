@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -141,3 +142,78 @@ def test_each_strategy_provides_its_role() -> None:
         ss.Endpoint("haproxy:tcp:0:interface=127.0.0.1"), ss.BaseRequestHandler
     ) as server:
         assert verifyObject(interfaces.IListener, server._listener)
+
+
+# -- a reader finds each module's tests ---------------------------------------------
+#
+# Twisted's convention: a module's first line names the test modules that test it,
+# ``# -*- test-case-name: tests.test_reactor,tests.test_service -*-`` (comma-separated,
+# no spaces), ``tests.test_x`` meaning ``tests/test_x.py``.
+
+SOURCES = PACKAGE.parent
+TESTS = pathlib.Path(__file__).resolve().parent
+TEST_CASE_NAME = re.compile(r"# -\*- test-case-name: (?P<names>\S+) -\*-")
+TEST_MODULE = re.compile(r"tests\.(?P<stem>test_\w+)")
+
+
+def pairing_problems(source: str, where: str, tests: pathlib.Path = TESTS) -> list[str]:
+    """What is wrong with the test-case-name line of a module whose text is
+    *source* (*where*: its path, for the messages); ``[]`` if nothing."""
+    first_line = source.split("\n", 1)[0]
+    match = TEST_CASE_NAME.fullmatch(first_line)
+    if match is None:
+        stem = pathlib.PurePath(where).stem.lstrip("_") or "module"
+        return [
+            f"{where}: its first line must name the test files that test it, e.g. "
+            f"'# -*- test-case-name: tests.test_{stem} -*-' (several: comma-separated, "
+            f"no spaces); found {first_line!r}"
+        ]
+    problems = []
+    for name in match["names"].split(","):
+        test_module = TEST_MODULE.fullmatch(name)
+        if test_module is None:
+            problems.append(
+                f"{where}: test-case-name {name!r} is not of the form tests.test_<name> "
+                "(for tests/test_<name>.py)"
+            )
+        elif not (tests / f"{test_module['stem']}.py").is_file():
+            problems.append(
+                f"{where}: test-case-name {name} names tests/{test_module['stem']}.py, which "
+                "does not exist: name the test file that tests this module (or write it)"
+            )
+    return problems
+
+
+def source_modules() -> list[pathlib.Path]:
+    return sorted(p for p in SOURCES.rglob("*.py") if "egg-info" not in str(p))
+
+
+def test_every_module_names_its_tests() -> None:
+    modules = source_modules()
+    assert len(modules) > 30, "the check must see the package's modules"
+    problems = [
+        problem
+        for path in modules
+        for problem in pairing_problems(
+            path.read_text(), path.relative_to(SOURCES.parent).as_posix()
+        )
+    ]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_test_case_name_check_catches_what_it_should(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "test_there.py").write_text("")
+    where = "src/txsocketserver/_x/thing.py"
+
+    def check(first_line: str) -> list[str]:
+        return pairing_problems(first_line + '\n"""Doc."""\n', where, tmp_path)
+
+    assert check("# -*- test-case-name: tests.test_there -*-") == []
+    assert check("# -*- test-case-name: tests.test_there,tests.test_there -*-") == []
+    (missing,) = check('"""No line."""')
+    assert "tests.test_thing" in missing and where in missing
+    (dangling,) = check("# -*- test-case-name: tests.test_there,tests.test_gone -*-")
+    assert "tests/test_gone.py, which does not exist" in dangling
+    (malformed,) = check("# -*- test-case-name: test_there.py -*-")
+    assert "not of the form tests.test_<name>" in malformed
+    assert check("# -*- test-case-name: tests.test_there, tests.test_there -*-")

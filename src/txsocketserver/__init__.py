@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_stream_api,tests.test_packaging,tests.test_layout -*-
 """Python's ``socketserver`` API, complete and faithful, running on Twisted.
 
 ``import txsocketserver as socketserver`` and code written for the stdlib runs

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_twistd_cli,tests.test_async_cli -*-
 """``python -m txsocketserver``: serve a handler class without ``twistd``.
 
     python -m txsocketserver --listen tcp:8000 --handler http.server:SimpleHTTPRequestHandler

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_twistd_cli,tests.test_async_cli,tests.test_workers -*-
 """Command-line options shared by ``twistd socketserver`` and ``python -m txsocketserver``.
 
 One :class:`Options` parser (Twisted's ``usage.Options``, which ``twistd``

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_server_classes -*-
 """The classes a front end serves with, from what its options name.
 
 ``--handler``/``--server`` name classes as ``package.module:Class``

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_async -*-
 """Async handlers: ``async def handle`` on the reactor, no thread per connection.
 
 How a server with an async handler class serves (who accepts, the request's

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_async -*-
 """``AsyncServing``: how a server with an async handler class serves.
 
 Picked by ``TCPServer.__init__`` when the handler class is async; everything

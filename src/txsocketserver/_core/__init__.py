@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_layout -*-
 """The socketserver classes: servers, mixins and request handlers, hook for hook the stdlib's.
 
 What every process imports: the package's public names come from here, and so

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_stream_hooks,tests.test_stream_lifecycle,tests.test_limits -*-
 """``BaseServer``: the ``socketserver`` template method, driven by the reactor.
 
 The loop has the stdlib's shape and calls the same hooks in the same order on

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_stream_threading,tests.test_threading_fidelity -*-
 """``ThreadingMixIn``: each request on a thread of a Twisted ``ThreadPool``.
 
 Differences from the stdlib, all in the caller's favour:

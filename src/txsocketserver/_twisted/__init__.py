@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_layout -*-
 """The reactor side: what a server made in this process uses to wait, accept and serve.
 
 The reactor bridge, the strategies behind the socketserver hooks (listeners,

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_endpoints -*-
 """Twisted endpoints as server addresses: :class:`Endpoint`, and the listener Twisted feeds.
 
 :func:`listening_socket` tells which endpoints are nothing but a listening

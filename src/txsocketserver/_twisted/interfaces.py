@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_layout -*-
 """The roles behind the socketserver classes, as ``zope.interface`` interfaces.
 
 Which roles there are, which strategies fill each and when a server picks

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_reactor -*-
 """The bridge between blocking callers and the one Twisted reactor.
 
 Theory of operation

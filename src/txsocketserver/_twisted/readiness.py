@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_readiness -*-
 """How a serving thread learns that a request can be taken without blocking.
 
 The listening (or datagram) socket is handed to the reactor as a reader.  When

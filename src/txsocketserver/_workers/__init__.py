@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_workers -*-
 """Workers: several processes serving the same listening sockets, supervised.
 
 ``bound_sockets`` makes the supervisor's sockets from ``--listen`` descriptions,

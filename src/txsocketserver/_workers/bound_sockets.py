@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_workers -*-
 """The sockets the supervisor binds from ``--listen`` descriptions and hands down.
 
 The supervisor binds every socket itself, before any worker starts, and keeps

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_workers -*-
 """The supervisor: N worker processes serving the same listening sockets.
 
 Theory of operation

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_workers -*-
 """A worker process: serve the handler on the listening sockets the supervisor handed over.
 
 Started by the supervisor (:mod:`txsocketserver._workers.supervisor`) with
