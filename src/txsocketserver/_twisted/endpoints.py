@@ -219,7 +219,8 @@ def proxy_protocol_endpoint(endpoint: IStreamServerEndpoint) -> IStreamServerEnd
     and read the header ourselves (``TransportSocketProtocol`` with a
     ``ProxyHeaderPolicy``).  This reads two private attributes of Twisted's
     ``_WrapperServerEndpoint``, which ``proxyEndpoint`` has returned since
-    Twisted 16; ``tests/test_proxy_protocol.py`` fails if that changes.
+    Twisted 16; ``tests/test_twisted_compat.py::test_haproxy_endpoints_are_unwrapped``
+    fails if that changes.
     """
     from txsocketserver._twisted import compat
 
