@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_async_serving,tests.test_lifecycle -*-
 """``AsyncServing``: how a server with an async handler class serves (its ``IServing``).
 
 The handler class names it (``AsyncBaseRequestHandler._serving_strategy``)
@@ -54,8 +55,8 @@ _READY = "ready"
 _WAKE = "wake"
 
 
-class ServerFactory(Factory):
-    """The server as a Twisted factory: one :class:`Connection` per connection.
+class ConnectionFactory(Factory):
+    """An async server's Twisted factory: one :class:`Connection` per connection.
 
     Args:
         serving: the server's async strategy.
@@ -121,12 +122,15 @@ class _SocketAcceptor:
                 if exc.errno in _RESOURCE_ERRNOS:
                     # Out of fds: the request stays queued; look again shortly
                     # instead of spinning on a socket that stays readable.
+                    serving.server._accept_failed(exc)
                     self.disarm()
                     serving.reactor.callLater(_RESOURCE_BACKOFF, serving.update_accepting)
                     return
                 if exc.errno == errno.ECONNABORTED:
                     continue
                 return
+            if serving.server._accept_failures:
+                serving.server._accept_recovered()
             serving.accepted(request, client_address)
 
     def connectionLost(self, reason: Failure) -> None:
@@ -164,7 +168,7 @@ class AsyncEndpointListener(EndpointListener):
         # wraps, as for blocking handlers (see EndpointListener).
         self.endpoint.resolve(reactor)
         listen_on, staged = self.endpoint._staged()
-        factory = ServerFactory(self._serving, self._proxy_policy if staged else None)
+        factory = ConnectionFactory(self._serving, self._proxy_policy if staged else None)
         port = await listen_on.listen(factory)
         self._listening(port)
         self._serving.port = port
@@ -204,7 +208,7 @@ class AsyncServing:
     def __init__(self, server: Any) -> None:
         self.server = server
         self.reactor = _reactor.get_reactor()
-        self.factory = ServerFactory(self)
+        self.factory = ConnectionFactory(self)
         self.family = server.address_family
         self._unix = self.family == getattr(socket, "AF_UNIX", None)
         self.port: Any = None  # an endpoint's listening port

@@ -1,9 +1,10 @@
+# -*- test-case-name: tests.test_stream_hooks,tests.test_stream_lifecycle,tests.test_limits -*-
 """``BaseServer``: the ``socketserver`` template method, driven by the reactor.
 
 The loop has the stdlib's shape and calls the same hooks in the same order on
 the same thread (the caller of ``serve_forever``/``handle_request``).  What
 changes is how it waits: instead of ``select()`` on the socket it waits on an
-:class:`~txsocketserver._twisted.readiness.IRequestReadiness`, which the reactor feeds.
+:class:`~txsocketserver._twisted.interfaces.IRequestReadiness`, which the reactor feeds.
 That gives two things the stdlib lacks: ``shutdown()`` wakes the loop at once
 instead of waiting out ``poll_interval``, and the same server can be fed by a
 Twisted endpoint instead of a socket.
@@ -74,11 +75,12 @@ def _refuse_reactor_thread(call: str) -> None:
 
 
 def run_request(server: Any, request: Any, client_address: Any) -> bool:
-    """Run one request away from the serving thread, as the stdlib's workers do.
+    """Run one request away from the serving thread, as the stdlib's request threads
+    and children do.
 
     ``finish_request``, then ``handle_error`` if it raised an ``Exception``, and
     ``shutdown_request`` always.  Returns whether the handler succeeded.  Both
-    mixins' workers (a pool thread, a worker process) run this.
+    mixins run this where the request runs: a pool thread, a forked child.
     """
     try:
         server.finish_request(request, client_address)
@@ -142,6 +144,11 @@ class BaseServer:
 
     # Private: whether the class can serve an async handler class (the socket servers).
     _serves_async_handlers = False
+
+    # Private: get_request() failures for lack of resources (EMFILE...) in the
+    # current episode, and when it began; 0 once a request is taken again.
+    _accept_failures = 0
+    _accept_failing_since = 0.0
 
     # Private: the lifecycle observers (see add_observer), a tuple replaced
     # whole so that any thread may read it without a lock; empty: none.
@@ -255,7 +262,10 @@ class BaseServer:
         """Handle one request, waiting at most ``timeout`` seconds for it.
 
         The timeout is the smaller of ``self.timeout`` and the socket's own;
-        ``handle_timeout()`` is called when it passes with no request.
+        ``handle_timeout()`` is called when it passes with no request.  With
+        an async handler class: accept one request and start its handler on
+        the reactor, then return (as a threading server returns once the
+        request runs on its thread).
         """
         _refuse_reactor_thread("handle_request")
         timeout = self._socket_timeout()
@@ -282,8 +292,11 @@ class BaseServer:
             request, client_address = self.get_request()
         except OSError as exc:
             if exc.errno in _RESOURCE_ERRNOS:
+                self._accept_failed(exc)
                 time.sleep(_RESOURCE_BACKOFF)
             return
+        if self._accept_failures:
+            self._accept_recovered()
         record = self._accepted_record(request, client_address) if self._observers else None
         if self.idle_timeout is not None and hasattr(request, "settimeout"):
             request.settimeout(self.idle_timeout)
@@ -504,8 +517,8 @@ class BaseServer:
         condition a graceful stop waits on for the requests in flight.
 
         Made on first use, not in ``__init__``: a forking server's template
-        builds the workers' server object, and importing ``threading`` there
-        would make every worker run its at-fork hook (about 140 page copies
+        builds the children's server object, and importing ``threading`` there
+        would make every child run its at-fork hook (about 140 page copies
         and 0.3 ms of CPU per request).
         """
         if self.__is_shut_down is None:
@@ -554,6 +567,32 @@ class BaseServer:
             record = self.__records.get(id(request))
             if record is not None:
                 lifecycle.refused(record, reason)
+
+    def _accept_failed(self, error: OSError) -> None:
+        """``get_request()`` failed for lack of resources (*error*): the first
+        failure of an episode is logged, the others counted (any one thread)."""
+        self._accept_failures += 1
+        if self._accept_failures == 1:
+            self._accept_failing_since = time.monotonic()
+            log_warning(
+                "%s at %r cannot accept: %s. Retrying every %d ms; new clients wait "
+                "in the backlog meanwhile. Logged once until it works again.",
+                type(self).__name__,
+                self.server_address,
+                error,
+                _RESOURCE_BACKOFF * 1000,
+            )
+
+    def _accept_recovered(self) -> None:
+        """A request was taken after resource failures: log the episode's count."""
+        log_warning(
+            "%s at %r accepts again, after %d failed attempts over %.1f s.",
+            type(self).__name__,
+            self.server_address,
+            self._accept_failures,
+            time.monotonic() - self._accept_failing_since,
+        )
+        self._accept_failures = 0
 
     def _take_record(self, request: Any) -> Any:
         """Take over the lifecycle record of *request* (``None`` if it has

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_lifecycle -*-
 """The request lifecycle: one record per connection (per datagram), and its observers.
 
 Every kind of server (synchronous, threading, forking, async, datagram; on a

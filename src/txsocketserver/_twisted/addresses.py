@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_addresses -*-
 """Twisted's addresses and transports as the ``socket`` module has them.
 
 What both kinds of connection protocol need (the blocking handlers'

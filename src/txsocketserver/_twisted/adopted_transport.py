@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_adopted_transport -*-
 """The transport of a connection an async server accepted itself, and the read multiplexer.
 
 Mechanism for the async data path (``docs/architecture.md``, "A server with

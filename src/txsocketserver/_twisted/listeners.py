@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_listeners -*-
 """``SocketListener``: the :class:`IListener` of a server with a socket of its own.
 
 A socket address, or an endpoint that is nothing but a listening socket

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_listeners,tests.test_layout -*-
 """What the Twisted-free core asks of the Twisted side, in one module.
 
 The core (``txsocketserver._core``) imports this module, and nothing else of

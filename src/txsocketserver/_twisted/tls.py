@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_tls -*-
 """TLS for ``ssl:`` endpoint descriptions: the policy, the contexts, and their reload.
 
 Theory of operation
