@@ -181,6 +181,11 @@ class Heartbeat:
                 loop.stop()
         self._loops = []
 
+    def ready(self) -> None:
+        """Send ``READY=1`` (with ``MAINPID`` and the status line)."""
+        self._last_status = self._status()
+        self._notifier.ready(self._last_status)
+
     def send_status(self) -> None:
         """Send ``STATUS=`` now if it changed."""
         text = self._status()
@@ -224,7 +229,7 @@ class ServerNotifications:
         self._heartbeat = Heartbeat(lambda: None, lambda: server_status(server))
 
     def start(self) -> None:
-        notifier().ready(server_status(self._server))
+        self._heartbeat.ready()
         self._heartbeat.start()
 
     def stop(self) -> None:

@@ -324,6 +324,7 @@ class Workers(Service):
         self.log_file = log_file
         self._replaced = 0  # workers replaced (died, stuck, retired) since the start
         self._announced = False  # READY=1 sent for the current generation
+        self._started_once = False  # READY=1 ever sent
         self._heartbeat = systemd.Heartbeat(self._health, self._status)
         descriptions = [listen] if isinstance(listen, str) else list(listen)
         if not descriptions:
@@ -614,8 +615,8 @@ class Workers(Service):
         self._reconcile()
         self._notify_ready()
         if not self._announced and self._stopping is None and self._all_ready():
-            self._announced = True
-            systemd.notifier().ready(self._status())
+            self._announced = self._started_once = True
+            self._heartbeat.ready()
         self._heartbeat.send_status()
 
     def _heard_from(self, process: _WorkerProcess) -> None:
@@ -724,8 +725,8 @@ class Workers(Service):
 
     def _health(self) -> str | None:
         """None while at least one worker serves, else why not (the watchdog's view)."""
-        if any(p.ready and not p.stopping for p in self._processes):
-            return None
+        if not self._started_once or any(p.ready and not p.stopping for p in self._processes):
+            return None  # starting: systemd's start timeout covers that
         return "no worker is ready"
 
     def _status(self) -> str:

@@ -260,11 +260,12 @@ class _Worker:
             service_actions()
 
         server.service_actions = ticking_service_actions
-        if not self._spec["max_requests"]:
-            return
         verify_request = server.verify_request
 
         def counting_verify_request(request: Any, client_address: Any) -> bool:
+            # The loop takes a request: progress, up to this moment (a request
+            # that then runs for worker_timeout is a stall of that long).
+            self._ticks[key] = time.monotonic()
             self._requests += 1
             if self._requests == self._spec["max_requests"]:
                 # From the serving thread, shutdown() returns at once and the
