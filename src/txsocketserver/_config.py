@@ -221,7 +221,8 @@ class Configuration:
         self.problems: list[Problem] = []
 
     def _place(self, path: str, lines: Mapping[Any, int], *key: Any) -> str:
-        line = lines.get(key)
+        # A key, or else a table of that name (its header line).
+        line = lines.get(key) or (lines.get((key[2], 0, "")) if key[0] == "" else None)
         return f"{path}:{line}" if line else path
 
     # -- reading ---------------------------------------------------------------
@@ -356,8 +357,8 @@ class Configuration:
                 self.problems.append(
                     Problem(f"environment {variable}", f"{text!r}: expected 1 or 0 (true, false)")
                 )
-        if "WEB_CONCURRENCY" in environ and "workers" in self.options:
-            self.values.setdefault("workers", _Value(environ["WEB_CONCURRENCY"], "WEB_CONCURRENCY"))
+        if "WEB_CONCURRENCY" in environ and ENV_PREFIX + "WORKERS" not in environ:
+            self.values["workers"] = _Value(environ["WEB_CONCURRENCY"], "environment WEB_CONCURRENCY")
         if environ.get("PORT") and not self.listeners:
             self.listeners = [_Listener(f"tcp:{environ['PORT']}", "environment PORT")]
 
