@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,12 @@ from test_workers import START, ask, wait_for_workers
 from txsocketserver._config import tomllib
 
 HANDLER = "worker_handlers:PidHandler"
+
+
+@pytest.fixture
+def cli(spawn: Spawn) -> Spawn:  # noqa: F811 - the fixture imported above
+    """test_twistd_cli's process starter (its finalizer kills what it started)."""
+    return spawn
 
 
 def environment(**variables: str) -> dict[str, str]:
@@ -194,7 +199,7 @@ def test_unreadable_file_exits_2(tmp_path: Path) -> None:
         assert f"{path}: cannot read the --config file" in result.stderr
 
 
-def test_served_from_the_file_with_per_listener_options(spawn: Spawn, tmp_path: Path) -> None:
+def test_served_from_the_file_with_per_listener_options(cli: Spawn, tmp_path: Path) -> None:
     """Two listeners, one of which trusts no PROXY header from loopback."""
     config = write(tmp_path / "app.toml", f"""\
 handler = "{HANDLER}"
@@ -208,9 +213,10 @@ endpoint = "haproxy:tcp:0:interface=127.0.0.1"
 endpoint = "haproxy:tcp:0:interface=127.0.0.1"
 trusted-proxies = "10.0.0.0/8"
 """)  # fmt: skip
-    server = spawn(*CLI, "--config", config)
-    ports = [int(port) for port in re.findall(r" at 127\.0\.0\.1:(\d+) ", server.wait_for(
-        re.compile(r"(?s)serving .* at 127\.0\.0\.1:\d+ .*at 127\.0\.0\.1:\d+ ")).group(0))]  # fmt: skip
+    server = cli(*CLI, "--config", config)
+    both = re.compile(r"(?s)serving .* at 127\.0\.0\.1:\d+ .*at 127\.0\.0\.1:\d+ ")
+    ports = [int(port) for port in re.findall(r" at 127\.0\.0\.1:(\d+) ",
+                                              server.wait_for(both).group(0))]  # fmt: skip
     wait_for_workers(server, 1)
     header = b"PROXY TCP4 192.0.2.7 127.0.0.1 5555 80\r\n"
     with connect((LOCALHOST, ports[0])) as trusting:
@@ -223,14 +229,14 @@ trusted-proxies = "10.0.0.0/8"
     assert server.stop() == 0
 
 
-def test_twistd_takes_the_same_file(spawn: Spawn, tmp_path: Path) -> None:
+def test_twistd_takes_the_same_file(cli: Spawn, tmp_path: Path) -> None:
     config = write(tmp_path / "app.toml", f"""\
 handler = "{HANDLER}"
 mode = "sync"
 log-level = "info"  # python -m txsocketserver's own: twistd has its logging options
 listen = ["{TCP}"]
 """)  # fmt: skip
-    server = spawn(*TWISTD, "-n", "socketserver", "--config", config)
+    server = cli(*TWISTD, "-n", "socketserver", "--config", config)
     address = server.address()
     assert ask(address)["pid"] == server.process.pid
     assert server.stop() in (0, -15)

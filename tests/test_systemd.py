@@ -38,6 +38,12 @@ from test_workers import START, ask, wait_for_workers
 DOCS = REPO / "docs" / "operations.md"
 
 
+@pytest.fixture
+def cli(spawn: Spawn) -> Spawn:  # noqa: F811 - the fixture imported above
+    """test_twistd_cli's process starter (its finalizer kills what it started)."""
+    return spawn
+
+
 class NotifySocket:
     """systemd's end of ``NOTIFY_SOCKET``: every datagram received, in order.
 
@@ -117,10 +123,10 @@ def notify(
 
 @pytest.mark.parametrize("notify", ["path", "abstract"], indirect=True)
 def test_workers_notify_ready_reloading_stopping_and_the_watchdog(
-    spawn: Spawn, notify: NotifySocket, monkeypatch: pytest.MonkeyPatch
+    cli: Spawn, notify: NotifySocket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("WATCHDOG_USEC", "400000")  # a ping every 0.2 s
-    server = spawn(*CLI, "--workers", "2", "--listen", TCP, "--handler",
+    server = cli(*CLI, "--workers", "2", "--listen", TCP, "--handler",
                    "worker_handlers:PidHandler", "--mode", "threading")  # fmt: skip
     address = server.address()
     ready = notify.wait_for("READY", "1")
@@ -150,10 +156,10 @@ def test_workers_notify_ready_reloading_stopping_and_the_watchdog(
 
 
 def test_single_process_notifies_ready_then_stopping(
-    spawn: Spawn, notify: NotifySocket, monkeypatch: pytest.MonkeyPatch
+    cli: Spawn, notify: NotifySocket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("WATCHDOG_USEC", "400000")
-    server = spawn(*CLI, "--listen", TCP, "--handler", "worker_handlers:PidHandler")
+    server = cli(*CLI, "--listen", TCP, "--handler", "worker_handlers:PidHandler")
     address = server.address()
     ready = notify.wait_for("READY", "1")
     assert notify.messages[ready]["MAINPID"] == str(server.process.pid)
@@ -169,8 +175,8 @@ def test_single_process_notifies_ready_then_stopping(
     notify.wait_for("STOPPING", "1", timeout=WAIT)
 
 
-def test_twistd_notifies_ready_and_stopping(spawn: Spawn, notify: NotifySocket) -> None:
-    server = spawn(*TWISTD, "-n", "socketserver", "--listen", TCP, "--handler",
+def test_twistd_notifies_ready_and_stopping(cli: Spawn, notify: NotifySocket) -> None:
+    server = cli(*TWISTD, "-n", "socketserver", "--listen", TCP, "--handler",
                    "worker_handlers:PidHandler")  # fmt: skip
     address = server.address()
     ready = notify.wait_for("READY", "1")
@@ -182,12 +188,12 @@ def test_twistd_notifies_ready_and_stopping(spawn: Spawn, notify: NotifySocket) 
 
 
 def test_watchdog_is_withheld_while_no_worker_serves(
-    spawn: Spawn, notify: NotifySocket, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    cli: Spawn, notify: NotifySocket, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     crash = tmp_path / "crash"
     monkeypatch.setenv("WATCHDOG_USEC", "400000")
     monkeypatch.setenv("WORKER_TEST_CRASH_FILE", str(crash))
-    server = spawn(*CLI, "--workers", "1", "--listen", TCP, "--handler",
+    server = cli(*CLI, "--workers", "1", "--listen", TCP, "--handler",
                    "worker_handlers:PidHandler")  # fmt: skip
     server.address()
     (pid,) = wait_for_workers(server, 1)
@@ -208,11 +214,11 @@ def test_watchdog_is_withheld_while_no_worker_serves(
 
 
 def test_an_unwritable_notify_socket_is_logged_once_and_serving_goes_on(
-    spawn: Spawn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cli: Spawn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "nobody-listens.sock"))
     monkeypatch.setenv("WATCHDOG_USEC", "200000")
-    server = spawn(*CLI, "--workers", "1", "--listen", TCP, "--handler",
+    server = cli(*CLI, "--workers", "1", "--listen", TCP, "--handler",
                    "worker_handlers:PidHandler")  # fmt: skip
     address = server.address()
     wait_for_workers(server, 1)
@@ -226,12 +232,12 @@ def test_an_unwritable_notify_socket_is_logged_once_and_serving_goes_on(
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
                     reason="Debian's systemd package (.ci/run installs it)")  # fmt: skip
 def test_socket_activation_by_systemd_socket_activate(
-    spawn: Spawn, notify: NotifySocket
+    cli: Spawn, notify: NotifySocket
 ) -> None:
     with socket.socket() as probe:
         probe.bind((LOCALHOST, 0))
         port = probe.getsockname()[1]
-    server = spawn(
+    server = cli(
         "systemd-socket-activate", "-l", f"{LOCALHOST}:{port}", "--fdname=http",
         "-E", f"NOTIFY_SOCKET={notify.name}",
         "-E", f"PYTHONPATH={os.environ.get('PYTHONPATH', '')}{os.pathsep}{REPO / 'tests'}",

@@ -24,8 +24,14 @@ LINES = "lifecycle_handlers:LineHandler"
 SCHEDULING = 0.5
 
 
-def start(spawn: Spawn, *args: str, workers: int = 1, handler: str = LINES) -> ServerProcess:
-    return spawn(*CLI, "--workers", str(workers), "--listen", TCP, "--handler", handler, *args)
+@pytest.fixture
+def cli(spawn: Spawn) -> Spawn:  # noqa: F811 - the fixture imported above
+    """test_twistd_cli's process starter (its finalizer kills what it started)."""
+    return spawn
+
+
+def start(cli: Spawn, *args: str, workers: int = 1, handler: str = LINES) -> ServerProcess:
+    return cli(*CLI, "--workers", str(workers), "--listen", TCP, "--handler", handler, *args)
 
 
 def timed_request(address: tuple[str, int], line: bytes) -> tuple[float, bytes]:
@@ -53,11 +59,11 @@ def timed_request(address: tuple[str, int], line: bytes) -> tuple[float, bytes]:
     ],
 )
 def test_a_worker_without_progress_for_the_timeout_is_replaced_within_the_margin(
-    spawn: Spawn, handler: str, how: str
+    cli: Spawn, handler: str, how: str
 ) -> None:
     timeout = 2.0
     mode = ["--mode", "sync"] if handler == LINES else []
-    server = start(spawn, "--worker-timeout", str(timeout), *mode, handler=handler)
+    server = start(cli, "--worker-timeout", str(timeout), *mode, handler=handler)
     address = server.address()
     (stuck,) = wait_for_workers(server, 1)
     # 1.25 x the timeout: today's rule let such a request finish, then killed
@@ -83,11 +89,11 @@ def test_a_worker_without_progress_for_the_timeout_is_replaced_within_the_margin
 
 @pytest.mark.parametrize("handler", [LINES, "lifecycle_handlers:ReactorBlockingHandler"])
 def test_a_worker_that_made_progress_since_a_stall_is_never_killed_for_it(
-    spawn: Spawn, handler: str
+    cli: Spawn, handler: str
 ) -> None:
     timeout = 2.0
     mode = ["--mode", "sync"] if handler == LINES else []
-    server = start(spawn, "--worker-timeout", str(timeout), *mode, handler=handler)
+    server = start(cli, "--worker-timeout", str(timeout), *mode, handler=handler)
     address = server.address()
     (pid,) = wait_for_workers(server, 1)
     # Stalls of 0.75 x the timeout back to back: more than the timeout in
@@ -104,9 +110,9 @@ def test_a_worker_that_made_progress_since_a_stall_is_never_killed_for_it(
 
 
 def test_max_worker_memory_replaces_a_worker_after_its_replacement_is_ready(
-    spawn: Spawn,
+    cli: Spawn,
 ) -> None:
-    server = start(spawn, "--max-worker-memory", "150", "--mode", "threading")
+    server = start(cli, "--max-worker-memory", "150", "--mode", "threading")
     address = server.address()
     (big,) = wait_for_workers(server, 1)
     with Load(address, clients=2) as load:
@@ -130,8 +136,8 @@ def test_max_worker_memory_replaces_a_worker_after_its_replacement_is_ready(
     assert server.stop() == 0
 
 
-def test_max_worker_lifetime_with_jitter(spawn: Spawn) -> None:
-    server = start(spawn, "--max-worker-lifetime", "2", "--max-worker-lifetime-jitter", "1",
+def test_max_worker_lifetime_with_jitter(cli: Spawn) -> None:
+    server = start(cli, "--max-worker-lifetime", "2", "--max-worker-lifetime-jitter", "1",
                    "--mode", "threading", workers=2)  # fmt: skip
     address = server.address()
     first = wait_for_workers(server, 2)
@@ -150,11 +156,11 @@ def test_max_worker_lifetime_with_jitter(spawn: Spawn) -> None:
 
 
 def test_reload_drains_an_old_worker_only_once_a_new_one_serves(
-    spawn: Spawn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cli: Spawn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     slow = tmp_path / "slow-start"
     monkeypatch.setenv("LIFECYCLE_SLOW_START_FILE", str(slow))
-    server = start(spawn, "--mode", "threading", workers=2)
+    server = start(cli, "--mode", "threading", workers=2)
     address = server.address()
     old = wait_for_workers(server, 2, generation=0)
     slow.touch()  # the first new worker to import the handler takes 4 s more
@@ -176,10 +182,10 @@ def test_reload_drains_an_old_worker_only_once_a_new_one_serves(
 
 
 def test_sigusr1_reopens_the_log_file_of_the_supervisor_and_its_workers(
-    spawn: Spawn, tmp_path: Path
+    cli: Spawn, tmp_path: Path
 ) -> None:
     log = tmp_path / "app.log"
-    server = start(spawn, "--log-file", str(log), "--mode", "threading", workers=2)
+    server = start(cli, "--log-file", str(log), "--mode", "threading", workers=2)
     assert wait_until(lambda: log.exists() and len(re.findall("ready", log.read_text())) == 2,
                       START), server.output()  # fmt: skip
     address = tuple_address(log.read_text())
@@ -203,9 +209,9 @@ def test_sigusr1_reopens_the_log_file_of_the_supervisor_and_its_workers(
     assert "all workers stopped" in log.read_text()
 
 
-def test_sigusr1_reopens_the_log_file_of_a_single_process(spawn: Spawn, tmp_path: Path) -> None:
+def test_sigusr1_reopens_the_log_file_of_a_single_process(cli: Spawn, tmp_path: Path) -> None:
     log = tmp_path / "app.log"
-    server = spawn(*CLI, "--listen", TCP, "--handler", LINES, "--log-file", str(log))
+    server = cli(*CLI, "--listen", TCP, "--handler", LINES, "--log-file", str(log))
     assert wait_until(lambda: log.exists() and " at " in log.read_text(), START)
     address = tuple_address(log.read_text())
     log.rename(tmp_path / "app.log.1")
@@ -223,13 +229,13 @@ def tuple_address(text: str) -> tuple[str, int]:
     return match.group(1), int(match.group(2))
 
 
-def test_lifecycle_options_need_workers_and_sane_values(spawn: Spawn) -> None:
+def test_lifecycle_options_need_workers_and_sane_values(cli: Spawn) -> None:
     for args, message in [
         (["--max-worker-memory", "100"], "--max-worker-memory need(s) --workers N"),
         (["--workers", "1", "--max-worker-lifetime", "0"], "--max-worker-lifetime must be"),
         (["--workers", "1", "--max-worker-lifetime-jitter", "-1"], "must not be negative"),
     ]:
-        server = spawn(*CLI, "--listen", TCP, "--handler", LINES, *args)
+        server = cli(*CLI, "--listen", TCP, "--handler", LINES, *args)
         assert server.finish() == 2
         assert message in server.output(), server.output()
 

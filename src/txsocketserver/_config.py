@@ -267,8 +267,11 @@ class Configuration:
         values = [value] if isinstance(value, str) else value
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
             self.problems.append(
-                Problem(where, f"listen = {value!r}: expected an endpoint string or a list "
-                               "of them, e.g. listen = [\"tcp:8000\"]")  # fmt: skip
+                Problem(
+                    where,
+                    f"listen = {value!r}: expected an endpoint string or a list "
+                    'of them, e.g. listen = ["tcp:8000"]',
+                )
             )
             return []
         return values
@@ -286,8 +289,11 @@ class Configuration:
             endpoint = table.get("endpoint")
             if not isinstance(endpoint, str):
                 self.problems.append(
-                    Problem(where, "[[listener]] needs endpoint = \"...\" (an endpoint string, "
-                                   "e.g. \"tcp:8000\")")  # fmt: skip
+                    Problem(
+                        where,
+                        '[[listener]] needs endpoint = "..." (an endpoint string, '
+                        'e.g. "tcp:8000")',
+                    )
                 )
                 continue
             listener = _Listener(endpoint, self._place(path, lines, "listener", index, "endpoint"))
@@ -297,9 +303,12 @@ class Configuration:
                 item_where = self._place(path, lines, "listener", index, name)
                 if name not in PER_LISTENER:
                     self.problems.append(
-                        Problem(item_where, f"unknown option {name!r} in [[listener]]: a "
-                                f"listener may set endpoint, {', '.join(PER_LISTENER)}")
-                    )  # fmt: skip
+                        Problem(
+                            item_where,
+                            f"unknown option {name!r} in [[listener]]: a "
+                            f"listener may set endpoint, {', '.join(PER_LISTENER)}",
+                        )
+                    )
                     continue
                 checked = self._checked(name, item, item_where)
                 if checked is not None:
@@ -352,13 +361,17 @@ class Configuration:
             if option.takes_value:
                 self.values[name] = _Value(text, f"environment {variable}")
             elif text.strip().lower() in _TRUE | _FALSE:
-                self.values[name] = _Value(text.strip().lower() in _TRUE, f"environment {variable}")
+                self.values[name] = _Value(
+                    text.strip().lower() in _TRUE, f"environment {variable}"
+                )
             else:
                 self.problems.append(
                     Problem(f"environment {variable}", f"{text!r}: expected 1 or 0 (true, false)")
                 )
         if "WEB_CONCURRENCY" in environ and ENV_PREFIX + "WORKERS" not in environ:
-            self.values["workers"] = _Value(environ["WEB_CONCURRENCY"], "environment WEB_CONCURRENCY")
+            self.values["workers"] = _Value(
+                environ["WEB_CONCURRENCY"], "environment WEB_CONCURRENCY"
+            )
         if environ.get("PORT") and not self.listeners:
             self.listeners = [_Listener(f"tcp:{environ['PORT']}", "environment PORT")]
 
@@ -431,8 +444,13 @@ class Configuration:
         parser = self.parser
         listens = self._listens_with_places()
         if not listens:
-            problems.append(Problem("configuration", "no listener: give --listen, listen = "
-                                    "[...] or [[listener]] in the file, or PORT"))  # fmt: skip
+            problems.append(
+                Problem(
+                    "configuration",
+                    "no listener: give --listen, listen = "
+                    "[...] or [[listener]] in the file, or PORT",
+                )
+            )
         for description, where in listens:
             description = f"tcp:{description}" if description.isdigit() else description
             missing = [path for path in _tls_files(description) if not os.path.exists(path)]
@@ -443,8 +461,13 @@ class Configuration:
             try:
                 Endpoint(description).resolve()
             except ValueError as exc:
-                problems.append(Problem(where, f"{exc} (expected an endpoint such as tcp:8000, "
-                                        "unix:/run/app.sock or ssl:8443:privateKey=...)"))  # fmt: skip
+                problems.append(
+                    Problem(
+                        where,
+                        f"{exc} (expected an endpoint such as tcp:8000, "
+                        "unix:/run/app.sock or ssl:8443:privateKey=...)",
+                    )
+                )
         for index, options in enumerate(parser.get("listener-options") or []):
             for name, value in options.items():
                 listener_where = self.listeners[index].options[name].where  # type: ignore[index]
@@ -454,8 +477,12 @@ class Configuration:
                     problems.append(Problem(listener_where, f"{name}: {exc}"))
         handler = None
         if not parser.get("handler"):
-            problems.append(Problem("configuration", "no handler: give --handler or handler = "
-                                    "\"package.module:Class\""))  # fmt: skip
+            problems.append(
+                Problem(
+                    "configuration",
+                    'no handler: give --handler or handler = "package.module:Class"',
+                )
+            )
         else:
             try:
                 handler = load_object(parser["handler"], "--handler")
@@ -464,9 +491,11 @@ class Configuration:
         mode = parser.get("mode")
         if mode is not None and mode not in MODES:
             problems.append(
-                Problem(self.where("mode") or "mode", f"mode {mode!r}: expected one of "
-                        f"{', '.join(MODES)}")
-            )  # fmt: skip
+                Problem(
+                    self.where("mode") or "mode",
+                    f"mode {mode!r}: expected one of {', '.join(MODES)}",
+                )
+            )
         elif handler is not None:
             try:
                 server_class(parser.get("server"), mode_for(handler, mode))

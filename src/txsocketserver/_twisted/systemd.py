@@ -205,8 +205,6 @@ class Heartbeat:
             _log.warn("not sending WATCHDOG=1 to systemd: {problem}", problem=problem)
 
 
-
-
 def server_status(server: Any) -> str:
     """The ``STATUS=`` line of a single-process server: where, and its live count."""
     return (
