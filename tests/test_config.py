@@ -260,3 +260,18 @@ def test_an_option_from_the_file_failing_a_check_names_its_line(tmp_path: Path) 
     result = run("--config", config)
     assert result.returncode == 2
     assert f"{config}:3: --workers must be at least 1" in result.stderr, result.stderr
+
+
+def test_the_configuration_files_in_the_docs_are_valid(tmp_path: Path) -> None:
+    """Each TOML example of docs/operations.md: no unknown option, no wrong type."""
+    from txsocketserver.__main__ import MainOptions
+    from txsocketserver._config import Configuration
+
+    blocks = re.findall(r"```toml\n(.*?)```", (REPO / "docs" / "operations.md").read_text(),
+                        re.DOTALL)  # fmt: skip
+    assert len(blocks) >= 2
+    for index, block in enumerate(blocks):
+        configuration = Configuration(MainOptions(), {})
+        configuration.read_file(write(tmp_path / f"docs-{index}.toml", block))
+        assert configuration.problems == [], block
+        assert configuration.listeners, block
