@@ -7,8 +7,10 @@ Real supervisors and workers, real clients; times measured at the client.
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -239,3 +241,39 @@ def test_lifecycle_options_need_workers_and_sane_values(cli: Spawn) -> None:
         assert server.finish() == 2
         assert message in server.output(), server.output()
 
+
+
+@pytest.mark.skipif(shutil.which("logrotate") is None and not Path("/usr/sbin/logrotate").exists(),
+                    reason="Debian's logrotate (.ci/run installs it)")  # fmt: skip
+def test_logrotate_with_the_stanza_of_the_docs(cli: Spawn, tmp_path: Path) -> None:
+    """The operations guide's logrotate stanza, run by logrotate itself (forced)."""
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    match = re.search(r"```\n(/var/log/myapp/server.log \{.*?\})\n```", docs, re.DOTALL)
+    assert match, "no logrotate stanza in docs/operations.md"
+    log = tmp_path / "server.log"
+    server = start(cli, "--log-file", str(log), "--mode", "threading", workers=2)
+    assert wait_until(lambda: log.exists() and log.read_text().count("ready") == 2, START)
+    address = tuple_address(log.read_text())
+    # systemctl stands for systemd here: the same signal, sent by kill.
+    stanza = match.group(1).replace("/var/log/myapp/server.log", str(log)).replace(
+        "systemctl kill --signal=SIGUSR1 --kill-whom=main myapp.service",
+        f"kill -USR1 {server.process.pid}",
+    )
+    config = tmp_path / "logrotate.conf"
+    config.write_text(stanza + "\n")
+    logrotate = shutil.which("logrotate") or "/usr/sbin/logrotate"
+    result = subprocess.run(
+        [logrotate, "--force", "--state", str(tmp_path / "state"), str(config)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rotated = tmp_path / "server.log.1"
+    assert rotated.exists() and "ready" in rotated.read_text()
+    assert wait_until(log.exists, WAIT)
+    pids: set[int] = set()
+    deadline = time.monotonic() + START
+    while len(pids) < 2 and time.monotonic() < deadline:
+        pids.add(ask(address, b"say rotated\n")["pid"])  # type: ignore[arg-type]
+    assert wait_until(lambda: log.read_text().count("says rotated") >= 2, WAIT)
+    assert "says rotated" not in rotated.read_text()
+    assert server.stop() == 0
