@@ -122,6 +122,9 @@ def test_environment_variables(tmp_path: Path) -> None:
     alone = run("--print-config", env=env)
     assert alone.returncode == 0, alone.stderr
     assert tomllib.loads(alone.stdout)["listener"] == [{"endpoint": "tcp:8123"}]
+    # TXSOCKETSERVER_CONFIG names the file when --config does not.
+    named = run("--print-config", env=environment(TXSOCKETSERVER_CONFIG=config))
+    assert tomllib.loads(named.stdout)["mode"] == "threading", named.stderr
     # A --listen on the command line replaces the file's listeners.
     cli = run("--config", config, "--listen", "tcp:0", "--print-config")
     assert tomllib.loads(cli.stdout)["listener"] == [{"endpoint": "tcp:0"}], cli.stderr

@@ -381,6 +381,8 @@ class Configuration:
         """Give the parser every value, as its command line would (before it parses one)."""
         parser = self.parser
         for name, item in self.values.items():
+            if name in self.given:
+                continue  # the command line's wins; and --reactor must install once
             try:
                 if not self.options[name].takes_value:
                     if item.value:
