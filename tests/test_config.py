@@ -278,3 +278,9 @@ def test_the_configuration_files_in_the_docs_are_valid(tmp_path: Path) -> None:
         configuration.read_file(write(tmp_path / f"docs-{index}.toml", block))
         assert configuration.problems == [], block
         assert configuration.listeners, block
+
+
+def test_help_answers_whatever_the_file_says(tmp_path: Path) -> None:
+    result = run("--config", write(tmp_path / "bad.toml", "bogus = 1\n"), "--help")
+    assert result.returncode == 0, result.stderr
+    assert "--check-config" in result.stdout

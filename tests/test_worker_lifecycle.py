@@ -277,3 +277,18 @@ def test_logrotate_with_the_stanza_of_the_docs(cli: Spawn, tmp_path: Path) -> No
     assert wait_until(lambda: log.read_text().count("says rotated") >= 2, WAIT)
     assert "says rotated" not in rotated.read_text()
     assert server.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_worker_memory": 0}, "max_worker_memory must be positive"),
+        ({"max_worker_lifetime": -1}, "max_worker_lifetime must be positive"),
+        ({"max_worker_lifetime_jitter": -1}, "max_worker_lifetime_jitter must not be negative"),
+    ],
+)
+def test_library_lifecycle_errors(kwargs: dict[str, float], message: str) -> None:
+    from txsocketserver import Workers
+
+    with pytest.raises(ValueError, match=message):
+        Workers(LINES, TCP, **kwargs)  # type: ignore[arg-type]

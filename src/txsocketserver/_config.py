@@ -605,6 +605,10 @@ def parse(
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = os.environ if environ is None else environ
     given = _given_on_command_line(parser, argv)
+    if given.keys() & {"help", "version"}:
+        # They answer whatever the file says (and exit).
+        usage.Options.parseOptions(parser, argv)
+        return
     configuration = Configuration(parser, given)
     path = given.get("config") or environ.get(ENV_PREFIX + "CONFIG")
     if path:

@@ -19,12 +19,12 @@ Every event (a worker ready, exited, retiring, timed out; a signal) ends in
   stopping), new ones are started, after a back-off if workers have been
   dying before they got ready (0.25 s, doubling, at most 16 s; reset once a
   worker gets ready or on reload).
-* Once ``workers`` workers of the current generation are ready, workers of
-  older generations are told to stop (SIGTERM: they drain their requests in
-  flight within ``drain_timeout`` and exit) one for each worker of the
-  current generation that is ready (a reload is rolling: an old worker
-  drains only once a new one serves), as are extra workers after SIGTTOU,
-  those that are not ready yet first, then the oldest.
+* Workers of older generations are told to stop (SIGTERM: they drain their
+  requests in flight within ``drain_timeout`` and exit) one for each worker
+  of the current generation that gets ready beyond ``workers``: a reload is
+  rolling, an old worker drains only once a new one serves.  So are extra
+  workers after SIGTTOU, those that are not ready yet first, then the
+  oldest.
 * A worker over ``max_worker_memory`` or past its ``max_worker_lifetime``
   is *retiring*: it serves on, but no longer counts, so a replacement
   starts; once that one is ready, the retiring worker drains like an old
@@ -308,12 +308,11 @@ class Workers(Service):
         for name, value in (
             ("max_worker_memory", max_worker_memory),
             ("max_worker_lifetime", max_worker_lifetime),
-            ("max_worker_lifetime_jitter", max_worker_lifetime_jitter),
         ):
-            if value is not None and value <= 0 and name != "max_worker_lifetime_jitter":
+            if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive")
-            if value is not None and value < 0:
-                raise ValueError(f"{name} must not be negative")
+        if max_worker_lifetime_jitter is not None and max_worker_lifetime_jitter < 0:
+            raise ValueError("max_worker_lifetime_jitter must not be negative")
         if max_worker_memory is not None and resident_memory(os.getpid()) is None:
             raise ValueError("max_worker_memory reads /proc/PID/statm, which this system lacks")
         self.max_worker_memory = max_worker_memory
