@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_config -*-
 """``--config FILE`` (TOML), the environment, and their precedence over defaults.
 
 Theory of operation

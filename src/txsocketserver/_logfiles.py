@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_worker_lifecycle -*-
 """Log files that ``SIGUSR1`` reopens (logrotate's ``postrotate``).
 
 ``--log-file PATH`` points the process's standard output and standard error

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_systemd -*-
 """systemd's service notification protocol (``sd_notify``) and its watchdog.
 
 Under ``Type=notify`` systemd sets ``NOTIFY_SOCKET`` to a datagram socket (a
