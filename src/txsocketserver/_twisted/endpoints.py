@@ -319,8 +319,8 @@ class EndpointReadiness:
         self._listener = listener
         self.wakes = 0  # wake() calls not yet consumed by wait(); under the listener's lock
         # A port opened before any reactor ran (the first server of a blocking
-        # program) accepts only once one runs.
-        _reactor.running_reactor()
+        # program) accepts only once one runs; the listener holds it until closed.
+        _reactor.hold(listener)
 
     def wait(self, timeout: float | None) -> bool:
         return self._listener._wait(self, timeout)
@@ -662,12 +662,10 @@ class EndpointListener:
         reactor = _reactor.get_reactor()
         if _reactor.in_reactor_thread():
             self._stop_port(port)
-        elif reactor.running:
-            _reactor.call_in_reactor(self._stop_port, port)
         else:
-            # Listening happened with no reactor running and nothing ran it
-            # since: only a running reactor closes a port, so start ours.
-            _reactor.running_reactor()
+            # With no reactor running (listening happened before any ran, and
+            # none runs now), call_in_reactor runs ours for the call: only a
+            # running reactor closes a port.
             _reactor.call_in_reactor(self._stop_port, port)
 
     def _stop_port(self, port: IListeningPort) -> Any:
@@ -710,6 +708,7 @@ class EndpointListener:
         if notify is not None:
             for end in notify:
                 end.close()
+        _reactor.release(self)
 
 
 __all__ = [

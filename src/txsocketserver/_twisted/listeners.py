@@ -202,8 +202,9 @@ class SocketListener:
     def readiness(self) -> IRequestReadiness:
         from txsocketserver._twisted.readiness import SocketReadiness
 
-        # fileno() through the server: a subclass may override it.
-        return SocketReadiness(self._server.fileno())
+        # fileno() through the server: a subclass may override it.  The
+        # listener holds the reactor from the first serving call until closed.
+        return SocketReadiness(self._server.fileno(), holder=self)
 
     def start_listening(self) -> Any:
         sock = self._server.socket
@@ -225,6 +226,9 @@ class SocketListener:
             self._server.socket.close()
 
     def close(self) -> None:
+        from txsocketserver._twisted import reactor as _reactor
+
+        _reactor.release(self)
         server = self._server
         server.socket.close()
         if self._unix_bound:

@@ -16,6 +16,7 @@ from typing import Any
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from txsocketserver._twisted import reactor as _reactor
 from txsocketserver._twisted.interfaces import IThreadDispatcher
 
 
@@ -105,6 +106,8 @@ class ThreadDispatcher:
         self._idle_at_last_trim = 0
         self._hold_exit = hold_exit
         self.request_threads = RequestThreads()
+        # Requests on an endpoint's connections need the reactor until they end.
+        _reactor.hold(self)
 
     def dispatch(self, function: Callable[..., object], *args: Any) -> None:
         self._pool.callInThread(self._run, function, args)
@@ -146,3 +149,4 @@ class ThreadDispatcher:
                 name="txsocketserver-pool-stop",
                 daemon=not self._hold_exit,
             ).start()
+        _reactor.release(self)
