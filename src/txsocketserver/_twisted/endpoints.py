@@ -627,6 +627,9 @@ class EndpointListener:
         one does, which is what a ``selectors`` loop calling
         ``handle_request()`` needs.
         """
+        if self._notify is None and not self._closed:
+            # Whoever selects on it needs Twisted to accept meanwhile.
+            _reactor.hold(self)
         with self._lock:
             if self._closed:
                 raise bad_file_descriptor("the server was closed")
