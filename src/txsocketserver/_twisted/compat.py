@@ -361,6 +361,20 @@ class ReadMultiplexer:
             self._epoll.close()
 
 
+def widen_listen_backlog(port: Any, backlog: int) -> bool:
+    """Let the kernel queue up to *backlog* connections for *port* (a
+    listening port of Twisted's: TCP or UNIX), by calling ``listen()`` again
+    on its socket, ``Port.socket``; return whether it could.  Twisted takes
+    the backlog only when the port is made (``listenTCP(backlog=50)``)."""
+    import socket
+
+    sock = getattr(port, "socket", None)
+    if not isinstance(sock, socket.socket) or sock.fileno() == -1:
+        return False
+    sock.listen(backlog)
+    return True
+
+
 # -- the blocking world's reactor thread (``_twisted.reactor``) ------------------------------
 #
 # The thread runs the global reactor with ``run()`` and ends with ``crash()``,
@@ -473,4 +487,5 @@ __all__ = [
     "ssl_description_options",
     "tcp_parameters",
     "unix_parameters",
+    "widen_listen_backlog",
 ]

@@ -434,6 +434,7 @@ class EndpointListener:
 
     def _listening(self, port: IListeningPort) -> None:
         self._port = port
+        self._widen_backlog()
         self._cap_accepts()
         address = port.getHost()
         self.host = socket_address(address)
@@ -617,7 +618,19 @@ class EndpointListener:
             self._changed.notify_all()
 
     def readiness(self) -> EndpointReadiness:
+        self._widen_backlog()
         return EndpointReadiness(self)
+
+    def _widen_backlog(self) -> None:
+        """With ``max_connections``, clients beyond the cap wait in the port's
+        kernel queue once this listener's is full: size it as a socket
+        server's (``listeners.listen_backlog``)."""
+        from txsocketserver._twisted import compat
+        from txsocketserver._twisted.listeners import listen_backlog
+
+        port = self._port
+        if port is not None and getattr(self._server, "max_connections", None) is not None:
+            compat.widen_listen_backlog(port, listen_backlog(self._server))
 
     def fileno(self) -> int:
         """A descriptor that is readable while a connection is queued.
