@@ -32,9 +32,9 @@ def listen_counters() -> dict[str, int]:
     """TcpExt's ListenOverflows and ListenDrops."""
     with open("/proc/net/netstat") as f:
         lines = f.read().splitlines()
-    for names, values in zip(lines[::2], lines[1::2]):
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
         if names.startswith("TcpExt:"):
-            table = dict(zip(names.split()[1:], map(int, values.split()[1:])))
+            table = dict(zip(names.split()[1:], map(int, values.split()[1:]), strict=False))
             return {key: table[key] for key in ("ListenOverflows", "ListenDrops")}
     return {}
 

@@ -39,8 +39,7 @@ def run_scenario(*args: str, cwd: str) -> dict:
         [sys.executable, "-W", "error::ResourceWarning", SCENARIOS, *args],
         cwd=cwd,
         timeout=TIMEOUT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
     )
     output = done.stderr.decode(errors="replace")
     assert done.returncode == 0, output

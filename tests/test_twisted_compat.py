@@ -367,7 +367,8 @@ def test_a_ports_listen_backlog_is_widened() -> None:
         from txsocketserver._twisted import compat
 
         def limit(sock):
-            return struct.unpack_from("I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), 28)[0]
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+            return struct.unpack_from("I", info, 28)[0]
 
         port = reactor.listenTCP(0, protocol.Factory(), backlog=7, interface="127.0.0.1")
         assert limit(port.socket) == 7

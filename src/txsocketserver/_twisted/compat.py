@@ -425,9 +425,7 @@ def reactor_work(reactor: Any) -> str:
     from twisted.internet import process
 
     internal = getattr(reactor, "_internalReaders", None) or {reactor.waker}
-    selectables = [
-        s for s in {*reactor.getReaders(), *reactor.getWriters()} if s not in internal
-    ]
+    selectables = [s for s in {*reactor.getReaders(), *reactor.getWriters()} if s not in internal]
     pool = getattr(reactor, "threadpool", None)
     if process.reapProcessHandlers or (pool is not None and pool.working):
         return BUSY

@@ -675,7 +675,6 @@ class EndpointListener:
         port, self._port = self._port, None
         if port is None:
             return
-        reactor = _reactor.get_reactor()
         if _reactor.in_reactor_thread():
             self._stop_port(port)
         else:
