@@ -250,8 +250,9 @@ def test_a_stopped_reactor_is_made_runnable_again() -> None:
 
 def test_reactor_work_tells_idle_closing_and_busy() -> None:
     # _internalReaders (the waker is not work), reapProcessHandlers (a child
-    # not yet reaped is), the reactor's pool (a busy thread is), and a
-    # descriptor's disconnecting flag (closing, not busy).
+    # not yet reaped is), the reactor's pool (a busy thread is), a
+    # descriptor's disconnecting flag and a delayed call due (closing, not
+    # busy; a call due later is not work).
     run_isolated(
         """
         import socket, sys, threading
@@ -279,6 +280,12 @@ def test_reactor_work_tells_idle_closing_and_busy() -> None:
         assert compat.reactor_work(reactor) == compat.CLOSING
         reactor.removeReader(reader)
         assert compat.reactor_work(reactor) == compat.IDLE
+        due = reactor.callLater(0, lambda: None)
+        assert compat.reactor_work(reactor) == compat.CLOSING
+        due.cancel()
+        later = reactor.callLater(60, lambda: None)
+        assert compat.reactor_work(reactor) == compat.IDLE
+        later.cancel()
         ours.close()
         theirs.close()
 

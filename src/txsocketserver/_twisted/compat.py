@@ -418,9 +418,10 @@ def reactor_work(reactor: Any) -> str:
 
     ``IDLE``: no descriptor but its own (``ReactorBase._internalReaders``:
     the waker), no child process to reap (``process.reapProcessHandlers``),
-    no busy thread in its pool.  ``CLOSING``: only descriptors that are
-    closing (``disconnecting``: a transport sending its last bytes, a port
-    going away).  ``BUSY``: anything else.
+    no busy thread in its pool, no delayed call due.  ``CLOSING``: only
+    descriptors that are closing (``disconnecting``: a transport sending its
+    last bytes, a port going away) or delayed calls due now (a port's
+    ``connectionLost``).  ``BUSY``: anything else.
     """
     from twisted.internet import process
 
@@ -429,11 +430,12 @@ def reactor_work(reactor: Any) -> str:
     pool = getattr(reactor, "threadpool", None)
     if process.reapProcessHandlers or (pool is not None and pool.working):
         return BUSY
-    if not selectables:
-        return IDLE
-    if all(getattr(s, "disconnecting", False) for s in selectables):
+    if not all(getattr(s, "disconnecting", False) for s in selectables):
+        return BUSY
+    now = reactor.seconds()
+    if selectables or any(call.getTime() <= now for call in reactor.getDelayedCalls()):
         return CLOSING
-    return BUSY
+    return IDLE
 
 
 def stop_reactor_thread_pool(reactor: Any) -> None:

@@ -160,28 +160,17 @@ class _Drive:
         self.reactor = reactor
         self.running = threading.Event()  # set once run() has started (or failed)
         self.error: BaseException | None = None
-        self.looking_again = False  # a wind_down() is scheduled; reactor thread
+        self.look_again: Any = None  # the next wind_down(), scheduled; reactor thread
         self.thread = threading.Thread(
             target=self._run, name="txsocketserver-reactor", daemon=True
         )
-
-    def start(self) -> None:
-        """Run the reactor in the thread and wait until it runs."""
-        self.reactor.callWhenRunning(self.running.set)
-        self.thread.start()
-        if not self.running.wait(REACTOR_CALL_TIMEOUT):
-            raise RuntimeError("the Twisted reactor did not start")
-        self.check_started()
-
-    def check_started(self) -> None:
-        if self.error is not None:
-            raise RuntimeError(f"the Twisted reactor could not run: {self.error!r}")
 
     def _run(self) -> None:
         global _ending
         previous_io_thread = compat.io_thread()
         try:
             compat.make_runnable_again(self.reactor)
+            self.reactor.callWhenRunning(self.running.set)
             self.reactor.run(installSignalHandlers=False)
         except BaseException as exc:
             self.error = exc
@@ -198,7 +187,9 @@ class _Drive:
         stops), ``CLOSING`` or ``BUSY`` (it looks again later), or
         ``"held"`` (a hold came meanwhile: nothing to do)."""
         global _drive, _ending
-        self.looking_again = False
+        call, self.look_again = self.look_again, None
+        if call is not None and call.active():
+            call.cancel()
         with _lock:
             if _drive is not self or _owners or _calls:
                 return "held"
@@ -209,9 +200,8 @@ class _Drive:
             compat.stop_reactor_thread_pool(self.reactor)
             self.reactor.crash()
         else:
-            self.looking_again = True
             delay = _LOOK_AGAIN_CLOSING if work == compat.CLOSING else _LOOK_AGAIN_BUSY
-            self.reactor.callLater(delay, self.wind_down)
+            self.look_again = self.reactor.callLater(delay, self.wind_down)
         return work
 
 
@@ -238,7 +228,12 @@ def hold(owner: object) -> Any:
         held = _owners[key] = weakref.finalize(owner, _release_collected, key)
         held.atexit = False
 
-    return _acquire(count)
+    def uncount() -> None:
+        held = _owners.pop(key, None)
+        if held is not None:
+            held.detach()
+
+    return _acquire(count, uncount)
 
 
 def release(owner: object) -> None:
@@ -269,10 +264,11 @@ def _release_key(key: int) -> None:
         _released()
 
 
-def _acquire(count: Callable[[], None]) -> Any:
+def _acquire(count: Callable[[], None], uncount: Callable[[], None]) -> Any:
     """Count a hold (``count()``, called with ``_lock`` held) and return the
     running reactor, starting our thread if needed; in the Twisted world,
-    count nothing."""
+    count nothing.  If the reactor does not run, ``uncount()`` (``_lock``
+    held) takes the hold back and ``RuntimeError`` is raised."""
     global _drive
     reactor = get_reactor()
     with _lock:
@@ -281,36 +277,34 @@ def _acquire(count: Callable[[], None]) -> Any:
             count()
         elif reactor.running and _ending is None:
             return reactor  # the program's reactor
-    if drive is not None:
-        if not drive.running.is_set():
-            drive.running.wait(REACTOR_CALL_TIMEOUT)
-        drive.check_started()
-        return reactor
-    with _start_lock:
-        with _lock:
-            drive, ending = _drive, _ending
-            if drive is not None:
-                count()
-        if drive is not None:
-            # Started by another thread while this one waited for the lock.
-            drive.running.wait(REACTOR_CALL_TIMEOUT)
-            drive.check_started()
-            return reactor
-        if ending is not None:
-            # Our previous thread is leaving; run() must wait until it has.
-            ending.thread.join(REACTOR_CALL_TIMEOUT)
-        if reactor.running:
-            return reactor  # the program ran the reactor meanwhile
-        drive = _Drive(reactor)
-        with _lock:
-            _drive = drive
-            count()
-        try:
-            drive.start()
-        except BaseException:
+    if drive is None:
+        with _start_lock:
             with _lock:
+                drive, ending = _drive, _ending
+                if drive is not None:
+                    count()  # started by another thread meanwhile
+            if drive is None:
+                if ending is not None:
+                    # Our previous thread is leaving; run() must wait until it has.
+                    ending.thread.join(REACTOR_CALL_TIMEOUT)
+                if reactor.running:
+                    return reactor  # the program ran the reactor meanwhile
+                drive = _Drive(reactor)
+                with _lock:
+                    _drive = drive
+                    count()
+                drive.thread.start()
+    try:
+        if not drive.running.is_set() and not drive.running.wait(REACTOR_CALL_TIMEOUT):
+            raise RuntimeError("the Twisted reactor did not start")
+        if drive.error is not None:
+            raise RuntimeError(f"the Twisted reactor could not run: {drive.error!r}")
+    except BaseException:
+        with _lock:
+            uncount()
+            if _drive is drive:
                 _drive = None
-            raise
+        raise
     return reactor
 
 
@@ -321,8 +315,7 @@ def _released() -> None:
         if drive is None or _owners or _calls:
             return
     if drive.thread is threading.current_thread():
-        if not drive.looking_again:
-            drive.wind_down()
+        drive.wind_down()
         return
     found: list[str] = []
     decided = threading.Event()
@@ -369,7 +362,12 @@ def call_in_reactor(function: Callable[..., Any], *args: Any) -> Any:
         _calls += 1
         counted.append(True)
 
-    reactor = _acquire(count)
+    def uncount() -> None:
+        global _calls
+        _calls -= 1
+        counted.clear()
+
+    reactor = _acquire(count, uncount)
     try:
         return _call_and_wait(reactor, function, args)
     finally:
