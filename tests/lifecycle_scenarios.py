@@ -70,6 +70,13 @@ def reactor_thread_alive() -> bool:
     return any(t.name == REACTOR_THREAD for t in threading.enumerate())
 
 
+def reactor_thread_ident() -> int | None:
+    for thread in threading.enumerate():
+        if thread.name == REACTOR_THREAD:
+            return thread.ident
+    return None
+
+
 def wait_for(condition, timeout: float = WAIT) -> bool:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -165,9 +172,10 @@ def between_calls_scenario() -> dict:
     for _ in range(3):
         serving = threading.Thread(target=server.handle_request)
         serving.start()
-        # Let the serving call wait in the reactor before the client comes.
-        assert wait_for(reactor_thread_alive)
-        idents.update(t.ident for t in threading.enumerate() if t.name == REACTOR_THREAD)
+        # Let the serving call wait in the reactor before the client comes
+        # (a thread just started has no ident yet).
+        assert wait_for(lambda: reactor_thread_ident() is not None)
+        idents.add(reactor_thread_ident())
         replies += ask("tcp", server)
         serving.join(WAIT)
         alive_between = alive_between and reactor_thread_alive()
