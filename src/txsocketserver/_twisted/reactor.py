@@ -156,8 +156,9 @@ class _Drive:
     """One run of the reactor in a thread of ours, from a first hold to the
     moment no hold is left and Twisted has nothing in hand."""
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, after: _Drive | None) -> None:
         self.reactor = reactor
+        self.after = after  # our previous thread, still leaving
         self.running = threading.Event()  # set once run() has started (or failed)
         self.error: BaseException | None = None
         self.look_again: Any = None  # the next wind_down(), scheduled; reactor thread
@@ -167,6 +168,10 @@ class _Drive:
 
     def _run(self) -> None:
         global _ending
+        if self.after is not None:
+            # run() must wait until the previous loop has left.
+            self.after.thread.join(REACTOR_CALL_TIMEOUT)
+            self.after = None
         previous_io_thread = compat.io_thread()
         try:
             compat.make_runnable_again(self.reactor)
@@ -284,16 +289,17 @@ def _acquire(count: Callable[[], None], uncount: Callable[[], None]) -> Any:
                 if drive is not None:
                     count()  # started by another thread meanwhile
             if drive is None:
-                if ending is not None:
-                    # Our previous thread is leaving; run() must wait until it has.
-                    ending.thread.join(REACTOR_CALL_TIMEOUT)
-                if reactor.running:
+                if ending is None and reactor.running:
                     return reactor  # the program ran the reactor meanwhile
-                drive = _Drive(reactor)
+                drive = _Drive(reactor, ending)
                 with _lock:
                     _drive = drive
                     count()
                 drive.thread.start()
+                if ending is not None and ending.thread is threading.current_thread():
+                    # Called on the very thread that is leaving (in its last
+                    # turn): the new one runs once this one has left.
+                    return reactor
     try:
         if not drive.running.is_set() and not drive.running.wait(REACTOR_CALL_TIMEOUT):
             raise RuntimeError("the Twisted reactor did not start")
