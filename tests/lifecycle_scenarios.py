@@ -1,7 +1,7 @@
 """Scenarios of ``test_reactor_lifecycle.py``, each in a fresh interpreter.
 
     python lifecycle_scenarios.py close KIND
-    python lifecycle_scenarios.py between_calls | call_in_flight | outlived
+    python lifecycle_scenarios.py between_calls | call_in_flight | outlived | collected
     python lifecycle_scenarios.py twisted (blocking_first|twisted_first) (run|react|trial)
     python lifecycle_scenarios.py inside_twisted
 
@@ -239,6 +239,25 @@ def outlived_scenario() -> dict:
     }
 
 
+def collected_scenario() -> dict:
+    """A server served, then dropped without server_close() (its socket
+    closed by hand): its listener's hold goes with it."""
+    server = txsocketserver.TCPServer(("127.0.0.1", 0), Echo)
+    serving = threading.Thread(target=server.handle_request)
+    serving.start()
+    replied = ask("tcp", server)
+    serving.join(WAIT)
+    alive_while_referenced = reactor_thread_alive()
+    server.socket.close()
+    del server, serving
+    gc.collect()
+    return {
+        "reply": replied,
+        "alive_while_referenced": alive_while_referenced,
+        "gone_once_collected": wait_for(lambda: not reactor_thread_alive()),
+    }
+
+
 # -- the program runs Twisted itself ----------------------------------------------------
 
 
@@ -356,6 +375,7 @@ def main() -> None:
         "between_calls": between_calls_scenario,
         "call_in_flight": call_in_flight_scenario,
         "outlived": outlived_scenario,
+        "collected": collected_scenario,
         "twisted": twisted_scenario,
         "inside_twisted": inside_twisted_scenario,
     }

@@ -94,6 +94,13 @@ def test_a_connection_that_outlives_its_server_is_served_to_its_end(tmp_path):
     assert found["alive_at_the_end"] is False
 
 
+def test_a_server_dropped_without_server_close_releases_the_reactor(tmp_path):
+    found = run_scenario("collected", cwd=str(tmp_path))
+    assert found["reply"] is True
+    assert found["alive_while_referenced"] is True
+    assert found["gone_once_collected"] is True
+
+
 @pytest.mark.parametrize("twisted_way", ["run", "react", "trial"])
 @pytest.mark.parametrize("order", ["blocking_first", "twisted_first"])
 def test_twisted_runs_the_reactor_before_and_after_the_blocking_world(
