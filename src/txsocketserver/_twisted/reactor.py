@@ -21,10 +21,13 @@ txsocketserver has two kinds of caller:
 The reactor thread's life
 -------------------------
 
-What needs the reactor says so with :func:`hold` (an *owner*: a server's
-listener from its first serving call until it is closed, a thread or process
-dispatcher until it is closed) and :func:`release`; every
-:func:`call_in_reactor` holds it while the call is in flight.  The first hold
+What needs the reactor says so with :func:`hold` and :func:`release`, each
+for an *owner*: a server's listener from its first serving call (an endpoint
+server's, also from a ``fileno()`` to select on) until it is closed; a thread
+or process dispatcher, and an async server's strategy, until closed; a
+service started on our reactor until it has stopped.  A garbage-collected
+owner releases its hold.  Every :func:`call_in_reactor` holds the reactor
+while the call is in flight; a ``callFromThread`` must come from a holder.  The first hold
 starts the thread, which calls ``reactor.run(installSignalHandlers=False)``:
 Twisted's own loop, untouched, so the serving path costs what it cost before.
 
