@@ -139,14 +139,21 @@ class ThreadDispatcher:
 
     def close(self, wait: bool) -> None:
         if wait:
-            self._pool.stop()
+            self._stop_pool()
         else:
             # stop() joins the pool's threads; let a helper do the joining so
             # the threads still end once their requests are done.  Like the
             # request threads, it holds up exit only for non-daemon requests.
             threading.Thread(
-                target=self._pool.stop,
+                target=self._stop_pool,
                 name="txsocketserver-pool-stop",
                 daemon=not self._hold_exit,
             ).start()
         _reactor.release(self)
+
+    def _stop_pool(self) -> None:
+        self._pool.stop()
+        # The pool keeps its ended threads listed, in reference cycles that
+        # only the collector frees: until then threading._dangling counts
+        # them, where Python 3.10's threading_cleanup looks.
+        self._pool.threads.clear()
