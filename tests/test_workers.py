@@ -296,6 +296,7 @@ def test_reload_with_broken_code_keeps_the_old_workers(cli: Spawn, tmp_path: Pat
     server.process.send_signal(signal.SIGHUP)
     server.wait_for(re.compile(r"generation 1> died before it was ready"), timeout=START)
     assert "crash file present: this worker dies at start" in server.output()
+    assert "died before it was ready (status 3: boot error)" in server.output()
     assert ask(address)["pid"] == old
     crash.unlink()
     (new,) = wait_for_workers(server, 1, generation=1)

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_twistd_cli,tests.test_async_cli,tests.test_workers -*-
 """Command-line options shared by ``twistd socketserver`` and ``python -m txsocketserver``.
 
 One :class:`Options` parser (Twisted's ``usage.Options``, which ``twistd``
@@ -151,6 +152,12 @@ class Options(usage.Options):
         super().__init__()
         self["listens"] = []
 
+    def opt_version(self) -> None:
+        """Print the version of txsocketserver (and of the Twisted and Python
+        it runs on) and exit."""
+        print(version_line())
+        raise SystemExit(0)
+
     def opt_listen(self, description: str) -> None:
         self["listens"].append(description)
 
@@ -258,6 +265,19 @@ class Options(usage.Options):
             raise usage.UsageError("--max-requests and --max-requests-jitter must not be negative")
         if self["worker-timeout"] is not None and self["worker-timeout"] <= 0:
             raise usage.UsageError("--worker-timeout must be positive")
+
+
+def version_line() -> str:
+    """What ``--version`` prints: ours first, then what runs it."""
+    import platform
+
+    from twisted import version as twisted_version
+
+    return (
+        f"txsocketserver {txsocketserver.__version__} "
+        f"(Twisted {twisted_version.public()}, "
+        f"{platform.python_implementation()} {platform.python_version()})"
+    )
 
 
 def build_server(options: Options) -> Any:

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_service -*-
 """Servers as Twisted services, and the graceful stop they share with the CLI.
 
 Theory of operation

@@ -1,10 +1,11 @@
+# -*- test-case-name: tests.test_workers -*-
 """The supervisor: N worker processes serving the same listening sockets.
 
 Theory of operation
 ===================
 
 The supervisor runs no user code.  It binds the listening sockets
-(``listeners``), then keeps ``workers`` worker processes serving them, each
+(``bound_sockets``), then keeps ``workers`` worker processes serving them, each
 started with ``reactor.spawnProcess`` (a fresh interpreter running
 ``worker``), the sockets passed as fds 3, 4, ... (``childFDs``) and a
 *control pipe* after them, on which the worker reports ``ready``, ``beat``
@@ -32,7 +33,7 @@ lives a moment later, SIGKILL; it is replaced at once, as a worker that
 exits for any other reason is.
 
 Stopping (:meth:`Workers.stopService`, SIGTERM/SIGINT) refuses new
-connections in every process at once (``Listener.stop_listening``), sends
+connections in every process at once (``BoundSocket.stop_listening``), sends
 SIGTERM to every worker, and kills those still running ``drain_timeout``
 plus a grace period later.  Everything here runs on the reactor thread.
 """
@@ -55,8 +56,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txsocketserver._twisted.service import DEFAULT_DRAIN_TIMEOUT
-from txsocketserver._workers.listeners import Listener, make_listener
-from txsocketserver._workers.worker import FIRST_LISTEN_FD
+from txsocketserver._workers.bound_sockets import BoundSocket, bind_socket
+from txsocketserver._workers.worker import EXIT_MEANINGS, FIRST_LISTEN_FD
 
 _log = Logger(namespace="txsocketserver.workers")
 
@@ -236,10 +237,10 @@ class Workers(Service):
         descriptions = [listen] if isinstance(listen, str) else list(listen)
         if not descriptions:
             raise ValueError("workers need at least one listen description")
-        self.listeners: list[Listener] = []
+        self.listeners: list[BoundSocket] = []
         try:
             for description in descriptions:
-                self.listeners.append(make_listener(description, reuse_port=reuse_port))
+                self.listeners.append(bind_socket(description, reuse_port=reuse_port))
             if mode == "forking":
                 for listener in self.listeners:
                     if listener.proxy is not None or listener.tls is not None:
@@ -475,7 +476,7 @@ class Workers(Service):
         self._processes.append(process)
         _log.info("started {worker}", worker=process)
 
-    def _ordered_listeners(self) -> list[Listener]:
+    def _ordered_listeners(self) -> list[BoundSocket]:
         # Inherited sockets first, in order, so that listener i of the spec is
         # fd FIRST_LISTEN_FD + i; the reuse_port ones, bound by workers, after.
         return [x for x in self.listeners if x.inherited] + [
@@ -499,6 +500,8 @@ class Workers(Service):
         status = getattr(how, "exitCode", None)
         killed_by = getattr(how, "signal", None)
         outcome = f"signal {signal.Signals(killed_by).name}" if killed_by else f"status {status}"
+        if not killed_by and status in EXIT_MEANINGS:
+            outcome += f": {EXIT_MEANINGS[status]}"
         if process.stopping or self._stopping is not None:
             _log.info("{worker} exited ({outcome})", worker=process, outcome=outcome)
         elif not process.ready:

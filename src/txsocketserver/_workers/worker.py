@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_workers -*-
 """A worker process: serve the handler on the listening sockets the supervisor handed over.
 
 Started by the supervisor (:mod:`txsocketserver._workers.supervisor`) with
@@ -46,6 +47,15 @@ from typing import Any
 #: First fd of the listening sockets, as systemd numbers them.
 FIRST_LISTEN_FD = 3
 
+# A worker's exit statuses, which the supervisor reads (gunicorn's numbers).
+#: It stopped as asked: SIGTERM, ``max_requests`` reached, its supervisor gone.
+WORKER_STOPPED = 0
+#: It never served: the handler or server class cannot be imported (a reload
+#: with broken code), or a listening socket cannot be served.  The output says why.
+WORKER_BOOT_ERROR = 3
+#: What the supervisor's log says of a status beside its number.
+EXIT_MEANINGS = {WORKER_BOOT_ERROR: "boot error"}
+
 
 def main(argv: list[str] | None = None) -> None:
     """Run one worker until SIGTERM; exits the process."""
@@ -78,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         # The handler or server class cannot be imported (a reload with
         # broken code): say why; the supervisor retries after a back-off.
         print(f"worker {os.getpid()}: cannot start: {error}", file=sys.stderr, flush=True)
-        os._exit(3)
+        os._exit(WORKER_BOOT_ERROR)
     reactor.callWhenRunning(worker.start)
     reactor.run()
     sys.stdout.flush()
@@ -118,7 +128,7 @@ class _Worker:
         self._spec = spec
         self._reactor = reactor
         self._control = spec["control_fd"]
-        self.exit_status = 0
+        self.exit_status = WORKER_STOPPED
         self._services: list[Any] = []
         self._servers: list[Any] = []
         self._ticks: dict[int, float] = {}
@@ -143,7 +153,7 @@ class _Worker:
             for server in self._servers:
                 server.server_close()
             self._servers = []
-            self.exit_status = 3
+            self.exit_status = WORKER_BOOT_ERROR
             self._reactor.stop()
             return
         started = [
@@ -162,7 +172,7 @@ class _Worker:
                 LoopingCall(self._beat).start(self._spec["heartbeat"])
 
         def failed(failure: Any) -> None:
-            self.exit_status = 3
+            self.exit_status = WORKER_BOOT_ERROR
             self._reactor.stop()
 
         gatherResults(started, consumeErrors=True).addCallbacks(serving, failed)
