@@ -146,7 +146,9 @@ def resolve(dotted: str) -> str | None:
 
 def dotted_problem(name: str) -> str | None:
     name = name.rstrip(".")
-    if name in log_namespaces() or name.rsplit(".", 1)[-1] in DOMAINS:
+    last = name.rsplit(".", 1)[-1]
+    # A host name, or a file named like a module (an operator's TOML file): no module.
+    if name in log_namespaces() or last in DOMAINS or last in FILE_SUFFIXES:
         return None
     why = resolve(name)
     return None if why is None else f"names {name}, which does not resolve ({why})"

@@ -33,7 +33,14 @@ from twisted.logger import (
 from twisted.python import usage
 
 import txsocketserver
-from txsocketserver._cli import Options, build_server, build_workers, describe, describe_workers
+from txsocketserver._cli import (
+    Options,
+    build_server,
+    build_workers,
+    describe,
+    describe_workers,
+    start_log_file,
+)
 from txsocketserver._twisted.service import (
     STRAGGLER_GRACE,
     abort_requests,
@@ -89,6 +96,7 @@ class MainOptions(Options):
             raise usage.UsageError(f"--reactor {name!r}: no such reactor") from None
         except Exception as exc:
             raise usage.UsageError(f"--reactor {name!r}: {exc}") from exc
+        self["reactor"] = name  # for --print-config
 
 
 class _StopNow(BaseException):
@@ -110,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             workers = build_workers(options)
         else:
             server = build_server(options)
+        start_log_file(options)
     except usage.UsageError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         print(f"{PROG}: try --help", file=sys.stderr)
@@ -152,7 +161,17 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if options["log-file"] is not None:
+        from txsocketserver import _logfiles
+
+        _logfiles.handle_sigusr1()
     print(f"{PROG}: {describe(options, server)}", file=sys.stderr, flush=True)
+    # The server listens: tell systemd (READY=1, then STATUS= and WATCHDOG=1).
+    from txsocketserver._twisted import reactor as _reactor
+    from txsocketserver._twisted import systemd
+
+    if systemd.notifier().enabled:
+        _reactor.call_in_reactor(systemd.ServerNotifications(server).start)
     try:
         try:
             server.serve_forever()
