@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 import txsocketserver
+from txsocketserver._observability.cli import OPTION_PARAMETERS, check_options, worker_fields
 from txsocketserver._server_classes import MODES, load_object, mode_for, server_class
 from txsocketserver._twisted.endpoints import DEFAULT_HEADER_TIMEOUT, Endpoint, listening_socket
 from txsocketserver._twisted.proxy_protocol import DEFAULT_TRUSTED_PROXIES, TrustedProxies
@@ -146,6 +147,8 @@ class Options(usage.Options):
             float,
         ],
     ]
+    # Metrics, health, access log, the stop in phases: _observability/cli.py.
+    optParameters += OPTION_PARAMETERS
 
     def __init__(self) -> None:
         super().__init__()
@@ -235,6 +238,7 @@ class Options(usage.Options):
                     )
             endpoints.append(endpoint)
         self["endpoint"] = self["address"] = endpoints[0]
+        check_options(self)
 
     def _check_workers(self) -> None:
         workers = self["workers"]
@@ -306,6 +310,8 @@ def build_workers(options: Options) -> Any:
             worker_timeout=options["worker-timeout"],
             trusted_proxies=options["trusted_proxies"],
             header_timeout=options["header-timeout"],
+            drain_delay=options["drain-delay"],
+            observability=worker_fields(options),
         )
     except (OSError, ValueError, TypeError) as exc:
         raise usage.UsageError(f"cannot listen: {exc}") from exc
@@ -362,15 +368,17 @@ def makeService(options: Options) -> Any:
     (so ``tcp:80`` works when started as root), and serves once the reactor runs.
     With ``--workers``, the :class:`~txsocketserver.Workers` supervisor instead.
     """
+    from txsocketserver._observability.cli import observed_service
     from txsocketserver._twisted.service import ServerService, _log
 
     if options["workers"] is not None:
         workers = build_workers(options)
         _log.info("{description}", description=describe_workers(options, workers))
-        return workers
+        return observed_service(options, workers, workers=workers)
     server = build_server(options)
     _log.info("{description}", description=describe(options, server))
-    return ServerService(server, drain_timeout=options["drain-timeout"])
+    service = ServerService(server, drain_timeout=options["drain-timeout"])
+    return observed_service(options, service, server=server)
 
 
 def describe(options: Options, server: Any) -> str:

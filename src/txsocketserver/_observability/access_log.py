@@ -106,9 +106,7 @@ def access_text(fields: dict[str, Any]) -> str:
 
 
 def _timestamp(when: float) -> str:
-    return (
-        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1e3):03d}Z"
-    )
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1e3):03d}Z"
 
 
 def format_text(event: dict[str, Any]) -> str:
@@ -133,7 +131,7 @@ def format_json(event: dict[str, Any]) -> str:
     when = event.get("log_time") or time.time()
     access = event.get("access")
     if access is not None:
-        record = {"time": _timestamp(access["time"] or when), "type": "access"}
+        record: dict[str, Any] = {"time": _timestamp(access["time"] or when), "type": "access"}
         record.update({k: v for k, v in access.items() if k != "time"})
     else:
         level = event.get("log_level", LogLevel.info)

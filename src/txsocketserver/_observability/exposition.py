@@ -14,8 +14,7 @@ from txsocketserver._observability.stats import DURATION_BUCKETS
 
 PREFIX = "txsocketserver_"
 EXTRA_HINT = (
-    "metrics need prometheus_client: install the extra with "
-    "pip install 'txsocketserver[metrics]'"
+    "metrics need prometheus_client: install the extra with pip install 'txsocketserver[metrics]'"
 )
 
 #: Each counter of a snapshot: (metric name without prefix and _total, help).

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 #: Upper bounds (seconds) of the handler-duration histogram's buckets.
 DURATION_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 
 #: The counters of a snapshot (each an int), in exposition order.

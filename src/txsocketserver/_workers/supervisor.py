@@ -54,6 +54,9 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from txsocketserver._observability.exposition import RESTART_CAUSES
+from txsocketserver._observability.health import Health
+from txsocketserver._observability.stats import merge
 from txsocketserver._twisted.service import DEFAULT_DRAIN_TIMEOUT
 from txsocketserver._workers.listeners import Listener, make_listener
 from txsocketserver._workers.worker import FIRST_LISTEN_FD
@@ -98,6 +101,8 @@ class _WorkerProcess(ProcessProtocol):
         self.pid: int | None = None
         self._buffer = b""
         self._deadline: Any = None  # the kill timer of a stopping worker
+        # {server label: its stats snapshot}, the last the worker sent (--metrics).
+        self.snapshot: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"<worker {self.pid} generation {self.generation}>"
@@ -108,6 +113,10 @@ class _WorkerProcess(ProcessProtocol):
         self._buffer += data
         *lines, self._buffer = self._buffer.split(b"\n")
         for line in lines:
+            if line.startswith(b"metrics "):
+                # Sent by the reactor on a timer: not a sign of progress.
+                self.snapshot = json.loads(line[8:])
+                continue
             self.last_beat = time.monotonic()
             if line == b"ready":
                 self.ready = True
@@ -186,6 +195,13 @@ class Workers(Service):
             as stuck.
         trusted_proxies, header_timeout: set on each worker's servers, for
             ``haproxy:`` listeners (``None``: the server class's defaults).
+        drain_delay: seconds ``stopService`` keeps the workers serving after
+            the stop began (``health`` no longer ready), before they stop
+            accepting and drain.
+        observability: what each worker observes: ``{"metrics": bool,
+            "access_log": path or None, "log_format": "text" or "json"}``;
+            with ``metrics``, workers send their counts, which
+            :meth:`metrics_snapshots` sums.
         handle_signals: in ``startService``, take SIGHUP (reload), SIGTTIN
             and SIGTTOU (one worker more, or fewer); main thread only.
 
@@ -214,6 +230,8 @@ class Workers(Service):
         trusted_proxies: Sequence[str] | None = None,
         header_timeout: float | None = None,
         handle_signals: bool = True,
+        drain_delay: float = 0.0,
+        observability: dict[str, Any] | None = None,
     ) -> None:
         from txsocketserver._server_classes import MODES
 
@@ -263,6 +281,15 @@ class Workers(Service):
         self._devnull: int | None = None
         self._reactor: Any = None  # the running reactor, from startService
         self._ready_waiters: list[Deferred[None]] = []
+        self.drain_delay = drain_delay
+        self.observability = observability or {}
+        #: Where the stop begins (/readyz, systemd's STOPPING=1): stopService.
+        self.health = Health()
+        #: Workers replaced so far, by cause (see RESTART_CAUSES).
+        self.restarts = dict.fromkeys(RESTART_CAUSES, 0)
+        # The counts of workers that have exited: {server label: snapshot}.
+        self._exited_counts: dict[str, dict[str, Any]] = {}
+        self._delayed_stop: Any = None
 
     # -- what operators and tests look at ------------------------------------------
 
@@ -368,7 +395,19 @@ class Workers(Service):
         Service.stopService(self)
         if self._stopping is not None:
             return self._stopping
+        self.health.begin_stop()
         self._stopping = Deferred()
+        if self.drain_delay > 0 and self._reactor is not None:
+            # Phase 1: the workers go on serving while load balancers, told
+            # by /readyz, stop sending; then the drain below.
+            self._delayed_stop = self._reactor.callLater(self.drain_delay, self._drain)
+            return self._stopping
+        self._drain()
+        return self._stopping
+
+    def _drain(self) -> None:
+        """Stop accepting, tell every worker to drain (the stop's second phase)."""
+        self._delayed_stop = None
         for signum, old in self._old_signals.items():
             signal.signal(signum, old)
         self._old_signals = {}
@@ -380,13 +419,14 @@ class Workers(Service):
             listener.stop_listening()
         for process in self._processes:
             process.terminate()
-        stopping = self._stopping
         self._notify_ready()
         self._maybe_stopped()
-        return stopping
 
     def kill_now(self) -> None:
         """Kill every worker at once (a second stop signal)."""
+        if self._delayed_stop is not None and self._delayed_stop.active():
+            self._delayed_stop.cancel()
+            self._drain()
         for process in self._processes:
             process.signal(signal.SIGKILL)
 
@@ -412,6 +452,7 @@ class Workers(Service):
         if len(ready) >= self.workers:
             for process in self._processes:
                 if process.generation < self._generation and not process.stopping:
+                    self.restarts["reload"] += 1
                     _log.info("stopping {worker} (replaced)", worker=process)
                     process.terminate()
         extra = len(current) - self.workers
@@ -448,6 +489,7 @@ class Workers(Service):
             "trusted_proxies": self.trusted_proxies,
             "header_timeout": self.header_timeout,
             "control_fd": control_fd,
+            "observability": self.observability,
             "sys_path": [os.getcwd() if entry == "" else entry for entry in sys.path],
             "listeners": [listener.worker_spec() for listener in self._ordered_listeners()],
         }
@@ -491,11 +533,13 @@ class Workers(Service):
         self._notify_ready()
 
     def _worker_retiring(self, process: _WorkerProcess) -> None:
+        self.restarts["max_requests"] += 1
         _log.info("{worker} reached --max-requests; replacing it", worker=process)
         self._reconcile()
 
     def _worker_ended(self, process: _WorkerProcess, how: BaseException) -> None:
         self._processes.remove(process)
+        self._keep_counts(process)
         status = getattr(how, "exitCode", None)
         killed_by = getattr(how, "signal", None)
         outcome = f"signal {signal.Signals(killed_by).name}" if killed_by else f"status {status}"
@@ -512,6 +556,7 @@ class Workers(Service):
                 backoff=backoff,
             )
         else:
+            self.restarts["exited"] += 1
             _log.warn("{worker} died ({outcome}); replacing it", worker=process, outcome=outcome)
         self._maybe_stopped()
         self._reconcile()
@@ -535,10 +580,37 @@ class Workers(Service):
                     worker=process,
                     timeout=self.worker_timeout,
                 )
+                self.restarts["timed_out"] += 1
                 process.stopping = True
                 process.signal(signal.SIGABRT)
                 self._reactor.callLater(KILL_GRACE, process.signal, signal.SIGKILL)
         self._reconcile()
+
+    # -- metrics (--metrics): the sum over the workers -------------------------------
+
+    def _keep_counts(self, process: _WorkerProcess) -> None:
+        # An exited worker's counters stay in the sum (without its gauges),
+        # so that no counter goes backwards across a reload or a crash.
+        for label, snapshot in process.snapshot.items():
+            kept = self._exited_counts.get(label)
+            self._exited_counts[label] = merge(
+                [snapshot] if kept is None else [kept, snapshot], gauges=False
+            )
+
+    def metrics_snapshots(self) -> dict[str, dict[str, Any]]:
+        """``{server label: snapshot}`` summed over every worker since the start:
+        the last counts each live worker sent, plus those of exited workers."""
+        sums: dict[str, list[dict[str, Any]]] = {
+            label: [counts] for label, counts in self._exited_counts.items()
+        }
+        for process in self._processes:
+            for label, snapshot in process.snapshot.items():
+                sums.setdefault(label, []).append(snapshot)
+        return {label: merge(snapshots) for label, snapshots in sorted(sums.items())}
+
+    def worker_counts(self) -> dict[str, Any]:
+        """Workers alive (started, not yet exited) and restarts by cause."""
+        return {"alive": len(self._processes), "restarts": dict(self.restarts)}
 
 
 def run_workers(

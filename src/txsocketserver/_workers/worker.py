@@ -45,6 +45,8 @@ from typing import Any
 
 #: First fd of the listening sockets, as systemd numbers them.
 FIRST_LISTEN_FD = 3
+#: Seconds between two snapshots of a worker's counts (--metrics) to the supervisor.
+METRICS_INTERVAL = 1.0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -71,7 +73,16 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.logger import globalLogBeginner, textFileLogObserver
     from twisted.python.usage import UsageError
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    observing = spec.get("observability") or {}
+    if observing:
+        from txsocketserver._observability.cli import Observability
+
+        observers = Observability(
+            access_log=observing.get("access_log"), log_format=observing["log_format"]
+        ).log_observers()
+    else:
+        observers = [textFileLogObserver(sys.stderr)]
+    globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
     try:
         worker = _Worker(spec, reactor)
     except UsageError as error:
@@ -124,6 +135,8 @@ class _Worker:
         self._ticks: dict[int, float] = {}
         self._requests = 0
         self._retiring = False
+        self._observing = spec.get("observability") or {}
+        self._stats: list[Any] = []  # each server's ServerStats (--metrics)
         self._handler = load_object(spec["handler"], "--handler")
         self._server_class = server_class(spec["server"], mode_for(self._handler, spec["mode"]))
 
@@ -156,6 +169,10 @@ class _Worker:
         def serving(services: list[Any]) -> None:
             self._services = services
             self._send(b"ready")
+            if self._stats:
+                from twisted.internet.task import LoopingCall
+
+                LoopingCall(self._send_metrics).start(METRICS_INTERVAL)
             if self._spec["heartbeat"]:
                 from twisted.internet.task import LoopingCall
 
@@ -205,7 +222,30 @@ class _Worker:
         if self._spec["header_timeout"] is not None:
             server.header_timeout = self._spec["header_timeout"]
         self._watch(server)
+        self._observe(server, listener["description"])
         return server
+
+    def _observe(self, server: Any, label: str) -> None:
+        from txsocketserver._observability.metrics import attach
+
+        if self._observing.get("metrics"):
+            from txsocketserver._observability.stats import ServerStats
+
+            stats = ServerStats(label, server)
+            attach(server, stats)
+            self._stats.append(stats)
+        if self._observing.get("access_log"):
+            from txsocketserver._observability.access_log import AccessLog
+
+            attach(server, AccessLog(label))
+
+    def _send_final_metrics(self, result: Any) -> Any:
+        self._send_metrics()
+        return result
+
+    def _send_metrics(self) -> None:
+        snapshot = {stats.name: stats.snapshot() for stats in self._stats}
+        self._send(b"metrics " + json.dumps(snapshot, separators=(",", ":")).encode())
 
     def _watch(self, server: Any) -> None:
         """Note each serving loop's progress, and count requests.
@@ -261,7 +301,11 @@ class _Worker:
         from twisted.internet.defer import DeferredList
 
         self._watch_supervisor.stopping = True
-        return DeferredList([service.stopService() for service in self._services])
+        stopped = DeferredList([service.stopService() for service in self._services])
+        if self._stats:
+            # The counts of the drained requests too, before the worker exits.
+            stopped.addBoth(self._send_final_metrics)
+        return stopped
 
 
 class _SupervisorWatch:
