@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         server.daemon_threads = True
 
     serving = threading.current_thread()
+    say = observability.announce
     drain_timeout = options["drain-timeout"]
     # The drain waits for serve_forever, which runs in this very thread: it
     # has to happen in another one.  A daemon, so that a second signal can
@@ -147,17 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     def stop(signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if stopping:
-            print(f"{PROG}: {name} again: stopping now", file=sys.stderr, flush=True)
+            say(f"{PROG}: {name} again: stopping now")
             raise _StopNow
         # Recorded first: a second signal may interrupt the lines below.
         stopping.append(stopper)
         observability.health.begin_stop()
-        print(f"{PROG}: {name}: stopping", file=sys.stderr, flush=True)
+        say(f"{PROG}: {name}: stopping")
         stopper.start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    print(f"{PROG}: {describe(options, server)}", file=sys.stderr, flush=True)
+    say(f"{PROG}: {describe(options, server)}")
     try:
         try:
             server.serve_forever()
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         stopping[0].join(drain_delay + drain_timeout + STRAGGLER_GRACE + _CLOSE_MARGIN)
         if stopping[0].is_alive():
-            print(f"{PROG}: handlers still running; exiting", file=sys.stderr, flush=True)
+            say(f"{PROG}: handlers still running; exiting")
         return 0
     except (_StopNow, KeyboardInterrupt):
         server.block_on_close = False

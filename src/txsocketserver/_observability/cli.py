@@ -14,17 +14,20 @@ import sys
 from typing import IO, Any
 
 from twisted.application.service import MultiService
-from twisted.logger import globalLogPublisher
+from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
 
 from txsocketserver._observability.access_log import (
     FORMATS,
     AccessLog,
     file_observer,
+    format_json,
     is_access,
     open_access_log,
 )
 from txsocketserver._observability.health import Health
+
+_log = Logger(namespace="txsocketserver")
 
 #: The options' rows, added to the shared ``Options.optParameters``.
 OPTION_PARAMETERS = [
@@ -140,13 +143,25 @@ class Observability:
         if self.access_log_path is not None:
             attach(server, AccessLog(name))
 
+    def announce(self, line: str) -> None:
+        """Write one of ``python -m txsocketserver``'s own lines to stderr in
+        ``log_format`` (signal-safe: no log observer, no lock)."""
+        if self.log_format == "json":
+            line = format_json(
+                {"log_namespace": "txsocketserver", "log_format": "{line}", "line": line}
+            )
+        else:
+            line += "\n"
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
     def observe_workers(self, workers: Any) -> None:
         """Expose the sum over *workers*' workers (``--workers``), and make
         readiness need a serving worker."""
-        self.health.add_check(lambda: bool(workers.pids))
         if self.metrics is not None:
-            self.metrics.add_source(workers.metrics_snapshots)
-            self.metrics.set_workers(workers.worker_counts)
+            self.metrics.observe_workers(workers)
+        else:
+            self.health.add_check(lambda: bool(workers.pids))
 
     def log_observers(self, stream: IO[str] | None = None) -> list[Any]:
         """The log observers of this process: first the server's own log on
@@ -188,6 +203,11 @@ class Observability:
                 "use tcp:, tcp6: or unix:"
             )
         self._port = ports[0]
+        _log.info(
+            "serving /metrics, /livez and /readyz on {description} at {address}",
+            description=self.metrics_endpoint,
+            address=_where(self._port.getHost()),
+        )
 
     def listen_blocking(self) -> None:
         """:meth:`listen_now` from a blocking program (on the reactor thread)."""
@@ -266,3 +286,12 @@ class _ObservedService(MultiService):
             return result
 
         return super().stopService().addBoth(stopped)
+
+
+def _where(address: Any) -> str:
+    """``host:port`` of a Twisted address (``[v6]:port``), or a Unix path."""
+    host = getattr(address, "host", None)
+    if host is None:
+        name = getattr(address, "name", None)
+        return name.decode() if isinstance(name, bytes) else str(name)
+    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"

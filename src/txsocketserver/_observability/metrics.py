@@ -91,11 +91,28 @@ class Metrics:
         *description* (a Deferred firing with the listening port).
 
         Call it on the reactor thread, or before the reactor runs; from a
-        blocking program, through :func:`txsocketserver.listen_metrics_blocking`.
+        blocking program, :meth:`listen_blocking`.
         """
         from txsocketserver._observability.http import listen_metrics
 
         return listen_metrics(description, self.registry, self.health, reactor)
+
+    def listen_blocking(self, description: str) -> Any:
+        """:meth:`listen` from a blocking program (any thread but the
+        reactor's): returns the listening port once it listens, or raises
+        why it cannot.  Stop it with ``port.stopListening()`` on the reactor
+        thread."""
+        from txsocketserver._twisted.reactor import call_in_reactor
+
+        return call_in_reactor(self.listen, description)
+
+    def observe_workers(self, workers: Any) -> None:
+        """Expose the sum over a :class:`~txsocketserver.Workers`' workers
+        (made with ``observability={"metrics": True}``) and its worker gauges;
+        readiness then needs a serving worker."""
+        self.add_source(workers.metrics_snapshots)
+        self.set_workers(workers.worker_counts)
+        self.health.add_check(lambda: bool(workers.pids))
 
 
 def _label(server: Any) -> str:
