@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txsocketserver._async.streams import AsyncReader, AsyncSocket, AsyncWriter
+from txsocketserver._core import lifecycle
 from txsocketserver._twisted import compat
 from txsocketserver._twisted.proxy_protocol import ProxyHeader
 from txsocketserver._twisted.proxy_stage import ProxyHeaderPolicy, ProxyHeaderStage
@@ -73,11 +74,19 @@ class Connection(Protocol):
         self.producing = False
         # Set once the request's handling is over (shutdown_request done).
         self.request_over = False
+        #: The connection's lifecycle record (``None``: not observed).
+        self.record: lifecycle.ConnectionRecord | None = None
 
     # -- IProtocol -------------------------------------------------------------------
 
     def connectionMade(self) -> None:
         transport = self.transport
+        server = self.serving.server
+        if server._observers:
+            peer = self.client_address
+            if peer is None:
+                peer = socket_address(transport.getPeer())
+            self.record = lifecycle.accepted(server, peer, self.client_address)
         self.writer = AsyncWriter(self)
         transport.registerProducer(self, True)
         #: Registered as the transport's producer (until the writer is done).
@@ -99,6 +108,7 @@ class Connection(Protocol):
             self._proxy,
             self.serving.reactor,
             self._proxied_by,
+            self.record,
         )
         self._stage.begin()
 
@@ -121,6 +131,12 @@ class Connection(Protocol):
         self.request = AsyncSocket(
             self, family=family, peer=self.client_address, host=self._host, os_socket=os_socket
         )
+        record = self.record
+        if record is not None:
+            record.client_address = self.client_address
+            record.bytes_received = record.bytes_sent = 0
+            if ISSLTransport.providedBy(transport):
+                lifecycle.add_detail(record, "tls", True)
         self.serving.connection_started(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -128,10 +144,12 @@ class Connection(Protocol):
             data = self._stage.feed(data)
             if not data:
                 return
-        # Only while idle_timeout applies: otherwise connection_started()
-        # makes the reader's feed() this connection's dataReceived (one call
-        # less for every chunk read).
+        # Only while idle_timeout applies or the connection is observed:
+        # otherwise connection_started() makes the reader's feed() this
+        # connection's dataReceived (one call less for every chunk read).
         self.last_activity = _monotonic()
+        if self.record is not None:
+            self.record.bytes_received += len(data)  # type: ignore[operator]
         self.reader.feed(data)
 
     def readConnectionLost(self) -> None:
@@ -150,6 +168,15 @@ class Connection(Protocol):
             self._stage.peer_ended("closed" if clean else "was reset")
         self.lost = True
         reset = not self._clean_end(reason)
+        record = self.record
+        if record is not None:
+            if type(reason.value).__module__.startswith("OpenSSL"):
+                # Twisted's TLS reports a failed handshake (or a TLS error) so.
+                lifecycle.refused(record, lifecycle.TLS_HANDSHAKE)
+            elif reset and not self.request_over:
+                record.outcome = (
+                    lifecycle.RESET if record.outcome == lifecycle.OK else record.outcome
+                )
         # The writer first: a handler woken by the reader finds it lost.
         if self.writer is not None:
             self.writer._lost_now(reset)
@@ -228,3 +255,5 @@ class Connection(Protocol):
         self.reader = self.writer = self.request = None  # type: ignore[assignment]
         self.task = None
         self.__dict__.pop("dataReceived", None)
+        if self.record is not None:
+            lifecycle.ended(self.record)

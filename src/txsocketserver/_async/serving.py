@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from txsocketserver._async.protocol import Connection
 from txsocketserver._async.task import HandlerTask
+from txsocketserver._core import lifecycle
 from txsocketserver._core.base import _RESOURCE_BACKOFF, _RESOURCE_ERRNOS, log_warning
 from txsocketserver._twisted import compat
 from txsocketserver._twisted import reactor as _reactor
@@ -200,6 +201,8 @@ class AsyncServing:
         self._serving = False
         self._reading = False
         self._created: Any = None
+        # The lifecycle record of the request process_request() is making.
+        self._record: Any = None
         self._sessions = 0
         self._pool: ThreadPool | None = None
         self._closed = False
@@ -256,7 +259,10 @@ class AsyncServing:
         """A request that ``get_request()`` returned from the server's own socket."""
         if self.datagram:
             self._consume_budget()
-            self.run_request(request, client_address)
+            record = None
+            if self.server._observers:
+                record = self.server._accepted_record(request, client_address)
+            self.run_request(request, client_address, record)
             return
         try:
             self._adopt(request, client_address)
@@ -303,13 +309,13 @@ class AsyncServing:
         if idle is not None:
             connection.last_activity = time.monotonic()
             connection.idle_timer = self.reactor.callLater(idle, self._check_idle, connection)
-        else:
+        elif connection.record is None:
             connection.dataReceived = connection.reader.feed  # type: ignore[method-assign]
         self._consume_budget()
         # Only a cap makes the number of connections matter for accepting.
         if self.server.max_connections is not None:
             self.update_accepting()
-        self.run_request(connection.request, connection.client_address, connection)
+        self.run_request(connection.request, connection.client_address, connection.record)
 
     def connection_lost(self, connection: Connection) -> None:
         self.connections.discard(connection)
@@ -327,6 +333,8 @@ class AsyncServing:
             )
             return
         connection.idle_timer = None
+        if connection.record is not None and connection.record.outcome == lifecycle.OK:
+            connection.record.outcome = lifecycle.TIMEOUT
         log_warning(
             "%s: closing the connection from %r: no progress either way for %.1f s (idle_timeout)",
             type(self.server).__name__,
@@ -339,23 +347,41 @@ class AsyncServing:
         else:
             connection.transport.loseConnection()
 
-    def run_request(self, request: Any, client_address: Any, connection: Any = None) -> None:
-        """``verify_request`` → ``process_request``, as the serving loop would."""
+    def run_request(self, request: Any, client_address: Any, record: Any = None) -> None:
+        """``verify_request`` → ``process_request``, as the serving loop would.
+
+        *record*: the lifecycle record of the connection (datagram), if observed.
+        """
         server = self.server
         try:
             if not server.verify_request(request, client_address):
+                if record is not None:
+                    lifecycle.refused(record, lifecycle.VERIFY_REQUEST)
                 server.shutdown_request(request)
+                if record is not None and self.datagram:
+                    lifecycle.ended(record)
                 return
         except Exception:
+            if record is not None:
+                lifecycle.failed(record)
             server.handle_error(request, client_address)
             server.shutdown_request(request)
+            if record is not None and self.datagram:
+                lifecycle.ended(record)
             return
         server._request_started(request)
+        if record is not None:
+            lifecycle.started(record)
+        self._record = record
         try:
             server.process_request(request, client_address)
         except Exception:
+            if record is not None:
+                lifecycle.failed(record)
             server.handle_error(request, client_address)
-            self._request_done(request, None)
+            self._request_done(request, None, record)
+        finally:
+            self._record = None
 
     def handler_created(self, handler: Any) -> None:
         """Called by ``AsyncBaseRequestHandler.__init__`` (inside ``finish_request``)."""
@@ -379,6 +405,7 @@ class AsyncServing:
             reactor=self.reactor,
             writer=None if connection is None else connection.writer,
         )
+        task.record = self._record
         self.tasks.add(task)
         if connection is not None:
             connection.task = task
@@ -386,22 +413,28 @@ class AsyncServing:
 
     def handler_failed(self, task: HandlerTask) -> None:
         """The handler raised (inside the ``except``: the exception is current)."""
+        if task.record is not None:
+            lifecycle.failed(task.record)
         self.server.handle_error(task.handler.request, task.handler.client_address)
 
     def handler_ended(self, task: HandlerTask) -> None:
-        self._request_done(task.handler.request, task)
+        self._request_done(task.handler.request, task, task.record)
 
-    def _request_done(self, request: Any, task: HandlerTask | None) -> None:
+    def _request_done(self, request: Any, task: HandlerTask | None, record: Any) -> None:
         server = self.server
         try:
             server.shutdown_request(request)
         except Exception:
+            if record is not None:
+                lifecycle.failed(record)
             server.handle_error(request, getattr(request, "_peer", None))
         finally:
             server._request_finished(request)
             if task is not None:
                 self.tasks.discard(task)
             if self.datagram:
+                if record is not None:
+                    lifecycle.ended(record)
                 self.update_accepting()
             else:
                 connection = getattr(request, "_connection", None)

@@ -409,6 +409,8 @@ class AsyncWriter:
         connection = self._connection
         if connection.idle_timer is not None:
             connection.last_activity = _monotonic()
+        if connection.record is not None:
+            connection.record.bytes_sent += len(data)
         if self._paused:
             self._queued += len(data)
             if self._queued > self.max_buffer:

@@ -64,6 +64,7 @@ class HandlerTask:
         "_early",
         "_writer",
         "done",
+        "record",
     )
 
     def __init__(self, handler: Any, *, owner: Any, reactor: Any, writer: Any = None) -> None:
@@ -77,6 +78,8 @@ class HandlerTask:
         self._early: Any = _NOTHING
         self._writer = writer
         self.done = False
+        #: The request's lifecycle record, if observed (the strategy's to use).
+        self.record: Any = None
 
     @property
     def name(self) -> str:

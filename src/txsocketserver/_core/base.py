@@ -19,12 +19,15 @@ import sys
 import time
 from collections.abc import Iterator
 
+from txsocketserver._core import lifecycle
+
 TYPE_CHECKING = False  # not typing's: see txsocketserver._core
 if TYPE_CHECKING:
     from typing import Any
 
     from typing_extensions import Self
 
+    from txsocketserver._core.lifecycle import LifecycleObserver
     from txsocketserver._twisted.interfaces import IRequestReadiness
 
 # accept() failing for lack of resources leaves the request queued, so the
@@ -64,6 +67,7 @@ def run_request(server: Any, request: Any, client_address: Any) -> bool:
         server.finish_request(request, client_address)
         return True
     except Exception:
+        server._request_failed(request)
         server.handle_error(request, client_address)
         return False
     finally:
@@ -122,6 +126,12 @@ class BaseServer:
     # Private: whether the class can serve an async handler class (the socket servers).
     _serves_async_handlers = False
 
+    # Private: the lifecycle observers (see add_observer), a tuple replaced
+    # whole so that any thread may read it without a lock; empty: none.
+    _observers: tuple[Any, ...] = ()
+    # A forked request's copy of the server tells nobody: its parent does.
+    _serving_process_only: tuple[str, ...] = ("_observers",)
+
     def __init__(self, server_address: Any, RequestHandlerClass: Any) -> None:
         """Constructor.  May be extended, do not override.
 
@@ -148,6 +158,8 @@ class BaseServer:
         # Requests between verify_request() and the end of their handling, so
         # that a graceful stop can wait for them and close the stragglers.
         self.__in_flight: dict[int, Any] = {}
+        # The lifecycle records of the observed requests in flight (see add_observer).
+        self.__records: dict[int, Any] = {}
         # The hot path (every request) takes the plain lock, whose C-level
         # context manager costs a fraction of the Condition's, and notifies
         # only when a drain is waiting: a few microseconds per small request.
@@ -255,15 +267,20 @@ class BaseServer:
             if exc.errno in _RESOURCE_ERRNOS:
                 time.sleep(_RESOURCE_BACKOFF)
             return
+        record = self._accepted_record(request, client_address) if self._observers else None
         if self.idle_timeout is not None and hasattr(request, "settimeout"):
             request.settimeout(self.idle_timeout)
         if not self.verify_request(request, client_address):
             self.shutdown_request(request)
+            if record is not None:
+                lifecycle.refused(record, lifecycle.VERIFY_REQUEST)
+                lifecycle.ended(record)
             return
-        self._request_started(request)
+        self._request_started(request, record)
         try:
             self.process_request(request, client_address)
         except Exception:
+            self._request_failed(request)
             self.handle_error(request, client_address)
             self.shutdown_request(request)
             self._request_finished(request)
@@ -287,6 +304,15 @@ class BaseServer:
             self.__readiness = None
             self.__serving_thread = None
             readiness.close()
+
+    def _accepted_record(self, request: Any, client_address: Any) -> Any:
+        """The lifecycle record of a request ``get_request()`` returned (only
+        called with an observer attached): the one its listener made at
+        accept (an endpoint's connection), or a new one."""
+        record = getattr(request, "lifecycle_record", None)
+        if record is None:
+            record = lifecycle.accepted(self, client_address, client_address)
+        return record
 
     def _request_readiness(self) -> IRequestReadiness:
         """Make what tells the serving loop that a request is ready (private hook)."""
@@ -359,6 +385,39 @@ class BaseServer:
         traceback.print_exc()
         print("-" * 40, file=sys.stderr)
 
+    # -- the request lifecycle's observers ------------------------------------------
+
+    def add_observer(self, observer: LifecycleObserver) -> None:
+        """Have *observer* told of every request's lifecycle from now on.
+
+        *observer* has the methods of :class:`txsocketserver.LifecycleObserver`
+        (``accepted``, ``refused``, ``started``, ``ended``), each called with a
+        :class:`txsocketserver.ConnectionRecord`, on whichever thread the
+        step happens: it must be quick and thread-safe.  Connections already
+        accepted are not reported to it.  An observer that raises is logged
+        once; serving goes on.  See ``docs/architecture.md``, "The request
+        lifecycle", for when each call happens on each kind of server.
+
+        Example::
+
+            class Count(txsocketserver.LifecycleObserver):
+                def ended(self, record):
+                    print(record.client_address, record.outcome)
+
+            server.add_observer(Count())
+        """
+        self._observers = (*self._observers, observer)
+
+    def remove_observer(self, observer: LifecycleObserver) -> None:
+        """Stop telling *observer* (records already made still tell it their end).
+
+        Error handling:
+            ``ValueError`` if *observer* is not attached.
+        """
+        observers = list(self._observers)
+        observers.remove(observer)
+        self._observers = tuple(observers)
+
     def __enter__(self) -> Self:
         return self
 
@@ -423,9 +482,13 @@ class BaseServer:
 
     # -- requests in flight (graceful stop) ---------------------------------------
 
-    def _request_started(self, request: Any) -> None:
+    def _request_started(self, request: Any, record: Any = None) -> None:
+        """The request passed ``verify_request`` (*record*: its lifecycle record, if observed)."""
         with self.__in_flight_lock:
             self.__in_flight[id(request)] = request
+        if record is not None:
+            self.__records[id(request)] = record
+            lifecycle.started(record)
 
     def _request_finished(self, request: Any) -> None:
         """The request's handling is over (called once, wherever it ran)."""
@@ -434,6 +497,31 @@ class BaseServer:
                 self.__cap_waiters or (not self.__in_flight and self.__drain_waiters)
             ):
                 self.__in_flight_changed.notify_all()
+        if self.__records:
+            record = self.__records.pop(id(request), None)
+            if record is not None:
+                lifecycle.ended(record)
+
+    def _request_failed(self, request: Any) -> None:
+        """``handle_error`` is about to be called for *request* (inside the
+        ``except``): its lifecycle record, if any, gets the outcome."""
+        if self.__records:
+            record = self.__records.get(id(request))
+            if record is not None:
+                lifecycle.failed(record)
+
+    def _request_refused(self, request: Any, reason: str) -> None:
+        """*request* will not be served after all, for *reason* (a
+        ``lifecycle`` constant): a failed TLS handshake."""
+        if self.__records:
+            record = self.__records.get(id(request))
+            if record is not None:
+                lifecycle.refused(record, reason)
+
+    def _take_record(self, request: Any) -> Any:
+        """Take over the lifecycle record of *request* (``None`` if it has
+        none): its end is then the taker's to report (a forked request's)."""
+        return self.__records.pop(id(request), None) if self.__records else None
 
     def __at_connection_cap(self, timeout: float) -> bool:
         """At ``max_connections``: wait (at most *timeout*) for a request to end

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 
+from txsocketserver._core import lifecycle
 from txsocketserver._core.base import run_request
 from txsocketserver._forking.template import flush_stdio
 
@@ -75,6 +76,18 @@ class ForkingMixIn:
             if blocking:
                 workers.wait_idle(None)
         self._update_active_children()
+        self._report_exits()
+
+    def _report_exits(self) -> None:
+        """End the lifecycle records of the requests whose child has exited."""
+        workers = self._forking_dispatcher
+        if workers is None:
+            return
+        for record, code in workers.take_exits():
+            if record.details is None:
+                record.details = {}
+            record.details["exit_code"] = code
+            lifecycle.ended(record, None if code == 0 else lifecycle.ERROR)
 
     def handle_timeout(self) -> None:
         """Wait for zombies after self.timeout seconds of inactivity.
@@ -107,7 +120,11 @@ class ForkingMixIn:
         if self.max_connections is not None:  # type: ignore[attr-defined]
             limit = min(limit, self.max_connections)  # type: ignore[attr-defined]
         workers.wait_below(limit)
-        workers.dispatch(self._process_request_in_child, request, client_address)
+        tag = workers.dispatch(self._process_request_in_child, request, client_address)
+        record = self._take_record(request)  # type: ignore[attr-defined]
+        if record is not None:
+            # Its end is the child's exit, which the template reports.
+            workers.report_exit(tag, record)
         self.close_request(request)  # type: ignore[attr-defined]
 
     def _process_request_in_child(self, request: Any, client_address: Any) -> None:
@@ -124,9 +141,12 @@ class ForkingMixIn:
         stop the template process."""
         super().server_close()  # type: ignore[misc]
         self.collect_children(blocking=self.block_on_close)
+        self._report_exits()
         workers, self._forking_dispatcher = self._forking_dispatcher, None
         if workers is not None:
             workers.close(wait=self.block_on_close)
+            for record, code in workers.take_exits(everything=True):
+                lifecycle.ended(record, None if code == 0 else lifecycle.ERROR)
 
     def _forking_workers(self) -> IProcessDispatcher:
         if self._forking_dispatcher is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 
+from txsocketserver._core import lifecycle
 from txsocketserver._core.base import BaseServer
 
 TYPE_CHECKING = False
@@ -224,8 +225,17 @@ class TCPServer(BaseServer):
         thread that runs the request, bounded by the handler class's
         ``timeout``; a client that leaves or stalls during it is not an error.
         """
-        if self._security.establish(request, self.RequestHandlerClass):
+        try:
+            established = self._security.establish(request, self.RequestHandlerClass)
+        except Exception:
+            # A client that does not speak TLS: handle_error reports it.
+            if self._observers:
+                self._request_refused(request, lifecycle.TLS_HANDSHAKE)
+            raise
+        if established:
             super().finish_request(request, client_address)
+        elif self._observers:
+            self._request_refused(request, lifecycle.TLS_HANDSHAKE)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Handle an error raised by a handler (see ``BaseServer.handle_error``).

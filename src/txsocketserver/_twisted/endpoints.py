@@ -40,6 +40,7 @@ from twisted.internet.protocol import Factory, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txsocketserver._core import lifecycle
 from txsocketserver._twisted import reactor as _reactor
 from txsocketserver._twisted.interfaces import IListener, IRequestReadiness
 from txsocketserver._twisted.proxy_protocol import DEFAULT_TRUSTED_PROXIES, TrustedProxies
@@ -277,6 +278,10 @@ class _TrackedProtocol(TransportSocketProtocol):
     listener: EndpointListener
 
     def connectionMade(self) -> None:
+        server = self.listener._server
+        if server is not None and server._observers:
+            peer = socket_address(self.transport.getPeer())  # type: ignore[union-attr]
+            self.record = lifecycle.accepted(server, peer)
         super().connectionMade()
         self.listener._connection_made(self)
 
@@ -543,7 +548,8 @@ class EndpointListener:
         for protocol in stale:
             protocol.evict(
                 f"no complete PROXY header within {HEADER_TIMEOUT_WHEN_FULL}s "
-                "while every slot was taken"
+                "while every slot was taken",
+                refusal=lifecycle.MAX_CONNECTIONS,
             )
         if self._accepting_paused:
             self._schedule_make_room()
@@ -656,6 +662,10 @@ class EndpointListener:
                 self._drain_notify()
         for transport_socket, _ in queued:
             transport_socket.close()
+            record = transport_socket.lifecycle_record
+            if record is not None:
+                lifecycle.refused(record, lifecycle.STOPPING)
+                lifecycle.ended(record)
         port, self._port = self._port, None
         if port is None:
             return
@@ -677,7 +687,7 @@ class EndpointListener:
         if call is not None and call.active():
             call.cancel()
         for protocol in list(self._pending):
-            protocol.evict("the server is stopping", level="info")
+            protocol.evict("the server is stopping", level="info", refusal=lifecycle.STOPPING)
         return port.stopListening()
 
     def _drain_notify(self) -> None:

@@ -113,9 +113,10 @@ class IConnectionSecurity(Interface):
 class IRequestDispatcher(Interface):
     """Runs requests somewhere other than the serving thread."""
 
-    def dispatch(function: Callable[..., object], *args: Any) -> None:
+    def dispatch(function: Callable[..., object], *args: Any) -> Any:
         """Start ``function(*args)`` (a server's ``process_request_thread`` or
-        equivalent) and return without waiting for it."""
+        equivalent) and return without waiting for it: ``None``, or what names
+        the request to the dispatcher afterwards (a process dispatcher's tag)."""
 
     def upkeep() -> None:
         """Periodic housekeeping, called from the serving loop (cheap when there
@@ -151,6 +152,15 @@ class IProcessDispatcher(IRequestDispatcher):
 
     def running_pids() -> set[int]:
         """The pids of the workers running requests now (``active_children``)."""
+
+    def report_exit(tag: int, what: Any) -> None:
+        """Have ``take_exits`` return *what* once the request that
+        ``dispatch`` returned *tag* for has ended (its child exited)."""
+
+    def take_exits(everything: bool = False) -> list[tuple[Any, int | None]]:
+        """``(what, exit code)`` of the requests given to ``report_exit`` that
+        have ended since the last call (``None``: the template died first);
+        with *everything*, those still running too."""
 
 
 class IAsyncServing(Interface):

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 from twisted.logger import Logger
 
+from txsocketserver._core import lifecycle
 from txsocketserver._twisted.proxy_protocol import (
     ProxyHeader,
     ProxyHeaderError,
@@ -61,6 +62,8 @@ class ProxyHeaderStage:
         on_header: called with the header once it is whole (for ``LOCAL``
             too, whose ``family`` is ``None``: the connection's own addresses
             stand); the stage is over by then.
+        record: the connection's lifecycle record, if observed: a refusal
+            is recorded on it, and the header's addresses.
     """
 
     def __init__(
@@ -70,8 +73,10 @@ class ProxyHeaderStage:
         policy: ProxyHeaderPolicy,
         reactor: Any,
         on_header: Callable[[ProxyHeader], None],
+        record: lifecycle.ConnectionRecord | None = None,
     ) -> None:
         self._transport = transport
+        self._record = record
         self._peer = peer
         self._policy = policy
         self._reactor = reactor
@@ -95,6 +100,8 @@ class ProxyHeaderStage:
                 peer=peer,
                 trusted=", ".join(self._policy.trusted.entries) or "none",
             )
+            if self._record is not None:
+                lifecycle.refused(self._record, lifecycle.UNTRUSTED_PROXY)
             self._transport.loseConnection()
             return False
         self._received = bytearray()
@@ -111,12 +118,20 @@ class ProxyHeaderStage:
             header = parse_header(self._received)
         except ProxyHeaderError as error:
             self._end("warn", "refused connection from {peer}: {reason}", error)
+            if self._record is not None:
+                lifecycle.refused(self._record, lifecycle.PROXY_HEADER)
             self._transport.loseConnection()
             return b""
         if header is None:
             return b""
         payload = bytes(self._received[header.length :])
         self._end()
+        record = self._record
+        if record is not None and header.family is not None:
+            record.client_address = header.source
+            lifecycle.add_detail(
+                record, "proxy", {"source": header.source, "destination": header.destination}
+            )
         if header.local:
             # The proxy speaks for itself (HAProxy's health checks): the PROXY
             # spec says to serve it with the connection's own addresses, and
@@ -130,6 +145,11 @@ class ProxyHeaderStage:
 
     def peer_ended(self, how: str) -> None:
         """The peer ended the connection in the stage (*how*: "closed", "was reset")."""
+        if self._record is not None:
+            if self._received:
+                lifecycle.refused(self._record, lifecycle.PROXY_HEADER)
+            elif how != "closed":
+                self._record.outcome = lifecycle.RESET
         if self._received:
             self._end(
                 "info",
@@ -138,9 +158,13 @@ class ProxyHeaderStage:
         else:
             self._end("debug", "connection from {peer} " + how + " before sending anything")
 
-    def evict(self, reason: str, level: str = "warn") -> None:
+    def evict(
+        self, reason: str, level: str = "warn", refusal: str = lifecycle.PROXY_HEADER
+    ) -> None:
         """Close the connection, logging *reason* at *level* (a
-        ``twisted.logger`` level name)."""
+        ``twisted.logger`` level name); *refusal*: the lifecycle's reason."""
+        if self._record is not None:
+            lifecycle.refused(self._record, refusal)
         self._end(level, "closed connection from {peer}: {reason}", reason)
         self._transport.loseConnection()
 

@@ -129,6 +129,7 @@ from twisted.python import threadable
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txsocketserver._core import lifecycle
 from txsocketserver._twisted import compat
 from txsocketserver._twisted.proxy_protocol import ProxyHeader
 from txsocketserver._twisted.proxy_stage import ProxyHeaderPolicy, ProxyHeaderStage
@@ -328,6 +329,9 @@ class TransportSocketProtocol(Protocol):
         self._proxied: ProxyHeader | None = None
         self._write_half_closed = False  # loseWriteConnection was called
         self._linger: Any = None  # the lingering close's deadline, while it runs
+        #: The connection's lifecycle record (``None``: not observed); set
+        #: before ``connectionMade`` by whoever observes it.
+        self.record: lifecycle.ConnectionRecord | None = None
 
     @property
     def awaiting_header(self) -> bool:
@@ -350,6 +354,7 @@ class TransportSocketProtocol(Protocol):
             self._proxy,
             self._reactor,
             self._proxied_by,
+            self.record,
         )
         self._stage.begin()
 
@@ -374,18 +379,26 @@ class TransportSocketProtocol(Protocol):
             host=host,
             os_socket=underlying_socket(self.transport),
         )
+        record = self.record
+        if record is not None:
+            record.client_address = client
+            record.bytes_received = record.bytes_sent = 0
+            self.socket.lifecycle_record = record
         try:
             self._on_connection(self.socket, self.socket.getpeername())
         except Exception:
             _log.failure("on_connection raised; closing the connection")
             self.socket.close()
 
-    def evict(self, reason: str, level: str = "warn") -> None:
+    def evict(
+        self, reason: str, level: str = "warn", refusal: str = lifecycle.PROXY_HEADER
+    ) -> None:
         """Close a connection still in its header stage, logging *reason* at
-        *level* (a ``twisted.logger`` level name); reactor thread."""
+        *level* (a ``twisted.logger`` level name); reactor thread.  *refusal*:
+        the reason its lifecycle record gives."""
         if self.awaiting_header:
             assert self._stage is not None
-            self._stage.evict(reason, level)
+            self._stage.evict(reason, level, refusal)
 
     # Payload ------------------------------------------------------------------------
 
@@ -427,6 +440,10 @@ class TransportSocketProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._stage is not None and self._stage.active:
             self._stage.peer_ended("closed" if reason.check(ConnectionDone) else "was reset")
+        if self.record is not None and self.socket is None:
+            # It never reached a handler (refused, or gone in its header
+            # stage): its lifecycle ends here.
+            lifecycle.ended(self.record)
         linger, self._linger = self._linger, None
         if linger is not None and linger.active():
             linger.cancel()
@@ -566,6 +583,10 @@ class TransportSocket:
         self._timeout: float | None = socket.getdefaulttimeout()
         self._closed = False  # close() called; the connection ends when _io_refs is 0
         self._io_refs = 0  # open makefile() objects
+        #: The connection's lifecycle record, if observed: the server's
+        #: serving loop takes it over, and the handler's reads and writes
+        #: count their bytes in it.
+        self.lifecycle_record: lifecycle.ConnectionRecord | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._bridge.closed else f"laddr={self._host!r}, raddr={self._peer!r}"
@@ -741,6 +762,8 @@ class TransportSocket:
                 if not peek:
                     del received[:count]
                     self._maybe_resume_reading()
+                    if self.lifecycle_record is not None:
+                        self.lifecycle_record.bytes_received += count  # type: ignore[operator]
                 done += count
                 if target is None:
                     return data
@@ -832,6 +855,8 @@ class TransportSocket:
                     chunk = bytes(octets[sent : sent + count])
                 bridge.outgoing.append(chunk)
                 bridge.outgoing_bytes += count
+                if self.lifecycle_record is not None:
+                    self.lifecycle_record.bytes_sent += count  # type: ignore[operator]
                 sent += count
                 if not bridge.flush_requested:
                     bridge.flush_requested = True
