@@ -74,10 +74,8 @@ class AccessLog:
     def ended(self, record: Any) -> None:
         started = record.started
         duration = None if started is None or record.ended is None else record.ended - started
-        details = record.details or {}
-        client = details.get("proxy_client")
-        if client is None and record.client_address != record.peer:
-            client = record.client_address
+        # The client a PROXY header named, where it differs from the peer.
+        client = record.client_address if record.client_address != record.peer else None
         fields = {
             "time": record.accepted_at,
             "pid": self._pid,

@@ -15,8 +15,6 @@ See ``docs/operations.md`` for each metric.
 
 from __future__ import annotations
 
-import _thread
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -141,115 +139,6 @@ def listening(server: Any) -> bool:
 _ABSENT = object()
 
 
-# -- attaching an observer to a server --------------------------------------------
-
-
-class _Record:
-    """A request's record (the lifecycle seam's ``ConnectionRecord`` shape)."""
-
-    __slots__ = (
-        "server", "peer", "client_address", "accepted_at", "started", "ended",
-        "bytes_received", "bytes_sent", "outcome", "details",
-    )  # fmt: skip
-
-    def __init__(self, server: Any, client_address: Any) -> None:
-        self.server = server
-        self.peer = client_address
-        self.client_address = client_address
-        self.accepted_at = time.time()
-        self.started: float | None = None
-        self.ended: float | None = None
-        self.bytes_received: int | None = None
-        self.bytes_sent: int | None = None
-        self.outcome = "ok"
-        self.details: dict[str, Any] | None = None
-
-
-class _Fanout:
-    """Several observers of one server, as one; an observer that raises is
-    logged once and then left alone."""
-
-    def __init__(self) -> None:
-        self.observers: list[Any] = []
-        self._failed: set[int] = set()
-
-    def _each(self, step: str, record: Any) -> None:
-        for observer in self.observers:
-            try:
-                getattr(observer, step)(record)
-            except Exception:
-                if id(observer) not in self._failed:
-                    self._failed.add(id(observer))
-                    import logging
-
-                    logging.getLogger("txsocketserver").exception(
-                        "lifecycle observer %r failed (logged once)", observer
-                    )
-
-
 def attach(server: Any, observer: Any) -> None:
-    """Make *observer* see every record of *server*.
-
-    Uses the server's ``add_observer`` where there is one (the lifecycle
-    seam); otherwise wraps the narrowest points of this instance:
-    ``verify_request`` (accepted, or refused with reason ``verify_request``),
-    the start and end of a request in flight, and ``handle_error``.
-    """
-    add_observer = getattr(server, "add_observer", None)
-    if add_observer is not None:
-        add_observer(observer)
-        return
-    fanout = server.__dict__.get("_observability_fanout")
-    if fanout is None:
-        fanout = server.__dict__["_observability_fanout"] = _Fanout()
-        _wrap(server, fanout)
-    fanout.observers.append(observer)
-
-
-def _wrap(server: Any, fanout: _Fanout) -> None:
-    records: dict[int, _Record] = {}
-    lock = _thread.allocate_lock()
-    verify_request = server.verify_request
-    request_started = server._request_started
-    request_finished = server._request_finished
-    handle_error = server.handle_error
-
-    def observed_verify_request(request: Any, client_address: Any) -> bool:
-        record = _Record(server, client_address)
-        fanout._each("accepted", record)
-        if verify_request(request, client_address):
-            with lock:
-                records[id(request)] = record
-            return True
-        record.outcome = "refused:verify_request"
-        fanout._each("refused", record)
-        fanout._each("ended", record)
-        return False
-
-    def observed_request_started(request: Any) -> None:
-        with lock:
-            record = records.get(id(request))
-        if record is not None:
-            record.started = time.monotonic()
-            fanout._each("started", record)
-        request_started(request)
-
-    def observed_handle_error(request: Any, client_address: Any) -> None:
-        with lock:
-            record = records.get(id(request))
-        if record is not None:
-            record.outcome = "error"
-        handle_error(request, client_address)
-
-    def observed_request_finished(request: Any) -> None:
-        request_finished(request)
-        with lock:
-            record = records.pop(id(request), None)
-        if record is not None:
-            record.ended = time.monotonic()
-            fanout._each("ended", record)
-
-    server.verify_request = observed_verify_request
-    server._request_started = observed_request_started
-    server.handle_error = observed_handle_error
-    server._request_finished = observed_request_finished
+    """Make *observer* see every record of *server* (the lifecycle seam)."""
+    server.add_observer(observer)
