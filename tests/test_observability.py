@@ -332,3 +332,57 @@ def test_metrics_without_prometheus_client_names_the_extra(cli: Spawn, tmp_path:
     assert process.finish() == 2
     assert "pip install 'txsocketserver[metrics]'" in process.output()
     assert "Traceback" not in process.output()
+
+
+class _Refusing(txsocketserver.ThreadingTCPServer):
+    def verify_request(self, request: object, client_address: object) -> bool:
+        return False
+
+
+class _AsyncEcho(txsocketserver.AsyncStreamRequestHandler):
+    async def handle(self) -> None:
+        async for line in self.rfile:
+            self.wfile.write(line)
+
+
+def test_library_refusals_bytes_and_access_records() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from twisted.logger import globalLogPublisher
+
+    from txsocketserver._observability.access_log import AccessLog
+
+    registry = CollectorRegistry()
+    metrics = txsocketserver.Metrics(registry=registry)
+    refusing = _Refusing((LOCALHOST, 0), txsocketserver.StreamRequestHandler)
+    echo = txsocketserver.TCPServer((LOCALHOST, 0), _AsyncEcho)
+    metrics.observe(refusing, name="refusing")
+    metrics.observe(echo, name="echo")
+    refusing.add_observer(AccessLog("refusing"))
+    echo.add_observer(AccessLog("echo"))
+    access: list[dict[str, object]] = []
+
+    def observe(event: dict[str, object]) -> None:
+        if "access" in event:
+            access.append(event["access"])  # type: ignore[arg-type]
+
+    globalLogPublisher.addObserver(observe)
+    with serve_in_thread(refusing), serve_in_thread(echo):
+        with connect(refusing.server_address) as client:
+            assert client.recv(10) == b""
+        assert ask(echo.server_address, b"hello\n", b"again\n") == [b"hello\n", b"again\n"]
+        assert wait_until(
+            lambda: 'txsocketserver_requests_total{server="echo"} 1.0'
+            in generate_latest(registry).decode()
+        )
+    text = generate_latest(registry).decode()
+    refused = 'txsocketserver_connections_refused_total{reason="verify_request",server="refusing"}'
+    assert f"{refused} 1.0" in text
+    assert 'txsocketserver_received_bytes_total{server="echo"} 12.0' in text
+    assert 'txsocketserver_sent_bytes_total{server="echo"} 12.0' in text
+    globalLogPublisher.removeObserver(observe)
+    outcomes = {record["server"]: record for record in access}  # type: ignore[index]
+    assert outcomes["refusing"]["outcome"] == "refused:verify_request"  # type: ignore[index]
+    assert outcomes["echo"]["outcome"] == "ok"  # type: ignore[index]
+    assert outcomes["echo"]["bytes_in"] == outcomes["echo"]["bytes_out"] == 12  # type: ignore[index]
+    refusing.server_close()
+    echo.server_close()
