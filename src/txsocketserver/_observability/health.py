@@ -38,7 +38,7 @@ class Health:
 
     @property
     def stopping(self) -> bool:
-        """Whether a stop has begun (it never ends: a stopped process exits)."""
+        """True once a stop has begun, for good (a stopped process exits)."""
         return self._stopping
 
     def ready(self) -> bool:

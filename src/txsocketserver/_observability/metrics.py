@@ -51,18 +51,16 @@ class Metrics:
         self.registry = registry
         registry.register(SnapshotCollector(self.snapshots, self._workers_now))
 
-    def observe(self, server: Any, name: str | None = None) -> ServerStats:
+    def observe(self, server: Any, name: str | None = None) -> None:
         """Count what *server* does, labelled ``server=name`` (default: its address).
 
         The server's readiness joins ``/readyz``: ready while it listens.
-        Returns the :class:`ServerStats` attached to it.
         """
         label = name if name is not None else _label(server)
         stats = ServerStats(label, server)
         self._stats[label] = stats
         attach(server, stats)
         self.health.add_check(lambda: listening(server))
-        return stats
 
     def add_source(self, source: Callable[[], dict[str, dict[str, Any]]]) -> None:
         """Add servers counted elsewhere: *source* returns ``{label: snapshot}``

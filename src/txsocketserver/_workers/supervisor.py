@@ -283,7 +283,8 @@ class Workers(Service):
         self._ready_waiters: list[Deferred[None]] = []
         self.drain_delay = drain_delay
         self.observability = observability or {}
-        #: Where the stop begins (/readyz, systemd's STOPPING=1): stopService.
+        #: The moment a stop begins, which ``stopService`` records first thing
+        #: (``/readyz`` answers 503 from then on; see :class:`~txsocketserver.Health`).
         self.health = Health()
         #: Workers replaced so far, by cause (see RESTART_CAUSES).
         self.restarts = dict.fromkeys(RESTART_CAUSES, 0)
