@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_observability -*-
 """Observability: metrics, liveness and readiness, and the access log.
 
 ``stats`` (the counts, Twisted-free), ``exposition`` (as Prometheus metric

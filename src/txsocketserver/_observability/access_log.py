@@ -1,8 +1,9 @@
+# -*- test-case-name: tests.test_observability -*-
 """The access log, and the text and JSON formats of every log line we write.
 
 :class:`AccessLog` is a lifecycle observer: at the end of each record (a
 connection; a datagram for a datagram server) it emits one ``twisted.logger``
-event in the namespace ``txsocketserver.access``, so that ``twistd``'s own
+event in the namespace :data:`ACCESS_NAMESPACE`, so that ``twistd``'s own
 observers and log files get it too.  :func:`file_observer` writes events to a
 file (``--access-log PATH``, or the server's own log on stderr) as text or
 JSON lines.
@@ -26,6 +27,7 @@ from typing import IO, Any
 from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
 from zope.interface import provider
 
+#: The ``twisted.logger`` namespace of access records.
 ACCESS_NAMESPACE = "txsocketserver.access"
 FORMATS = ("text", "json")
 
@@ -52,7 +54,7 @@ def address_text(address: Any) -> str | None:
 
 
 class AccessLog:
-    """Emit one ``txsocketserver.access`` event per record, when it ends.
+    """Emit one access event (:data:`ACCESS_NAMESPACE`) per record, when it ends.
 
     Args:
         name: the server's label in each record (its listen description).

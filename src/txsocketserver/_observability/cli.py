@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_observability -*-
 """What ``--metrics``, ``--access-log``, ``--log-format`` and ``--drain-delay`` turn into.
 
 One :class:`Observability` per process (``python -m txsocketserver``,

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_observability,tests.test_observability_interop -*-
 """Snapshots as Prometheus metric families, through ``prometheus_client``.
 
 ``prometheus_client`` is the optional extra ``txsocketserver[metrics]``:
@@ -41,7 +42,7 @@ _COUNTERS = {
 }
 
 #: Worker restart causes, always exposed (a counter that appears late breaks rate()).
-RESTART_CAUSES = ("exited", "timed_out", "max_requests", "reload")
+RESTART_CAUSES = ("exited", "timed_out", "max_requests", "max_memory", "max_lifetime", "reload")
 
 
 def require_prometheus() -> Any:
@@ -123,8 +124,8 @@ class SnapshotCollector:
             )
             restarts = CounterMetricFamily(
                 PREFIX + "worker_restarts",
-                "Workers replaced, by cause: exited (died), timed_out (missed its "
-                "heartbeat), max_requests (recycled), reload (SIGHUP).",
+                "Workers replaced, by cause: exited (died), timed_out (--worker-timeout), "
+                "max_requests, max_memory, max_lifetime (recycled), reload (SIGHUP).",
                 labels=["cause"],
             )
             for cause in RESTART_CAUSES:

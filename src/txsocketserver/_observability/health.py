@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_observability -*-
 """Liveness and readiness, and the moment a stop begins.
 
 :class:`Health` is what ``/livez`` and ``/readyz`` answer from.  It is also

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_observability,tests.test_observability_interop -*-
 """The ``--metrics`` endpoint: ``/metrics``, ``/livez``, ``/readyz``, over ``twisted.web``.
 
 A small ``twisted.web`` site of its own on its own Twisted endpoint, next to

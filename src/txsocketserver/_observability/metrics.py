@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_observability -*-
 """``Metrics``: the metrics, liveness and readiness of the servers of one process.
 
 What a program (or a ``.tac``) uses to get what ``--metrics`` gives::

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_observability -*-
 """The counts behind the metrics: one :class:`ServerStats` per server.
 
 A ``ServerStats`` is a lifecycle observer (``accepted``, ``refused``,
