@@ -7,7 +7,9 @@ and its outcome, addresses and byte counts.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import socket
 import threading
 from typing import Any
@@ -23,6 +25,7 @@ from support import (
     connect_to,
     recv_all,
     serve_in_thread,
+    wait_until,
 )
 from txsocketserver._core import lifecycle
 
@@ -394,3 +397,98 @@ def test_without_observers_no_record_is_made() -> None:
     with QuietTCP(ANY_PORT, LineEcho) as server:
         assert server._observers == ()
         assert lifecycle.accepted(server, None) is None
+
+
+# -- gauges ----------------------------------------------------------------------------
+
+
+class Parked(txsocketserver.StreamRequestHandler):
+    """Holds its request until the test releases it."""
+
+    inside = threading.Semaphore(0)
+    release = threading.Event()
+
+    def handle(self) -> None:
+        Parked.inside.release()
+        Parked.release.wait(WAIT)
+
+
+def test_the_gauges_count_requests_and_pool_threads() -> None:
+    Parked.release.clear()
+    with txsocketserver.ThreadingTCPServer(ANY_PORT, Parked) as server:
+        server.max_threads = 1
+        assert server.requests_in_flight == 0
+        assert server.pool_threads() == (0, 0, 0)
+        with serve_in_thread(server), connect_to(server), connect_to(server):
+            assert Parked.inside.acquire(timeout=WAIT)
+            assert wait_until(lambda: server.requests_in_flight == 2)
+            # One runs, one waits for the only thread.
+            assert server.pool_threads() == (1, 0, 1)
+            Parked.release.set()
+            assert wait_until(lambda: server.requests_in_flight == 0)
+        assert Parked.inside.acquire(timeout=WAIT)
+
+
+# -- accept() out of resources -----------------------------------------------------------
+
+
+class OutOfFds(QuietTCP):
+    """Its first ``get_request()`` calls fail as ``accept()`` does without fds."""
+
+    failures_left = 3
+
+    def get_request(self) -> tuple[Any, Any]:
+        if self.failures_left:
+            self.failures_left -= 1
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return super().get_request()
+
+
+@pytest.mark.parametrize("handler", [LineEcho, AsyncLineEcho], ids=["sync", "async"])
+def test_accept_out_of_fds_is_logged_once_per_episode_with_its_count(
+    handler: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    with OutOfFds(ANY_PORT, handler) as server:
+        server.verified = 5
+        with serve_in_thread(server), caplog.at_level(logging.WARNING, "txsocketserver"):
+            assert exchange(server, b"hello\n") == b"hello\n"
+            server.failures_left = 2  # a second episode
+            assert exchange(server, b"again\n") == b"again\n"
+    logged = [r.getMessage() for r in caplog.records if "accept" in r.getMessage()]
+    assert len(logged) == 4, logged
+    assert "cannot accept: [Errno 24] Too many open files" in logged[0]
+    assert "accepts again, after 3 failed attempts" in logged[1]
+    assert "cannot accept" in logged[2]
+    assert "accepts again, after 2 failed attempts" in logged[3]
+
+
+# -- timeouts and resets -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("handler", [LineEcho, AsyncLineEcho], ids=["sync", "async"])
+def test_a_quiet_connection_ends_as_a_timeout(handler: Any) -> None:
+    recorder = Recorder()
+    with QuietTCP(ANY_PORT, handler) as server:
+        server.verified = 5
+        server.idle_timeout = 0.2
+        server.add_observer(recorder)
+        with serve_in_thread(server), connect_to(server) as client:
+            (record,) = recorder.records(ended=1)  # the server gave up waiting
+            assert recv_all(client) == b""
+    assert (recorder.sequence(record), record.outcome) == (OK, "timeout")
+
+
+@pytest.mark.parametrize("handler", [LineEcho, AsyncLineEcho], ids=["sync", "async"])
+def test_a_client_that_resets_mid_request_ends_as_a_reset(handler: Any) -> None:
+    from support import reset_close
+
+    recorder = Recorder()
+    with QuietTCP(ANY_PORT, handler) as server:
+        server.verified = 5
+        server.add_observer(recorder)
+        with serve_in_thread(server):
+            client = connect_to(server)
+            client.sendall(b"no end of line")
+            reset_close(client)
+            (record,) = recorder.records(ended=1)
+    assert (recorder.sequence(record), record.outcome) == (OK, "reset")

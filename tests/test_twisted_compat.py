@@ -8,7 +8,6 @@ import socket
 
 import pytest
 from twisted.internet import endpoints, reactor
-from twisted.internet.error import ConnectionDone
 
 from txsocketserver._twisted import compat
 from txsocketserver._twisted.endpoints import Endpoint, listening_socket
@@ -100,6 +99,33 @@ def test_a_ports_accept_batch_can_be_capped() -> None:
         call_in_reactor(port.stopListening)
 
 
+def test_a_thread_pools_counts_come_from_its_teams_statistics() -> None:
+    # If Twisted renames ThreadPool._team or its statistics, the pool gauges
+    # (ThreadingMixIn.pool_threads) would stop reading.
+    import threading
+
+    from twisted.python.threadpool import ThreadPool
+
+    pool = ThreadPool(0, 1, name="compat-test")
+    pool.start()
+    release = threading.Event()
+    running = threading.Event()
+    try:
+        assert compat.thread_pool_counts(pool) == (0, 0, 0)
+
+        def work() -> None:
+            running.set()
+            release.wait(5)
+
+        pool.callInThread(work)
+        assert running.wait(5)
+        pool.callInThread(lambda: None)
+        assert compat.thread_pool_counts(pool) == (1, 0, 1)
+    finally:
+        release.set()
+        pool.stop()
+
+
 def test_half_close_is_found_through_wrappers_that_keep_the_bytes() -> None:
     from twisted.internet.testing import StringTransport
     from twisted.protocols import policies, tls
@@ -120,64 +146,55 @@ def test_half_close_is_found_through_wrappers_that_keep_the_bytes() -> None:
     assert found is None or found.__self__ is secure
 
 
-def test_an_accepted_connections_transport_sends_at_once_and_reads_through_a_multiplexer() -> None:
-    # If Twisted renames its transport buffers or _disconnectSelectable, an
-    # accepted async connection would lose bytes or never end: fail here.
-    import queue
+def test_a_stream_servers_transport_takes_the_adopted_arguments() -> None:
+    # If tcp.Server/unix.Server change their constructor, an accepted async
+    # connection could not be adopted.
+    import inspect
 
-    from twisted.internet.interfaces import IHalfCloseableProtocol
+    for unix in (False, True):
+        kind = compat.stream_server_transport(unix)
+        parameters = list(inspect.signature(kind.__init__).parameters)[1:7]
+        assert parameters == ["sock", "protocol", "client", "server", "sessionno", "reactor"]
+
+
+def test_what_a_transport_holds_queued_is_read_from_its_buffers() -> None:
+    # If Twisted renames _tempDataBuffer or _writeDisconnected, a write could
+    # overtake queued bytes, or go out after a half-close.
     from twisted.internet.protocol import Protocol
-    from zope.interface import implementer
 
     from txsocketserver._twisted.reactor import call_in_reactor
 
-    events: queue.SimpleQueue[tuple[object, ...]] = queue.SimpleQueue()
-
-    @implementer(IHalfCloseableProtocol)
-    class Recorder(Protocol):
-        def dataReceived(self, data: bytes) -> None:
-            events.put(("data", data))
-
-        def readConnectionLost(self) -> None:
-            events.put(("eof",))
-            self.transport.write(b"after eof")
-            self.transport.loseConnection()
-
-        def writeConnectionLost(self) -> None:
-            pass
-
-        def connectionLost(self, reason: object) -> None:
-            events.put(("lost", type(reason.value)))
-
     ours, theirs = socket.socketpair()
-    theirs.settimeout(10)
-    protocol = Recorder()
-
-    def connect() -> tuple[compat.ReadMultiplexer, bytes]:
-        multiplexer = compat.ReadMultiplexer.for_reactor(reactor)
-        assert multiplexer is not None, "Linux reactors have epoll and _disconnectSelectable"
-        ours.setblocking(False)
-        transport = compat.adopted_transport(
-            ours, protocol, "peer", 1, reactor, unix=True, multiplexer=multiplexer
-        )
-        protocol.makeConnection(transport)
-        transport.write(b"at once")
-        # Before the reactor turns: the bytes are in the peer's socket already.
-        return multiplexer, theirs.recv(100, socket.MSG_DONTWAIT)
-
     try:
-        multiplexer, sent = call_in_reactor(connect)
-        assert sent == b"at once"
-        theirs.sendall(b"hello")
-        assert events.get(timeout=10) == ("data", b"hello")
-        theirs.shutdown(socket.SHUT_WR)
-        assert events.get(timeout=10) == ("eof",)
-        assert theirs.recv(100) == b"after eof"
-        assert theirs.recv(100) == b""
-        assert events.get(timeout=10) == ("lost", ConnectionDone)
-        assert events.empty(), "the EOF was read once"
-        call_in_reactor(multiplexer.retire)
-        assert multiplexer._epoll.closed
+        ours.setblocking(False)
+
+        def check() -> list[bool]:
+            kind = compat.stream_server_transport(True)
+            transport = kind(ours, Protocol(), "peer", None, 1, reactor)
+            seen = [compat.nothing_queued(transport), compat.can_send_now(transport)]
+            transport._tempDataBuffer.append(b"queued")
+            transport._tempDataLen += 6
+            seen += [compat.nothing_queued(transport), compat.can_send_now(transport)]
+            transport._tempDataBuffer.clear()
+            transport._tempDataLen = 0
+            transport._writeDisconnected = True
+            seen += [compat.nothing_queued(transport), compat.can_send_now(transport)]
+            transport.stopReading()
+            return seen
+
+        assert call_in_reactor(check) == [True, True, False, False, True, False]
     finally:
-        theirs.close()
         ours.close()
+        theirs.close()
+
+
+def test_the_reactor_disconnects_a_selectable_as_the_multiplexer_does() -> None:
+    # If Twisted renames _disconnectSelectable, the read multiplexer is not
+    # used (ReadMultiplexer.for_reactor says None) rather than failing.
+    disconnect = compat.disconnector(reactor)
+    assert disconnect is not None and disconnect.__name__ == "_disconnectSelectable"
+    assert list(__import__("inspect").signature(disconnect).parameters)[:3] == [
+        "selectable",
+        "why",
+        "isRead",
+    ]

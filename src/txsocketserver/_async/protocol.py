@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_async -*-
+# -*- test-case-name: tests.test_async_protocol -*-
 """``Connection``: the Twisted protocol of one async stream connection.
 
 It owns the connection's reader and writer, is the transport's push producer
@@ -22,12 +22,12 @@ from zope.interface import implementer
 from txsocketserver._async.streams import AsyncReader, AsyncSocket, AsyncWriter
 from txsocketserver._core import lifecycle
 from txsocketserver._twisted import compat
+from txsocketserver._twisted.addresses import socket_address, socket_family, underlying_socket
 from txsocketserver._twisted.proxy_protocol import ProxyHeader
-from txsocketserver._twisted.proxy_stage import ProxyHeaderPolicy, ProxyHeaderStage
-from txsocketserver._twisted.transport_socket import (
-    socket_address,
-    socket_family,
-    underlying_socket,
+from txsocketserver._twisted.proxy_stage import (
+    ProxyHeaderPolicy,
+    ProxyHeaderStage,
+    begin_header_stage,
 )
 
 _monotonic = time.monotonic
@@ -103,15 +103,9 @@ class Connection(Protocol):
         if self._proxy is None:
             self._start()
             return
-        self._stage = ProxyHeaderStage(
-            transport,
-            socket_address(transport.getPeer()),
-            self._proxy,
-            self.serving.reactor,
-            self._proxied_by,
-            self.record,
+        self._stage = begin_header_stage(
+            transport, self._proxy, self.serving.reactor, self._proxied_by, self.record
         )
-        self._stage.begin()
 
     def _proxied_by(self, header: ProxyHeader) -> None:
         if header.family is not None:
@@ -154,9 +148,7 @@ class Connection(Protocol):
         self.reader.feed(data)
 
     def readConnectionLost(self) -> None:
-        if self._stage is not None and self._stage.active:
-            self._stage.peer_ended("closed")
-            self.transport.loseConnection()
+        if self._stage is not None and self._stage.read_lost():
             return
         self.reader.feed_eof()
 
@@ -164,9 +156,8 @@ class Connection(Protocol):
         """Only after our own half-close: nothing to do."""
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._stage is not None and self._stage.active:
-            clean = isinstance(reason.value, ConnectionDone)
-            self._stage.peer_ended("closed" if clean else "was reset")
+        if self._stage is not None:
+            self._stage.connection_lost(reason)
         self.lost = True
         reset = not self._clean_end(reason)
         record = self.record
@@ -175,9 +166,11 @@ class Connection(Protocol):
                 # Twisted's TLS reports a failed handshake (or a TLS error) so.
                 lifecycle.refused(record, lifecycle.TLS_HANDSHAKE)
             elif reset and not self.request_over:
-                record.outcome = (
-                    lifecycle.RESET if record.outcome == lifecycle.OK else record.outcome
-                )
+                lifecycle.reset(record)
+            if record.started is None:
+                # It never reached a handler (refused, or gone in its
+                # header stage): its lifecycle ends here.
+                lifecycle.ended(record)
         # The writer first: a handler woken by the reader finds it lost.
         if self.writer is not None:
             self.writer._lost_now(reset)
@@ -238,6 +231,8 @@ class Connection(Protocol):
 
     def ended(self) -> None:
         """The request's handling is over: release the connection once it is lost too."""
+        if self.request_over:
+            return
         self.request_over = True
         if self.lost:
             self.release()
@@ -256,5 +251,3 @@ class Connection(Protocol):
         self.reader = self.writer = self.request = None  # type: ignore[assignment]
         self.task = None
         self.__dict__.pop("dataReceived", None)
-        if self.record is not None:
-            lifecycle.ended(self.record)

@@ -1,9 +1,11 @@
-# -*- test-case-name: tests.test_async -*-
-"""``AsyncServing``: how a server with an async handler class serves.
+# -*- test-case-name: tests.test_async_serving,tests.test_lifecycle -*-
+"""``AsyncServing``: how a server with an async handler class serves (its ``IServing``).
 
-Picked by ``TCPServer.__init__`` when the handler class is async; everything
-here runs on the reactor thread unless a docstring says otherwise.  See
-``txsocketserver._async`` for the theory of operation.
+The handler class names it (``AsyncBaseRequestHandler._serving_strategy``)
+when the server is made; everything here runs on the reactor thread unless a
+docstring says otherwise.  Each request goes through the server's one
+lifecycle, ``BaseServer._serve_request``, as on a serving thread.  See
+``docs/architecture.md`` for the path of a request.
 """
 
 from __future__ import annotations
@@ -24,14 +26,15 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from txsocketserver._async.handlers import made_by
 from txsocketserver._async.protocol import Connection
 from txsocketserver._async.task import HandlerTask
 from txsocketserver._core import lifecycle
 from txsocketserver._core.base import _RESOURCE_BACKOFF, _RESOURCE_ERRNOS, log_warning
-from txsocketserver._twisted import compat
 from txsocketserver._twisted import reactor as _reactor
+from txsocketserver._twisted.adopted_transport import ReadMultiplexer, adopted_transport
 from txsocketserver._twisted.endpoints import Endpoint, EndpointListener, proxy_protocol_endpoint
-from txsocketserver._twisted.interfaces import IAsyncServing, IRequestReadiness
+from txsocketserver._twisted.interfaces import IRequestReadiness, IServing
 from txsocketserver._twisted.proxy_stage import ProxyHeaderPolicy
 from txsocketserver._twisted.thread_dispatcher import DaemonThread
 
@@ -119,12 +122,15 @@ class _SocketAcceptor:
                 if exc.errno in _RESOURCE_ERRNOS:
                     # Out of fds: the request stays queued; look again shortly
                     # instead of spinning on a socket that stays readable.
+                    serving.server._accept_failed(exc)
                     self.disarm()
                     serving.reactor.callLater(_RESOURCE_BACKOFF, serving.update_accepting)
                     return
                 if exc.errno == errno.ECONNABORTED:
                     continue
                 return
+            if serving.server._accept_failures:
+                serving.server._accept_recovered()
             serving.accepted(request, client_address)
 
     def connectionLost(self, reason: Failure) -> None:
@@ -175,46 +181,63 @@ def _set_reading(port: Any, reading: bool) -> None:
         method()
 
 
-@implementer(IAsyncServing)
+def serving_for(server: Any) -> AsyncServing:
+    """The serving of *server*, whose handler class is async: for its
+    connections, or for its datagrams."""
+    if server.socket_type == socket.SOCK_DGRAM:
+        return AsyncDatagramServing(server)
+    return AsyncServing(server)
+
+
+@implementer(IServing)
 class AsyncServing:
-    """The async strategy of one server.
+    """The serving of a stream server with an async handler class: the
+    reactor takes its connections and runs their handlers' coroutines.
 
     Args:
-        server: a ``TCPServer`` (or subclass, datagram servers included) whose
-            ``RequestHandlerClass`` is an async handler class.
+        server: a ``TCPServer`` (or subclass) whose ``RequestHandlerClass``
+            is an async handler class.
     """
+
+    # A request's handling ends when its handler's coroutines have, after
+    # process_request returned: the strategy then ends it (handler_ended).
+    server_settings: dict[str, Any] = {"_requests_finish_elsewhere": True}
+    # An ssl: description's TLS is Twisted's, on the reactor.
+    tls_in_request = False
 
     def __init__(self, server: Any) -> None:
         self.server = server
         self.reactor = _reactor.get_reactor()
         self.factory = ConnectionFactory(self)
-        self.datagram = server.socket_type == socket.SOCK_DGRAM
         self.family = server.address_family
         self._unix = self.family == getattr(socket, "AF_UNIX", None)
         self.port: Any = None  # an endpoint's listening port
         self.connections: set[Connection] = set()
         self.tasks: set[HandlerTask] = set()
-        # Set while one handle_request() call is being served.
-        self.once = False
         self._acceptor: _SocketAcceptor | None = None
         self._notify: Callable[[str], None] | None = None
         self._budget: int | None = None  # requests still to take; None: any number
         self._serving = False
         self._reading = False
-        self._created: Any = None
-        # The lifecycle record of the request process_request() is making.
-        self._record: Any = None
         self._sessions = 0
         self._pool: ThreadPool | None = None
         self._closed = False
         # Reads accepted connections once there are many (None: none can be).
-        self._multiplexer: compat.ReadMultiplexer | None = None
+        self._multiplexer: ReadMultiplexer | None = None
         self._multiplexer_made = False
 
     # -- the serving loop's side (serving thread) -------------------------------------------
 
-    def readiness(self) -> AsyncReadiness:
-        return AsyncReadiness(self, 1 if self.once else None)
+    def readiness(self, server: Any, once: bool) -> AsyncReadiness:
+        """While a serving call lasts, the reactor accepts (*once*: one request)."""
+        return AsyncReadiness(self, 1 if once else None)
+
+    def take_request(self, server: Any) -> None:
+        """Nothing: the reactor has taken the request already."""
+
+    def endpoint_listener(self, endpoint: Any, *, backlog: int, server: Any) -> Any:
+        """An endpoint's port feeding this serving's factory."""
+        return AsyncEndpointListener(endpoint, backlog=backlog, server=server, serving=self)
 
     # -- accepting --------------------------------------------------------------------------
 
@@ -230,7 +253,8 @@ class AsyncServing:
         self.update_accepting()
 
     def _active(self) -> int:
-        return len(self.tasks) if self.datagram else len(self.connections)
+        """What ``max_connections`` counts."""
+        return len(self.connections)
 
     def update_accepting(self) -> None:
         """Accept while serving, under ``max_connections``, within the budget."""
@@ -258,13 +282,6 @@ class AsyncServing:
 
     def accepted(self, request: Any, client_address: Any) -> None:
         """A request that ``get_request()`` returned from the server's own socket."""
-        if self.datagram:
-            self._consume_budget()
-            record = None
-            if self.server._observers:
-                record = self.server._accepted_record(request, client_address)
-            self.run_request(request, client_address, record)
-            return
         try:
             self._adopt(request, client_address)
         except Exception:
@@ -272,7 +289,7 @@ class AsyncServing:
             self.server.handle_error(request, client_address)
 
     def _adopt(self, sock: socket.socket, client_address: Any) -> None:
-        """Make a Twisted transport of an accepted socket (see ``compat.adopted_transport``)."""
+        """Make a Twisted transport of an accepted socket (see ``adopted_transport``)."""
         protocol = Connection(self, client_address, sock)
         protocol.factory = self.factory
         self._sessions += 1
@@ -280,9 +297,9 @@ class AsyncServing:
         if len(self.connections) >= MULTIPLEX_AT:
             if not self._multiplexer_made:
                 self._multiplexer_made = True
-                self._multiplexer = compat.ReadMultiplexer.for_reactor(self.reactor)
+                self._multiplexer = ReadMultiplexer.for_reactor(self.reactor)
             multiplexer = self._multiplexer
-        transport = compat.adopted_transport(
+        transport = adopted_transport(
             sock,
             protocol,
             client_address,
@@ -317,6 +334,9 @@ class AsyncServing:
         if self.server.max_connections is not None:
             self.update_accepting()
         self.run_request(connection.request, connection.client_address, connection.record)
+        if connection.task is None:
+            # Refused, or process_request failed: no handler runs.
+            connection.ended()
 
     def connection_lost(self, connection: Connection) -> None:
         self.connections.discard(connection)
@@ -334,8 +354,8 @@ class AsyncServing:
             )
             return
         connection.idle_timer = None
-        if connection.record is not None and connection.record.outcome == lifecycle.OK:
-            connection.record.outcome = lifecycle.TIMEOUT
+        if connection.record is not None:
+            lifecycle.timed_out(connection.record)
         log_warning(
             "%s: closing the connection from %r: no progress either way for %.1f s (idle_timeout)",
             type(self.server).__name__,
@@ -349,51 +369,27 @@ class AsyncServing:
             connection.transport.loseConnection()
 
     def run_request(self, request: Any, client_address: Any, record: Any = None) -> None:
-        """``verify_request`` → ``process_request``, as the serving loop would.
+        """Run the request through the server's lifecycle
+        (``BaseServer._serve_request``), as the serving thread would.
 
-        *record*: the lifecycle record of the connection (datagram), if observed.
+        *record*: its lifecycle record, if observed.  A ``verify_request``
+        that raises goes to ``handle_error`` here (on the serving thread it
+        would leave ``serve_forever``; nothing above the reactor would see it).
         """
         server = self.server
         try:
-            if not server.verify_request(request, client_address):
-                if record is not None:
-                    lifecycle.refused(record, lifecycle.VERIFY_REQUEST)
-                server.shutdown_request(request)
-                if record is not None and self.datagram:
-                    lifecycle.ended(record)
-                return
+            server._serve_request(request, client_address, record)
         except Exception:
             if record is not None:
                 lifecycle.failed(record)
             server.handle_error(request, client_address)
             server.shutdown_request(request)
-            if record is not None and self.datagram:
-                lifecycle.ended(record)
-            return
-        server._request_started(request)
-        if record is not None:
-            lifecycle.started(record)
-        self._record = record
-        try:
-            server.process_request(request, client_address)
-        except Exception:
             if record is not None:
-                lifecycle.failed(record)
-            server.handle_error(request, client_address)
-            self._request_done(request, None, record)
-        finally:
-            self._record = None
+                lifecycle.ended(record)
 
-    def handler_created(self, handler: Any) -> None:
-        """Called by ``AsyncBaseRequestHandler.__init__`` (inside ``finish_request``)."""
-        self._created = handler
-
-    def process_request(self, request: Any, client_address: Any) -> None:
+    def process_request(self, server: Any, request: Any, client_address: Any) -> None:
         """Make the handler (``finish_request``) and start its coroutine."""
-        server = self.server
-        self._created = None
-        server.finish_request(request, client_address)
-        handler, self._created = self._created, None
+        handler = made_by(server.finish_request, request, client_address)
         if handler is None:
             raise TypeError(
                 f"{type(server).__name__}.finish_request() made no async request handler "
@@ -406,7 +402,6 @@ class AsyncServing:
             reactor=self.reactor,
             writer=None if connection is None else connection.writer,
         )
-        task.record = self._record
         self.tasks.add(task)
         if connection is not None:
             connection.task = task
@@ -414,33 +409,28 @@ class AsyncServing:
 
     def handler_failed(self, task: HandlerTask) -> None:
         """The handler raised (inside the ``except``: the exception is current)."""
-        if task.record is not None:
-            lifecycle.failed(task.record)
-        self.server.handle_error(task.handler.request, task.handler.client_address)
+        request = task.handler.request
+        self.server._request_failed(request)
+        self.server.handle_error(request, task.handler.client_address)
 
     def handler_ended(self, task: HandlerTask) -> None:
-        self._request_done(task.handler.request, task, task.record)
-
-    def _request_done(self, request: Any, task: HandlerTask | None, record: Any) -> None:
+        """The handler's coroutines have ended: so has the request's handling."""
+        request = task.handler.request
         server = self.server
         try:
             server.shutdown_request(request)
         except Exception:
-            if record is not None:
-                lifecycle.failed(record)
+            server._request_failed(request)
             server.handle_error(request, getattr(request, "_peer", None))
         finally:
             server._request_finished(request)
-            if task is not None:
-                self.tasks.discard(task)
-            if self.datagram:
-                if record is not None:
-                    lifecycle.ended(record)
-                self.update_accepting()
-            else:
-                connection = getattr(request, "_connection", None)
-                if connection is not None:
-                    connection.ended()
+            self.tasks.discard(task)
+            self._request_over(request)
+
+    def _request_over(self, request: Any) -> None:
+        connection = getattr(request, "_connection", None)
+        if connection is not None:
+            connection.ended()
 
     # -- to_thread --------------------------------------------------------------------------
 
@@ -508,6 +498,25 @@ class AsyncServing:
             threading.Thread(
                 target=pool.stop, name="txsocketserver-to_thread-stop", daemon=True
             ).start()
+
+
+class AsyncDatagramServing(AsyncServing):
+    """The serving of a datagram server with an async handler class: the
+    reactor reads each datagram (``get_request()``) and runs its handler."""
+
+    def _active(self) -> int:
+        return len(self.tasks)
+
+    def accepted(self, request: Any, client_address: Any) -> None:
+        """A datagram that ``get_request()`` read."""
+        self._consume_budget()
+        server = self.server
+        record = server._accepted_record(request, client_address) if server._observers else None
+        self.run_request(request, client_address, record)
+
+    def _request_over(self, request: Any) -> None:
+        # One handler fewer: under max_connections, reading may resume.
+        self.update_accepting()
 
 
 @implementer(IRequestReadiness)

@@ -29,7 +29,15 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
     from txsocketserver._core.lifecycle import LifecycleObserver
-    from txsocketserver._twisted.interfaces import IRequestReadiness
+
+    # The roles the core's strategies fill, for the type checker only: the
+    # other core modules take them from here, so that the core names the
+    # Twisted side in two places (this one and twisted_side()).
+    from txsocketserver._twisted import interfaces
+
+    IProcessDispatcher = interfaces.IProcessDispatcher
+    IRequestReadiness = interfaces.IRequestReadiness
+    IThreadDispatcher = interfaces.IThreadDispatcher
 
 # accept() failing for lack of resources leaves the request queued, so the
 # socket stays readable; pausing briefly stops the loop from spinning on it
@@ -50,11 +58,20 @@ def log_warning(message: str, *args: Any) -> None:
     logging.getLogger("txsocketserver").warning(message, *args)
 
 
+def twisted_side() -> Any:
+    """``txsocketserver._twisted.strategies``: all the core asks of the Twisted side.
+
+    The core's one import of a part above it, made when a server is made or
+    first serves, never when the package is imported (see ``txsocketserver._core``).
+    """
+    from txsocketserver._twisted import strategies
+
+    return strategies
+
+
 def _refuse_reactor_thread(call: str) -> None:
     """``RuntimeError`` if *call* (a blocking API) is made on the reactor thread."""
-    from txsocketserver._twisted.reactor import refuse_reactor_thread
-
-    refuse_reactor_thread(call)
+    twisted_side().refuse_reactor_thread(call)
 
 
 def run_request(server: Any, request: Any, client_address: Any) -> bool:
@@ -127,6 +144,11 @@ class BaseServer:
 
     # Private: whether the class can serve an async handler class (the socket servers).
     _serves_async_handlers = False
+
+    # Private: get_request() failures for lack of resources (EMFILE...) in the
+    # current episode, and when it began; 0 once a request is taken again.
+    _accept_failures = 0
+    _accept_failing_since = 0.0
 
     # Private: the lifecycle observers (see add_observer), a tuple replaced
     # whole so that any thread may read it without a lock; empty: none.
@@ -240,7 +262,10 @@ class BaseServer:
         """Handle one request, waiting at most ``timeout`` seconds for it.
 
         The timeout is the smaller of ``self.timeout`` and the socket's own;
-        ``handle_timeout()`` is called when it passes with no request.
+        ``handle_timeout()`` is called when it passes with no request.  With
+        an async handler class: accept one request and start its handler on
+        the reactor, then return (as a threading server returns once the
+        request runs on its thread).
         """
         _refuse_reactor_thread("handle_request")
         timeout = self._socket_timeout()
@@ -249,7 +274,7 @@ class BaseServer:
         elif self.timeout is not None:
             timeout = min(timeout, self.timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self.__watching() as readiness:
+        with self.__watching(once=True) as readiness:
             while True:
                 if readiness.wait(timeout):
                     return self._handle_request_noblock()
@@ -267,15 +292,29 @@ class BaseServer:
             request, client_address = self.get_request()
         except OSError as exc:
             if exc.errno in _RESOURCE_ERRNOS:
+                self._accept_failed(exc)
                 time.sleep(_RESOURCE_BACKOFF)
             return
+        if self._accept_failures:
+            self._accept_recovered()
         record = self._accepted_record(request, client_address) if self._observers else None
         if self.idle_timeout is not None and hasattr(request, "settimeout"):
             request.settimeout(self.idle_timeout)
+        self._serve_request(request, client_address, record)
+
+    def _serve_request(self, request: Any, client_address: Any, record: Any = None) -> None:
+        """``verify_request`` → ``process_request``, and ``handle_error`` for
+        what that raises: the one lifecycle of a request, whichever strategy
+        took it (the serving thread here, the reactor for async handlers).
+
+        *record*: its lifecycle record, if observed.  As in the stdlib, what
+        ``verify_request`` raises propagates.
+        """
         if not self.verify_request(request, client_address):
-            self.shutdown_request(request)
             if record is not None:
                 lifecycle.refused(record, lifecycle.VERIFY_REQUEST)
+            self.shutdown_request(request)
+            if record is not None:
                 lifecycle.ended(record)
             return
         self._request_started(request, record)
@@ -295,9 +334,9 @@ class BaseServer:
                 self._request_finished(request)
 
     @contextlib.contextmanager
-    def __watching(self) -> Iterator[IRequestReadiness]:
-        """A readiness for the duration of one serving call."""
-        readiness = self._request_readiness()
+    def __watching(self, once: bool = False) -> Iterator[IRequestReadiness]:
+        """A readiness for the duration of one serving call (*once*: ``handle_request``)."""
+        readiness = self._request_readiness(once)
         self.__serving_thread = _thread.get_ident()
         self.__readiness = readiness
         try:
@@ -316,13 +355,12 @@ class BaseServer:
             record = lifecycle.accepted(self, client_address, client_address)
         return record
 
-    def _request_readiness(self) -> IRequestReadiness:
-        """Make what tells the serving loop that a request is ready (private hook)."""
-        # Imported here, where serving begins: it imports Twisted, which a
+    def _request_readiness(self, once: bool = False) -> IRequestReadiness:
+        """Make what tells the serving loop that a request is ready (private
+        hook); *once*: for one ``handle_request()`` call."""
+        # Loaded here, where serving begins: the Twisted side, which a
         # process that only defines or runs handlers never needs.
-        from txsocketserver._twisted.readiness import SocketReadiness
-
-        return SocketReadiness(self.fileno())
+        return twisted_side().socket_readiness(self.fileno())  # type: ignore[no-any-return]
 
     def _socket_timeout(self) -> float | None:
         sock = getattr(self, "socket", None)
@@ -409,6 +447,16 @@ class BaseServer:
             server.add_observer(Count())
         """
         self._observers = (*self._observers, observer)
+
+    @property
+    def requests_in_flight(self) -> int:
+        """The number of requests between ``verify_request`` and the end of
+        their handling now (ours, read-only; any thread: a gauge for metrics).
+
+        A forking server's request leaves this count once it is handed to its
+        child: ``active_children`` counts those.
+        """
+        return len(self.__in_flight)
 
     def remove_observer(self, observer: LifecycleObserver) -> None:
         """Stop telling *observer* (records already made still tell it their end).
@@ -519,6 +567,32 @@ class BaseServer:
             record = self.__records.get(id(request))
             if record is not None:
                 lifecycle.refused(record, reason)
+
+    def _accept_failed(self, error: OSError) -> None:
+        """``get_request()`` failed for lack of resources (*error*): the first
+        failure of an episode is logged, the others counted (any one thread)."""
+        self._accept_failures += 1
+        if self._accept_failures == 1:
+            self._accept_failing_since = time.monotonic()
+            log_warning(
+                "%s at %r cannot accept: %s. Retrying every %d ms; new clients wait "
+                "in the backlog meanwhile. Logged once until it works again.",
+                type(self).__name__,
+                self.server_address,
+                error,
+                _RESOURCE_BACKOFF * 1000,
+            )
+
+    def _accept_recovered(self) -> None:
+        """A request was taken after resource failures: log the episode's count."""
+        log_warning(
+            "%s at %r accepts again, after %d failed attempts over %.1f s.",
+            type(self).__name__,
+            self.server_address,
+            self._accept_failures,
+            time.monotonic() - self._accept_failing_since,
+        )
+        self._accept_failures = 0
 
     def _take_record(self, request: Any) -> Any:
         """Take over the lifecycle record of *request* (``None`` if it has

@@ -23,7 +23,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from txsocketserver._twisted.interfaces import IProcessDispatcher
+    from txsocketserver._core.base import IProcessDispatcher
 
 
 class ForkingMixIn:
@@ -166,11 +166,11 @@ class ForkingMixIn:
             active.intersection_update(pids)
             active.update(pids)
 
-    def _request_readiness(self) -> Any:
+    def _request_readiness(self, once: bool = False) -> Any:
         # Serving begins: refuse classes that cannot be carried to a worker,
         # and start the template now rather than on the first request.
         self._forking_workers().warm_up(self)
-        return super()._request_readiness()  # type: ignore[misc]
+        return super()._request_readiness(once)  # type: ignore[misc]
 
     def _after_serving_step(self) -> None:
         super()._after_serving_step()  # type: ignore[misc]

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_lifecycle -*-
 """The request lifecycle: one record per connection (per datagram), and its observers.
 
 Every kind of server (synchronous, threading, forking, async, datagram; on a
@@ -17,9 +18,10 @@ the same four steps, made here and nowhere else:
     (for a forked request, when the template reports the child's exit).
 
 An observer (metrics, an access log) attached with ``server.add_observer``
-sees these calls; ``docs/lifecycle.md`` says which thread makes each, for
-each kind of server, and which counts exist where.  Observers are snapshot
-into the record when it is made, so each observer sees a whole sequence.
+sees these calls; ``docs/architecture.md`` ("The request lifecycle") says
+which thread makes each, for each kind of server, and which counts exist
+where.  Observers are snapshot into the record when it is made, so each
+observer sees a whole sequence.
 
 Part of the Twisted-free core (see ``txsocketserver._core``).
 """
@@ -65,25 +67,29 @@ class ConnectionRecord:
 
     Observers read it; the server fills it in as the connection moves on.
 
-    Attributes:
-        server: the server.
-        peer: the address the connection came from (the proxy's, when a
-            PROXY header named the client).
-        client_address: the address the handler sees (``None`` before the
-            PROXY header names it).
-        accepted_at: ``time.time()`` at accept.
-        started: ``time.monotonic()`` when the request started (``None``: it
-            never did).
-        ended: ``time.monotonic()`` when it ended (``None`` until ``ended``).
-        bytes_received, bytes_sent: payload bytes, or ``None`` where the
-            server cannot see them (a handler on a real socket reads and
-            writes it directly; see ``docs/lifecycle.md``).
-        outcome: ``"ok"``, ``"error"`` (``handle_error`` was called),
-            ``"timeout"``, ``"reset"``, or ``"refused:REASON"`` (see the
-            reason constants of this module).
-        details: ``None``, or a dict of extras: ``"proxy"`` (the PROXY
-            header's source and destination), ``"tls"`` (``True`` on a TLS
-            connection), ``"exit_code"`` (a forked request's child).
+    What it holds:
+
+    - ``server``: the server.
+    - ``peer``: the address the connection came from (the proxy's, when a
+      PROXY header named the client).
+    - ``client_address``: the address the handler sees (``None`` before the
+      PROXY header names it).
+    - ``accepted_at``: ``time.time()`` at accept.
+    - ``started``: ``time.monotonic()`` when the request started (``None``:
+      it never did).
+    - ``ended``: ``time.monotonic()`` when it ended (``None`` until then).
+    - ``bytes_received``, ``bytes_sent``: payload bytes, or ``None`` where
+      the server cannot see them (a handler on a real socket reads and writes
+      it directly; see ``docs/architecture.md``).
+    - ``outcome``: ``"ok"``, ``"error"`` (``handle_error`` was called),
+      ``"timeout"``, ``"reset"``, or ``"refused:REASON"`` (see the reason
+      constants of ``txsocketserver._core.lifecycle``).
+    - ``details``: ``None``, or a dict of extras: ``"proxy"`` (the PROXY
+      header's source and destination), ``"tls"`` (``True`` on a TLS
+      connection of an async server), ``"exit_code"`` (a forked request's
+      child).
+    - ``observers``: the observers this record tells (those attached when it
+      was made).
     """
 
     __slots__ = (
@@ -113,7 +119,6 @@ class ConnectionRecord:
         self.bytes_sent: int | None = None
         self.outcome = OK
         self.details: dict[str, Any] | None = None
-        #: The observers told about this record (those attached when it was made).
         self.observers = observers
 
     def __repr__(self) -> str:
@@ -178,7 +183,10 @@ def accepted(server: Any, peer: Any, client_address: Any = None) -> ConnectionRe
 
 
 def refused(record: ConnectionRecord, reason: str) -> None:
-    """It will not be served, for *reason* (one of this module's constants)."""
+    """It will not be served, for *reason* (one of this module's constants);
+    nothing once the record has ended."""
+    if record.ended is not None:
+        return
     record.outcome = "refused:" + reason
     _tell(record, "refused")
 
@@ -202,6 +210,18 @@ def failed(record: ConnectionRecord, error: BaseException | None = None) -> None
         record.outcome = RESET
     else:
         record.outcome = ERROR
+
+
+def timed_out(record: ConnectionRecord) -> None:
+    """It is closed for making no progress (``idle_timeout``)."""
+    if record.outcome == OK:
+        record.outcome = TIMEOUT
+
+
+def reset(record: ConnectionRecord) -> None:
+    """The client reset the connection while it was served."""
+    if record.outcome == OK:
+        record.outcome = RESET
 
 
 def ended(record: ConnectionRecord, outcome: str | None = None) -> None:

@@ -144,6 +144,11 @@ class SnapshotCollector:
             "Pool threads of a threading server, busy (running a request) or idle.",
             labels=["server", "state"],
         )
+        waiting = gauge(
+            PREFIX + "pool_waiting_requests",
+            "Requests of a threading server waiting for a pool thread (at max_threads).",
+            labels=["server"],
+        )
         children = gauge(
             PREFIX + "children",
             "Child processes of a forking server running a request.",
@@ -156,9 +161,10 @@ class SnapshotCollector:
             if "threads_busy" in gauges:
                 threads.add_metric([server, "busy"], gauges["threads_busy"])
                 threads.add_metric([server, "idle"], gauges["threads_idle"])
+                waiting.add_metric([server], gauges.get("requests_waiting", 0))
             if "children" in gauges:
                 children.add_metric([server], gauges["children"])
-        yield from (active, threads, children)
+        yield from (active, threads, waiting, children)
 
 
 def _bound(bound: float) -> str:

@@ -107,18 +107,16 @@ class ServerStats:
 
 
 def server_gauges(server: Any) -> dict[str, int]:
-    """The state of *server* now: connections active, pool threads, children."""
-    gauges: dict[str, int] = {}
-    in_flight = getattr(server, "_requests_in_flight", None)
-    if in_flight is not None:
-        gauges["active"] = len(in_flight())
-    dispatcher = getattr(server, "_thread_dispatcher", None)
-    pool = getattr(dispatcher, "_pool", None)
-    if pool is not None:
-        gauges["threads_busy"] = len(pool.working)
-        gauges["threads_idle"] = len(pool.waiters)
+    """The state of *server* now, from its read-only gauges: requests in
+    flight, pool threads (threading), children (forking)."""
+    gauges: dict[str, int] = {"active": server.requests_in_flight}
+    pool_threads = getattr(server, "pool_threads", None)
+    if pool_threads is not None:
+        busy, idle, waiting = pool_threads()
+        gauges.update(threads_busy=busy, threads_idle=idle, requests_waiting=waiting)
     if hasattr(server, "max_children"):  # ForkingMixIn
         gauges["children"] = len(server.active_children or ())
+        gauges["active"] += gauges["children"]
     return gauges
 
 

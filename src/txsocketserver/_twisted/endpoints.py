@@ -43,16 +43,14 @@ from zope.interface import implementer
 
 from txsocketserver._core import lifecycle
 from txsocketserver._twisted import reactor as _reactor
+from txsocketserver._twisted.addresses import SocketAddress, socket_address, socket_family
 from txsocketserver._twisted.interfaces import IListener, IRequestReadiness
 from txsocketserver._twisted.proxy_protocol import DEFAULT_TRUSTED_PROXIES, TrustedProxies
 from txsocketserver._twisted.transport_socket import (
     ProxyHeaderPolicy,
-    SocketAddress,
     TransportSocket,
     TransportSocketProtocol,
     bad_file_descriptor,
-    socket_address,
-    socket_family,
 )
 
 _T = TypeVar("_T")

@@ -1,10 +1,11 @@
-# -*- test-case-name: tests.test_proxy_protocol,tests.test_haproxy_interop -*-
+# -*- test-case-name: tests.test_proxy_protocol,tests.test_haproxy_interop,tests.test_lifecycle -*-
 """The PROXY header stage of a connection: what any protocol behind ``haproxy:`` reads first.
 
 Both the blocking handlers' protocol (``transport_socket``) and the async
-handlers' (``_async.protocol``) begin a proxied connection with one
-:class:`ProxyHeaderStage`; the parsing and the trust rule are in
-``proxy_protocol``.  The stage:
+handlers' (``_async.protocol``) begin a proxied connection with
+:func:`begin_header_stage`, and hand it their bytes (``feed``) and their
+ends (``read_lost``, ``connection_lost``) while it is active; the parsing and
+the trust rule are in ``proxy_protocol``.  The stage:
 
 * refuses at once a peer that is not a trusted proxy (its header could claim
   any address);
@@ -27,9 +28,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from txsocketserver._core import lifecycle
+from txsocketserver._twisted.addresses import socket_address
 from txsocketserver._twisted.proxy_protocol import (
     ProxyHeader,
     ProxyHeaderError,
@@ -49,6 +53,23 @@ class ProxyHeaderPolicy(NamedTuple):
 
     trusted: TrustedProxies
     timeout: float | None
+
+
+def begin_header_stage(
+    transport: Any,
+    policy: ProxyHeaderPolicy,
+    reactor: Any,
+    on_header: Callable[[ProxyHeader], None],
+    record: lifecycle.ConnectionRecord | None = None,
+) -> ProxyHeaderStage:
+    """At a proxied connection's ``connectionMade``: its header stage, begun
+    (the peer admitted, or refused and the connection closed).  See
+    :class:`ProxyHeaderStage` for the arguments."""
+    stage = ProxyHeaderStage(
+        transport, socket_address(transport.getPeer()), policy, reactor, on_header, record
+    )
+    stage.begin()
+    return stage
 
 
 class ProxyHeaderStage:
@@ -143,6 +164,21 @@ class ProxyHeaderStage:
             )
         self._on_header(header)
         return payload
+
+    def read_lost(self) -> bool:
+        """The peer half-closed (``readConnectionLost``): inside the stage
+        that ends the connection; whether it did (the protocol then has
+        nothing more to do)."""
+        if self._received is None:
+            return False
+        self.peer_ended("closed")
+        self._transport.loseConnection()
+        return True
+
+    def connection_lost(self, reason: Failure) -> None:
+        """``connectionLost``: inside the stage, the peer left in its header."""
+        if self._received is not None:
+            self.peer_ended("closed" if isinstance(reason.value, ConnectionDone) else "was reset")
 
     def peer_ended(self, how: str) -> None:
         """The peer ended the connection in the stage (*how*: "closed", "was reset")."""

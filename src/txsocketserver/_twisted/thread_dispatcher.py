@@ -122,6 +122,11 @@ class ThreadDispatcher:
         finally:
             self.request_threads.left(thread)
 
+    def counts(self) -> tuple[int, int, int]:
+        from txsocketserver._twisted import compat
+
+        return compat.thread_pool_counts(self._pool)
+
     def upkeep(self) -> None:
         now = time.monotonic()
         if now < self._next_trim:
