@@ -282,6 +282,8 @@ class ServerService(Service):
         if self._stopped is not None:
             return self._stopped
         self.health.begin_stop()
+        if self.drain_delay > 0:
+            systemd.notify_stopping()  # at the stop's start, not after the delay
         stopped: Deferred[None] = Deferred()
         self._stopped = stopped
         reactor = _reactor.get_reactor()
