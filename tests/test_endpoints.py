@@ -41,9 +41,11 @@ from support import (
     recv_line,
     serve_in_thread,
     settle_resources,
+    systemd_activation,
     thread_count,
     warm_up,
 )
+from test_twistd_cli import spawn  # noqa: F401 - a fixture
 from twisted_world_handlers import (
     AddressHandler,
     EchoHandler,
@@ -322,3 +324,111 @@ def test_endpoint_servers_leave_nothing_behind() -> None:
     # Let the reactor finish closing the transports.
     threading.Event().wait(0.1)
     settle_resources(fds, threads)
+
+
+# -- listener options: tcp6's ipv6only=, a Unix socket's mode and owner, fd:N, systemd:name= --
+
+
+def reachable(address: Any, family: int) -> bool:
+    try:
+        with connect(address, family):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback_available(), reason="no IPv6 loopback")
+@pytest.mark.parametrize("ipv6only", ["1", "0"])
+def test_tcp6_ipv6only_chooses_ipv6_only_or_dual_stack(ipv6only: str) -> None:
+    with (
+        txsocketserver.ThreadingTCPServer(
+            rf"tcp6:0:interface=\:\::ipv6only={ipv6only}", EchoHandler
+        ) as server,
+        serve_in_thread(server),
+    ):
+        port = server.server_address[1]
+        assert server.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == int(ipv6only)
+        assert reachable(("::1", port), socket.AF_INET6)
+        assert reachable((LOCALHOST, port), socket.AF_INET) is (ipv6only == "0")
+
+
+def test_a_unix_sockets_default_mode_is_twisteds_0666(unix_path: str) -> None:
+    with txsocketserver.ThreadingTCPServer(f"unix:{unix_path}", EchoHandler):
+        assert stat.S_IMODE(os.stat(unix_path).st_mode) == 0o666
+
+
+def test_a_unix_sockets_owner_and_group(unix_path: str) -> None:
+    import grp
+    import pwd
+
+    user = pwd.getpwuid(os.getuid()).pw_name
+    # A group this process may give its files: a supplementary one if it has one.
+    gid = next((g for g in os.getgroups() if g != os.getgid()), os.getgid())
+    group = grp.getgrgid(gid).gr_name
+    address = f"unix:{unix_path}:mode=660:owner={user}:group={group}"
+    with txsocketserver.ThreadingTCPServer(address, EchoHandler) as server:
+        with serve_in_thread(server), connect(unix_path, socket.AF_UNIX) as client:
+            client.sendall(b"owned\n")
+            assert recv_line(client) == b"owned\n"
+        status = os.stat(unix_path)
+        assert (status.st_uid, status.st_gid) == (os.getuid(), gid)
+        assert stat.S_IMODE(status.st_mode) == 0o660
+
+
+@pytest.mark.parametrize(
+    ("address", "named"),
+    [
+        ("unix:{path}:owner=no-such-user-here", "owner"),
+        ("unix:{path}:group=no-such-group-here", "group"),
+        ("tcp6:0:ipv6only=maybe", "ipv6only"),
+        ("fd:banana", "fd:"),
+        ("fd:987", "fd:987"),
+    ],
+)
+def test_bad_listener_options_are_errors_naming_them(
+    address: str, named: str, unix_path: str
+) -> None:
+    with pytest.raises(ValueError, match=named):
+        txsocketserver.TCPServer(address.format(path=unix_path), EchoHandler)
+
+
+@pytest.mark.parametrize("server_class", SERVER_CLASSES)
+def test_fd_serves_an_inherited_listening_socket(server_class: type) -> None:
+    fds = fd_count()
+    with socket.socket() as listening:
+        listening.bind((LOCALHOST, 0))
+        listening.listen()
+        address = listening.getsockname()
+        # The server takes the descriptor over (as with systemd:).
+        fd = listening.detach()
+    with server_class(f"fd:{fd}", AddressHandler) as server:
+        assert server.server_address == address
+        with serve_in_thread(server), connect(address) as client:
+            assert ask_address(client)["client"] == list(client.getsockname())
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    settle_resources(fds, thread_count())
+
+
+def test_fd_refuses_a_socket_that_is_not_listening() -> None:
+    with socket.socket() as idle, pytest.raises(ValueError, match="not a listening"):
+        txsocketserver.TCPServer(f"fd:{idle.fileno()}", EchoHandler)
+
+
+def test_systemd_socket_found_by_name(spawn: Any) -> None:  # noqa: F811
+    """``systemd:domain=INET:name=NAME`` picks the socket systemd passed with
+    ``FileDescriptorName=NAME`` (``LISTEN_FDNAMES``), whatever its index."""
+    with socket.socket() as listening:
+        listening.bind((LOCALHOST, 0))
+        listening.listen()
+        fd = listening.fileno()
+        server = spawn(
+            *systemd_activation(fd, "web.socket"),
+            "--listen", "systemd:domain=INET:name=web.socket",
+            "--handler", "twisted_world_handlers:AddressHandler",
+            pass_fds=(fd,),
+        )  # fmt: skip
+        assert server.address() == listening.getsockname()
+        with connect(listening.getsockname()) as client:
+            assert ask_address(client)["client"] == list(client.getsockname())
+        assert server.stop() == 0

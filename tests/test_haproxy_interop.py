@@ -258,3 +258,208 @@ def test_fault_mix_through_haproxy(
     assert not [event for event in events if "log_failure" in event]
     assert "Traceback" not in capfd.readouterr().err
     settle_resources(baseline_fds, baseline_threads)
+
+
+# -- TLS: HAProxy's TLVs (send-proxy-v2-ssl-cn), and haproxy:ssl: behind HAProxy -------
+
+
+@contextlib.contextmanager
+def haproxy_with(config: str) -> Iterator[None]:
+    """HAProxy running *config* (its frontend ports are the caller's to wait for)."""
+    with (
+        tempfile.NamedTemporaryFile("w", suffix=".cfg") as config_file,
+        tempfile.TemporaryFile() as output,
+    ):
+        config_file.write(config)
+        config_file.flush()
+        assert HAPROXY is not None
+        process = subprocess.Popen(
+            [HAPROXY, "-db", "-f", config_file.name],
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            yield
+        finally:
+            process.terminate()
+            try:
+                process.wait(WAIT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(WAIT)
+            output.seek(0)
+            log = output.read().decode(errors="replace")
+            assert "ALERT" not in log, log
+
+
+def accepting(port: int) -> bool:
+    try:
+        with socket.create_connection((LOCALHOST, port), timeout=WAIT):
+            return True
+    except OSError:
+        return False
+
+
+class TLVReport(txsocketserver.StreamRequestHandler):
+    """Answers with what the PROXY header's TLVs say, as JSON."""
+
+    def handle(self) -> None:
+        import json
+
+        tlvs = self.request.proxy_header.tlvs
+        ssl_facts = tlvs.ssl._asdict() if tlvs.ssl else None
+        if ssl_facts:
+            ssl_facts["other"] = sorted(ssl_facts["other"])
+        report = {
+            "client": self.client_address,
+            "authority": tlvs.authority,
+            "alpn": tlvs.alpn.decode() if tlvs.alpn else None,
+            "unique_id": tlvs.unique_id.decode() if tlvs.unique_id else None,
+            "ssl": ssl_facts,
+            "crc": 0x03 in tlvs.raw,
+        }
+        self.wfile.write(json.dumps(report).encode() + b"\n")
+
+
+def combined_pem(directory: str, issued: Any) -> str:
+    path = f"{directory}/haproxy.pem"
+    with open(path, "wb") as pem:
+        for part in (issued.cert_path, issued.key_path):
+            with open(part, "rb") as f:
+                pem.write(f.read())
+    return path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from tls_pki import make_authority
+
+    directory = str(tmp_path_factory.mktemp("haproxy-pki"))
+    ca = make_authority(directory, "front")
+    return {
+        "dir": directory,
+        "ca": ca,
+        "server": ca.issue(directory, "localhost"),
+        "client": ca.issue(directory, "billing", client=True),
+    }
+
+
+def test_haproxy_tls_facts_reach_the_handler_as_tlvs(pki: Any) -> None:
+    import json
+    import ssl
+
+    ca, client_cert = pki["ca"], pki["client"]
+    front = free_port()
+    with (
+        txsocketserver.ThreadingTCPServer(
+            f"haproxy:tcp:0:interface={LOCALHOST}", TLVReport
+        ) as server,
+        serve_in_thread(server),
+    ):
+        back = server.server_address
+        config = f"""
+global
+    maxconn 64
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10s
+    timeout server 10s
+frontend front
+    bind {LOCALHOST}:{front} ssl crt {combined_pem(pki["dir"], pki["server"])} \
+        ca-file {ca.cert_path} verify optional alpn h2,http/1.1
+    unique-id-format req-%Ts-%rt
+    default_backend back
+backend back
+    server app {back[0]}:{back[1]} send-proxy-v2-ssl-cn \
+        proxy-v2-options authority,unique-id,ssl-cipher,cert-sig,cert-key,crc32c
+"""
+        with haproxy_with(config):
+            assert wait_until(lambda: accepting(front), 3 * WAIT)
+            context = ssl.create_default_context(cafile=ca.cert_path)
+            context.load_cert_chain(client_cert.cert_path, client_cert.key_path)
+            context.set_alpn_protocols(["http/1.1"])
+            with connect((LOCALHOST, front)) as raw:
+                with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                    port = tls.getsockname()[1]
+                    tls.sendall(b"hi\n")
+                    report = json.loads(tls.makefile("rb").readline())
+    assert report["client"] == [LOCALHOST, port]
+    assert report["authority"] == "localhost"
+    assert report["alpn"] == "http/1.1"
+    assert report["unique_id"].startswith("req-")
+    assert report["crc"] is True
+    facts = report["ssl"]
+    assert facts["client_ssl"] and facts["client_cert_connection"] and facts["verified"]
+    assert facts["cn"] == "billing"
+    assert facts["version"] == "TLSv1.3"
+    assert facts["cipher"].startswith("TLS_")
+    assert facts["sig_alg"] and facts["key_alg"]
+
+
+class TLSClientReport(txsocketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        self.rfile.readline()
+        line = f"{self.client_address[0]} {self.client_address[1]} {self.request.version()}\n"
+        self.wfile.write(line.encode())
+
+
+class AsyncTLSClientReport(txsocketserver.AsyncStreamRequestHandler):
+    async def handle(self) -> None:
+        await self.rfile.readline()
+        line = f"{self.client_address[0]} {self.client_address[1]} {self.request.version()}\n"
+        self.wfile.write(line.encode())
+
+
+HAPROXY_SSL_KINDS = {
+    "sync": (txsocketserver.TCPServer, TLSClientReport),
+    "threading": (txsocketserver.ThreadingTCPServer, TLSClientReport),
+    "async": (txsocketserver.TCPServer, AsyncTLSClientReport),
+}
+
+
+@pytest.mark.parametrize("kind", HAPROXY_SSL_KINDS)
+def test_haproxy_ssl_behind_haproxy_send_proxy_v2_to_a_tls_server(
+    kind: str, pki: Any, events: list[dict[str, Any]]
+) -> None:
+    """HAProxy's ``ssl verify none send-proxy-v2``: the PROXY header in
+    clear, then TLS; the handler sees the real client and TLS."""
+    from twisted.internet.endpoints import quoteStringArgument
+
+    server_class, handler = HAPROXY_SSL_KINDS[kind]
+    served = pki["server"]
+    description = (
+        f"haproxy:ssl:0:interface={LOCALHOST}"
+        f":privateKey={quoteStringArgument(served.key_path)}"
+        f":certKey={quoteStringArgument(served.cert_path)}"
+    )
+    front = free_port()
+    with server_class(description, handler) as server, serve_in_thread(server):
+        back = server.server_address
+        config = f"""
+global
+    maxconn 64
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10s
+    timeout server 10s
+frontend front
+    bind {LOCALHOST}:{front}
+    default_backend back
+backend back
+    server app {back[0]}:{back[1]} ssl verify none send-proxy-v2 \
+        check check-send-proxy check-ssl inter 100
+"""
+        with haproxy_with(config):
+            assert wait_until(lambda: accepting(front), 3 * WAIT)
+            for _ in range(3):
+                with connect((LOCALHOST, front)) as client:
+                    port = client.getsockname()[1]
+                    client.sendall(b"hi\n")
+                    assert recv_all(client) == f"{LOCALHOST} {port} TLSv1.3\n".encode()
+            # Its TLS health checks (a LOCAL header, then a handshake) are served quietly.
+            assert wait_until(lambda: local_checks(events) >= 1, 3 * WAIT)
+    warnings = [formatEvent(e) for e in events if e["log_level"].name in ("warn", "error")]
+    assert warnings == []

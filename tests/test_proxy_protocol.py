@@ -315,3 +315,258 @@ def test_a_spoofing_client_is_refused_and_a_trusted_proxy_served(
 
 def test_loopback_is_the_only_default_trusted_proxy() -> None:
     assert txsocketserver.TCPServer.trusted_proxies == ("127.0.0.1", "::1")
+
+
+# -- PROXY v2 TLVs -------------------------------------------------------------------
+
+
+def tlv(kind: int, value: bytes) -> bytes:
+    return bytes([kind]) + struct.pack("!H", len(value)) + value
+
+
+def v2_with_tlvs(tlvs: bytes, source: tuple[str, int] = ("10.1.2.3", 5555)) -> bytes:
+    addresses = (
+        socket.inet_aton(source[0])
+        + socket.inet_aton("127.0.0.1")
+        + struct.pack("!HH", source[1], 80)
+    )
+    body = addresses + tlvs
+    return V2_SIGNATURE + bytes([0x21, 0x11]) + struct.pack("!H", len(body)) + body
+
+
+def ssl_tlv(*subs: bytes, client: int = 0x07, verify: int = 0) -> bytes:
+    return tlv(0x20, bytes([client]) + struct.pack("!I", verify) + b"".join(subs))
+
+
+EVERY_TLV = (
+    tlv(0x01, b"h2")
+    + tlv(0x02, b"api.example.com")
+    + tlv(0x05, b"\x01unique-42")
+    + ssl_tlv(
+        tlv(0x21, b"TLSv1.3"),
+        tlv(0x22, b"billing"),
+        tlv(0x23, b"TLS_AES_256_GCM_SHA384"),
+        tlv(0x24, b"SHA256"),
+        tlv(0x25, b"EC256"),
+        tlv(0x2F, b"future"),
+    )
+    + tlv(0xEA, b"\x01vpce-08d2bf15fac5001c9")
+    + tlv(0xEE, b"\x01" + struct.pack("<I", 0x01020304))
+    + tlv(0xE0, struct.pack("!Q", 1234567890123))
+    + tlv(0x30, b"blue")
+    + tlv(0xE5, b"custom one")
+    + tlv(0xE5, b"custom two")
+    + tlv(0x04, b"")
+)
+
+
+def test_every_known_tlv_is_decoded_and_the_rest_kept_raw() -> None:
+    header = parse_header(v2_with_tlvs(EVERY_TLV) + b"payload")
+    assert header is not None
+    tlvs = header.tlvs
+    assert tlvs.alpn == b"h2"
+    assert tlvs.authority == "api.example.com"
+    assert tlvs.unique_id == b"\x01unique-42"
+    assert tlvs.ssl is not None
+    assert tlvs.ssl.client_ssl and tlvs.ssl.client_cert_connection and tlvs.ssl.verified
+    assert (tlvs.ssl.version, tlvs.ssl.cn, tlvs.ssl.cipher) == (
+        "TLSv1.3",
+        "billing",
+        "TLS_AES_256_GCM_SHA384",
+    )
+    assert (tlvs.ssl.sig_alg, tlvs.ssl.key_alg) == ("SHA256", "EC256")
+    assert tlvs.ssl.other[0x2F] == (b"future",)
+    assert tlvs.aws_vpce_id == "vpce-08d2bf15fac5001c9"
+    assert tlvs.azure_link_id == 0x01020304
+    assert tlvs.gcp_psc_id == 1234567890123
+    assert tlvs.netns == "blue"
+    assert tlvs.raw[0xE5] == (b"custom one", b"custom two")
+    assert tlvs.raw[0x01] == (b"h2",)
+    assert header.source == ("10.1.2.3", 5555)
+
+
+def test_tlvs_are_read_only() -> None:
+    header = parse_header(v2_with_tlvs(EVERY_TLV))
+    assert header is not None
+    with pytest.raises(AttributeError):
+        header.tlvs.authority = "evil.example.com"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        header.tlvs.raw[0xE5] = (b"x",)  # type: ignore[index]
+
+
+def test_a_header_without_tlvs_has_empty_ones() -> None:
+    header = parse_header(v2_header())
+    assert header is not None and header.tlvs.raw == {} and header.tlvs.ssl is None
+    v1 = parse_header(v1_header())
+    assert v1 is not None and v1.tlvs.authority is None
+
+
+def test_a_crc32c_tlv_is_verified() -> None:
+    from txsocketserver._twisted.proxy_protocol import crc32c
+
+    assert crc32c(b"123456789") == 0xE3069283  # the check value of CRC-32C
+    blank = v2_with_tlvs(tlv(0x02, b"a.example") + tlv(0x03, bytes(4)))
+    checksum = struct.pack("!I", crc32c(blank))
+    good = blank[:-4] + checksum
+    header = parse_header(good)
+    assert header is not None and header.tlvs.authority == "a.example"
+    bad = blank[:-4] + struct.pack("!I", crc32c(blank) ^ 1)
+    with pytest.raises(ProxyHeaderError, match="CRC32c"):
+        parse_header(bad)
+
+
+BAD_TLVS = {
+    "truncated TLV header": b"\x02\x00",
+    "length overruns": tlv(0x02, b"abc")[:-1] + b"",
+    "length far past the end": b"\x02\xff\xff" + b"x" * 10,
+    "SSL TLV too short": tlv(0x20, b"\x01\x00"),
+    "nested SSL sub-TLV overruns": tlv(0x20, b"\x01" + bytes(4) + b"\x22\x00\x50cn"),
+    "nested SSL sub-TLV truncated": tlv(0x20, b"\x01" + bytes(4) + b"\x22"),
+    "authority not UTF-8": tlv(0x02, b"\xff\xfe"),
+    "unique ID too long": tlv(0x05, b"u" * 129),
+    "Azure link ID wrong size": tlv(0xEE, b"\x01\x00"),
+    "GCP ID wrong size": tlv(0xE0, b"\x00" * 3),
+    "CRC32c wrong size": tlv(0x03, b"\x00"),
+    "too many TLVs": tlv(0x04, b"") * 65,
+}
+
+
+@pytest.mark.parametrize("tlvs", BAD_TLVS.values(), ids=BAD_TLVS.keys())
+def test_bad_tlvs_raise_the_parsers_error(tlvs: bytes) -> None:
+    with pytest.raises(ProxyHeaderError):
+        parse_header(v2_with_tlvs(tlvs))
+
+
+class TLVHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        header = self.request.proxy_header
+        self.request.sendall(
+            f"{self.client_address[0]} {header.tlvs.authority} {header.tlvs.ssl.cn}\n".encode()
+        )
+
+
+class AsyncTLVHandler(txsocketserver.AsyncBaseRequestHandler):
+    async def handle(self) -> None:
+        header = self.request.proxy_header
+        reply = f"{self.client_address[0]} {header.tlvs.authority} {header.tlvs.ssl.cn}\n"
+        await self.request.sendall(reply.encode())
+
+
+TLV_SERVERS = {
+    "sync": (txsocketserver.TCPServer, TLVHandler),
+    "threading": (txsocketserver.ThreadingTCPServer, TLVHandler),
+    "async": (txsocketserver.TCPServer, AsyncTLVHandler),
+}
+
+
+@pytest.mark.parametrize("kind", TLV_SERVERS)
+def test_the_handler_reads_the_tlvs_and_bad_ones_are_refused(
+    kind: str, events: list[dict[str, Any]]
+) -> None:
+    server_class, handler = TLV_SERVERS[kind]
+    with server_class(PROXIED, handler) as server, serve_in_thread(server):
+        with connect(server.server_address) as client:
+            client.sendall(v2_with_tlvs(EVERY_TLV))
+            assert recv_all(client) == b"10.1.2.3 api.example.com billing\n"
+        for bad in BAD_TLVS.values():
+            with connect(server.server_address) as client:
+                client.sendall(v2_with_tlvs(bad))
+                assert recv_all(client) == b""
+        assert wait_until(lambda: len(messages(events, "warn")) >= len(BAD_TLVS))
+        assert all("refused connection" in line for line in messages(events, "warn"))
+        with connect(server.server_address) as client:
+            client.sendall(v2_with_tlvs(EVERY_TLV))
+            assert recv_all(client) == b"10.1.2.3 api.example.com billing\n"
+
+
+# -- haproxy:ssl: the PROXY header in clear, then TLS ---------------------------------
+
+
+class TLSAddressHandler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        self.rfile.readline()
+        line = f"{self.client_address[0]} {self.request.version()} {type(self.request).__name__}"
+        self.wfile.write(line.encode() + b"\n")
+
+
+class AsyncTLSAddressHandler(txsocketserver.AsyncStreamRequestHandler):
+    async def handle(self) -> None:
+        await self.rfile.readline()
+        line = f"{self.client_address[0]} {self.request.version()} {type(self.request).__name__}"
+        self.wfile.write(line.encode() + b"\n")
+
+
+TLS_KINDS = {
+    "sync": (txsocketserver.TCPServer, TLSAddressHandler),
+    "threading": (txsocketserver.ThreadingTCPServer, TLSAddressHandler),
+    "async": (txsocketserver.TCPServer, AsyncTLSAddressHandler),
+}
+
+
+def haproxy_ssl(cert: Any, **options: str) -> str:
+    from twisted.internet.endpoints import quoteStringArgument
+
+    extra = "".join(f":{k}={quoteStringArgument(v)}" for k, v in options.items())
+    return (
+        f"haproxy:ssl:0:interface={LOCALHOST}:privateKey={quoteStringArgument(cert.key_path)}"
+        f":certKey={quoteStringArgument(cert.cert_path)}{extra}"
+    )
+
+
+def proxied_tls_request(address: Any, cert: Any, header: bytes, together: bool = True) -> bytes:
+    """Send *header* in clear, then speak TLS on the same connection."""
+    import ssl
+
+    context = ssl.create_default_context(cafile=cert.cert_path)
+    with connect(address) as raw:
+        raw.sendall(header)
+        with context.wrap_socket(raw, server_hostname=LOCALHOST) as tls:
+            tls.sendall(b"hello\n")
+            return recv_all(tls)
+
+
+@pytest.mark.parametrize("kind", TLS_KINDS)
+def test_haproxy_ssl_reads_the_header_before_the_handshake(kind: str, tls_cert: Any) -> None:
+    server_class, handler = TLS_KINDS[kind]
+    with server_class(haproxy_ssl(tls_cert), handler) as server, serve_in_thread(server):
+        for header in (v1_header(("10.1.2.3", 4000)), v2_with_tlvs(EVERY_TLV)):
+            reply = proxied_tls_request(server.server_address, tls_cert, header)
+            assert reply.startswith(b"10.1.2.3 TLSv1.3 ")
+
+
+@pytest.mark.parametrize("kind", TLS_KINDS)
+def test_haproxy_ssl_refuses_an_untrusted_peer_and_a_bad_header(
+    kind: str, tls_cert: Any, events: list[dict[str, Any]]
+) -> None:
+    import ssl
+
+    server_class, handler = TLS_KINDS[kind]
+    with server_class(haproxy_ssl(tls_cert), handler) as server, serve_in_thread(server):
+        server.trusted_proxies = ("192.0.2.0/24",)
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            proxied_tls_request(server.server_address, tls_cert, v1_header())
+        assert wait_until(lambda: any("not a trusted proxy" in m for m in messages(events)))
+        server.trusted_proxies = ("127.0.0.1",)
+        # TLS straight away (no header) is a bad header, refused and logged.
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            proxied_tls_request(server.server_address, tls_cert, b"")
+        assert wait_until(
+            lambda: any("not a PROXY protocol header" in m for m in messages(events))
+        )
+        reply = proxied_tls_request(server.server_address, tls_cert, v1_header())
+        assert reply.startswith(b"10.1.2.3 TLSv1.3")
+
+
+@pytest.mark.parametrize("kind", TLS_KINDS)
+def test_haproxy_ssl_bounds_the_handshake_after_the_header(
+    kind: str, tls_cert: Any, events: list[dict[str, Any]]
+) -> None:
+    server_class, handler = TLS_KINDS[kind]
+    address = haproxy_ssl(tls_cert, handshakeTimeout="0.3")
+    with server_class(address, handler) as server, serve_in_thread(server):
+        with connect(server.server_address) as client:
+            client.sendall(v1_header())
+            # Aborted (a reset): a close would wait to send TLS's close_notify.
+            with pytest.raises(ConnectionResetError):
+                recv_all(client)
+        assert wait_until(lambda: any("timed out" in m for m in messages(events)))

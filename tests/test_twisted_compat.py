@@ -200,6 +200,44 @@ def test_the_reactor_disconnects_a_selectable_as_the_multiplexer_does() -> None:
     ]
 
 
+def test_a_tcp_transport_turned_tls_by_starttls_is_not_half_closed(tls_cert) -> None:
+    # haproxy:ssl: starts TLS on the TCP transport after the PROXY header;
+    # Twisted marks such a transport with TLS = True, and its own
+    # loseWriteConnection would shut the TCP stream under the TLS records.
+    import threading
+
+    from twisted.internet import protocol
+
+    from txsocketserver._twisted import tls
+    from txsocketserver._twisted.reactor import call_in_reactor, hold, release
+
+    config = tls.server_context(
+        f"ssl:0:privateKey={tls_cert.key_path}:certKey={tls_cert.cert_path}"
+    )
+    found: list[object] = []
+    done = threading.Event()
+
+    class StartsTLS(protocol.Protocol):
+        def connectionMade(self) -> None:
+            found.append(compat.half_close(self.transport))
+            self.transport.startTLS(config)
+            found.append(compat.half_close(self.transport))
+            done.set()
+
+    factory = protocol.Factory.forProtocol(StartsTLS)
+    hold(factory)  # the port lives between calls into the reactor
+    try:
+        port = call_in_reactor(lambda: reactor.listenTCP(0, factory, interface="127.0.0.1"))
+        try:
+            with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5):
+                assert done.wait(5)
+        finally:
+            call_in_reactor(port.stopListening)
+    finally:
+        release(factory)
+    assert found[0] is not None and found[1] is None
+
+
 # -- the blocking world's reactor thread: each in a fresh interpreter, where the
 # global reactor may be run, stopped and inspected without another thread's.
 

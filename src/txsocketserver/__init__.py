@@ -43,11 +43,13 @@ if TYPE_CHECKING:
     from txsocketserver._observability.metrics import Metrics
     from txsocketserver._twisted.endpoints import Endpoint
     from txsocketserver._twisted.service import ServerService, start_server
+    from txsocketserver._twisted.tls import reload_certificates
     from txsocketserver._workers.supervisor import Workers, run_workers, start_workers
 
 # The Twisted world's names, and the module that defines each.
 _TWISTED_WORLD = {
     "Endpoint": "txsocketserver._twisted.endpoints",
+    "reload_certificates": "txsocketserver._twisted.tls",
     "ServerService": "txsocketserver._twisted.service",
     "start_server": "txsocketserver._twisted.service",
     "Workers": "txsocketserver._workers.supervisor",
@@ -135,6 +137,7 @@ __all__ = [
     "Endpoint",
     "ServerService",
     "start_server",
+    "reload_certificates",
     # Beyond socketserver: worker processes sharing the listening sockets.
     "Workers",
     "run_workers",

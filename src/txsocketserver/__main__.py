@@ -50,6 +50,7 @@ from txsocketserver._twisted.service import (
     log_errors,
     stop_gracefully,
 )
+from txsocketserver._twisted.tls import reload_certificates_on_sighup
 
 PROG = "python -m txsocketserver"
 # Exit statuses, as Python's own command line and argparse give them.
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    reload_certificates_on_sighup(server)
     if options["log-file"] is not None:
         from txsocketserver import _logfiles
 

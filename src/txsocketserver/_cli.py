@@ -463,6 +463,10 @@ def makeService(options: Options) -> Any:
         return observed_service(options, workers, workers=workers)
     server = build_server(options)
     _log.info("{description}", description=describe(options, server))
+    from txsocketserver._twisted.tls import reload_certificates_on_sighup
+
+    # twistd leaves SIGHUP alone: with ssl: listeners, it reloads their certificates.
+    reload_certificates_on_sighup(server)
     service = ServerService(server, drain_timeout=options["drain-timeout"])
     return with_process_services(
         observed_service(options, service, server=server), server, options

@@ -14,7 +14,12 @@ import time
 from typing import Any
 
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ISSLTransport
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IHandshakeListener,
+    IPushProducer,
+    ISSLTransport,
+)
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -33,7 +38,7 @@ from txsocketserver._twisted.proxy_stage import (
 _monotonic = time.monotonic
 
 
-@implementer(IHalfCloseableProtocol, IPushProducer)
+@implementer(IHalfCloseableProtocol, IPushProducer, IHandshakeListener)
 class Connection(Protocol):
     """One connection of an async stream server (reactor thread only).
 
@@ -59,6 +64,8 @@ class Connection(Protocol):
         self._stage: ProxyHeaderStage | None = None
         # What getsockname() gives: the PROXY header's destination, if any.
         self._host: Any = None
+        #: The PROXY header the connection began with, if any.
+        self.proxy_header: ProxyHeader | None = None
         self.client_address = client_address
         # The socket, for a connection the server accepted itself.
         self.adopted = adopted
@@ -107,8 +114,18 @@ class Connection(Protocol):
             transport, self._proxy, self.serving.reactor, self._proxied_by, self.record
         )
 
-    def _proxied_by(self, header: ProxyHeader) -> None:
-        if header.family is not None:
+    def handshakeCompleted(self) -> None:  # noqa: N802 (Twisted's name)
+        """TLS started by the header stage is established (``IHandshakeListener``)."""
+        if self._stage is not None:
+            self._stage.tls_established()
+
+    def _proxied_by(self, header: ProxyHeader | None) -> None:
+        self.proxy_header = header
+        if self._stage is not None and self._proxy is not None and self._proxy.tls is not None:
+            # TLS began on the transport since connectionMade: half-closing
+            # is now the TLS layer's business.
+            self.half_close = compat.half_close(self.transport)
+        if header is not None and header.family is not None:
             self.client_address = header.source
             self._host = header.destination
             self._start(header.family, underlying_socket(self.transport))
@@ -162,7 +179,9 @@ class Connection(Protocol):
         reset = not self._clean_end(reason)
         record = self.record
         if record is not None:
-            if type(reason.value).__module__.startswith("OpenSSL"):
+            if type(reason.value).__module__.startswith("OpenSSL") and not (
+                record.outcome.startswith("refused:")
+            ):
                 # Twisted's TLS reports a failed handshake (or a TLS error) so.
                 lifecycle.refused(record, lifecycle.TLS_HANDSHAKE)
             elif reset and not self.request_over:

@@ -33,7 +33,7 @@ from txsocketserver._core import lifecycle
 from txsocketserver._core.base import _RESOURCE_BACKOFF, _RESOURCE_ERRNOS, log_warning
 from txsocketserver._twisted import reactor as _reactor
 from txsocketserver._twisted.adopted_transport import ReadMultiplexer, adopted_transport
-from txsocketserver._twisted.endpoints import Endpoint, EndpointListener, proxy_protocol_endpoint
+from txsocketserver._twisted.endpoints import Endpoint, EndpointListener
 from txsocketserver._twisted.interfaces import IRequestReadiness, IServing
 from txsocketserver._twisted.proxy_stage import ProxyHeaderPolicy
 from txsocketserver._twisted.thread_dispatcher import DaemonThread
@@ -166,10 +166,10 @@ class AsyncEndpointListener(EndpointListener):
     async def _listen(self, reactor: Any) -> None:
         # A PROXY-protocol endpoint: our own header stage on the endpoint it
         # wraps, as for blocking handlers (see EndpointListener).
-        endpoint = self.endpoint.resolve(reactor)
-        inner = proxy_protocol_endpoint(endpoint)
-        factory = ConnectionFactory(self._serving, self._proxy_policy if inner else None)
-        port = await (inner or endpoint).listen(factory)
+        self.endpoint.resolve(reactor)
+        listen_on, staged = self.endpoint._staged()
+        factory = ConnectionFactory(self._serving, self._proxy_policy if staged else None)
+        port = await listen_on.listen(factory)
         self._listening(port)
         self._serving.port = port
         self._serving.update_accepting()

@@ -592,6 +592,37 @@ class AsyncSocket:
         self.writer.write(data)
         await self.writer.drain()
 
+    @property
+    def proxy_header(self) -> Any:
+        """The PROXY header the connection began with (``ProxyHeader``, its
+        TLVs in ``.tlvs``), or ``None``.  Read-only."""
+        return self._connection.proxy_header
+
+    def getpeercert(self, binary_form: bool = False) -> Any:
+        """The client's verified certificate, as ``ssl.SSLSocket.getpeercert``
+        gives it (``None`` if it sent none); ``ValueError`` without TLS."""
+        from txsocketserver._twisted.tls import TransportTLS
+
+        return TransportTLS(self._connection.transport).getpeercert(binary_form)
+
+    def version(self) -> str | None:
+        """The TLS version negotiated, or ``None`` without TLS."""
+        from txsocketserver._twisted.tls import TransportTLS
+
+        return TransportTLS(self._connection.transport).version()
+
+    def cipher(self) -> tuple[str, str, int] | None:
+        """As ``ssl.SSLSocket.cipher()``, or ``None`` without TLS."""
+        from txsocketserver._twisted.tls import TransportTLS
+
+        return TransportTLS(self._connection.transport).cipher()
+
+    def selected_alpn_protocol(self) -> str | None:
+        """The protocol ALPN negotiated, or ``None``."""
+        from txsocketserver._twisted.tls import TransportTLS
+
+        return TransportTLS(self._connection.transport).selected_alpn_protocol()
+
     def getpeername(self) -> Any:
         return self._peer
 

@@ -257,8 +257,9 @@ class TCPServer(BaseServer):
         """Finish one request by instantiating RequestHandlerClass.
 
         On an ``ssl:`` endpoint the TLS handshake happens here first, in the
-        thread that runs the request, bounded by the handler class's
-        ``timeout``; a client that leaves or stalls during it is not an error.
+        thread that runs the request, bounded by ``handshakeTimeout`` (or the
+        handler class's ``timeout`` if shorter); a client that leaves, stalls
+        or cannot agree on TLS is not a handler error (it is logged).
         """
         try:
             established = self._security.establish(request, self.RequestHandlerClass)

@@ -138,6 +138,10 @@ def half_close(transport: Any) -> Any:
     """
     from twisted.protocols.policies import ProtocolWrapper
 
+    if getattr(transport, "TLS", False) is True:
+        # A TCP transport that startTLS turned into TLS: its
+        # loseWriteConnection would shut the TCP stream under the TLS one.
+        return None
     for _ in range(16):
         if isinstance(transport, ProtocolWrapper):
             if "loseWriteConnection" in vars(type(transport)):

@@ -30,10 +30,9 @@ import collections
 import errno
 import os
 import socket
-import ssl
 import threading
 import time
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
@@ -53,6 +52,9 @@ from txsocketserver._twisted.transport_socket import (
     bad_file_descriptor,
 )
 
+if TYPE_CHECKING:
+    from txsocketserver._twisted.tls import TLSConfig
+
 _T = TypeVar("_T")
 
 #: Seconds ``server_close()`` waits for the connections its handlers closed to
@@ -70,6 +72,16 @@ HEADER_TIMEOUT_WHEN_FULL = 0.25
 
 # What Twisted's TLS needs (its ``tls`` extra), which ours installs.
 TLS_EXTRA_MODULES = frozenset({"OpenSSL", "service_identity"})
+
+
+class ListenerOptions(NamedTuple):
+    """The listener options of a description, checked: ``ipv6_only``
+    (``tcp6:...:ipv6only=1``, ``None``: the system's default), and a Unix
+    socket file's owner and group (uid, gid; -1: unchanged)."""
+
+    ipv6_only: bool | None = None
+    owner: int = -1
+    group: int = -1
 
 
 class Endpoint:
@@ -97,6 +109,17 @@ class Endpoint:
         (pyOpenSSL, service_identity), a ``ValueError`` saying to install
         ``txsocketserver[tls]``.
     """
+
+    # For an ``ssl:`` (or ``haproxy:ssl:``) description: its TLS, set by
+    # resolve() (None until then, and for every other endpoint).
+    _tls_config: TLSConfig | None = None
+    # haproxy:ssl:: the TLS begins after the PROXY header (what HAProxy's
+    # send-proxy sends to a TLS server), not under it as Twisted has it.
+    _tls_after_proxy: bool = False
+    # Our listener options (ipv6only=, owner=, group=), set by resolve().
+    _listener_options: ListenerOptions = ListenerOptions()
+    # ssl: with our TLS: the TCP endpoint under it.
+    _plain: IStreamServerEndpoint | None = None
 
     def __init__(self, endpoint: str | IStreamServerEndpoint) -> None:
         if isinstance(endpoint, str):
@@ -128,10 +151,17 @@ class Endpoint:
             # forking servers' children included.
             from twisted.internet.endpoints import serverFromString
 
+            from txsocketserver._twisted import tls
+
+            reactor = reactor or _reactor.get_reactor()
             try:
-                self._endpoint = serverFromString(
-                    reactor or _reactor.get_reactor(), self.description
-                )
+                twisted_description, _ = tls.split_description(self.description)
+                twisted_description, self._listener_options = listener_options(twisted_description)
+                if self.description.startswith("fd:"):
+                    resolved = inherited_descriptor(reactor, self.description)
+                else:
+                    resolved = serverFromString(reactor, twisted_description)
+                self._endpoint = self._with_our_tls(reactor, resolved)
             except Exception as exc:
                 missing = exc.name if isinstance(exc, ImportError) else None
                 if missing and missing.partition(".")[0] in TLS_EXTRA_MODULES:
@@ -141,6 +171,126 @@ class Endpoint:
                     ) from exc
                 raise ValueError(f"bad endpoint description {self.description!r}: {exc}") from exc
         return self._endpoint
+
+    def _with_our_tls(self, reactor: Any, resolved: IStreamServerEndpoint) -> Any:
+        """*resolved*, its TLS made from our :class:`~txsocketserver._twisted.tls.TLSConfig`
+        when the description is ``ssl:`` or ``haproxy:ssl:`` (Twisted's own
+        parser knows none of our options, and reads a PROXY header inside TLS)."""
+        from twisted.internet import endpoints
+
+        from txsocketserver._twisted import compat, tls
+
+        assert self.description is not None
+        inner = proxy_protocol_endpoint(resolved)
+        under = resolved if inner is None else inner
+        if type(under) is not endpoints.SSL4ServerEndpoint:
+            return resolved
+        config = tls.server_context(self.description)
+        if config is None:
+            return resolved  # an sslmethod Twisted's TLS serves, not ours
+        self._tls_config = config
+        tcp = compat.tcp_parameters(under)
+        assert tcp is not None
+        plain = endpoints.TCP4ServerEndpoint(reactor, tcp.port, tcp.backlog, tcp.interface)
+        if inner is None:
+            # What a listener that runs the handshake itself listens on.
+            self._plain = plain
+            return endpoints.SSL4ServerEndpoint(
+                reactor, tcp.port, config, tcp.backlog, tcp.interface
+            )
+        from twisted.protocols.haproxy import proxyEndpoint
+
+        self._tls_after_proxy = True
+        return proxyEndpoint(plain)
+
+    def _staged(self) -> tuple[IStreamServerEndpoint, bool]:
+        """Where a listener fed by Twisted listens for this endpoint, and
+        whether each connection begins with our stage (``proxy_stage``: a
+        PROXY header, a TLS handshake of our policy, or both)."""
+        resolved = self.resolve()
+        inner = proxy_protocol_endpoint(resolved)
+        if inner is not None:
+            return inner, True
+        if self._plain is not None:
+            return self._plain, True
+        return resolved, False
+
+    def _stage_policy(self, trusted: TrustedProxies, timeout: float | None) -> ProxyHeaderPolicy:
+        """The stage of a connection arriving now (see :meth:`staged`)."""
+        return ProxyHeaderPolicy(
+            trusted,
+            timeout,
+            tls=self._tls_config if (self._tls_after_proxy or self._plain is not None) else None,
+            header=proxy_protocol_endpoint(self.resolve()) is not None,
+        )
+
+
+#: Options txsocketserver adds to Twisted's descriptions, by endpoint type.
+LISTENER_OPTIONS = {"tcp6": ("ipv6only",), "unix": ("owner", "group")}
+
+
+def listener_options(description: str) -> tuple[str, ListenerOptions]:
+    """Take our listener options (:data:`LISTENER_OPTIONS`) out of a ``tcp6:``
+    or ``unix:`` description.
+
+    Error handling:
+        ``ValueError`` naming the option whose value is wrong.
+    """
+    from txsocketserver._twisted import tls
+
+    kind = description.partition(":")[0]
+    rest, taken = tls.split_options(description, (kind,), LISTENER_OPTIONS.get(kind, ()))
+    options = ListenerOptions()
+    if "ipv6only" in taken:
+        value = taken["ipv6only"].lower()
+        if value not in ("0", "1", "yes", "no", "true", "false"):
+            raise ValueError(f"tcp6: option ipv6only={taken['ipv6only']!r}: expected 1 or 0")
+        options = options._replace(ipv6_only=value in ("1", "yes", "true"))
+    if "owner" in taken:
+        import pwd
+
+        name = taken["owner"]
+        try:
+            uid = int(name) if name.isdigit() else pwd.getpwnam(name).pw_uid
+        except KeyError:
+            raise ValueError(f"unix: option owner={name!r}: no such user") from None
+        options = options._replace(owner=uid)
+    if "group" in taken:
+        import grp
+
+        name = taken["group"]
+        try:
+            gid = int(name) if name.isdigit() else grp.getgrnam(name).gr_gid
+        except KeyError:
+            raise ValueError(f"unix: option group={name!r}: no such group") from None
+        options = options._replace(group=gid)
+    return rest, options
+
+
+def inherited_descriptor(reactor: Any, description: str) -> IStreamServerEndpoint:
+    """The endpoint of ``fd:N``: the listening stream socket this process
+    inherited as descriptor N (from a supervisor, ``systemfd``, a shell).
+
+    Error handling:
+        ``ValueError`` if N is not a descriptor of a listening stream socket.
+    """
+    from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+
+    text = description[len("fd:") :]
+    if not text.isdigit():
+        raise ValueError(f"fd: expected fd:N, a descriptor number, not {text!r}")
+    fileno = int(text)
+    try:
+        probe = socket.socket(fileno=os.dup(fileno))
+    except OSError as error:
+        raise ValueError(f"fd:{fileno} is not an open socket: {error}") from None
+    with probe:
+        if probe.type != socket.SOCK_STREAM or not probe.getsockopt(
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+        ):
+            raise ValueError(f"fd:{fileno} is not a listening stream socket")
+        family = probe.family
+    return AdoptedStreamServerEndpoint(reactor, fileno, family)
 
 
 class ListeningSocket(NamedTuple):
@@ -152,12 +302,14 @@ class ListeningSocket(NamedTuple):
     address: Any
     backlog: int
     # For ssl: descriptions: what each accepted socket is wrapped with.
-    tls: ssl.SSLContext | None = None
+    tls: TLSConfig | None = None
     # The permissions Twisted gives a Unix socket's file.
     unix_mode: int | None = None
     # unix: with lockfile=1 (Twisted's default): a PATH.lock file guards the
     # socket file, and a stale socket file is removed under it.
     unix_lock: bool = False
+    # Our listener options (ipv6only=, owner=, group=).
+    options: ListenerOptions = ListenerOptions()
 
 
 def listening_socket(endpoint: Endpoint) -> ListeningSocket | None:
@@ -189,23 +341,24 @@ def listening_socket(endpoint: Endpoint) -> ListeningSocket | None:
             unix.backlog,
             unix_mode=unix.mode,
             unix_lock=unix.lockfile,
+            options=endpoint._listener_options,
         )
     tcp = compat.tcp_parameters(resolved)
     if tcp is None:
         return None
     tls = None
     if type(resolved) is endpoints.SSL4ServerEndpoint:
-        if endpoint.description is None:
-            return None  # an object: its own TLS configuration, served by Twisted
-        from txsocketserver._twisted import tls as _tls
-
-        tls = _tls.server_context(endpoint.description)
+        tls = endpoint._tls_config
         if tls is None:
+            # An object with its own TLS configuration, or an sslmethod only
+            # Twisted's TLS knows: served by Twisted.
             return None
     ipv6 = type(resolved) is endpoints.TCP6ServerEndpoint or abstract.isIPv6Address(tcp.interface)
     family = socket.AF_INET6 if ipv6 else socket.AF_INET
     host = tcp.interface or ("::" if ipv6 else "0.0.0.0")
-    return ListeningSocket(family, (host, tcp.port), tcp.backlog, tls)
+    return ListeningSocket(
+        family, (host, tcp.port), tcp.backlog, tls, options=endpoint._listener_options
+    )
 
 
 def proxy_protocol_endpoint(endpoint: IStreamServerEndpoint) -> IStreamServerEndpoint | None:
@@ -419,10 +572,10 @@ class EndpointListener:
         if self._port is not None or self._stopped:
             raise RuntimeError(f"{self.endpoint!r} was already listened on")
         reactor = _reactor.get_reactor()
-        endpoint = self.endpoint.resolve(reactor)
-        inner = proxy_protocol_endpoint(endpoint)
-        factory = _ListenerFactory(self, reactor, proxied=inner is not None)
-        deferred = maybeDeferred((inner or endpoint).listen, factory)
+        self.endpoint.resolve(reactor)
+        listen_on, staged = self.endpoint._staged()
+        factory = _ListenerFactory(self, reactor, proxied=staged)
+        deferred = maybeDeferred(listen_on.listen, factory)
 
         def failed(failure: Failure) -> Failure:
             return Failure(listen_error(self.endpoint, failure.value))
@@ -435,7 +588,7 @@ class EndpointListener:
         if self._trusted is None or self._trusted.entries != entries:
             self._trusted = TrustedProxies(entries)
         timeout = getattr(self._server, "header_timeout", DEFAULT_HEADER_TIMEOUT)
-        return ProxyHeaderPolicy(self._trusted, timeout)
+        return self.endpoint._stage_policy(self._trusted, timeout)
 
     def _listening(self, port: IListeningPort) -> None:
         self._port = port

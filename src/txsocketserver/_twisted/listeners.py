@@ -73,8 +73,11 @@ class SocketListener:
         unix_mode: int | None = None,
         unix_lock: bool = False,
         from_endpoint: bool = False,
+        options: Any = None,
     ) -> None:
         self._server = server
+        # endpoints.ListenerOptions: ipv6only=, a Unix socket's owner and group.
+        self._options = options
         self._reuse_address = reuse_address
         self._unix_mode = unix_mode
         self._unix_lock_wanted = unix_lock
@@ -96,12 +99,17 @@ class SocketListener:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if server.allow_reuse_port and hasattr(socket, "SO_REUSEPORT"):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        options = self._options
+        if options is not None and options.ipv6_only is not None:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(options.ipv6_only))
         if self._unix_lock_wanted:
             self._lock_unix_path(server.server_address)
         sock.bind(server.server_address)
         if self._unix_mode is not None and not server.server_address.startswith("\0"):
             self._unix_bound = True
             os.chmod(server.server_address, self._unix_mode)
+            if options is not None and (options.owner, options.group) != (-1, -1):
+                os.chown(server.server_address, options.owner, options.group)
         server.server_address = sock.getsockname()
 
     def _lock_unix_path(self, path: str) -> None:

@@ -23,7 +23,8 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
-from collections.abc import Iterable
+import types
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 V1_PREFIX = b"PROXY "
@@ -42,6 +43,85 @@ class ProxyHeaderError(ValueError):
     """The bytes received are not a valid PROXY protocol header."""
 
 
+# PROXY v2 TLV types (the specification's section 2.2).
+PP2_TYPE_ALPN = 0x01
+PP2_TYPE_AUTHORITY = 0x02
+PP2_TYPE_CRC32C = 0x03
+PP2_TYPE_NOOP = 0x04
+PP2_TYPE_UNIQUE_ID = 0x05
+PP2_TYPE_SSL = 0x20
+PP2_SUBTYPE_SSL_VERSION = 0x21
+PP2_SUBTYPE_SSL_CN = 0x22
+PP2_SUBTYPE_SSL_CIPHER = 0x23
+PP2_SUBTYPE_SSL_SIG_ALG = 0x24
+PP2_SUBTYPE_SSL_KEY_ALG = 0x25
+PP2_TYPE_NETNS = 0x30
+# The vendors' types, each holding a one-byte subtype then the value.
+PP2_TYPE_AWS = 0xEA
+PP2_SUBTYPE_AWS_VPCE_ID = 0x01
+PP2_TYPE_AZURE = 0xEE
+PP2_SUBTYPE_AZURE_PRIVATEENDPOINT_LINKID = 0x01
+PP2_TYPE_GCP = 0xE0
+
+# The SSL TLV's client field, and its verify field's meaning.
+PP2_CLIENT_SSL = 0x01
+PP2_CLIENT_CERT_CONN = 0x02
+PP2_CLIENT_CERT_SESS = 0x04
+
+#: Most TLVs one header may carry; a header with more is refused.
+MAX_TLVS = 64
+
+
+class ProxySSL(NamedTuple):
+    """The SSL TLV (``PP2_TYPE_SSL``): what the proxy knows of the client's TLS.
+
+    ``client_ssl``: the client connected over TLS; ``client_cert_connection``
+    / ``client_cert_session``: it presented a certificate on this connection
+    / in the TLS session; ``verified``: that certificate was verified (the
+    TLV's ``verify`` field is 0); ``version``, ``cn`` (the certificate's
+    common name), ``cipher``, ``sig_alg``, ``key_alg``: the sub-TLVs, ``None``
+    when absent; ``other``: any other sub-TLV, raw bytes by type.
+    """
+
+    client_ssl: bool
+    client_cert_connection: bool
+    client_cert_session: bool
+    verified: bool
+    version: str | None = None
+    cn: str | None = None
+    cipher: str | None = None
+    sig_alg: str | None = None
+    key_alg: str | None = None
+    other: Mapping[int, tuple[bytes, ...]] = types.MappingProxyType({})
+
+
+class ProxyTLVs(NamedTuple):
+    """A PROXY v2 header's TLVs, read-only.
+
+    The well-known ones decoded: ``alpn`` (bytes, as on the wire),
+    ``authority`` (the SNI the client sent), ``unique_id`` (bytes),
+    ``ssl`` (:class:`ProxySSL`), ``aws_vpce_id`` (the AWS VPC endpoint ID),
+    ``azure_link_id`` (the Azure private endpoint link ID, an int),
+    ``gcp_psc_id`` (the GCP Private Service Connect ID, an int), ``netns``;
+    each ``None`` when absent.  ``raw`` has every TLV (these too) as bytes
+    by type, in the order received: ``raw[0xE5]`` is a tuple of values.
+    """
+
+    alpn: bytes | None = None
+    authority: str | None = None
+    unique_id: bytes | None = None
+    ssl: ProxySSL | None = None
+    aws_vpce_id: str | None = None
+    azure_link_id: int | None = None
+    gcp_psc_id: int | None = None
+    netns: str | None = None
+    raw: Mapping[int, tuple[bytes, ...]] = types.MappingProxyType({})
+
+
+#: A header without TLVs.
+NO_TLVS = ProxyTLVs()
+
+
 class ProxyHeader(NamedTuple):
     """A parsed PROXY header.
 
@@ -50,7 +130,9 @@ class ProxyHeader(NamedTuple):
     ``socket.accept()``-style addresses, or ``None`` when the header names
     none (``LOCAL``, v1 ``UNKNOWN``, an unsupported v2 family): the
     connection's own addresses then stand.  ``length`` is the header's size;
-    what follows it is payload.
+    what follows it is payload.  ``tlvs``: a v2 header's TLVs
+    (:class:`ProxyTLVs`; empty for v1).  A handler reads the header its
+    connection began with as ``self.request.proxy_header``.
     """
 
     local: bool
@@ -58,6 +140,7 @@ class ProxyHeader(NamedTuple):
     source: tuple[str, int] | tuple[str, int, int, int] | str | None
     destination: tuple[str, int] | tuple[str, int, int, int] | str | None
     length: int
+    tlvs: ProxyTLVs = NO_TLVS
 
 
 def _could_become(data: bytes | bytearray, prefix: bytes) -> bool:
@@ -134,16 +217,25 @@ def _parse_v2(data: bytes) -> ProxyHeader | None:
     length = V2_FIXED_LENGTH + size
     if len(data) < length:
         return None
-    if command == 0:
-        return ProxyHeader(True, None, None, None, length)
     body = data[V2_FIXED_LENGTH:length]
     address_family, transport = family_protocol >> 4, family_protocol & 0x0F
+    # The address block's size by family; TLVs follow it.
+    block = {1: 12, 2: 36, 3: 216}.get(address_family, 0)
+    if command == 0:
+        # LOCAL: the addresses (if any) are the proxy's own; its TLVs count.
+        return ProxyHeader(
+            True, None, None, None, length, parse_tlvs(body[block:]) if block <= size else NO_TLVS
+        )
     if transport not in (1, 2) or address_family not in (1, 2, 3):
         # UNSPEC, or a datagram header: keep the connection's own addresses.
-        return ProxyHeader(False, None, None, None, length)
+        return ProxyHeader(False, None, None, None, length, parse_tlvs(body[block:]))
+    if size < block:
+        name = {1: "IPv4", 2: "IPv6", 3: "Unix"}[address_family]
+        raise ProxyHeaderError(f"PROXY v2 {name} block too short")
+    tlvs = parse_tlvs(body[block:])
+    if PP2_TYPE_CRC32C in tlvs.raw:
+        _check_crc32c(data[:length], V2_FIXED_LENGTH + block)
     if address_family == 1:
-        if size < 12:
-            raise ProxyHeaderError("PROXY v2 IPv4 block too short")
         source_port, destination_port = struct.unpack_from("!HH", body, 8)
         return ProxyHeader(
             False,
@@ -151,10 +243,9 @@ def _parse_v2(data: bytes) -> ProxyHeader | None:
             (socket.inet_ntop(socket.AF_INET, body[0:4]), source_port),
             (socket.inet_ntop(socket.AF_INET, body[4:8]), destination_port),
             length,
+            tlvs,
         )
     if address_family == 2:
-        if size < 36:
-            raise ProxyHeaderError("PROXY v2 IPv6 block too short")
         source_port, destination_port = struct.unpack_from("!HH", body, 32)
         return ProxyHeader(
             False,
@@ -162,14 +253,168 @@ def _parse_v2(data: bytes) -> ProxyHeader | None:
             (socket.inet_ntop(socket.AF_INET6, body[0:16]), source_port, 0, 0),
             (socket.inet_ntop(socket.AF_INET6, body[16:32]), destination_port, 0, 0),
             length,
+            tlvs,
         )
-    if size < 216:
-        raise ProxyHeaderError("PROXY v2 Unix block too short")
     source_path, destination_path = (
         body[start : start + 108].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         for start in (0, 108)
     )
-    return ProxyHeader(False, socket.AF_UNIX, source_path, destination_path, length)
+    return ProxyHeader(False, socket.AF_UNIX, source_path, destination_path, length, tlvs)
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC32c (Castagnoli), as the PROXY v2 checksum TLV holds it."""
+    crc = 0xFFFFFFFF
+    table = _CRC32C_TABLE
+    for byte in data:
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _check_crc32c(header: bytes, tlv_start: int) -> None:
+    """Verify the checksum TLV of *header* (the whole header), as the
+    specification requires of a receiver: computed with its value zeroed."""
+    zeroed = bytearray(header)
+    offset = tlv_start
+    while offset + 3 <= len(zeroed):
+        kind, size = zeroed[offset], int.from_bytes(zeroed[offset + 1 : offset + 3], "big")
+        if kind == PP2_TYPE_CRC32C:
+            if size != 4:
+                raise ProxyHeaderError("PROXY v2 CRC32c TLV is not 4 bytes")
+            expected = int.from_bytes(zeroed[offset + 3 : offset + 7], "big")
+            zeroed[offset + 3 : offset + 7] = bytes(4)
+            if crc32c(bytes(zeroed)) != expected:
+                raise ProxyHeaderError("PROXY v2 header fails its CRC32c checksum")
+            return
+        offset += 3 + size
+
+
+def _split_tlvs(data: bytes, what: str) -> list[tuple[int, bytes]]:
+    """*data* as (type, value) pairs; every length is checked against what is left."""
+    pairs = []
+    offset = 0
+    while offset < len(data):
+        if len(data) - offset < 3:
+            raise ProxyHeaderError(f"PROXY v2 {what} truncated: {len(data) - offset} stray bytes")
+        kind, size = data[offset], int.from_bytes(data[offset + 1 : offset + 3], "big")
+        offset += 3
+        if size > len(data) - offset:
+            raise ProxyHeaderError(
+                f"PROXY v2 {what} type 0x{kind:02x} claims {size} bytes, "
+                f"{len(data) - offset} remain"
+            )
+        pairs.append((kind, data[offset : offset + size]))
+        offset += size
+        if len(pairs) > MAX_TLVS:
+            raise ProxyHeaderError(f"PROXY v2 header has more than {MAX_TLVS} {what}s")
+    return pairs
+
+
+def _by_type(pairs: list[tuple[int, bytes]]) -> Mapping[int, tuple[bytes, ...]]:
+    grouped: dict[int, tuple[bytes, ...]] = {}
+    for kind, value in pairs:
+        grouped[kind] = (*grouped.get(kind, ()), value)
+    return types.MappingProxyType(grouped)
+
+
+def _text(value: bytes, what: str) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProxyHeaderError(f"PROXY v2 {what} is not UTF-8: {value[:64]!r}") from None
+
+
+_SSL_TEXT = {
+    PP2_SUBTYPE_SSL_VERSION: "version",
+    PP2_SUBTYPE_SSL_CN: "cn",
+    PP2_SUBTYPE_SSL_CIPHER: "cipher",
+    PP2_SUBTYPE_SSL_SIG_ALG: "sig_alg",
+    PP2_SUBTYPE_SSL_KEY_ALG: "key_alg",
+}
+
+
+def _parse_ssl(value: bytes) -> ProxySSL:
+    if len(value) < 5:
+        raise ProxyHeaderError(f"PROXY v2 SSL TLV too short ({len(value)} bytes, at least 5)")
+    client = value[0]
+    verify = int.from_bytes(value[1:5], "big")
+    pairs = _split_tlvs(value[5:], "SSL sub-TLV")
+    fields: dict[str, str] = {}
+    other = []
+    for kind, sub in pairs:
+        name = _SSL_TEXT.get(kind)
+        if name is None:
+            other.append((kind, sub))
+        else:
+            fields[name] = _text(sub, f"SSL sub-TLV {name}")
+    return ProxySSL(
+        client_ssl=bool(client & PP2_CLIENT_SSL),
+        client_cert_connection=bool(client & PP2_CLIENT_CERT_CONN),
+        client_cert_session=bool(client & PP2_CLIENT_CERT_SESS),
+        verified=verify == 0,
+        other=_by_type(other),
+        **fields,
+    )
+
+
+def _vendor(value: bytes, subtype: int) -> bytes | None:
+    """The value of a vendor TLV whose first byte is *subtype*."""
+    return value[1:] if value[:1] == bytes([subtype]) else None
+
+
+def parse_tlvs(data: bytes) -> ProxyTLVs:
+    """The TLVs of a PROXY v2 header (the bytes after its address block).
+
+    Error handling:
+        ``ProxyHeaderError`` for a TLV (or an SSL sub-TLV) whose length runs
+        past its container, stray bytes, more than :data:`MAX_TLVS`, or a
+        text TLV that is not UTF-8.
+    """
+    if not data:
+        return NO_TLVS
+    pairs = _split_tlvs(data, "TLV")
+    fields: dict[str, object] = {}
+    for kind, value in pairs:
+        if kind == PP2_TYPE_ALPN:
+            fields["alpn"] = value
+        elif kind == PP2_TYPE_AUTHORITY:
+            fields["authority"] = _text(value, "authority TLV")
+        elif kind == PP2_TYPE_UNIQUE_ID:
+            if len(value) > 128:
+                raise ProxyHeaderError(f"PROXY v2 unique ID of {len(value)} bytes (at most 128)")
+            fields["unique_id"] = value
+        elif kind == PP2_TYPE_SSL:
+            fields["ssl"] = _parse_ssl(value)
+        elif kind == PP2_TYPE_NETNS:
+            fields["netns"] = _text(value, "netns TLV")
+        elif kind == PP2_TYPE_AWS:
+            vpce = _vendor(value, PP2_SUBTYPE_AWS_VPCE_ID)
+            if vpce is not None:
+                fields["aws_vpce_id"] = _text(vpce, "AWS VPC endpoint ID")
+        elif kind == PP2_TYPE_AZURE:
+            link = _vendor(value, PP2_SUBTYPE_AZURE_PRIVATEENDPOINT_LINKID)
+            if link is not None:
+                if len(link) != 4:
+                    raise ProxyHeaderError("PROXY v2 Azure link ID is not 4 bytes")
+                fields["azure_link_id"] = int.from_bytes(link, "little")
+        elif kind == PP2_TYPE_GCP:
+            if len(value) != 8:
+                raise ProxyHeaderError("PROXY v2 GCP PSC connection ID is not 8 bytes")
+            fields["gcp_psc_id"] = int.from_bytes(value, "big")
+    return ProxyTLVs(raw=_by_type(pairs), **fields)  # type: ignore[arg-type]
 
 
 class TrustedProxies:
@@ -219,8 +464,13 @@ class TrustedProxies:
 
 __all__ = [
     "DEFAULT_TRUSTED_PROXIES",
+    "MAX_TLVS",
+    "NO_TLVS",
     "ProxyHeader",
     "ProxyHeaderError",
+    "ProxySSL",
+    "ProxyTLVs",
     "TrustedProxies",
     "parse_header",
+    "parse_tlvs",
 ]

@@ -20,6 +20,17 @@ the trust rule are in ``proxy_protocol``.  The stage:
   refusal, a bad header or the deadline; info for an end inside the header;
   debug for an end before any byte (a TCP health check, a port scanner).
 
+The same stage runs the TLS handshake of connections whose TLS Twisted
+carries but our policy makes (``policy.tls``: async handlers on ``ssl:``, and
+``haproxy:ssl:``, whose TLS begins *after* the PROXY header, as HAProxy's
+``send-proxy`` to a TLS server sends it): it starts TLS on the transport,
+hands it whatever followed the header, and ends when the handshake
+completes (the protocol forwards Twisted's ``handshakeCompleted`` to
+``tls_established``), within the policy's ``handshakeTimeout``; a failed
+handshake is logged with its reason and refused as ``tls_handshake``.  With
+``policy.header`` false there is no PROXY header: the stage is the
+handshake alone.
+
 Reactor thread only.
 """
 
@@ -53,13 +64,17 @@ class ProxyHeaderPolicy(NamedTuple):
 
     trusted: TrustedProxies
     timeout: float | None
+    #: The TLS to start once the header is read (a ``tls.TLSConfig``), or None.
+    tls: Any = None
+    #: Whether a PROXY header comes first (false: the stage is TLS alone).
+    header: bool = True
 
 
 def begin_header_stage(
     transport: Any,
     policy: ProxyHeaderPolicy,
     reactor: Any,
-    on_header: Callable[[ProxyHeader], None],
+    on_header: Callable[[ProxyHeader | None], None],
     record: lifecycle.ConnectionRecord | None = None,
 ) -> ProxyHeaderStage:
     """At a proxied connection's ``connectionMade``: its header stage, begun
@@ -83,7 +98,8 @@ class ProxyHeaderStage:
         reactor: runs the deadline.
         on_header: called with the header once it is whole (for ``LOCAL``
             too, whose ``family`` is ``None``: the connection's own addresses
-            stand); the stage is over by then.
+            stand), and with TLS once the handshake completed (``None`` if
+            there was no header); the stage is over by then.
         record: the connection's lifecycle record, if observed: a refusal
             is recorded on it, and the header's addresses.
     """
@@ -94,7 +110,7 @@ class ProxyHeaderStage:
         peer: Any,
         policy: ProxyHeaderPolicy,
         reactor: Any,
-        on_header: Callable[[ProxyHeader], None],
+        on_header: Callable[[ProxyHeader | None], None],
         record: lifecycle.ConnectionRecord | None = None,
     ) -> None:
         self._transport = transport
@@ -106,6 +122,9 @@ class ProxyHeaderStage:
         # The header's bytes so far; None once the stage is over.
         self._received: bytearray | None = None
         self._deadline: Any = None
+        # Once TLS started: the header read before it (None: no header).
+        self._tls_started = False
+        self._header: ProxyHeader | None = None
 
     @property
     def active(self) -> bool:
@@ -114,6 +133,10 @@ class ProxyHeaderStage:
 
     def begin(self) -> bool:
         """At ``connectionMade``: admit the peer or refuse it (``False``, closed)."""
+        if not self._policy.header:
+            self._received = bytearray()
+            self._start_tls(b"")
+            return True
         peer = self._peer
         if not self._policy.trusted.trusts(peer):
             _log.warn(
@@ -147,7 +170,19 @@ class ProxyHeaderStage:
         if header is None:
             return b""
         payload = bytes(self._received[header.length :])
+        if self._policy.tls is not None:
+            self._header = header
+            self._start_tls(payload)
+            return b""
         self._end()
+        self._admit(header)
+        return payload
+
+    def _admit(self, header: ProxyHeader | None) -> None:
+        """The stage is over: hand the connection on."""
+        if header is None:
+            self._on_header(None)
+            return
         record = self._record
         if record is not None and header.family is not None:
             record.client_address = header.source
@@ -163,7 +198,28 @@ class ProxyHeaderStage:
                 peer=self._peer,
             )
         self._on_header(header)
-        return payload
+
+    def _start_tls(self, payload: bytes) -> None:
+        """Begin the TLS handshake on the transport; *payload* (what came
+        after the header) is its first bytes."""
+        self._tls_started = True
+        deadline, self._deadline = self._deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+        self._deadline = self._reactor.callLater(
+            self._policy.tls.policy.handshake_timeout, self._timed_out
+        )
+        self._transport.startTLS(self._policy.tls)
+        if payload:
+            # startTLS made the TLS layer the transport's protocol.
+            self._transport.protocol.dataReceived(payload)
+
+    def tls_established(self) -> None:
+        """The TLS handshake completed (Twisted's ``handshakeCompleted``)."""
+        if self._received is None or not self._tls_started:
+            return
+        self._end()
+        self._admit(self._header)
 
     def read_lost(self) -> bool:
         """The peer half-closed (``readConnectionLost``): inside the stage
@@ -178,10 +234,16 @@ class ProxyHeaderStage:
     def connection_lost(self, reason: Failure) -> None:
         """``connectionLost``: inside the stage, the peer left in its header."""
         if self._received is not None:
-            self.peer_ended("closed" if isinstance(reason.value, ConnectionDone) else "was reset")
+            self.peer_ended(
+                "closed" if isinstance(reason.value, ConnectionDone) else "was reset", reason
+            )
 
-    def peer_ended(self, how: str) -> None:
-        """The peer ended the connection in the stage (*how*: "closed", "was reset")."""
+    def peer_ended(self, how: str, reason: Failure | None = None) -> None:
+        """The peer ended the connection in the stage (*how*: "closed", "was
+        reset"; *reason*: the failure, if known)."""
+        if self._tls_started:
+            self._tls_ended(how, reason)
+            return
         if self._record is not None:
             if self._received:
                 lifecycle.refused(self._record, lifecycle.PROXY_HEADER)
@@ -205,9 +267,30 @@ class ProxyHeaderStage:
         self._end(level, "closed connection from {peer}: {reason}", reason)
         self._transport.loseConnection()
 
+    def _tls_ended(self, how: str, reason: Failure | None) -> None:
+        """The connection ended during its TLS handshake."""
+        error = None if reason is None else reason.value
+        if error is not None and type(error).__module__.startswith("OpenSSL"):
+            if self._record is not None:
+                lifecycle.refused(self._record, lifecycle.TLS_HANDSHAKE)
+            self._end("warn", "TLS handshake with {peer} failed: {reason}", _ssl_reason(error))
+            return
+        if self._record is not None and how != "closed":
+            self._record.outcome = lifecycle.RESET
+        self._end("info", "connection from {peer} " + how + " during its TLS handshake")
+
     def _timed_out(self) -> None:
         self._deadline = None
-        if self._received is not None:
+        if self._received is None:
+            return
+        if self._tls_started:
+            seconds = self._policy.tls.policy.handshake_timeout
+            if self._record is not None:
+                lifecycle.refused(self._record, lifecycle.TLS_HANDSHAKE)
+            self._end("warn", "TLS handshake with {peer} timed out after {reason}s", seconds)
+            # Not loseConnection: that would wait to send TLS's close_notify.
+            self._transport.abortConnection()
+        else:
             self.evict(f"no complete PROXY header within {self._policy.timeout}s")
 
     def _end(self, level: str = "", message: str = "", reason: object = "") -> None:
@@ -222,3 +305,12 @@ class ProxyHeaderStage:
         deadline, self._deadline = self._deadline, None
         if deadline is not None and deadline.active():
             deadline.cancel()
+
+
+def _ssl_reason(error: Any) -> str:
+    """OpenSSL's reason in a pyOpenSSL error (its last entry's third field)."""
+    entries = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    for entry in reversed(entries):
+        if isinstance(entry, tuple) and len(entry) == 3:
+            return str(entry[2])
+    return str(error)

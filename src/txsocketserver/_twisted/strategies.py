@@ -114,6 +114,7 @@ def strategies_for(server: Any) -> Strategies:
         unix_mode=listening.unix_mode,
         unix_lock=listening.unix_lock,
         from_endpoint=True,
+        options=listening.options,
     )
     return Strategies(serving, listener, security, settings)
 

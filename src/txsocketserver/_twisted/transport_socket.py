@@ -118,6 +118,7 @@ from typing import Any, BinaryIO
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
+    IHandshakeListener,
     IPushProducer,
     ISSLTransport,
 )
@@ -141,6 +142,7 @@ from txsocketserver._twisted.proxy_stage import (
     ProxyHeaderStage,
     begin_header_stage,
 )
+from txsocketserver._twisted.tls import TransportTLS
 
 # Bytes buffered for the handler before the transport is asked to stop reading.
 RECEIVE_HIGH_WATER = 256 * 1024
@@ -235,7 +237,7 @@ class _OutgoingProducer:
         pass
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
 class TransportSocketProtocol(Protocol):
     """The reactor side: a protocol that hands a :class:`TransportSocket` onwards.
 
@@ -300,9 +302,14 @@ class TransportSocketProtocol(Protocol):
             self.transport, self._proxy, self._reactor, self._proxied_by, self.record
         )
 
-    def _proxied_by(self, header: ProxyHeader) -> None:
+    def _proxied_by(self, header: ProxyHeader | None) -> None:
         self._proxied = header
         self._start()
+
+    def handshakeCompleted(self) -> None:  # noqa: N802 (Twisted's name)
+        """TLS started by the header stage is established (``IHandshakeListener``)."""
+        if self._stage is not None:
+            self._stage.tls_established()
 
     def _start(self) -> None:
         self.transport.registerProducer(_OutgoingProducer(self._bridge), True)
@@ -937,6 +944,35 @@ class TransportSocket:
         self._protocol._call_soon(self._protocol._close)
 
     # Addresses and options ------------------------------------------------------------
+
+    # TLS and PROXY facts --------------------------------------------------------------
+
+    @property
+    def proxy_header(self) -> ProxyHeader | None:
+        """The PROXY header the connection began with (its TLVs in
+        ``proxy_header.tlvs``), or ``None`` if it had none.  Read-only."""
+        return self._protocol._proxied
+
+    def getpeercert(self, binary_form: bool = False) -> Any:
+        """The client's verified certificate, as ``ssl.SSLSocket.getpeercert``
+        gives it (``None`` if it sent none).
+
+        Error handling:
+            ``ValueError`` if the connection is not TLS.
+        """
+        return TransportTLS(self._protocol.transport).getpeercert(binary_form)
+
+    def version(self) -> str | None:
+        """The TLS version negotiated (``"TLSv1.3"``...), or ``None`` without TLS."""
+        return TransportTLS(self._protocol.transport).version()
+
+    def cipher(self) -> tuple[str, str, int] | None:
+        """As ``ssl.SSLSocket.cipher()``: (name, protocol, secret bits), or ``None``."""
+        return TransportTLS(self._protocol.transport).cipher()
+
+    def selected_alpn_protocol(self) -> str | None:
+        """The protocol ALPN negotiated, or ``None``."""
+        return TransportTLS(self._protocol.transport).selected_alpn_protocol()
 
     def getpeername(self) -> SocketAddress:
         """The peer's address as ``socket.accept()`` gives it (the real client behind PROXY)."""

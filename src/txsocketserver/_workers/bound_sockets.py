@@ -141,11 +141,17 @@ def bind_socket(description: str, *, reuse_port: bool = False) -> BoundSocket:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if listening.options.ipv6_only is not None:
+            sock.setsockopt(
+                socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(listening.options.ipv6_only)
+            )
         if unix and os.path.exists(listening.address):
             _remove_stale_unix_socket(listening.address)
         sock.bind(listening.address)
         if unix and listening.unix_mode is not None:
             os.chmod(listening.address, listening.unix_mode)
+            if (listening.options.owner, listening.options.group) != (-1, -1):
+                os.chown(listening.address, listening.options.owner, listening.options.group)
         if not reuse_port:
             sock.listen(listening.backlog)
     except BaseException:

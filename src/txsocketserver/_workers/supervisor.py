@@ -479,6 +479,14 @@ class Workers(Service):
         """starting new workers, then draining the old ones"""
         if self._stopping is not None:
             return
+        from txsocketserver._twisted.tls import unloadable
+
+        problems = unloadable(listener.tls for listener in self.listeners if listener.tls)
+        if problems:
+            # New workers would fail on these files: the old ones keep serving.
+            for problem in problems:
+                _log.error("not reloading, the certificates are bad: {problem}", problem=problem)
+            return
         self._generation += 1
         self._failures = 0
         self._next_start = 0.0
