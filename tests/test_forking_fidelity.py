@@ -212,7 +212,7 @@ def test_server_close_in_a_request_keeps_a_unix_endpoints_files(tx, unix_path):
 def test_what_reaches_the_request_follows_the_rule(tx):
     # Ours only (the stdlib's request has the whole server): the attributes a
     # user set arrive; those that act on the serving process do not.
-    from txsocketserver._forking.dispatcher import serving_process_only
+    from txsocketserver._forking.carry import serving_process_only
 
     kept = serving_process_only(tx.ForkingTCPServer)
     assert {"_forking_dispatcher", "_listener"} <= kept

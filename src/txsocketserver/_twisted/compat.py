@@ -361,6 +361,20 @@ class ReadMultiplexer:
             self._epoll.close()
 
 
+def reap_process(transport: Any) -> None:
+    """Reap the process behind a ``spawnProcess`` transport if it has exited.
+
+    Twisted reaps a spawned process on ``SIGCHLD``, which a reactor run with
+    ``installSignalHandlers=False`` (the blocking world's) never gets; it
+    then tries once, when the process's pipes close, which can be a moment
+    before the process has finished exiting.  ``Process.reapProcess()``
+    (``_BaseProcess``, not part of ``IProcessTransport``) tries again: it
+    calls ``processEnded`` once the process has exited, and nothing before.
+    Reactor thread only.
+    """
+    transport.reapProcess()
+
+
 __all__ = [
     "ReadMultiplexer",
     "TCPParameters",
@@ -368,6 +382,7 @@ __all__ = [
     "cap_accept_batch",
     "half_close",
     "proxied_endpoint",
+    "reap_process",
     "UNIXParameters",
     "ssl_description_options",
     "tcp_parameters",
