@@ -16,12 +16,30 @@ import textwrap
 import threading
 import urllib.request
 
+from typing import Any
+
 import pytest
 
 import forking_handlers
 from support import ANY_PORT, connect_to, fd_count, recv_all, serve_in_thread
 
 WAIT_FORK = 20.0
+
+
+@pytest.fixture(params=["stdlib", "tx", "tx-fork-from-server"])
+def ss(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The conftest's ``ss``, and ours again with ``fork_from = "server"``
+    (the serving process forks, as the stdlib's does): both of ours must
+    give the stdlib's result."""
+    import socketserver
+
+    import txsocketserver
+
+    if request.param == "stdlib":
+        return socketserver
+    if request.param == "tx-fork-from-server":
+        monkeypatch.setattr(txsocketserver.ForkingMixIn, "fork_from", "server")
+    return txsocketserver
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(os.path.dirname(HERE), "src")
 
