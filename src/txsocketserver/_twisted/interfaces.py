@@ -136,12 +136,12 @@ class IThreadDispatcher(IRequestDispatcher):
 
 
 class IProcessDispatcher(IRequestDispatcher):
-    """Runs each request in a worker process (``ForkingMixIn``'s strategy)."""
+    """Runs each request in a child process (``ForkingMixIn``'s strategies)."""
 
     def warm_up(server: Any) -> None:
         """Serving starts: check that the server's and the handler's classes
-        can be carried to a worker (``TypeError`` saying why not), and start
-        the worker processes now rather than at the first request."""
+        can be carried to a child (``TypeError`` saying why not), and start
+        what forks the children now rather than at the first request."""
 
     def wait_below(limit: int) -> None:
         """Block until fewer than *limit* requests run (``max_children``)."""
@@ -150,7 +150,7 @@ class IProcessDispatcher(IRequestDispatcher):
         """Block until no request runs; whether that happened in time."""
 
     def running_pids() -> set[int]:
-        """The pids of the workers running requests now (``active_children``)."""
+        """The pids of the children running requests now (``active_children``)."""
 
 
 class IAsyncServing(Interface):
