@@ -15,7 +15,6 @@ import sys
 import textwrap
 import threading
 import urllib.request
-
 from typing import Any
 
 import pytest

@@ -10,7 +10,6 @@ reactor's), and the processes after ``server_close()``.
 
 from __future__ import annotations
 
-import os
 import socket
 import ssl
 import sys
