@@ -60,20 +60,29 @@ def class_state_server(ss: Any) -> Iterator[Any]:
             yield server
 
 
-def test_class_attributes_set_at_run_time_reach_the_child(ss, monkeypatch):
+def test_class_attributes_set_at_run_time_reach_the_child(ss):
     # werkzeug's server __init__ sets WSGIRequestHandler.protocol_version:
     # the same, on a handler class that a new process imports by name.
     handler_class = handler(ss, "ClassState")
-    with class_state_server(ss) as server:
-        assert ask(server) == b"as defined defined NoneType False\n"
-        monkeypatch.setattr(handler_class, "greeting", b"set-at-run-time", raising=False)
-        assert ask(server) == b"set-at-run-time defined NoneType False\n"
-        # Changed in place, a class-level dict of a base class.
-        monkeypatch.setitem(forking_handlers._ClassState.table, "added", 2)
-        assert ask(server) == b"set-at-run-time added,defined NoneType False\n"
-        monkeypatch.delitem(forking_handlers._ClassState.table, "added")
-        monkeypatch.setattr(handler_class, "greeting", b"again", raising=False)
-        assert ask(server) == b"again defined NoneType False\n"
+    table = forking_handlers._ClassState.table
+    try:
+        with class_state_server(ss) as server:
+            assert ask(server) == b"as defined defined NoneType False\n"
+            handler_class.greeting = b"set-at-run-time"
+            assert ask(server) == b"set-at-run-time defined NoneType False\n"
+            # Changed in place, a class-level dict of a base class.
+            table["added"] = 2
+            assert ask(server) == b"set-at-run-time added,defined NoneType False\n"
+            del table["added"]
+            handler_class.greeting = b"again"
+            assert ask(server) == b"again defined NoneType False\n"
+            # Deleted: the inherited value shows again.
+            del handler_class.greeting
+            assert ask(server) == b"as defined defined NoneType False\n"
+    finally:
+        table.pop("added", None)
+        if "greeting" in vars(handler_class):
+            del handler_class.greeting
 
 
 def test_server_class_attributes_set_at_run_time_reach_the_child(ss):

@@ -211,9 +211,11 @@ class ProcessDispatcher:
 
     def dispatch(self, function: Callable[..., object], *args: Any) -> None:
         server = function.__self__  # type: ignore[attr-defined]
+        # Outside the try: the warning for an attribute left out is the
+        # caller's to see (an error under -W error), not a pickling failure.
+        attributes = self.child_state(server)
+        class_state = self._carrier.class_state(server)
         try:
-            attributes = self.child_state(server)
-            class_state = self._carrier.class_state(server)
             full = (
                 rebuild_server,
                 (type(server), attributes, class_state),
@@ -221,7 +223,7 @@ class ProcessDispatcher:
                 args,
             )
             # What changes with every request travels with it; the rest is
-            # installed in the template once (see _TemplateLink._install there).
+            # installed in the template once (see _Template._install there).
             volatile = {name: attributes[name] for name in _VOLATILE if name in attributes}
             stable = {name: value for name, value in attributes.items() if name not in volatile}
             state_body, state_fds = self._state_pickle(type(server), stable, class_state)

@@ -283,11 +283,7 @@ def rebuild_server(
     ``TCPServer.__init__``'s job), and the parent's carried attributes (see
     ``ProcessDispatcher.child_state``) are copied over.
     """
-    for klass, attributes in class_state:
-        own = vars(klass)
-        for name, value in attributes.items():
-            if value is not NOT_FOUND and own.get(name, _MISSING) is not value:
-                setattr(klass, name, value)
+    _set_class_state(class_state)
     server = server_class.__new__(server_class)
     BaseServer.__init__(server, state.get("server_address"), state.get("RequestHandlerClass"))
     server.__dict__.update(
@@ -307,6 +303,30 @@ def flush_stdio() -> None:
 
 
 _MISSING = object()
+# (class, name) -> what the class held before the class state first set it:
+# put back once the server process's class no longer has that entry.
+_class_originals: dict[tuple[type, str], Any] = {}
+
+
+def _set_class_state(class_state: tuple[tuple[type, dict[str, Any]], ...]) -> None:
+    """Make the classes hold what the server process's hold (see ``rebuild_server``)."""
+    wanted = {(klass, name) for klass, attributes in class_state for name in attributes}
+    for klass, name in [key for key in _class_originals if key not in wanted]:
+        original = _class_originals.pop((klass, name))
+        if original is _MISSING:
+            if name in vars(klass):
+                delattr(klass, name)
+        else:
+            setattr(klass, name, original)
+    for klass, attributes in class_state:
+        own = vars(klass)
+        for name, value in attributes.items():
+            current = own.get(name, _MISSING)
+            if value is NOT_FOUND or current is value:
+                continue
+            _class_originals.setdefault((klass, name), current)
+            setattr(klass, name, value)
+
 
 # True while the template runs the server process's main script (see
 # find_by_name): a forking server that starts serving then is a main script
