@@ -71,8 +71,10 @@ class ForkingMixIn:
     fork_from = FORK_FROM_TEMPLATE
 
     _forking_dispatcher: IProcessDispatcher | None = None
-    # The serving process's own: a forked request's server has none.
-    _serving_process_only: tuple[str, ...] = ("_forking_dispatcher",)
+    # The serving process's own: a forked request's server has none.  A TLS
+    # server's connection security holds its SSLContext, which no template's
+    # child needs: a TLS connection cannot reach one (docs/forking.md).
+    _serving_process_only: tuple[str, ...] = ("_forking_dispatcher", "_security")
 
     def collect_children(self, *, blocking: bool = False) -> None:
         """Forget the children that have exited.
