@@ -276,12 +276,12 @@ def rebuild_server(
     """Build the child's server object; runs in the child (or the template).
 
     The classes imported here first get the attributes that the server
-    process's classes hold now (*class_state*, see
-    ``ProcessDispatcher.class_state``: what the program set on them at run
-    time, as after ``os.fork``).  Then ``BaseServer.__init__`` gives the
+    process's classes hold now (*class_state*, see ``Carrier.class_state``
+    in ``_forking.carry``: what the program set on them at run time, as
+    after ``os.fork``).  Then ``BaseServer.__init__`` gives the
     object fresh private bookkeeping (it makes no socket: binding is
     ``TCPServer.__init__``'s job), and the parent's carried attributes (see
-    ``ProcessDispatcher.child_state``) are copied over.
+    ``Carrier.child_state``) are copied over.
     """
     _set_class_state(class_state)
     server = server_class.__new__(server_class)
@@ -374,7 +374,7 @@ NOT_FOUND: Any = type("NotFound", (), {"__repr__": lambda self: "<not found>"})(
 
 
 def _main_module() -> Any:
-    global importing_main
+    global importing_main, _main_script
     main = sys.modules.get("__mp_main__")
     if main is not None:
         return main
@@ -387,6 +387,8 @@ def _main_module() -> Any:
     import runpy
     import types
 
+    # Once: a script that failed is not run again at the next state.
+    _main_script = (None, None)
     importing_main = True
     try:
         if name is not None:
