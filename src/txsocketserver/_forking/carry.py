@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import enum
-import operator
 import socket
 import sys
 import types
@@ -332,13 +331,16 @@ class Carrier:
         names = tuple(own)
         values = tuple(own.values())
         cached = self._classes.get(klass)
-        if (
-            cached is not None
-            and cached.names == names
-            and all(map(operator.is_, cached.values, values))
-            and cached.copies_still_equal()
-        ):
-            return cached.entries, False
+        if cached is not None and cached.names == names:
+            # Tuples compare item by item, identity first, in C: on the path
+            # of every request.  An item rebound to an equal value counts as
+            # unchanged: it pickles the same.
+            try:
+                same = cached.values == values
+            except Exception:
+                same = False
+            if same and cached.copies_still_equal():
+                return cached.entries, False
         entries: dict[str, Any] = {}
         copies: dict[str, Any] = {}
         if carried_by_reference(klass):
