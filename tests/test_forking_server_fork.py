@@ -170,3 +170,14 @@ def test_children_of_others_are_not_reaped(tx):
                 assert ask(server, b"%d\n" % n).startswith(b"%d\npid " % n)
     finally:
         assert other.wait(WAIT_FORK) == 7
+
+
+def test_it_fills_the_role_of_the_template_dispatcher():
+    from zope.interface.verify import verifyClass
+
+    from txsocketserver._forking.dispatcher import ProcessDispatcher
+    from txsocketserver._forking.server_fork import ServerForkDispatcher
+    from txsocketserver._twisted.interfaces import IProcessDispatcher
+
+    assert verifyClass(IProcessDispatcher, ServerForkDispatcher)
+    assert verifyClass(IProcessDispatcher, ProcessDispatcher)
