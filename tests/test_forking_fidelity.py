@@ -270,7 +270,7 @@ def test_imported_module_state_is_as_imported(tx):
         forking_handlers.COUNTER = original
 
 
-def test_classes_carried_by_value_cost_the_workers_no_imports(tx):
+def test_classes_carried_by_value_cost_the_children_no_imports(tx):
     # Ours only: what cloudpickle would import in the template (threading's
     # at-fork hook above all) costs every request; the template rebuilds
     # classes, functions and closures without it (see _forking.by_value).
