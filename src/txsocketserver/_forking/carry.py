@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_forking_carry,tests.test_forking_werkzeug -*-
 """What a forked request's process gets of the server, decided in the server process.
 
 ``docs/forking.md`` tells the rule; this module applies it.  A child is

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_forking_server_fork,tests.test_forking -*-
 """``ServerForkDispatcher``: ``fork_from = "server"``, the stdlib's own way.
 
 For each request the serving thread calls ``os.fork()`` on the serving
