@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import operator
 import socket
 import sys
 import types
@@ -229,6 +230,12 @@ class Carrier:
         self._kept_back: frozenset[str] | None = None
         self._classes: dict[type, _ClassEntries] = {}
         self._class_state: tuple[tuple[type, dict[str, Any]], ...] | None = None
+        # The server and handler classes last seen, the classes of their
+        # MROs, every one's dict values then, and those with copies to check.
+        self._pair: tuple[Any, Any] | None = None
+        self._mro: tuple[type, ...] = ()
+        self._seen: tuple[tuple[Any, ...], ...] | None = None
+        self._with_copies: list[_ClassEntries] = []
 
     def child_state(self, server: Any) -> dict[str, Any]:
         """The instance attributes the child's server object gets.
@@ -308,22 +315,39 @@ class Carrier:
         (an entry rebound, or a mutable one no longer equal to its copy), so
         that the state's last pickle serves again.
         """
-        classes: dict[type, None] = {}
-        handler_class = server.RequestHandlerClass
-        for klass in (type(server), handler_class):
-            if isinstance(klass, type):
-                classes.update(dict.fromkeys(klass.__mro__))
+        pair = (type(server), server.RequestHandlerClass)
+        if pair != self._pair:
+            found: dict[type, None] = {}
+            for klass in pair:
+                if isinstance(klass, type):
+                    found.update(dict.fromkeys(klass.__mro__))
+            self._pair = pair
+            self._mro = tuple(klass for klass in found if klass.__module__ != "builtins")
+            self._seen = None
+        # The fast path, on every request: every class's dict, as one tuple
+        # of tuples made and compared in C (identity first), and the copies
+        # of the mutable entries that travel.
+        seen = tuple(map(tuple, map(_values, map(vars, self._mro))))
+        last = self._class_state
+        try:
+            same = last is not None and seen == self._seen
+        except Exception:
+            same = False  # an entry whose == raises: look at each class
+        if last is not None and same:
+            if all(entries.copies_still_equal() for entries in self._with_copies):
+                return last
+        self._seen = seen
         changed = False
         state = []
-        for klass in classes:
-            if klass.__module__ == "builtins":
-                continue
+        for klass in self._mro:
             entries, fresh = self._class_entries(klass)
             changed = changed or fresh
             if entries:
                 state.append((klass, entries))
         if changed or self._class_state is None or len(state) != len(self._class_state):
             self._class_state = tuple(state)
+        self._with_copies = [self._classes[klass] for klass in self._mro]
+        self._with_copies = [entries for entries in self._with_copies if entries.copies]
         return self._class_state
 
     def _class_entries(self, klass: type) -> tuple[dict[str, Any], bool]:
@@ -366,6 +390,8 @@ class Carrier:
         self._classes[klass] = _ClassEntries(names, values, entries, copies)
         return entries, True
 
+
+_values = operator.methodcaller("values")
 
 # A value that could not be copied: never equal, so pickled every time.
 _NO_COPY = object()
