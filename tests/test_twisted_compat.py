@@ -227,3 +227,208 @@ def test_a_spawned_process_is_reaped_when_asked() -> None:
         os.close(pidfd)
     bridge.call_in_reactor(compat.reap_process, transport)
     assert ended.wait(10)
+
+
+# -- the blocking world's reactor thread: each in a fresh interpreter, where the
+# global reactor may be run, stopped and inspected without another thread's.
+
+
+def run_isolated(code: str) -> None:
+    """Run *code* in a new interpreter; it must print ``ok`` as its last line."""
+    import subprocess
+    import sys
+    import textwrap
+
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        timeout=60,
+    )
+    output = done.stdout.decode() + done.stderr.decode()
+    assert done.returncode == 0 and done.stdout.decode().splitlines()[-1:] == ["ok"], output
+
+
+def test_a_stopped_reactor_is_made_runnable_again() -> None:
+    # reactor_was_stopped reads _startedBefore and _started; make_runnable_again
+    # resets the first and re-adds the shutdown triggers a stop consumed:
+    # the second run's stop() must still end the loop (crash) and disconnect
+    # what is registered (disconnectAll).
+    run_isolated(
+        """
+        import socket
+        from twisted.internet import reactor
+        from txsocketserver._twisted import compat
+
+        assert not compat.reactor_was_stopped(reactor)
+        reactor.callWhenRunning(reactor.stop)
+        reactor.run()
+        assert compat.reactor_was_stopped(reactor)
+        compat.make_runnable_again(reactor)
+        assert not compat.reactor_was_stopped(reactor)
+
+        ours, theirs = socket.socketpair()
+        lost = []
+
+        class Reader:
+            def fileno(self):
+                return ours.fileno()
+
+            def logPrefix(self):
+                return "test"
+
+            def doRead(self):
+                pass
+
+            def connectionLost(self, reason):
+                lost.append(reason)
+
+        reactor.addReader(Reader())
+        reactor.callWhenRunning(reactor.stop)
+        reactor.run()
+        assert lost, "disconnectAll ran at the second stop"
+        assert compat.reactor_was_stopped(reactor)
+        ours.close()
+        theirs.close()
+        print("ok")
+        """
+    )
+
+
+def test_reactor_work_tells_idle_closing_and_busy() -> None:
+    # _internalReaders (the waker is not work), reapProcessHandlers (a child
+    # not yet reaped is), the reactor's pool (a busy thread is), a
+    # descriptor's disconnecting flag and a delayed call due (closing, not
+    # busy; a call due later is not work).
+    run_isolated(
+        """
+        import socket, sys, threading
+        from twisted.internet import protocol, reactor, threads
+        from txsocketserver._twisted import compat
+
+        assert compat.reactor_work(reactor) == compat.IDLE
+        ours, theirs = socket.socketpair()
+
+        class Reader:
+            disconnecting = False
+            def fileno(self):
+                return ours.fileno()
+            def logPrefix(self):
+                return "test"
+            def doRead(self):
+                pass
+            def connectionLost(self, reason):
+                pass
+
+        reader = Reader()
+        reactor.addReader(reader)
+        assert compat.reactor_work(reactor) == compat.BUSY
+        reader.disconnecting = True
+        assert compat.reactor_work(reactor) == compat.CLOSING
+        reactor.removeReader(reader)
+        assert compat.reactor_work(reactor) == compat.IDLE
+        due = reactor.callLater(0, lambda: None)
+        assert compat.reactor_work(reactor) == compat.CLOSING
+        due.cancel()
+        later = reactor.callLater(60, lambda: None)
+        assert compat.reactor_work(reactor) == compat.IDLE
+        later.cancel()
+        ours.close()
+        theirs.close()
+
+        seen = {}
+        release = threading.Event()
+
+        class Child(protocol.ProcessProtocol):
+            def processEnded(self, reason):
+                seen["after_child"] = compat.reactor_work(reactor)
+                in_pool = threads.deferToThread(release.wait, 10)
+                seen["pool_busy"] = compat.reactor_work(reactor)
+                release.set()
+                in_pool.addCallback(lambda _: reactor.stop())
+
+        def start():
+            reactor.spawnProcess(
+                Child(), sys.executable, [sys.executable, "-c", "import sys; sys.stdin.read()"],
+                childFDs={0: "w", 1: 1, 2: 2},
+            )
+            seen["child"] = compat.reactor_work(reactor)
+            reactor.callLater(0.05, lambda: [t.closeStdin() for t in
+                              list(__import__("twisted.internet.process").internet.process.reapProcessHandlers.values())])
+
+        reactor.callWhenRunning(start)
+        reactor.run()
+        assert seen == {"child": compat.BUSY, "after_child": compat.IDLE,
+                        "pool_busy": compat.BUSY}, seen
+        print("ok")
+        """
+    )
+
+
+def test_the_reactor_thread_pool_is_stopped_and_made_again() -> None:
+    # ReactorBase._stopThreadPool: joins the pool's threads and forgets it;
+    # the next deferToThread makes a new one.
+    run_isolated(
+        """
+        import threading
+        from twisted.internet import reactor, threads
+        from txsocketserver._twisted import compat
+
+        seen = []
+
+        def first(_):
+            pool = reactor.threadpool
+            compat.stop_reactor_thread_pool(reactor)
+            seen.append(reactor.threadpool is None and not any(t.is_alive() for t in pool.threads))
+            return threads.deferToThread(lambda: 2)
+
+        def main():
+            d = threads.deferToThread(lambda: 1).addCallback(first)
+            d.addCallback(seen.append).addBoth(lambda _: reactor.stop())
+
+        compat.stop_reactor_thread_pool(reactor)  # none made yet: nothing to do
+        reactor.callWhenRunning(main)
+        reactor.run()
+        assert seen == [True, 2], seen
+        print("ok")
+        """
+    )
+
+
+def test_the_io_thread_is_read_and_set() -> None:
+    import threading
+
+    from twisted.python import threadable
+
+    before = compat.io_thread()
+    try:
+        compat.set_io_thread(threading.get_ident())
+        assert threadable.isInIOThread()
+        assert compat.io_thread() == threading.get_ident()
+        compat.set_io_thread(None)
+        assert not threadable.isInIOThread()
+    finally:
+        compat.set_io_thread(before)
+
+
+def test_a_ports_listen_backlog_is_widened() -> None:
+    # Port.socket of Twisted's TCP port: listen() again changes the backlog
+    # (Linux's TCP_INFO tells the accept queue's limit as tcpi_sacked).
+    run_isolated(
+        """
+        import socket, struct
+        from twisted.internet import protocol, reactor
+        from txsocketserver._twisted import compat
+
+        def limit(sock):
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+            return struct.unpack_from("I", info, 28)[0]
+
+        port = reactor.listenTCP(0, protocol.Factory(), backlog=7, interface="127.0.0.1")
+        assert limit(port.socket) == 7
+        assert compat.widen_listen_backlog(port, 300)
+        assert limit(port.socket) == 300
+        assert not compat.widen_listen_backlog(object(), 300)
+        port.stopListening()
+        print("ok")
+        """
+    )

@@ -442,6 +442,7 @@ class AsyncServing:
         if not reactor.running:
             self._retire_multiplexer()
             self._stop_pool()
+            _reactor.release(self)
             return
         done = threading.Event()
 
@@ -458,6 +459,7 @@ class AsyncServing:
             reactor.callFromThread(cancel_all)
             done.wait(CLOSE_TIMEOUT)
         self._stop_pool()
+        _reactor.release(self)
 
     def _retire_multiplexer(self) -> None:
         if self._multiplexer is not None:
@@ -491,6 +493,8 @@ class AsyncReadiness:
         self._serving = serving
         self._tokens: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._closed = False
+        # The server's async strategy holds the reactor until it is closed.
+        _reactor.hold(serving)
         _reactor.call_in_reactor(serving.start_accepting, budget, self._tokens.put)
 
     def wait(self, timeout: float | None) -> bool:

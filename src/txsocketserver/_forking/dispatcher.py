@@ -337,6 +337,12 @@ class ProcessDispatcher:
                     pass
 
     def close(self, wait: bool) -> None:
+        try:
+            self._close(wait)
+        finally:
+            _reactor.release(self)
+
+    def _close(self, wait: bool) -> None:
         with self._lock:
             self._closed = True
             template, self._template = self._template, None
@@ -435,6 +441,8 @@ class ProcessDispatcher:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         template = _TemplateLink(parent_end)
         template.protocol = _TemplateProtocol(self, template)
+        # The template needs the reactor (its pipes, its reaping) until close().
+        _reactor.hold(self)
         try:
             _reactor.call_in_reactor(_spawn_template, template.protocol, child_end.fileno())
             send_message(parent_end, SPEC_TAG, spec, [])

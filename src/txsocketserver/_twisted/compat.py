@@ -376,16 +376,132 @@ def reap_process(transport: Any) -> None:
     transport.reapProcess()
 
 
+def widen_listen_backlog(port: Any, backlog: int) -> bool:
+    """Let the kernel queue up to *backlog* connections for *port* (a
+    listening port of Twisted's: TCP or UNIX), by calling ``listen()`` again
+    on its socket, ``Port.socket``; return whether it could.  Twisted takes
+    the backlog only when the port is made (``listenTCP(backlog=50)``)."""
+    import socket
+
+    sock = getattr(port, "socket", None)
+    if not isinstance(sock, socket.socket) or sock.fileno() == -1:
+        return False
+    sock.listen(backlog)
+    return True
+
+
+# -- the blocking world's reactor thread (``_twisted.reactor``) ------------------------------
+#
+# The thread runs the global reactor with ``run()`` and ends with ``crash()``,
+# which leaves a reactor that ``run()`` starts again (trial runs and crashes
+# it for every test).  Only a ``stop()`` makes a reactor refuse to run again.
+
+
+def reactor_was_stopped(reactor: Any) -> bool:
+    """Whether *reactor* ran and was stopped (``run()`` would raise
+    ``ReactorNotRestartable``): reads ``ReactorBase._startedBefore`` and
+    ``_started``."""
+    return bool(getattr(reactor, "_startedBefore", False)) and not getattr(
+        reactor, "_started", False
+    )
+
+
+def make_runnable_again(reactor: Any) -> None:
+    """Let a reactor that ran and was stopped (``react()``, ``reactor.run()``
+    then ``stop()``) be run again, by the blocking world's thread.
+
+    Twisted refuses a second ``run()`` for what a stop used up: the flag
+    ``_startedBefore``, and the two shutdown triggers ``ReactorBase.__init__``
+    adds (``crash`` and ``disconnectAll``, consumed by the shutdown event),
+    which a later ``stop()`` needs to end the loop.  The rest of a stopped
+    reactor (its waker, its delayed calls, the ``during startup`` trigger that
+    ``crash()`` re-adds) is as after a ``crash()``.
+    """
+    if not reactor_was_stopped(reactor):
+        return
+    reactor._startedBefore = False
+    reactor.addSystemEventTrigger("during", "shutdown", reactor.crash)
+    reactor.addSystemEventTrigger("during", "shutdown", reactor.disconnectAll)
+
+
+#: What :func:`reactor_work` says.
+IDLE, CLOSING, BUSY = "idle", "closing", "busy"
+
+
+def reactor_work(reactor: Any) -> str:
+    """What *reactor* still has in hand, asked on its thread.
+
+    ``IDLE``: no descriptor but its own (``ReactorBase._internalReaders``:
+    the waker), no child process to reap (``process.reapProcessHandlers``),
+    no busy thread in its pool, no delayed call due.  ``CLOSING``: only
+    descriptors that are closing (``disconnecting``: a transport sending its
+    last bytes, a port going away) or delayed calls due now (a port's
+    ``connectionLost``).  ``BUSY``: anything else.
+    """
+    from twisted.internet import process
+
+    internal = getattr(reactor, "_internalReaders", None) or {reactor.waker}
+    selectables = [s for s in {*reactor.getReaders(), *reactor.getWriters()} if s not in internal]
+    pool = getattr(reactor, "threadpool", None)
+    if process.reapProcessHandlers or (pool is not None and pool.working):
+        return BUSY
+    if not all(getattr(s, "disconnecting", False) for s in selectables):
+        return BUSY
+    now = reactor.seconds()
+    if selectables or any(call.getTime() <= now for call in reactor.getDelayedCalls()):
+        return CLOSING
+    return IDLE
+
+
+def stop_reactor_thread_pool(reactor: Any) -> None:
+    """Stop the reactor's own thread pool, if one was made (``deferToThread``,
+    name resolution), joining its threads; the next use makes a new one.
+
+    ``ReactorBase._stopThreadPool`` (what the shutdown event calls, and
+    trial's janitor between tests) also removes the pool's startup and
+    shutdown triggers and forgets the pool.
+    """
+    if getattr(reactor, "threadpool", None) is not None:
+        reactor._stopThreadPool()
+
+
+def io_thread() -> Any:
+    """The thread Twisted believes runs the reactor (``threadable.ioThread``,
+    set by ``run()``; ``isInIOThread()`` compares with it)."""
+    from twisted.python import threadable
+
+    return threadable.ioThread
+
+
+def set_io_thread(ident: Any) -> None:
+    """Set what :func:`io_thread` returns: once the blocking world's thread
+    has ended, the thread that ran the reactor before it (or ``None``), so
+    that a new thread given the old one's identifier is not taken for it."""
+    from twisted.python import threadable
+
+    threadable.ioThread = ident
+
+
 __all__ = [
+    "BUSY",
+    "CLOSING",
+    "IDLE",
     "ReadMultiplexer",
     "TCPParameters",
     "adopted_transport",
     "cap_accept_batch",
     "half_close",
+    "io_thread",
+    "make_runnable_again",
     "proxied_endpoint",
+    "reactor_was_stopped",
+    "reactor_work",
     "reap_process",
+    "set_io_thread",
+    "stop_reactor_thread_pool",
     "UNIXParameters",
     "ssl_description_options",
     "tcp_parameters",
     "unix_parameters",
+    "widen_listen_backlog",
 ]

@@ -321,8 +321,8 @@ class EndpointReadiness:
         self._listener = listener
         self.wakes = 0  # wake() calls not yet consumed by wait(); under the listener's lock
         # A port opened before any reactor ran (the first server of a blocking
-        # program) accepts only once one runs.
-        _reactor.running_reactor()
+        # program) accepts only once one runs; the listener holds it until closed.
+        _reactor.hold(listener)
 
     def wait(self, timeout: float | None) -> bool:
         return self._listener._wait(self, timeout)
@@ -436,6 +436,7 @@ class EndpointListener:
 
     def _listening(self, port: IListeningPort) -> None:
         self._port = port
+        self._widen_backlog()
         self._cap_accepts()
         address = port.getHost()
         self.host = socket_address(address)
@@ -619,7 +620,19 @@ class EndpointListener:
             self._changed.notify_all()
 
     def readiness(self) -> EndpointReadiness:
+        self._widen_backlog()
         return EndpointReadiness(self)
+
+    def _widen_backlog(self) -> None:
+        """With ``max_connections``, clients beyond the cap wait in the port's
+        kernel queue once this listener's is full: size it as a socket
+        server's (``listeners.listen_backlog``)."""
+        from txsocketserver._twisted import compat
+        from txsocketserver._twisted.listeners import listen_backlog
+
+        port = self._port
+        if port is not None and getattr(self._server, "max_connections", None) is not None:
+            compat.widen_listen_backlog(port, listen_backlog(self._server))
 
     def fileno(self) -> int:
         """A descriptor that is readable while a connection is queued.
@@ -629,6 +642,9 @@ class EndpointListener:
         one does, which is what a ``selectors`` loop calling
         ``handle_request()`` needs.
         """
+        if self._notify is None and not self._closed:
+            # Whoever selects on it needs Twisted to accept meanwhile.
+            _reactor.hold(self)
         with self._lock:
             if self._closed:
                 raise bad_file_descriptor("the server was closed")
@@ -661,15 +677,12 @@ class EndpointListener:
         port, self._port = self._port, None
         if port is None:
             return
-        reactor = _reactor.get_reactor()
         if _reactor.in_reactor_thread():
             self._stop_port(port)
-        elif reactor.running:
-            _reactor.call_in_reactor(self._stop_port, port)
         else:
-            # Listening happened with no reactor running and nothing ran it
-            # since: only a running reactor closes a port, so start ours.
-            _reactor.running_reactor()
+            # With no reactor running (listening happened before any ran, and
+            # none runs now), call_in_reactor runs ours for the call: only a
+            # running reactor closes a port.
             _reactor.call_in_reactor(self._stop_port, port)
 
     def _stop_port(self, port: IListeningPort) -> Any:
@@ -712,6 +725,7 @@ class EndpointListener:
         if notify is not None:
             for end in notify:
                 end.close()
+        _reactor.release(self)
 
 
 __all__ = [

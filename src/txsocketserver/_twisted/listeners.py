@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_listeners,tests.test_endpoints -*-
+# -*- test-case-name: tests.test_listeners,tests.test_endpoints,tests.test_connection_cap -*-
 """How a server gets its requests: the :class:`IListener` a server picks once, when it is made.
 
 A socket address, or an endpoint that is nothing but a listening socket
@@ -108,6 +108,24 @@ def listener_for(server: Any) -> IListener:
     )
 
 
+def listen_backlog(server: Any) -> int:
+    """How many connections the kernel may queue for *server* (the ``listen()``
+    backlog).
+
+    ``request_queue_size``, as in the stdlib; with ``max_connections`` set, at
+    least ``socket.SOMAXCONN`` (which the kernel bounds by its own limit,
+    ``net.core.somaxconn`` on Linux).  At the cap the server stops accepting,
+    and every client beyond it waits in the kernel, holding no descriptor or
+    memory of the server's, until a connection ends; with the stdlib's 5 the
+    kernel's queue overflows at once and clients are dropped (their handshake
+    retried seconds later, or reset).
+    """
+    size: int = server.request_queue_size
+    if getattr(server, "max_connections", None) is not None:
+        size = max(size, socket.SOMAXCONN)
+    return size
+
+
 @implementer(IListener)
 class SocketListener:
     """The server's own socket (``server.socket``), as the stdlib has it.
@@ -147,6 +165,7 @@ class SocketListener:
         # A description's socket, made with bind_and_activate=False, is bound
         # by start_server; a socket address is bound by its caller.
         self._from_endpoint = from_endpoint
+        self._backlog: int | None = None  # what activate() listened with
 
     def bind(self) -> None:
         server = self._server
@@ -175,7 +194,14 @@ class SocketListener:
             remove_socket_file(path)
 
     def activate(self) -> None:
-        self._server.socket.listen(self._server.request_queue_size)
+        self._backlog = listen_backlog(self._server)
+        self._server.socket.listen(self._backlog)
+
+    def _widen_backlog(self) -> None:
+        # max_connections may be set on the server after it listened.
+        if self._backlog is not None and listen_backlog(self._server) > self._backlog:
+            self._backlog = listen_backlog(self._server)
+            self._server.socket.listen(self._backlog)
 
     def accept(self) -> tuple[Any, Any]:
         """What ``socket.accept()`` does, without turning the listening
@@ -203,8 +229,10 @@ class SocketListener:
     def readiness(self) -> IRequestReadiness:
         from txsocketserver._twisted.readiness import SocketReadiness
 
-        # fileno() through the server: a subclass may override it.
-        return SocketReadiness(self._server.fileno())
+        self._widen_backlog()
+        # fileno() through the server: a subclass may override it.  The
+        # listener holds the reactor from the first serving call until closed.
+        return SocketReadiness(self._server.fileno(), holder=self)
 
     def start_listening(self) -> Any:
         sock = self._server.socket
@@ -226,6 +254,9 @@ class SocketListener:
             self._server.socket.close()
 
     def close(self) -> None:
+        from txsocketserver._twisted import reactor as _reactor
+
+        _reactor.release(self)
         server = self._server
         server.socket.close()
         if self._unix_bound:
