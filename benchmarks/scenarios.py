@@ -124,6 +124,14 @@ SCENARIOS = _table(
         quick=False,
     ),
     Scenario(
+        "forking-fork-from-server-connect-per-request-8",
+        '8 clients, a new connection per line; ForkingTCPServer, ours with fork_from = "server" '
+        "(the serving process forks, as the stdlib's does)",
+        forking_servers("echo", fork_from="server"),
+        echo_load("connect", 8),
+        quick=False,
+    ),
+    Scenario(
         "forking-cpu-bound-4",
         "4 clients, a new connection per line, ~20 ms of pure Python each; ForkingTCPServer",
         forking_servers("cpu"),

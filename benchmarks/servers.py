@@ -216,13 +216,18 @@ def http_servers(protocol_version: str) -> dict[str, ServerStarter]:
 # --- forking: a process per connection --------------------------------------
 
 
-def socketserver_forking(impl: str, work: str) -> ServerHandle:
+def socketserver_forking(impl: str, work: str, fork_from: str = "template") -> ServerHandle:
     """``ForkingTCPServer`` with the line echo (``work="echo"``) or the
     CPU-bound echo (``"cpu"``); classes from ``forking_ours`` or
-    ``forking_stdlib``, so that the server process imports only *impl*."""
+    ``forking_stdlib``, so that the server process imports only *impl*.
+    Ours forks its requests from *fork_from* (``"server"``: the serving
+    process itself, as the stdlib does)."""
     classes = importlib.import_module(f"forking_{impl}")
 
-    server = classes.Server((HOST, 0), classes.HANDLERS[work])
+    server_class = classes.Server
+    if impl == "ours" and fork_from != "template":
+        server_class = type("Server", (server_class,), {"fork_from": fork_from})
+    server = server_class((HOST, 0), classes.HANDLERS[work])
     return ServerHandle(server.server_address[1], server.serve_forever)
 
 
@@ -264,7 +269,9 @@ def twisted_cpu_bound_echo() -> ServerHandle:
     return listen_twisted(Factory.forProtocol(CpuBoundEcho))
 
 
-def forking_servers(work: str, local_classes: bool = False) -> dict[str, ServerStarter]:
+def forking_servers(
+    work: str, local_classes: bool = False, fork_from: str = "template"
+) -> dict[str, ServerStarter]:
     """Forking servers; ``twisted`` is the single-process reference."""
     if local_classes:
         return {
@@ -273,7 +280,7 @@ def forking_servers(work: str, local_classes: bool = False) -> dict[str, ServerS
             "twisted": twisted_echo,
         }
     return {
-        "ours": lambda: socketserver_forking("ours", work),
+        "ours": lambda: socketserver_forking("ours", work, fork_from),
         "stdlib": lambda: socketserver_forking("stdlib", work),
         "twisted": twisted_echo if work == "echo" else twisted_cpu_bound_echo,
     }

@@ -16,6 +16,7 @@ import os
 import socketserver
 import ssl
 import sys
+import threading
 import time
 from types import ModuleType
 
@@ -109,6 +110,39 @@ class _Modules:
         self.wfile.write(b"loaded: %s\n" % " ".join(loaded).encode())
 
 
+class _ClassState:
+    """Reply with what this process sees of the classes and the server:
+    ``greeting`` (a class attribute), the keys of ``table`` (a class-level
+    dict), and the type of ``self.server.registry`` and whether it is this
+    module's ``REGISTRY``."""
+
+    greeting = b"as defined"
+    table: dict[str, int] = {"defined": 1}
+
+    def handle(self) -> None:
+        registry = getattr(self.server, "registry", None)
+        self.wfile.write(
+            b"%s %s %s %s\n"
+            % (
+                self.greeting,
+                ",".join(sorted(self.table)).encode(),
+                type(registry).__name__.encode(),
+                str(registry is REGISTRY).encode(),
+            )
+        )
+
+
+class Registry:
+    """Something a server holds that does not pickle (it holds a lock)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+
+# A module-level object that does not pickle: a child finds it by this name.
+REGISTRY = Registry()
+
+
 class StdlibEcho(_Echo, socketserver.StreamRequestHandler):
     pass
 
@@ -130,6 +164,14 @@ class StdlibTimed(_Timed, socketserver.StreamRequestHandler):
 
 
 class StdlibSlow(_Slow, socketserver.StreamRequestHandler):
+    pass
+
+
+class StdlibClassState(_ClassState, socketserver.StreamRequestHandler):
+    pass
+
+
+class TxClassState(_ClassState, txsocketserver.StreamRequestHandler):
     pass
 
 

@@ -34,6 +34,22 @@ from support import (
 )
 
 WAIT_FORK = 20.0
+
+
+@pytest.fixture(params=["stdlib", "tx", "tx-fork-from-server"])
+def ss(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The conftest's ``ss``, and ours again with ``fork_from = "server"``
+    (the serving process forks, as the stdlib's does): both of ours must
+    give the stdlib's result."""
+    import socketserver
+
+    import txsocketserver
+
+    if request.param == "stdlib":
+        return socketserver
+    if request.param == "tx-fork-from-server":
+        monkeypatch.setattr(txsocketserver.ForkingMixIn, "fork_from", "server")
+    return txsocketserver
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(os.path.dirname(HERE), "src")
 
@@ -298,7 +314,7 @@ def test_server_close_stops_every_process(tx, unix_path):
     with forking_server(tx, "tcp", "Echo", unix_path) as server:
         ask(server, b"x\n")
         assert set(descendants()) - before, "a template process runs while serving"
-    # Template and workers are gone (what ran before may have ended too).
+    # Template and children are gone (what ran before may have ended too).
     assert wait_until(lambda: set(descendants()) <= before), (descendants(), before)
 
 
@@ -326,7 +342,7 @@ KILLED_SERVER_SCRIPT = """
 
 def test_server_process_killed_leaves_no_process_and_no_noise(tmp_path):
     # The template sees the channel end (reset, with status lines unread)
-    # and exits quietly, its idle workers with it.
+    # and exits quietly, its idle children with it.
     script = tmp_path / "killed_server.py"
     script.write_text(textwrap.dedent(KILLED_SERVER_SCRIPT.format(src=SRC, tests=HERE)))
     proc = subprocess.Popen(
@@ -343,7 +359,7 @@ def test_server_process_killed_leaves_no_process_and_no_noise(tmp_path):
         assert spawned, "the template runs"
     finally:
         proc.kill()
-        # End of file on stderr: the template and its workers have closed it,
+        # End of file on stderr: the template and its children have closed it,
         # which they do on their way out, an instant before they have exited.
         _out, err = proc.communicate(timeout=WAIT_FORK)
     assert err == b""
@@ -433,7 +449,7 @@ TEMPLATE_REAPS_ONLY_ITS_OWN = """
     sys.path.insert(0, {src!r})
     from txsocketserver._forking import template as _forking_child
 
-    # A child of the template's that is no worker (a handler module may start
+    # A child of the template's that is none of its request children (a handler module may start
     # one at import): it exits first, and must stay for its owner to reap.
     foreign = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(5)"])
     # Until it has exited, without reaping it.
@@ -442,12 +458,12 @@ TEMPLATE_REAPS_ONLY_ITS_OWN = """
     template = _forking_child._Template(ours, warm=2)
     template._fill()
     (pid, end), _other = template.idle
-    end.close()  # end of file: this idle worker exits unused
+    end.close()  # end of file: this idle child exits unused
     deadline = time.monotonic() + 20
     while any(p == pid for p, _ in template.idle) and time.monotonic() < deadline:
         time.sleep(0.01)
         template._reap()
-    assert not any(p == pid for p, _ in template.idle), "the worker was reaped"
+    assert not any(p == pid for p, _ in template.idle), "the child was reaped"
     assert foreign.wait(20) == 5, "the foreign child was left to its owner"
     for _pid, end in template.idle:
         end.close()
@@ -480,9 +496,9 @@ def test_parent_state_changes_reach_later_requests(ss, unix_path):
         assert ask(server, b"").split(maxsplit=2)[2] == b"['parent-3', 'parent-4']\n"
 
 
-# -- what the worker carries -------------------------------------------------------------
+# -- what the child carries -------------------------------------------------------------
 
-# Every fork copies the page tables of the template's memory, and every worker
+# Every fork copies the page tables of the template's memory, and every child
 # copies the pages it writes: a template that imported Twisted and
 # zope.interface (some 20 MB) makes each request cost about twice the CPU.
 IMPORT_LIGHT_SCRIPT = """
@@ -502,7 +518,7 @@ IMPORT_LIGHT_SCRIPT = """
     heavy = sorted(name for name in sys.modules if name.split(".")[0] in ("twisted", "zope"))
     assert not heavy, heavy
     # Nor what socketserver does without (each costs every fork a megabyte),
-    # nor threading (its at-fork hook runs in every worker).
+    # nor threading (its at-fork hook runs in every child).
     heavy = {{"typing", "logging", "traceback", "pickle", "threading"}}
     extra = heavy & (set(sys.modules) - preloaded)
     assert not extra, extra
@@ -519,7 +535,7 @@ def test_importing_the_package_loads_no_twisted():
     run_ok_script(IMPORT_LIGHT_SCRIPT, timeout=WAIT_FORK)
 
 
-def test_workers_import_no_twisted(tx, unix_path):
+def test_children_import_no_twisted(tx, unix_path):
     with forking_server(tx, "tcp", "Modules", unix_path) as server:
         assert ask(server, b"") == b"loaded: \n"
 
@@ -578,7 +594,7 @@ def test_tls_sockets_cannot_be_handed_over(tx, tls_cert, capfd):
 
 def test_endpoint_descriptions_that_are_sockets_fork(tx, unix_path):
     """tcp:, tcp6: and unix: descriptions are served on the server's own
-    socket, so their connections can be handed to workers."""
+    socket, so their connections can be handed to children."""
     for description in (f"tcp:0:interface={ANY_PORT[0]}", f"unix:{unix_path}"):
         endpoint = tx.Endpoint(description)
         with tx.ForkingTCPServer(endpoint, handler(tx, "Echo")) as server:

@@ -15,6 +15,7 @@ import sys
 import textwrap
 import threading
 import urllib.request
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,22 @@ import forking_handlers
 from support import ANY_PORT, connect_to, fd_count, recv_all, serve_in_thread
 
 WAIT_FORK = 20.0
+
+
+@pytest.fixture(params=["stdlib", "tx", "tx-fork-from-server"])
+def ss(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The conftest's ``ss``, and ours again with ``fork_from = "server"``
+    (the serving process forks, as the stdlib's does): both of ours must
+    give the stdlib's result."""
+    import socketserver
+
+    import txsocketserver
+
+    if request.param == "stdlib":
+        return socketserver
+    if request.param == "tx-fork-from-server":
+        monkeypatch.setattr(txsocketserver.ForkingMixIn, "fork_from", "server")
+    return txsocketserver
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(os.path.dirname(HERE), "src")
 
@@ -212,7 +229,7 @@ def test_server_close_in_a_request_keeps_a_unix_endpoints_files(tx, unix_path):
 def test_what_reaches_the_request_follows_the_rule(tx):
     # Ours only (the stdlib's request has the whole server): the attributes a
     # user set arrive; those that act on the serving process do not.
-    from txsocketserver._forking.dispatcher import serving_process_only
+    from txsocketserver._forking.carry import serving_process_only
 
     kept = serving_process_only(tx.ForkingTCPServer)
     assert {"_forking_dispatcher", "_listener"} <= kept
@@ -253,7 +270,7 @@ def test_imported_module_state_is_as_imported(tx):
         forking_handlers.COUNTER = original
 
 
-def test_classes_carried_by_value_cost_the_workers_no_imports(tx):
+def test_classes_carried_by_value_cost_the_children_no_imports(tx):
     # Ours only: what cloudpickle would import in the template (threading's
     # at-fork hook above all) costs every request; the template rebuilds
     # classes, functions and closures without it (see _forking.by_value).

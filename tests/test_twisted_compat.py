@@ -238,6 +238,52 @@ def test_a_tcp_transport_turned_tls_by_starttls_is_not_half_closed(tls_cert) -> 
     assert found[0] is not None and found[1] is None
 
 
+def test_a_spawned_process_is_reaped_when_asked() -> None:
+    # The forking template's reaping (``_forking.dispatcher``): with no
+    # SIGCHLD handler and no pipe to Twisted, only reap_process notices the
+    # exit, and it reaps nothing before.
+    import os
+    import select
+    import sys
+    import threading
+
+    from twisted.internet.protocol import ProcessProtocol
+
+    from txsocketserver._twisted import reactor as bridge
+
+    ended = threading.Event()
+
+    class Protocol(ProcessProtocol):
+        def processEnded(self, reason: object) -> None:
+            ended.set()
+
+    protocol = Protocol()
+    stdin_read, stdin_write = os.pipe()
+    try:
+        bridge.call_in_reactor(
+            lambda: bridge.get_reactor().spawnProcess(
+                protocol,
+                sys.executable,
+                [sys.executable, "-c", "import os; os.read(0, 1)"],
+                env=None,
+                childFDs={0: stdin_read},
+            )
+        )
+    finally:
+        os.close(stdin_read)
+    transport = protocol.transport
+    bridge.call_in_reactor(compat.reap_process, transport)
+    assert not ended.is_set(), "reaped while it runs"
+    pidfd = os.pidfd_open(transport.pid)
+    try:
+        os.close(stdin_write)  # end of file: it exits
+        assert select.select([pidfd], [], [], 10)[0], "the process did not exit"
+    finally:
+        os.close(pidfd)
+    bridge.call_in_reactor(compat.reap_process, transport)
+    assert ended.wait(10)
+
+
 # -- the blocking world's reactor thread: each in a fresh interpreter, where the
 # global reactor may be run, stopped and inspected without another thread's.
 

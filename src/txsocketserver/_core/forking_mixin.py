@@ -1,14 +1,16 @@
-# -*- test-case-name: tests.test_forking,tests.test_forking_fidelity -*-
+# -*- test-case-name: tests.test_forking,tests.test_forking_server_fork -*-
 """``ForkingMixIn``: every request in a process of its own.
 
 The mixin keeps the stdlib's public shape (``max_children``,
 ``active_children``, ``collect_children``, ``block_on_close``...) and hands
-each request to its dispatcher (``IProcessDispatcher``, in ``_forking.dispatcher``),
-which runs it in a worker process forked from a template that Twisted's
-``spawnProcess`` started: the server process, which runs threads, is never
-forked.  ``docs/architecture.md`` tells the path of a request, and
-``docs/forking.md`` what the request's process sees.  This module is part of
-the Twisted-free core: the template imports it with the server class.
+each request to its dispatcher (``IProcessDispatcher``), chosen by
+``fork_from`` when serving starts: ``_forking.dispatcher`` runs it in a
+child forked from a template process that Twisted's ``spawnProcess`` started
+(the default: the server process, which runs threads, is never forked),
+``_forking.server_fork`` in a child forked from the server process itself,
+as the stdlib does.  ``docs/architecture.md`` tells the path of a request,
+and ``docs/forking.md`` what the child sees.  This module is part of the
+Twisted-free core: the template imports it with the server class.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 
 from txsocketserver._core import lifecycle
 from txsocketserver._core.base import run_request
-from txsocketserver._forking.template import flush_stdio
+from txsocketserver._forking import template as _template
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -25,14 +27,21 @@ if TYPE_CHECKING:
 
     from txsocketserver._core.base import IProcessDispatcher
 
+# fork_from's values.
+FORK_FROM_TEMPLATE = "template"
+FORK_FROM_SERVER = "server"
+
 
 class ForkingMixIn:
     """Mix-in class to handle each request in a new process.
 
-    The request runs in a worker process forked from a template process that
-    Twisted's ``spawnProcess`` started, not from the server process itself: see
-    ``docs/forking.md`` for what the worker sees (module state as imported, a
-    copy of the server's picklable attributes) and what that changes.
+    By default the request runs in a child process forked from a template
+    process that Twisted's ``spawnProcess`` started, not from the server
+    process itself: see ``docs/forking.md`` for what the child sees (modules
+    as imported, the classes' attributes as the program set them, the
+    server's attributes by value or by name) and what that changes.  With
+    ``fork_from = "server"`` the serving process itself forks, as the
+    stdlib's does.
 
     Like the stdlib's, the mixin has no constructor of its own: the server
     class's ``__init__``, whatever its signature, runs untouched.
@@ -48,43 +57,50 @@ class ForkingMixIn:
 
     # Seconds handle_request() waits for a request before collecting children.
     timeout: float | None = 300
-    # Pids of the worker processes running now; None until the first request.
+    # Pids of the child processes running now; None until the first request.
     active_children: set[int] | None = None
     # At most this many requests run at once; the next waits for one to end.
     max_children = 40
     # Whether server_close() waits until all child processes complete.
     block_on_close = True
-    # Ours: worker processes kept forked and waiting, so that a request does
+    # Ours: child processes kept forked and waiting, so that a request does
     # not wait for a fork (at most max_children; read when serving starts).
     warm_children = 2
+    # Ours: what each request's process is forked from (read when serving
+    # starts): "template", a process started for the purpose, which has no
+    # thread (docs/forking.md); or "server", the serving process itself,
+    # as the stdlib does, for state that cannot reach a template.
+    fork_from = FORK_FROM_TEMPLATE
 
     _forking_dispatcher: IProcessDispatcher | None = None
-    # The serving process's own: a forked request's server has none.
-    _serving_process_only: tuple[str, ...] = ("_forking_dispatcher",)
+    # The serving process's own: a forked request's server has none.  A TLS
+    # server's connection security holds its SSLContext, which no template's
+    # child needs: a TLS connection cannot reach one (docs/forking.md).
+    _serving_process_only: tuple[str, ...] = ("_forking_dispatcher", "_security")
 
     def collect_children(self, *, blocking: bool = False) -> None:
         """Forget the children that have exited.
 
         Waits while ``max_children`` are running, and with *blocking* until all
-        have exited.  The workers are reaped by their template process, so this
-        never reaps a process the server did not start.
+        have exited.  Children are reaped by pid (by their template process,
+        by default), so this never reaps a process the server did not start.
         """
         if self.active_children is None:
             return
-        workers = self._forking_dispatcher
-        if workers is not None:
-            workers.wait_below(self.max_children)
+        dispatcher = self._forking_dispatcher
+        if dispatcher is not None:
+            dispatcher.wait_below(self.max_children)
             if blocking:
-                workers.wait_idle(None)
+                dispatcher.wait_idle(None)
         self._update_active_children()
         self._report_exits()
 
     def _report_exits(self) -> None:
         """End the lifecycle records of the requests whose child has exited."""
-        workers = self._forking_dispatcher
-        if workers is None:
+        dispatcher = self._forking_dispatcher
+        if dispatcher is None:
             return
-        for record, code in workers.take_exits():
+        for record, code in dispatcher.take_exits():
             if record.details is None:
                 record.details = {}
             record.details["exit_code"] = code
@@ -107,34 +123,34 @@ class ForkingMixIn:
 
         Waits first while ``max_children`` requests are running (or
         ``max_connections``, if lower: the connection just accepted waits for
-        a worker, the next ones in the kernel backlog).
+        a child, the next ones in the kernel backlog).
 
         Error handling:
             ``TypeError`` if the request cannot be handed over (a socket that
             ``get_request`` wrapped in TLS); the serving loop then calls
             ``handle_error`` and ``shutdown_request``, as for any failure here.
         """
-        workers = self._forking_workers()
+        dispatcher = self._process_dispatcher()
         if self.active_children is None:
             self.active_children = set()
         limit = self.max_children
         if self.max_connections is not None:  # type: ignore[attr-defined]
             limit = min(limit, self.max_connections)  # type: ignore[attr-defined]
-        workers.wait_below(limit)
-        tag = workers.dispatch(self._process_request_in_child, request, client_address)
+        dispatcher.wait_below(limit)
+        tag = dispatcher.dispatch(self._process_request_in_child, request, client_address)
         record = self._take_record(request)  # type: ignore[attr-defined]
         if record is not None:
-            # Its end is the child's exit, which the template reports.
-            workers.report_exit(tag, record)
+            # Its end is the child's exit, which the dispatcher reports.
+            dispatcher.report_exit(tag, record)
         self.close_request(request)  # type: ignore[attr-defined]
 
     def _process_request_in_child(self, request: Any, client_address: Any) -> None:
-        """The stdlib's child: runs in the worker, and never returns."""
+        """The stdlib's child: runs in the child, and never returns."""
         succeeded = False
         try:
             succeeded = run_request(self, request, client_address)
         finally:
-            flush_stdio()
+            _template.flush_stdio()
             os._exit(0 if succeeded else 1)
 
     def server_close(self) -> None:
@@ -143,33 +159,52 @@ class ForkingMixIn:
         super().server_close()  # type: ignore[misc]
         self.collect_children(blocking=self.block_on_close)
         self._report_exits()
-        workers, self._forking_dispatcher = self._forking_dispatcher, None
-        if workers is not None:
-            workers.close(wait=self.block_on_close)
-            for record, code in workers.take_exits(everything=True):
+        dispatcher, self._forking_dispatcher = self._forking_dispatcher, None
+        if dispatcher is not None:
+            dispatcher.close(wait=self.block_on_close)
+            for record, code in dispatcher.take_exits(everything=True):
                 lifecycle.ended(record, None if code == 0 else lifecycle.ERROR)
 
-    def _forking_workers(self) -> IProcessDispatcher:
+    def _process_dispatcher(self) -> IProcessDispatcher:
         if self._forking_dispatcher is None:
-            from txsocketserver._forking.dispatcher import ProcessDispatcher
-
+            if _template.importing_main:
+                # Multiprocessing's spawn refuses the same, for the same reason.
+                raise RuntimeError(
+                    "a forking server started serving while its template process "
+                    "was running the main script again to find an object by name: "
+                    "the script starts serving when it is imported, which would "
+                    'start one template after another. Start it under an "if __name__ '
+                    "== '__main__':\" guard."
+                )
             # Read here, when serving starts.
-            warm = max(1, min(self.warm_children, self.max_children))
-            self._forking_dispatcher = ProcessDispatcher(warm=warm)
+            if self.fork_from == FORK_FROM_SERVER:
+                from txsocketserver._forking.server_fork import ServerForkDispatcher
+
+                self._forking_dispatcher = ServerForkDispatcher()
+            elif self.fork_from == FORK_FROM_TEMPLATE:
+                from txsocketserver._forking.dispatcher import ProcessDispatcher
+
+                warm = max(1, min(self.warm_children, self.max_children))
+                self._forking_dispatcher = ProcessDispatcher(warm=warm)
+            else:
+                raise ValueError(
+                    f"fork_from must be {FORK_FROM_TEMPLATE!r} or {FORK_FROM_SERVER!r}, "
+                    f"not {self.fork_from!r}"
+                )
         return self._forking_dispatcher
 
     def _update_active_children(self) -> None:
-        workers = self._forking_dispatcher
-        pids = workers.running_pids() if workers is not None else set()
+        dispatcher = self._forking_dispatcher
+        pids = dispatcher.running_pids() if dispatcher is not None else set()
         active = self.active_children
         if active is not None:
             active.intersection_update(pids)
             active.update(pids)
 
     def _request_readiness(self, once: bool = False) -> Any:
-        # Serving begins: refuse classes that cannot be carried to a worker,
+        # Serving begins: refuse classes that cannot be carried to a child,
         # and start the template now rather than on the first request.
-        self._forking_workers().warm_up(self)
+        self._process_dispatcher().warm_up(self)
         return super()._request_readiness(once)  # type: ignore[misc]
 
     def _after_serving_step(self) -> None:

@@ -1,16 +1,14 @@
-# -*- test-case-name: tests.test_forking,tests.test_forking_fidelity -*-
+# -*- test-case-name: tests.test_forking,tests.test_forking_fidelity,tests.test_forking_carry -*-
 """``ProcessDispatcher``: the server process's side of ``ForkingMixIn``.
 
 See ``docs/architecture.md`` for the design.  This module runs only in the server
 process, and is imported there when the server first starts its template:
 it needs Twisted (``spawnProcess``, a ``ProcessProtocol``), which the
-template and the workers never import.
+template and the children never import.
 """
 
 from __future__ import annotations
 
-import enum
-import io
 import os
 import select
 import socket
@@ -18,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -27,16 +24,16 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txsocketserver._core.base import BaseServer
+from txsocketserver._forking.carry import Carrier, carry, check_carried, immutable
 from txsocketserver._forking.template import (
     CHANNEL_FD,
     INSTALL_TAG,
     SPEC_TAG,
     STATUS_FD,
     rebuild_server,
-    reduce_socket,
     send_message,
 )
+from txsocketserver._twisted import compat
 from txsocketserver._twisted import reactor as _reactor
 from txsocketserver._twisted.interfaces import IProcessDispatcher
 
@@ -58,108 +55,7 @@ _TEMPLATE_COMMAND = (
 )
 
 
-# Types whose instances pickle the same for as long as they are the same
-# object (classes and functions pickle as their names).
-_IMMUTABLE_TYPES = frozenset(
-    {type(None), bool, int, float, complex, str, bytes, type, types.FunctionType}
-)
-
-
-def _immutable(value: Any) -> bool:
-    """Whether *value* pickles the same for as long as it is the same object."""
-    kind = type(value)
-    if kind in _IMMUTABLE_TYPES or isinstance(value, (socket.socket, enum.Enum)):
-        return True
-    if kind is tuple or kind is frozenset:
-        return all(_immutable(item) for item in value)
-    return False
-
-
-class _CarryingPickler(cloudpickle.Pickler):
-    """Pickles what a worker needs: sockets as fds, classes and functions by
-    reference when a new process can import them by name, by value otherwise.
-
-    By value (cloudpickle's job, as for loky, Dask and Ray) are the classes
-    and functions of ``__main__`` and those a module cannot give by name
-    (defined inside a function, a closure), with the globals their code uses
-    as they are now: a handler of the main script reads the configuration
-    that its ``if __name__ == "__main__":`` block set, as after ``os.fork``.
-    The template loads these pickles without importing cloudpickle (see
-    ``_forking.by_value``): a pickle with nothing by value names no cloudpickle
-    function at all.
-    """
-
-    def __init__(self, file: io.BytesIO) -> None:
-        super().__init__(file, protocol=-1)
-        self.fds: list[int] = []
-
-    def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, socket.socket):
-            return reduce_socket(self.fds, obj)
-        return super().reducer_override(obj)
-
-
-def dumps_with_fds(obj: Any) -> tuple[bytes, list[int]]:
-    """Pickle *obj* for a worker; return the bytes and the fds of the sockets in it.
-
-    Error handling:
-        ``TypeError`` (or the pickler's own error) for what cannot be carried:
-        a TLS socket, an object that does not pickle.
-    """
-    buffer = io.BytesIO()
-    pickler = _CarryingPickler(buffer)
-    pickler.dump(obj)
-    return buffer.getvalue(), pickler.fds
-
-
-def check_carried(role: str, obj: Any) -> None:
-    """Check that *obj* (the server or the handler class) can reach a worker.
-
-    Error handling:
-        ``TypeError`` naming *obj* and saying why it cannot.
-    """
-    try:
-        dumps_with_fds(obj)
-    except Exception as exc:
-        name = getattr(obj, "__qualname__", None) or repr(obj)
-        module = getattr(obj, "__module__", "?")
-        raise TypeError(
-            f"ForkingMixIn cannot carry the {role} {module}.{name} to the process "
-            f"that runs each request ({exc}). A class that a new process can import "
-            "by name travels as that name; any other (defined inside a function, "
-            "in __main__) is pickled by value, with the globals its methods use, "
-            "and all of that must pickle: move what does not (a lock, an open "
-            "file) out of the class, or create it in the handler."
-        ) from exc
-
-
-def serving_process_only(server_class: type) -> frozenset[str]:
-    """The instance attributes that stay with the serving process.
-
-    The rule: a forked request's server object (see ``rebuild_server``) gets
-    a copy of every instance attribute of the serving server that pickles,
-    except the bookkeeping that ``BaseServer.__init__`` makes afresh for it,
-    and the names that a class of the server lists in its
-    ``_serving_process_only`` (what would act on the serving process's
-    resources: a unix socket file to remove, a lock file, the dispatcher).
-    """
-    probe = BaseServer.__new__(BaseServer)
-    BaseServer.__init__(probe, None, None)
-    names = set(vars(probe)) - {"server_address", "RequestHandlerClass"}
-    for klass in server_class.__mro__:
-        names.update(vars(klass).get("_serving_process_only", ()))
-    return frozenset(names)
-
-
-def _pickles(value: Any) -> bool:
-    try:
-        dumps_with_fds(value)
-    except Exception:
-        return False
-    return True
-
-
-class _Template:
+class _TemplateLink:
     """The parent's view of one template process."""
 
     def __init__(self, channel: socket.socket) -> None:
@@ -191,19 +87,14 @@ class _Template:
 class _TemplateProtocol(ProcessProtocol):
     """Reactor-thread half: sees the template get ready, and end."""
 
-    def __init__(self, dispatcher: ProcessDispatcher, template: _Template) -> None:
+    def __init__(self, dispatcher: ProcessDispatcher, template: _TemplateLink) -> None:
         self._dispatcher = dispatcher
         self._template = template
         self._ended = False
 
-    def _process(self) -> Any:
-        # Twisted's Process: reapProcess() is not part of IProcessTransport,
-        # and the transport is set before any of our methods is called.
-        return self.transport
-
     def connectionMade(self) -> None:
         # The template reads nothing from stdin: give it end of file.
-        self._process().closeStdin()
+        self.transport.closeStdin()  # type: ignore[union-attr]
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         # Only ever "R": the rest of the status comes on the channel.
@@ -221,7 +112,7 @@ class _TemplateProtocol(ProcessProtocol):
         def reap() -> None:
             if self._ended:
                 return
-            self._process().reapProcess()
+            compat.reap_process(self.transport)
             if not self._ended:
                 self._reap_later(min(delay * 2, 0.5))
 
@@ -237,7 +128,7 @@ class _TemplateProtocol(ProcessProtocol):
 
     def kill(self) -> None:
         if not self._ended:
-            self._process().signalProcess("KILL")
+            self.transport.signalProcess("KILL")  # type: ignore[union-attr]
 
 
 def _spawn_template(protocol: _TemplateProtocol, channel_fd: int) -> None:
@@ -252,11 +143,44 @@ def _spawn_template(protocol: _TemplateProtocol, channel_fd: int) -> None:
     )
 
 
+def _main_script() -> tuple[str | None, str | None]:
+    """Where the template finds this process's main script, as multiprocessing's
+    spawn does: its path, or its module name (``python -m``)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None:
+        # A package's __main__ (python -m package) is its command line, not
+        # a module to run again: spawn does not either.
+        if spec.name == "__main__" or spec.name.endswith(".__main__"):
+            return None, None
+        return None, spec.name
+    path = getattr(main, "__file__", None)
+    return (os.path.abspath(path) if isinstance(path, str) else None), None
+
+
+def _our_aliases() -> list[tuple[str, str]]:
+    """The program's own names for our modules (``sys.modules["socketserver"]
+    = txsocketserver``): the template makes them before it imports anything
+    of the program's, so that what it imports binds to the same modules."""
+    package = __name__.split(".")[0]
+    aliases = []
+    for alias, module in list(sys.modules.items()):
+        name = getattr(module, "__name__", None)
+        if (
+            isinstance(name, str)
+            and name != alias
+            and (name == package or name.startswith(package + "."))
+            and sys.modules.get(name) is module
+        ):
+            aliases.append((alias, name))
+    return aliases
+
+
 @implementer(IProcessDispatcher)
 class ProcessDispatcher:
-    """Runs each request in a new worker process forked from a template.
+    """Runs each request in a new child process forked from a template.
 
-    ``dispatch(function, *args)`` takes a *method of the server*: the worker
+    ``dispatch(function, *args)`` takes a *method of the server*: the child
     calls the method of that name on its own copy of the server (a new
     instance of the same class holding :meth:`child_state`) with a copy of
     *args*, sockets included.
@@ -266,17 +190,16 @@ class ProcessDispatcher:
         self._warm = warm
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        # tag -> worker pid (None until the template reports the fork).
+        # tag -> child pid (None until the template reports the fork).
         self._running: dict[int, int | None] = {}
         self._next_tag = SPEC_TAG + 1
-        self._template: _Template | None = None
+        self._template: _TemplateLink | None = None
         # Every template not yet ended (the current one, retired ones).
-        self._templates: set[_Template] = set()
+        self._templates: set[_TemplateLink] = set()
         self._last_spec: bytes | None = None
         self._startup_failure: str | None = None
         self._closed = False
-        self._copied: dict[tuple[str, type], bool] = {}
-        self._kept_back: frozenset[str] | None = None
+        self._carrier = Carrier()
         # The server and handler classes last found carriable.
         self._carried: tuple[type, Any] | None = None
         # The last state pickled, while its values are all immutable (see
@@ -293,26 +216,34 @@ class ProcessDispatcher:
 
     def dispatch(self, function: Callable[..., object], *args: Any) -> Any:
         server = function.__self__  # type: ignore[attr-defined]
+        # Outside the try: the warning for an attribute left out is the
+        # caller's to see (an error under -W error), not a pickling failure.
+        attributes = self.child_state(server)
+        class_state = self._carrier.class_state(server)
         try:
-            attributes = self.child_state(server)
-            full = (rebuild_server, (type(server), attributes), function.__name__, args)
+            full = (
+                rebuild_server,
+                (type(server), attributes, class_state),
+                function.__name__,
+                args,
+            )
             # What changes with every request travels with it; the rest is
             # installed in the template once (see _Template._install there).
             volatile = {name: attributes[name] for name in _VOLATILE if name in attributes}
             stable = {name: value for name, value in attributes.items() if name not in volatile}
-            state_body, state_fds = self._state_pickle(type(server), stable)
-            body, fds = dumps_with_fds((None, volatile, function.__name__, args))
+            state_body, state_fds = self._state_pickle(type(server), stable, class_state)
+            body, fds = carry((None, volatile, function.__name__, args))
             key: tuple[bytes, tuple[int, ...]] | None = None
             if set(state_fds).isdisjoint(fds):
                 # Sockets are told apart by inode: an fd number can be reused.
                 key = (state_body, tuple(os.fstat(fd).st_ino for fd in state_fds))
             else:
                 # A socket both in the state and in the request (a datagram
-                # server's) must be one object in the worker: one pickle.
-                body, fds = dumps_with_fds(full)
+                # server's) must be one object in the child: one pickle.
+                body, fds = carry(full)
         except Exception as exc:
             raise TypeError(
-                "ForkingMixIn cannot hand this request to a worker process: the request "
+                "ForkingMixIn cannot hand this request to a child process: the request "
                 "and client address must pickle, with their sockets real socket.socket "
                 f"objects (not, e.g., an endpoint server's socket facade): {exc}"
             ) from exc
@@ -336,7 +267,7 @@ class ProcessDispatcher:
                 else:
                     # A state that changes from request to request travels with it.
                     template.candidate = key
-                    full_body, full_fds = dumps_with_fds(full)
+                    full_body, full_fds = carry(full)
                     send_message(template.channel, tag, full_body, full_fds)
                 return tag
             except OSError:
@@ -368,14 +299,18 @@ class ProcessDispatcher:
                 self._watched.clear()
         return exits
 
-    def _state_pickle(self, server_class: type, stable: dict[str, Any]) -> tuple[bytes, list[int]]:
+    def _state_pickle(
+        self, server_class: type, stable: dict[str, Any], class_state: tuple[Any, ...]
+    ) -> tuple[bytes, list[int]]:
         """The pickle of the state to install, and its fds: remade only when it may differ.
 
         A state made of the very same objects as last time, all immutable,
         pickles the same (a socket: while its fd and timeout stay the same),
-        so its last pickle serves again.  A state holding anything mutable (a
-        list, a user object) is pickled anew for every request: a change
-        made inside it must reach the next request, as after ``os.fork``.
+        so its last pickle serves again; the class state is the same tuple
+        for as long as it has not changed (``Carrier.class_state``).  A
+        state holding anything mutable (a list, a user object) is pickled
+        anew for every request: a change made inside it must reach the next
+        request, as after ``os.fork``.
         """
         values = tuple(stable.values())
         sockets = tuple(
@@ -390,11 +325,20 @@ class ProcessDispatcher:
             and cached[1] == tuple(stable)
             and all(old is new for old, new in zip(cached[2], values, strict=True))
             and cached[3] == sockets
+            and cached[4] is class_state
         ):
-            return cached[4], cached[5]
-        body, fds = dumps_with_fds((rebuild_server, (server_class, stable)))
-        if all(_immutable(value) for value in values):
-            self._state_cache = (server_class, tuple(stable), values, sockets, body, fds)
+            return cached[5], cached[6]
+        body, fds = carry((rebuild_server, (server_class, stable, class_state)))
+        if all(immutable(value) for value in values):
+            self._state_cache = (
+                server_class,
+                tuple(stable),
+                values,
+                sockets,
+                class_state,
+                body,
+                fds,
+            )
         else:
             self._state_cache = None
         return body, fds
@@ -431,7 +375,7 @@ class ProcessDispatcher:
         if wait:
             self.wait_idle(None)
         self._retire(template)
-        # The template exits once its workers have: wait for that if it is
+        # The template exits once its children have: wait for that if it is
         # prompt, so that no process or pipe outlives a server with nothing
         # running; otherwise the reactor reaps it whenever it ends.
         if wait or not template.tags:
@@ -470,7 +414,7 @@ class ProcessDispatcher:
         self._wait_until(lambda: len(self._running) < limit, None)
 
     def running_pids(self) -> set[int]:
-        """The pids of the workers running now."""
+        """The pids of the children running now."""
         with self._lock:
             template = self._template
             if template is not None and template.has_status_to_read():
@@ -478,33 +422,16 @@ class ProcessDispatcher:
             return {pid for pid in self._running.values() if pid is not None}
 
     def child_state(self, server: Any) -> dict[str, Any]:
-        """The instance attributes the worker's server object gets.
-
-        Every attribute of *server* that pickles, except those that stay
-        with the serving process (see :func:`serving_process_only`); sockets
-        among them travel as fds.  Whether an attribute is copied is decided
-        once per (name, type) and remembered.
-        """
-        state = {}
-        decided = self._copied
-        if self._kept_back is None:
-            self._kept_back = serving_process_only(type(server))
-        kept_back = self._kept_back
-        for name, value in vars(server).items():
-            key = (name, type(value))
-            copied = decided.get(key)
-            if copied is None:
-                copied = decided[key] = name not in kept_back and _pickles(value)
-            if copied:
-                state[name] = value
-        return state
+        """The instance attributes the child's server object gets (see
+        ``Carrier.child_state``)."""
+        return self._carrier.child_state(server)
 
     # -- the template's life -----------------------------------------------------------
 
-    def _live_template(self, server: Any) -> _Template:
+    def _live_template(self, server: Any) -> _TemplateLink:
         with self._lock:
             if self._closed:
-                raise RuntimeError("the server's worker processes have been shut down")
+                raise RuntimeError("the server's child processes have been shut down")
             template = self._template
             failure, self._startup_failure = self._startup_failure, None
         if template is not None and not template.ended.is_set():
@@ -520,11 +447,13 @@ class ProcessDispatcher:
         check_carried("server class", type(server))
         check_carried("request handler class", server.RequestHandlerClass)
         sys_path = [os.getcwd() if entry == "" else entry for entry in sys.path]
-        preload, _fds = dumps_with_fds((type(server), server.RequestHandlerClass))
-        spec, _fds = dumps_with_fds(
+        preload, _fds = carry((type(server), server.RequestHandlerClass))
+        spec, _fds = carry(
             {
                 "sys_path": sys_path,
                 "sys_argv": list(sys.argv),
+                "main": _main_script(),
+                "aliases": _our_aliases(),
                 "cloudpickle": cloudpickle.__version__,
                 "warm": self._warm,
                 "preload": preload,
@@ -532,9 +461,9 @@ class ProcessDispatcher:
         )
         return spec
 
-    def _start(self, spec: bytes) -> _Template:
+    def _start(self, spec: bytes) -> _TemplateLink:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        template = _Template(parent_end)
+        template = _TemplateLink(parent_end)
         template.protocol = _TemplateProtocol(self, template)
         # The template needs the reactor (its pipes, its reaping) until close().
         _reactor.hold(self)
@@ -552,7 +481,7 @@ class ProcessDispatcher:
             self._templates.add(template)
         return template
 
-    def _retire(self, template: _Template) -> None:
+    def _retire(self, template: _TemplateLink) -> None:
         with self._lock:
             if self._template is template:
                 self._template = None
@@ -592,7 +521,7 @@ class ProcessDispatcher:
                     self._changed.wait(remaining)
             return True
 
-    def _read_status(self, template: _Template, timeout: float | None) -> None:
+    def _read_status(self, template: _TemplateLink, timeout: float | None) -> None:
         """Wait up to *timeout* seconds for status lines from *template*,
         and apply them.
 
@@ -614,7 +543,7 @@ class ProcessDispatcher:
         # take over the reading.
         self._changed.notify_all()
 
-    def _take_status(self, template: _Template) -> None:
+    def _take_status(self, template: _TemplateLink) -> None:
         """Apply the status lines that have arrived from *template*, if any
         (lock held; no waiting)."""
         if not template.poller.poll(0):
@@ -650,14 +579,14 @@ class ProcessDispatcher:
 
     # -- reports, on the reactor thread ----------------------------------------------------
 
-    def _on_ready(self, template: _Template) -> None:
+    def _on_ready(self, template: _TemplateLink) -> None:
         with self._changed:
             template.ready = True
             self._changed.notify_all()
 
-    def _on_template_ended(self, template: _Template, how: str) -> None:
+    def _on_template_ended(self, template: _TemplateLink, how: str) -> None:
         with self._changed:
-            # Workers it had not reaped yet are no longer ours to count.
+            # Children it had not reaped yet are no longer ours to count.
             for tag in template.tags:
                 self._running.pop(tag, None)
                 if self._watched:

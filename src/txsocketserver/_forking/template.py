@@ -1,5 +1,5 @@
-# -*- test-case-name: tests.test_forking,tests.test_forking_fidelity,tests.test_layout -*-
-"""The process side of ``ForkingMixIn``: the wire format and the worker template.
+# -*- test-case-name: tests.test_forking,tests.test_forking_carry,tests.test_layout -*-
+"""The process side of ``ForkingMixIn``: the wire format and the child template.
 
 The whole path of a forked request is in ``docs/architecture.md``; what
 follows is what editing this module needs.
@@ -8,12 +8,12 @@ A forking server owns one *template* process, started with Twisted's
 ``reactor.spawnProcess`` (``_forking.dispatcher``).  The template is a fresh
 interpreter that imports the server's and the handler's modules once (or
 rebuilds the classes that were carried by value, ``_forking.by_value``),
-then forks a few idle *workers* ahead of need (``warm_children``).  Each
-request goes to one idle worker, which runs that one request and exits; the
+then forks a few idle *children* ahead of need (``warm_children``).  Each
+request goes to one idle child, which runs that one request and exits; the
 template forks a replacement at once.  The template never runs a request
-itself, so every worker starts from the same pristine state: nothing a
+itself, so every child starts from the same pristine state: nothing a
 request changes reaches the parent, the template or any other request, and a
-worker that crashes takes only its own request with it.
+child that crashes takes only its own request with it.
 
 File descriptors of the template (fixed numbers, set up by ``spawnProcess``):
 
@@ -26,10 +26,10 @@ File descriptors of the template (fixed numbers, set up by ``spawnProcess``):
   themselves as ``SCM_RIGHTS`` ancillary data on the header, then a pickled
   body.  Tag 0 is the start-up spec, :data:`INSTALL_TAG` a server state to
   install (see below); any other tag is a request.  End of file
-  means the server has closed: the template reaps its running workers, then
+  means the server has closed: the template reaps its running children, then
   exits.  The template sends back, on the same socket, one short line per
-  event: ``S <tag> <pid>`` (a worker started), ``E <tag> <exit code>`` (a
-  worker was reaped; a negative code is the signal that killed it); the
+  event: ``S <tag> <pid>`` (a child started), ``E <tag> <exit code>`` (a
+  child was reaped; a negative code is the signal that killed it); the
   server's serving thread reads them when it needs them.
 * 4 (:data:`STATUS_FD`): a pipe to the parent's ``ProcessProtocol``, on
   the reactor thread: one ``R`` line once the template is ready, then
@@ -37,24 +37,24 @@ File descriptors of the template (fixed numbers, set up by ``spawnProcess``):
 
 Who reaps whom: the parent's reactor reaps exactly the template (Twisted's
 ``reapProcess`` waits on its pid alone); the template reaps exactly its own
-workers, by pid (it may ask which child has exited first, with ``waitid``'s
+children, by pid (it may ask which child has exited first, with ``waitid``'s
 ``WNOWAIT``, which reaps nothing).  Nothing ever calls ``waitpid(-1)``, so a
 child that some other part of the program started is never reaped behind its
 back.
 
 A request body is the pickle of ``(make_server, make_server_args,
-method_name, args)``: the worker builds its server object with the first two
+method_name, args)``: the child builds its server object with the first two
 and calls the named method of it with *args*.  With ``make_server`` None, the
-worker uses the server object that the template built from the last
+child uses the server object that the template built from the last
 :data:`INSTALL_TAG` message (body: the pickle of ``(make_server,
 make_server_args)``), updated with the dict in the second place: that spares
-each worker unpickling the state and building the object, which costs it page
+each child unpickling the state and building the object, which costs it page
 copies (its pages are shared copy-on-write with the template) as much as CPU.
 Sockets anywhere in it (the
 accepted connection, a datagram server's socket, the server's own ``socket``
 attribute) are pickled as references to one of the message's fds, and
-rebuilt in the worker as ``socket.socket`` objects on those fds; the same
-socket object in the parent is the same object in the worker.
+rebuilt in the child as ``socket.socket`` objects on those fds; the same
+socket object in the parent is the same object in the child.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ import socket
 import struct
 import sys
 
-# What the template imports, every worker carries and every fork copies:
+# What the template imports, every child carries and every fork copies:
 # _pickle rather than pickle (which imports re), no typing, and traceback
 # imported where it is used; cloudpickle only by a pickle that needs it.
 from txsocketserver._core.base import BaseServer
@@ -163,10 +163,20 @@ def _socket_from_message(index: int, family: int, type_: int, proto: int, timeou
     raise _pickle.UnpicklingError("a socket passed as an fd can only be rebuilt by loads_with_fds")
 
 
-def dumps_with_fds(obj: Any) -> tuple[bytes, list[int]]:
-    """Pickle *obj*; return the bytes and the fds of the sockets in it."""
+def dumps_with_fds(obj: Any, pickler_class: Any = None) -> tuple[bytes, list[int]]:
+    """Pickle *obj*; return the bytes and the fds of the sockets in it.
+
+    *pickler_class* is :class:`SocketPickler` by default; the server process
+    passes its own subclass of cloudpickle's pickler, which also carries
+    classes by value and objects by name (``_forking.dispatcher``), and
+    must keep a ``fds`` list the same way.
+
+    Error handling:
+        ``TypeError`` (or the pickler's own error) for what cannot be carried:
+        a TLS socket, an object that does not pickle.
+    """
     buffer = io.BytesIO()
-    pickler = SocketPickler(buffer)
+    pickler = (pickler_class or SocketPickler)(buffer)
     pickler.dump(obj)
     return buffer.getvalue(), pickler.fds
 
@@ -259,16 +269,27 @@ def _report_ready() -> None:
         pass  # the server process is gone: the channel's end of file follows
 
 
-def rebuild_server(server_class: type[BaseServer], state: dict[str, Any]) -> Any:
-    """Build the worker's server object; runs in the worker (or the template).
+def rebuild_server(
+    server_class: type[BaseServer],
+    state: dict[str, Any],
+    class_state: tuple[tuple[type, dict[str, Any]], ...] = (),
+) -> Any:
+    """Build the child's server object; runs in the child (or the template).
 
-    ``BaseServer.__init__`` gives it fresh private bookkeeping (it makes no
-    socket: binding is ``TCPServer.__init__``'s job), then the parent's
-    carried attributes (see ``ProcessDispatcher.child_state``) are copied over.
+    The classes imported here first get the attributes that the server
+    process's classes hold now (*class_state*, see ``Carrier.class_state``
+    in ``_forking.carry``: what the program set on them at run time, as
+    after ``os.fork``).  Then ``BaseServer.__init__`` gives the
+    object fresh private bookkeeping (it makes no socket: binding is
+    ``TCPServer.__init__``'s job), and the parent's carried attributes (see
+    ``Carrier.child_state``) are copied over.
     """
+    _set_class_state(class_state)
     server = server_class.__new__(server_class)
     BaseServer.__init__(server, state.get("server_address"), state.get("RequestHandlerClass"))
-    server.__dict__.update(state)
+    server.__dict__.update(
+        (name, value) for name, value in state.items() if value is not NOT_FOUND
+    )
     server._rebuilt_in_request_process()
     return server
 
@@ -282,9 +303,119 @@ def flush_stdio() -> None:
                 pass
 
 
+_MISSING = object()
+# (class, name) -> what the class held before the class state first set it:
+# put back once the server process's class no longer has that entry.
+_class_originals: dict[tuple[type, str], Any] = {}
+
+
+def _set_class_state(class_state: tuple[tuple[type, dict[str, Any]], ...]) -> None:
+    """Make the classes hold what the server process's hold (see ``rebuild_server``)."""
+    wanted = {(klass, name) for klass, attributes in class_state for name in attributes}
+    for klass, name in [key for key in _class_originals if key not in wanted]:
+        original = _class_originals.pop((klass, name))
+        if original is _MISSING:
+            if name in vars(klass):
+                delattr(klass, name)
+        else:
+            setattr(klass, name, original)
+    for klass, attributes in class_state:
+        own = vars(klass)
+        for name, value in attributes.items():
+            current = own.get(name, _MISSING)
+            if value is NOT_FOUND or current is value:
+                continue
+            _class_originals.setdefault((klass, name), current)
+            setattr(klass, name, value)
+
+
+# True while the template runs the server process's main script (see
+# find_by_name): a forking server that starts serving then is a main script
+# without an ``if __name__ == "__main__":`` guard (ForkingMixIn refuses).
+importing_main = False
+# Where the server process's main script is: its path, or its module name
+# (``python -m``); None for neither (``python -c``, an interactive session).
+_main_script: tuple[str | None, str | None] = (None, None)
+
+
+def find_by_name(module: str, qualname: str) -> Any:
+    """The object that *module* holds under *qualname*: how an object that does
+    not pickle, but that the server process found by name, is found here.
+
+    ``__main__`` is the server process's main script, run here once under
+    the name ``__mp_main__`` (not ``__main__``: the code under its
+    ``if __name__ == "__main__":`` guard does not run), as
+    multiprocessing's *spawn* runs it.
+    """
+    try:
+        if module == "__main__":
+            namespace = _main_module()
+        else:
+            __import__(module)
+            namespace = sys.modules[module]
+        found: Any = namespace
+        for part in qualname.split("."):
+            found = getattr(found, part)
+    except Exception:
+        # One attribute lost, not the whole server: the requests run
+        # without it, as the warning for one that does not pickle says.
+        print(
+            f"ForkingMixIn: the template process cannot find {module}.{qualname}, "
+            "which the server holds; the requests run without it:",
+            file=sys.stderr,
+        )
+        _print_exc()
+        return NOT_FOUND
+    return found
+
+
+# What find_by_name gives for a name it cannot find; rebuild_server leaves
+# such an attribute out.
+NOT_FOUND: Any = type("NotFound", (), {"__repr__": lambda self: "<not found>"})()
+
+
+def _main_module() -> Any:
+    global importing_main, _main_script
+    main = sys.modules.get("__mp_main__")
+    if main is not None:
+        return main
+    path, name = _main_script
+    if path is None and name is None:
+        raise _pickle.UnpicklingError(
+            "an object of the server process's __main__ is wanted, and its main "
+            "script cannot be run again here (python -c, or an interactive session)"
+        )
+    import runpy
+    import types
+
+    # Once: a script that failed is not run again at the next state.
+    _main_script = (None, None)
+    importing_main = True
+    try:
+        if name is not None:
+            namespace = runpy.run_module(name, run_name="__mp_main__", alter_sys=True)
+        else:
+            namespace = runpy.run_path(str(path), run_name="__mp_main__")
+    finally:
+        importing_main = False
+    main = types.ModuleType("__mp_main__")
+    main.__dict__.update(namespace)
+    sys.modules["__mp_main__"] = main
+    return main
+
+
 def _prepare(spec: dict[str, Any]) -> None:
+    global _main_script
     sys.path[:] = spec["sys_path"]
     sys.argv[:] = spec["sys_argv"]
+    _main_script = spec["main"]
+    # The program's own names for our modules (``sys.modules["socketserver"]
+    # = txsocketserver``): in place before anything imports the module
+    # under that name.
+    for alias, name in spec["aliases"]:
+        if alias not in sys.modules:
+            __import__(name)
+            sys.modules[alias] = sys.modules[name]
     _by_value.enable_for(spec["cloudpickle"])
     # Importing the classes now (or rebuilding them, for classes carried by
     # value) is what makes each request cheap later.
@@ -292,12 +423,12 @@ def _prepare(spec: dict[str, Any]) -> None:
 
 
 def _rehearse_hand_over() -> None:
-    """Run a worker's side of a request hand-over here, many times over.
+    """Run a child's side of a request hand-over here, many times over.
 
     CPython (3.11 on) rewrites bytecode in place as it specializes it, and
     counts calls in the code object until it does: code that runs for the
-    first time in a worker writes to its code objects, so copies their
-    pages, in every worker.  Code that the template has run often enough
+    first time in a child writes to its code objects, so copies their
+    pages, in every child.  Code that the template has run often enough
     is already specialized, and runs without writing to them.
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -323,7 +454,7 @@ _REHEARSALS = 100
 def main() -> None:
     """Entry point of the template process (``spawnProcess`` runs it)."""
     # Ctrl-C reaches the whole process group: the server's process decides
-    # what happens to its template (it closes the channel), and the workers
+    # what happens to its template (it closes the channel), and the children
     # get the usual KeyboardInterrupt.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     channel = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=CHANNEL_FD)
@@ -336,18 +467,18 @@ def main() -> None:
     _rehearse_hand_over()
     flush_stdio()
     # Objects imported so far are never freed: keep the collector off their
-    # pages, so that forked workers share them instead of copying them.
+    # pages, so that forked children share them instead of copying them.
     gc.freeze()
     _Template(channel, spec["warm"]).serve()
 
 
 class _Template:
-    """The template's loop: keep *warm* idle workers forked ahead of need,
+    """The template's loop: keep *warm* idle children forked ahead of need,
     hand each request to one of them, reap them and report.
 
-    An idle worker waits on a socketpair of its own; the template forwards it
+    An idle child waits on a socketpair of its own; the template forwards it
     exactly one message (header, fds, body, as received) and closes its end,
-    so a worker can never be given a second request.
+    so a child can never be given a second request.
     """
 
     def __init__(self, channel: socket.socket, warm: int) -> None:
@@ -355,7 +486,7 @@ class _Template:
         self.warm = warm
         self.idle: list[tuple[int, socket.socket]] = []
         self.running: dict[int, int] = {}
-        # Idle workers told to exit unused (forked before an install).
+        # Idle children told to exit unused (forked before an install).
         self.retiring: set[int] = set()
         # The sockets of the installed server object.
         self.installed_sockets: list[socket.socket] = []
@@ -393,7 +524,7 @@ class _Template:
                     self._install(message[1], message[2])
                 else:
                     self._hand_over(*message)
-                    # Refill once the last idle worker is taken, forking
+                    # Refill once the last idle child is taken, forking
                     # warm_children in a row: every fork makes the pages that
                     # the template writes afterwards copy-on-write again, so
                     # back-to-back forks cost fewer page copies than forks
@@ -405,7 +536,7 @@ class _Template:
         """Send the status lines of this turn of the loop, in one write.
 
         They go back on the channel, where the server's serving thread
-        reads them when it next hands over a request or waits for a worker
+        reads them when it next hands over a request or waits for a child
         to end (not on the reactor thread: a request then costs the server
         no thread switch).  Once the server has closed the channel, nobody
         waits for them any more: the server counts what is left of this
@@ -425,18 +556,18 @@ class _Template:
         assert self.channel is not None
         self.channel.close()
         self.channel = None
-        # Idle workers see end of file and exit; the loop reaps them.
+        # Idle children see end of file and exit; the loop reaps them.
         for _pid, end in self.idle:
             end.close()
         self._uninstall()
 
     def _install(self, body: bytes, fds: list[int]) -> None:
-        """Build the worker's server object once, here, from *body*.
+        """Build the child's server object once, here, from *body*.
 
         A request whose server state is the installed one then carries no
-        state: its worker, forked from here afterwards, finds the object
+        state: its child, forked from here afterwards, finds the object
         already built (a copy-on-write copy of it, of its own), instead of
-        unpickling the state and building the object itself.  Idle workers
+        unpickling the state and building the object itself.  Idle children
         forked before are retired unused, and replaced.
         """
         global _installed_server
@@ -448,7 +579,7 @@ class _Template:
         except Exception:
             _print_exc()
         # What unpickling made (the server object; classes carried by value
-        # rebuilt) joins the objects the collector leaves alone: a worker's
+        # rebuilt) joins the objects the collector leaves alone: a child's
         # collections would otherwise walk them, copying their pages.
         gc.freeze()
         self.installed_sockets = list(unpickler.sockets.values())
@@ -472,7 +603,7 @@ class _Template:
     def _fill(self) -> None:
         while self.channel is not None and len(self.idle) < self.warm:
             try:
-                self.idle.append(self._fork_idle_worker())
+                self.idle.append(self._fork_idle_child())
             except OSError:
                 _print_exc()
                 return
@@ -481,7 +612,7 @@ class _Template:
         try:
             while True:
                 try:
-                    pid, end = self.idle.pop(0) if self.idle else self._fork_idle_worker(fds)
+                    pid, end = self.idle.pop(0) if self.idle else self._fork_idle_child(fds)
                 except OSError:
                     _print_exc()
                     self.status.append(b"E %d 1\n" % tag)
@@ -489,7 +620,7 @@ class _Template:
                 try:
                     send_message(end, tag, body, fds)
                 except OSError:
-                    # That idle worker died (killed from outside): next one.
+                    # That idle child died (killed from outside): next one.
                     end.close()
                     continue
                 end.close()
@@ -500,8 +631,8 @@ class _Template:
             for fd in fds:
                 os.close(fd)
 
-    def _fork_idle_worker(self, held_fds: list[int] | None = None) -> tuple[int, socket.socket]:
-        """Fork a worker that waits for one request; *held_fds* (a request's
+    def _fork_idle_child(self, held_fds: list[int] | None = None) -> tuple[int, socket.socket]:
+        """Fork a child that waits for one request; *held_fds* (a request's
         fds, open in the template right now) are closed in it."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         flush_stdio()
@@ -512,11 +643,11 @@ class _Template:
             theirs.close()
             raise
         if pid == 0:
-            # Nothing of the template's may stay open in a worker.
+            # Nothing of the template's may stay open in a child.
             for sock in (self.channel, ours, *(end for _pid, end in self.idle)):
                 if sock is not None:
                     sock.close()
-            _run_worker(theirs, (STATUS_FD, self.wake_read, self.wake_write, *(held_fds or ())))
+            _run_child(theirs, (STATUS_FD, self.wake_read, self.wake_write, *(held_fds or ())))
         theirs.close()
         return pid, ours
 
@@ -530,7 +661,7 @@ class _Template:
 
     def _reap(self) -> None:
         while True:
-            pid = self._exited_worker()
+            pid = self._exited_child()
             if pid == 0:
                 return
             if pid is None:
@@ -544,11 +675,11 @@ class _Template:
             if done:
                 self._reaped(pid, status)
 
-    def _exited_worker(self) -> int | None:
-        """The pid of a worker that has exited, 0 if no child has, None if
-        it cannot tell: then each worker must be asked in turn.
+    def _exited_child(self) -> int | None:
+        """The pid of a child that has exited, 0 if no child has, None if
+        it cannot tell: then each child must be asked in turn.
 
-        Asking each worker costs a system call apiece at every wake-up (up
+        Asking each child costs a system call apiece at every wake-up (up
         to ``max_children`` of them); ``waitid(WNOWAIT)`` names an exited
         child without reaping it, in one.  The child it names may be
         somebody else's (one that a handler module started at import, say):
@@ -582,17 +713,17 @@ class _Template:
 
 
 # The server object that ``_Template._install`` built (None if none, or if
-# building it failed): a worker whose request carries no state uses it.
+# building it failed): a child whose request carries no state uses it.
 _installed_server: Any = None
 
 
-def _run_worker(own: socket.socket, fds_to_close: tuple[int, ...]) -> None:
-    """Body of a worker: wait for one request on *own*, run it, exit.  Never returns."""
+def _run_child(own: socket.socket, fds_to_close: tuple[int, ...]) -> None:
+    """Body of a child: wait for one request on *own*, run it, exit.  Never returns."""
     status = 1
     try:
         # _signal's C functions, not signal's Python wrappers: their enum
         # conversions would run, for the first time in this process, in every
-        # worker, writing to (and so copying) pages shared with the template.
+        # child, writing to (and so copying) pages shared with the template.
         _signal.set_wakeup_fd(-1)
         _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
         _signal.signal(_signal.SIGINT, _signal.default_int_handler)
@@ -601,7 +732,7 @@ def _run_worker(own: socket.socket, fds_to_close: tuple[int, ...]) -> None:
         message = receive_message(own)
         own.close()
         if message is None:
-            # Never used: the server closed while this worker was idle.
+            # Never used: the server closed while this child was idle.
             status = 0
             return
         _tag, body, fds = message

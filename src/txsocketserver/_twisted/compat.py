@@ -205,6 +205,20 @@ def disconnector(reactor: Any) -> Any:
     return getattr(reactor, "_disconnectSelectable", None)
 
 
+def reap_process(transport: Any) -> None:
+    """Reap the process behind a ``spawnProcess`` transport if it has exited.
+
+    Twisted reaps a spawned process on ``SIGCHLD``, which a reactor run with
+    ``installSignalHandlers=False`` (the blocking world's) never gets; it
+    then tries once, when the process's pipes close, which can be a moment
+    before the process has finished exiting.  ``Process.reapProcess()``
+    (``_BaseProcess``, not part of ``IProcessTransport``) tries again: it
+    calls ``processEnded`` once the process has exited, and nothing before.
+    Reactor thread only.
+    """
+    transport.reapProcess()
+
+
 def widen_listen_backlog(port: Any, backlog: int) -> bool:
     """Let the kernel queue up to *backlog* connections for *port* (a
     listening port of Twisted's: TCP or UNIX), by calling ``listen()`` again
@@ -325,6 +339,7 @@ __all__ = [
     "proxied_endpoint",
     "reactor_was_stopped",
     "reactor_work",
+    "reap_process",
     "set_io_thread",
     "ssl_description_options",
     "stop_reactor_thread_pool",

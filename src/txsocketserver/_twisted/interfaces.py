@@ -125,12 +125,12 @@ class IThreadDispatcher(IRequestDispatcher):
 
 
 class IProcessDispatcher(IRequestDispatcher):
-    """Runs each request in a child process (``ForkingMixIn``'s strategy)."""
+    """Runs each request in a child process (``ForkingMixIn``'s strategies)."""
 
     def warm_up(server: Any) -> None:
         """Serving starts: check that the server's and the handler's classes
         can be carried to a child (``TypeError`` saying why not), and start
-        the child processes now rather than at the first request."""
+        what forks the children now rather than at the first request."""
 
     def wait_below(limit: int) -> None:
         """Block until fewer than *limit* requests run (``max_children``)."""
