@@ -140,6 +140,10 @@ class QuietForkingTCP(Quiet, txsocketserver.ForkingTCPServer):
     pass
 
 
+class QuietServerForkingTCP(QuietForkingTCP):
+    fork_from = "server"
+
+
 class QuietUDP(Quiet, txsocketserver.UDPServer):
     pass
 
@@ -152,6 +156,7 @@ STREAM_KINDS = {
     "sync": (QuietTCP, LineEcho, ANY_PORT),
     "threading": (QuietThreadingTCP, LineEcho, ANY_PORT),
     "forking": (QuietForkingTCP, LineEcho, ANY_PORT),
+    "forking from the server": (QuietServerForkingTCP, LineEcho, ANY_PORT),
     "async": (QuietTCP, AsyncLineEcho, ANY_PORT),
     "sync tcp: description": (QuietTCP, LineEcho, f"tcp:0:interface={LOCALHOST}"),
     "threading systemd-like endpoint (Twisted accepts)": (
@@ -213,7 +218,7 @@ def test_a_stream_servers_connections_are_accepted_started_and_ended_once(kind: 
     else:
         # The handler has the real socket: the server sees no bytes.
         assert (ok.bytes_received, ok.bytes_sent) == (None, None)
-    if kind == "forking":
+    if kind.startswith("forking"):
         assert ok.details == {"exit_code": 0}
         assert failed.details == {"exit_code": 1}
     if proxied:
