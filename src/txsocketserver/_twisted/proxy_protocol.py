@@ -89,7 +89,11 @@ def parse_header(data: bytes | bytearray) -> ProxyHeader | None:
 def _parse_v1(data: bytes) -> ProxyHeader | None:
     end = data.find(b"\r\n", 0, V1_MAX_LENGTH)
     if end < 0:
-        if len(data) >= V1_MAX_LENGTH or b"\n" in data:
+        # A bare LF ends nothing, but only an UNKNOWN line may hold one (the
+        # receiver ignores what it says): fail every other line at once.
+        if len(data) >= V1_MAX_LENGTH or (
+            b"\n" in data and not data.startswith(b"PROXY UNKNOWN ")
+        ):
             raise ProxyHeaderError("PROXY v1 line not ended by CRLF within 107 bytes")
         return None
     fields = data[:end].split(b" ")
