@@ -114,8 +114,12 @@ def _parse_v1(data: bytes) -> ProxyHeader | None:
         or not all(0 <= port <= 65535 for port in ports)
     ):
         raise ProxyHeaderError(f"bad PROXY v1 address in {data[:end]!r}")
+    # Written as inet_ntop() writes it, as v2's and socket.accept()'s are
+    # (str() of an IPv6Address differs for ::a.b.c.d, and before Python 3.13
+    # for ::ffff:a.b.c.d).
     source, destination = (
-        _ip_address(family, str(h), p) for h, p in zip(hosts, ports, strict=True)
+        _ip_address(family, socket.inet_ntop(family, h.packed), p)
+        for h, p in zip(hosts, ports, strict=True)
     )
     return ProxyHeader(False, family, source, destination, length)
 
