@@ -328,11 +328,11 @@ class Load:
             body = addresses + struct.pack("!HH", source[1], 80)
             family = 0x11
         else:
-            source = (
-                str(ipaddress.IPv6Address(random.getrandbits(128))),
-                random.randint(1, 65535),
-            )
-            addresses = socket.inet_pton(socket.AF_INET6, source[0]) + bytes(16)
+            packed = random.randbytes(16)
+            # Expected as socket.accept() (inet_ntop) writes it, which is not
+            # always str(IPv6Address): glibc shortens a lone zero group.
+            source = (socket.inet_ntop(socket.AF_INET6, packed), random.randint(1, 65535))
+            addresses = packed + bytes(16)
             body = addresses + struct.pack("!HH", source[1], 80)
             family = 0x21
         return V2_SIGNATURE + struct.pack("!BBH", 0x21, family, len(body)) + body, source

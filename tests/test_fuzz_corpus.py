@@ -36,4 +36,6 @@ def test_every_harness_has_seeds() -> None:
 @pytest.mark.parametrize(("name", "path"), INPUTS)
 def test_input_passes_its_harness(name: str, path: Path) -> None:
     harness = importlib.import_module(f"fuzz_{name}")
+    if not getattr(harness, "AVAILABLE", True):
+        pytest.skip(f"fuzz_{name}: what it fuzzes is not in this tree yet")
     harness.check(path.read_bytes())

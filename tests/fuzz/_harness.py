@@ -13,9 +13,15 @@ crash ever found), it needs no atheris.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import sys
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+#: The only modules a harness lets ``--handler``/``--server`` (or a config
+#: file's ``handler``/``server``) import: a fuzzed name could import anything.
+IMPORTABLE = frozenset({"socketserver", "http.server", "txsocketserver"})
 
 
 @contextlib.contextmanager
@@ -30,6 +36,21 @@ def instrumented(*packages: str) -> Iterator[None]:
 
     with atheris.instrument_imports(include=list(packages)):
         yield
+
+
+def guard_imports() -> None:
+    """Make ``load_object`` (``package.module:Name`` options) import only
+    :data:`IMPORTABLE` modules; any other name fails as a module that is not there."""
+    from txsocketserver import _server_classes
+
+    def import_module(name: str, package: str | None = None) -> types.ModuleType:
+        if name not in IMPORTABLE:
+            raise ModuleNotFoundError(f"fuzzing imports no {name!r}", name=name)
+        return importlib.import_module(name, package)
+
+    _server_classes.importlib = types.SimpleNamespace(  # type: ignore[attr-defined]
+        import_module=import_module
+    )
 
 
 def fuzz(check: Callable[[bytes], None]) -> None:

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import sys
 
-from _harness import FuzzInput, fuzz, instrumented
+from _harness import FuzzInput, fuzz, guard_imports, instrumented
 from twisted.python import usage
 
 with instrumented("txsocketserver"):
     from txsocketserver._cli import Options
+
+guard_imports()
 
 HANDLER = ["--handler", "socketserver:StreamRequestHandler"]
 # The seeds in corpus/cli_options index these lists: add at the end only.
@@ -57,6 +59,11 @@ def check(data: bytes) -> None:
         options.parseOptions(argv(data))
     except usage.UsageError:
         return
+    check_parsed(options)
+
+
+def check_parsed(options: Options) -> None:
+    """What a parse that succeeded must have checked."""
     assert options["listens"] and all(":" in d for d in options["listens"]), options["listens"]
     assert options["drain-timeout"] >= 0, options["drain-timeout"]
     assert options["header-timeout"] > 0, options["header-timeout"]

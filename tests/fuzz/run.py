@@ -58,6 +58,7 @@ TARGETS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
         ("txsocketserver._twisted.tls", ("server_context", "_load_with_chain")),
     ],
     "cli_options": [("txsocketserver._cli", ("Options",))],
+    "config": [("txsocketserver._config", ())],
 }  # fmt: skip
 STATUS = re.compile(r"#(\d+)\s+\w+\s+cov: (\d+) ft: (\d+) corp: (\d+)")
 EXECUTED = re.compile(r"stat::number_of_executed_units: (\d+)")
@@ -78,6 +79,15 @@ class Outcome:
 
 def harnesses() -> list[str]:
     return sorted(path.stem.removeprefix("fuzz_") for path in HERE.glob("fuzz_*.py"))
+
+
+def available(name: str) -> bool:
+    """Whether what the harness fuzzes exists yet (its ``AVAILABLE``, true by default)."""
+    sys.path.insert(0, str(HERE))
+    try:
+        return bool(getattr(importlib.import_module(f"fuzz_{name}"), "AVAILABLE", True))
+    finally:
+        sys.path.remove(str(HERE))
 
 
 def inputs(*directories: Path) -> list[Path]:
@@ -187,6 +197,9 @@ def main() -> int:
     unknown = set(names) - set(harnesses())
     if unknown:
         parser.error(f"no harness {sorted(unknown)}; there are {harnesses()}")
+    for name in [name for name in names if not available(name)]:
+        print(f"{name:14} skipped: what it fuzzes is not in this tree (its AVAILABLE)")
+        names.remove(name)
     seconds = args.time or max(5, args.budget // len(names))
     scratch = Path(tempfile.mkdtemp(prefix="txss-fuzz-"))
     work = Path(args.corpus) if args.corpus else scratch
