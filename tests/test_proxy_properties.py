@@ -73,7 +73,7 @@ def assert_parses_back(header_bytes: bytes, payload: bytes, expected: tuple[Any,
         assert parse_header(header_bytes[:size]) is None, size
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(
     st.sampled_from([socket.AF_INET, socket.AF_INET6]),
     st.data(),
@@ -96,7 +96,7 @@ def test_v1_parse_of_build_is_identity(
     assert_parses_back(build_v1(name, source, destination), payload, expected)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(
     st.sampled_from([socket.AF_INET, socket.AF_INET6]),
     st.data(),
@@ -125,14 +125,14 @@ def test_v2_parse_of_build_is_identity(
     assert_parses_back(build_v2(family, source, destination, noop_tlv), payload, expected)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, database=None)
 @given(unix_paths, unix_paths, payloads)
 def test_v2_unix_parse_of_build_is_identity(source: str, destination: str, payload: bytes) -> None:
     expected = (False, socket.AF_UNIX, source, destination)
     assert_parses_back(build_v2(socket.AF_UNIX, source, destination), payload, expected)
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50, deadline=None, database=None)
 @given(payloads)
 def test_headers_naming_no_client_parse_back_to_none(payload: bytes) -> None:
     assert_parses_back(b"PROXY UNKNOWN\r\n", payload, (False, None, None, None))

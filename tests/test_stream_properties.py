@@ -137,7 +137,7 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in zip(edges, edges[1:], strict=False) if b > a]
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, database=None)
 @given(data_strategy, operations_strategy, st.lists(st.integers(0, 1000), max_size=12))
 def test_reads_give_the_same_results_however_the_bytes_are_split(
     data: bytes, operations: list[Operation], cuts: list[int]
@@ -148,7 +148,7 @@ def test_reads_give_the_same_results_however_the_bytes_are_split(
     assert run([data[i : i + 1] for i in range(len(data))], operations) == expected
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, database=None)
 @given(data_strategy, st.lists(st.integers(0, 1000), max_size=12))
 def test_async_for_yields_the_lines_readline_gives(data: bytes, cuts: list[int]) -> None:
     reader = AsyncReader(Connection())
