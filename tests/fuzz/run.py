@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import re
 import shutil
 import subprocess
@@ -133,19 +134,25 @@ def executable_lines(module: types.ModuleType, functions: tuple[str, ...]) -> se
     """The lines of *module*'s *functions* (every function if empty)."""
     filename = module.__file__
     assert filename is not None
+    source = Path(filename).read_text()
+    text = source.splitlines()
     lines: set[int] = set()
-    pending = list(compile(Path(filename).read_text(), filename, "exec").co_consts)
+    pending = list(compile(source, filename, "exec").co_consts)
     while pending:
         code = pending.pop()
         if not isinstance(code, types.CodeType):
             continue
         name = getattr(code, "co_qualname", code.co_name)  # 3.10: no qualified names
-        if not functions or any(name == f or name.startswith(f + ".") for f in functions):
+        # Function bodies only: a class body (its docstring, its attributes)
+        # runs at import, not per input.
+        function = code.co_flags & inspect.CO_OPTIMIZED
+        if function and (
+            not functions or any(name == f or name.startswith(f + ".") for f in functions)
+        ):
             lines.update(line for _, _, line in code.co_lines() if line is not None)
-            # The def line itself runs at import, not per input.
-            lines.discard(code.co_firstlineno)
         pending.extend(code.co_consts)
-    return lines
+    # The def and decorator lines run at import too.
+    return {n for n in lines if not text[n - 1].lstrip().startswith(("def ", "async def ", "@"))}
 
 
 def line_coverage(name: str, corpus: list[Path]) -> str:
