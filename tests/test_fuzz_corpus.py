@@ -33,6 +33,8 @@ def test_every_harness_has_seeds() -> None:
         assert any((FUZZ / "corpus" / name).iterdir()), name
 
 
+# sslmethod= seeds: Twisted warns that it will pick the method itself.
+@pytest.mark.filterwarnings("ignore:Passing method to twisted.internet.ssl:DeprecationWarning")
 @pytest.mark.parametrize(("name", "path"), INPUTS)
 def test_input_passes_its_harness(name: str, path: Path) -> None:
     harness = importlib.import_module(f"fuzz_{name}")
