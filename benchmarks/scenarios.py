@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from loads import Load, datagram_load, echo_load, http_load, tls_echo_load
 from servers import (
-    ServerFactory,
+    ServerStarter,
     async_echo_servers,
     datagram_servers,
     echo_servers,
@@ -34,7 +34,7 @@ IMPLEMENTATIONS = ("ours", "stdlib", "twisted", "asyncio")
 class Scenario:
     name: str
     description: str
-    servers: dict[str, ServerFactory]
+    servers: dict[str, ServerStarter]
     load: Load
     quick: bool = False  # part of the ``--quick`` smoke run
 

@@ -38,7 +38,7 @@ class ServerHandle(NamedTuple):
     serve: Callable[[], None]
 
 
-ServerFactory = Callable[[], ServerHandle]
+ServerStarter = Callable[[], ServerHandle]
 
 
 def socketserver_module(impl: str) -> ModuleType:
@@ -92,7 +92,7 @@ def twisted_echo() -> ServerHandle:
     return listen_twisted(Factory.forProtocol(Echo))
 
 
-def echo_servers(server_class: str) -> dict[str, ServerFactory]:
+def echo_servers(server_class: str) -> dict[str, ServerStarter]:
     """Echo servers; ``server_class`` is ``TCPServer`` or ``ThreadingTCPServer``."""
     return {
         "ours": lambda: socketserver_echo("ours", server_class),
@@ -145,7 +145,7 @@ def asyncio_echo() -> ServerHandle:
     return ServerHandle(sock.getsockname()[1], lambda: asyncio.run(serve()))
 
 
-def async_echo_servers() -> dict[str, ServerFactory]:
+def async_echo_servers() -> dict[str, ServerStarter]:
     """Async echo: ours (an async handler), stdlib's ThreadingTCPServer, Twisted, asyncio."""
     return {
         "ours": async_echo,
@@ -198,7 +198,7 @@ def twisted_http() -> ServerHandle:
     return listen_twisted(QuietSite(Hello()))
 
 
-def http_servers(protocol_version: str) -> dict[str, ServerFactory]:
+def http_servers(protocol_version: str) -> dict[str, ServerStarter]:
     """HTTP servers; ``HTTP/1.0`` closes after each response, ``HTTP/1.1`` keeps alive.
 
     twisted.web speaks HTTP/1.1 either way and closes when the client asks
@@ -262,7 +262,7 @@ def twisted_cpu_bound_echo() -> ServerHandle:
     return listen_twisted(Factory.forProtocol(CpuBoundEcho))
 
 
-def forking_servers(work: str, local_classes: bool = False) -> dict[str, ServerFactory]:
+def forking_servers(work: str, local_classes: bool = False) -> dict[str, ServerStarter]:
     """Forking servers; ``twisted`` is the single-process reference."""
     if local_classes:
         return {
@@ -302,7 +302,7 @@ def twisted_datagram() -> ServerHandle:
     return ServerHandle(port.getHost().port, lambda: reactor.run(installSignalHandlers=False))
 
 
-def datagram_servers(server_class: str) -> dict[str, ServerFactory]:
+def datagram_servers(server_class: str) -> dict[str, ServerStarter]:
     """Datagram echo servers; ``server_class`` is ``UDPServer`` or ``ThreadingUDPServer``."""
     return {
         "ours": lambda: socketserver_datagram("ours", server_class),
@@ -419,7 +419,7 @@ def twisted_tls_echo() -> ServerHandle:
     return ServerHandle(port[0].getHost().port, lambda: reactor.run(installSignalHandlers=False))
 
 
-def tls_echo_servers() -> dict[str, ServerFactory]:
+def tls_echo_servers() -> dict[str, ServerStarter]:
     """Line echo over TLS: ours on an ``ssl:`` endpoint, Twisted natively, and the
     stdlib wrapping accepted sockets in ``ssl`` (reference)."""
     return {"ours": ours_tls_echo, "stdlib": stdlib_tls_echo, "twisted": twisted_tls_echo}

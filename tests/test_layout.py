@@ -1,18 +1,22 @@
 """The package's boundaries, checked: what each part may import.
 
 ``txsocketserver._core`` (the socketserver classes) and the forking template
-are what a forking server's workers import, so they import no Twisted,
-``zope.interface``, ``threading`` or ``typing`` at module level: a worker
+are what a forking server's children import, so they import no Twisted,
+``zope.interface``, ``threading`` or ``typing`` at module level: a child
 stays small and cheap to fork (``docs/architecture.md``, "The parts").  A
 forking request run end to end is checked in ``test_forking.py``
 (``test_workers_import_no_twisted``); here the rule is checked on the source,
 so that breaking it fails even where no test happens to import the module.
+
+Also checked here: every strategy of every role (``_twisted/interfaces.py``)
+fills it, and every module names its tests on its first line.
 """
 
 from __future__ import annotations
 
 import ast
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -141,3 +145,156 @@ def test_each_strategy_provides_its_role() -> None:
         ss.Endpoint("haproxy:tcp:0:interface=127.0.0.1"), ss.BaseRequestHandler
     ) as server:
         assert verifyObject(interfaces.IListener, server._listener)
+
+
+# -- a reader finds each module's tests ---------------------------------------------
+#
+# Twisted's convention: a module's first line names the test modules that test it,
+# ``# -*- test-case-name: tests.test_reactor,tests.test_service -*-`` (comma-separated,
+# no spaces), ``tests.test_x`` meaning ``tests/test_x.py``.
+
+SOURCES = PACKAGE.parent
+TESTS = pathlib.Path(__file__).resolve().parent
+TEST_CASE_NAME = re.compile(r"# -\*- test-case-name: (?P<names>\S+) -\*-")
+TEST_MODULE = re.compile(r"tests\.(?P<stem>test_\w+)")
+
+
+def pairing_problems(source: str, where: str, tests: pathlib.Path = TESTS) -> list[str]:
+    """What is wrong with the test-case-name line of a module whose text is
+    *source* (*where*: its path, for the messages); ``[]`` if nothing."""
+    first_line = source.split("\n", 1)[0]
+    match = TEST_CASE_NAME.fullmatch(first_line)
+    if match is None:
+        stem = pathlib.PurePath(where).stem.lstrip("_") or "module"
+        return [
+            f"{where}: its first line must name the test files that test it, e.g. "
+            f"'# -*- test-case-name: tests.test_{stem} -*-' (several: comma-separated, "
+            f"no spaces); found {first_line!r}"
+        ]
+    problems = []
+    for name in match["names"].split(","):
+        test_module = TEST_MODULE.fullmatch(name)
+        if test_module is None:
+            problems.append(
+                f"{where}: test-case-name {name!r} is not of the form tests.test_<name> "
+                "(for tests/test_<name>.py)"
+            )
+        elif not (tests / f"{test_module['stem']}.py").is_file():
+            problems.append(
+                f"{where}: test-case-name {name} names tests/{test_module['stem']}.py, which "
+                "does not exist: name the test file that tests this module (or write it)"
+            )
+    return problems
+
+
+def source_modules() -> list[pathlib.Path]:
+    return sorted(p for p in SOURCES.rglob("*.py") if "egg-info" not in str(p))
+
+
+def test_every_module_names_its_tests() -> None:
+    modules = source_modules()
+    assert len(modules) > 30, "the check must see the package's modules"
+    problems = [
+        problem
+        for path in modules
+        for problem in pairing_problems(
+            path.read_text(), path.relative_to(SOURCES.parent).as_posix()
+        )
+    ]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_test_case_name_check_catches_what_it_should(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "test_there.py").write_text("")
+    where = "src/txsocketserver/_x/thing.py"
+
+    def check(first_line: str) -> list[str]:
+        return pairing_problems(first_line + '\n"""Doc."""\n', where, tmp_path)
+
+    assert check("# -*- test-case-name: tests.test_there -*-") == []
+    assert check("# -*- test-case-name: tests.test_there,tests.test_there -*-") == []
+    (missing,) = check('"""No line."""')
+    assert "tests.test_thing" in missing and where in missing
+    (dangling,) = check("# -*- test-case-name: tests.test_there,tests.test_gone -*-")
+    assert "tests/test_gone.py, which does not exist" in dangling
+    (malformed,) = check("# -*- test-case-name: test_there.py -*-")
+    assert "not of the form tests.test_<name>" in malformed
+    assert check("# -*- test-case-name: tests.test_there, tests.test_there -*-")
+
+
+# -- every strategy of every role, found rather than listed ----------------------------
+
+# Twisted-free classes that fill a role: they cannot import zope.interface, so
+# they declare nothing, and are verified against their role as written here.
+UNDECLARED_STRATEGIES = {
+    "txsocketserver._core.stream.PlainConnections": "IConnectionSecurity",
+    "txsocketserver._core.stream.RequestProcessListener": "IListener",
+    "txsocketserver._core.base.BaseServer": "IServerControl",
+}
+
+
+def package_modules() -> list[object]:
+    import importlib
+
+    modules = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules.append(importlib.import_module(name))
+    return modules
+
+
+def test_every_strategy_of_every_role_provides_it() -> None:
+    import importlib
+
+    from zope.interface.exceptions import Invalid
+    from zope.interface.interface import InterfaceClass
+    from zope.interface.verify import verifyClass
+
+    from txsocketserver._twisted import interfaces
+
+    roles = [
+        value
+        for value in vars(interfaces).values()
+        if isinstance(value, InterfaceClass) and value.__module__ == interfaces.__name__
+    ]
+    strategies: dict[str, list[str]] = {role.__name__: [] for role in roles}
+    problems = []
+
+    def verify(role: InterfaceClass, cls: type, tentative: bool) -> None:
+        where = f"{cls.__module__}.{cls.__qualname__}"
+        strategies[role.__name__].append(where)
+        try:
+            verifyClass(role, cls, tentative=tentative)
+        except Invalid as exc:
+            problems.append(f"{where} does not fill {role.__name__}: {exc}")
+
+    for module in package_modules():
+        for cls in vars(module).values():
+            if not isinstance(cls, type) or cls.__module__ != module.__name__:  # type: ignore[attr-defined]
+                continue
+            for role in roles:
+                if role.implementedBy(cls):
+                    verify(role, cls, tentative=False)
+    for dotted, role_name in UNDECLARED_STRATEGIES.items():
+        module_name, _, class_name = dotted.rpartition(".")
+        cls = getattr(importlib.import_module(module_name), class_name, None)
+        assert cls is not None, (
+            f"{dotted} is gone: update UNDECLARED_STRATEGIES to where the class lives now"
+        )
+        verify(getattr(interfaces, role_name), cls, tentative=True)
+    without = [name for name, found in strategies.items() if not found]
+    assert not without, (
+        f"roles no class fills (a dead interface, or an undeclared strategy): {without}"
+    )
+    assert not problems, "\n".join(problems)
+    # The check must see every kind of strategy, the async ones included.
+    for expected in (
+        "txsocketserver._twisted.endpoints.EndpointReadiness",
+        "txsocketserver._async.serving.AsyncReadiness",
+        "txsocketserver._async.serving.AsyncEndpointListener",
+        "txsocketserver._core.stream.RequestProcessListener",
+    ):
+        assert any(expected in found for found in strategies.values()), (
+            f"{expected} fills no role now; if it moved or was renamed, update this test"
+        )

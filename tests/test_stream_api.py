@@ -116,9 +116,9 @@ def _is_stdlib(ss) -> bool:
 def _compatible(actual: inspect.Signature, expected: str) -> bool:
     """Same parameters as ``expected``, plus optionally keyword-only ones with defaults.
 
-    STYLE.md asks for options beyond the stdlib to be keyword-only, so those
+    The project's style wants options beyond the stdlib keyword-only, so those
     may follow; everything a stdlib caller can pass must match exactly.  Type
-    hints (STYLE.md asks for them too) are not part of the comparison.
+    hints (wanted too) are not part of the comparison.
     """
     params = [p.replace(annotation=inspect.Parameter.empty) for p in actual.parameters.values()]
     extra = [

@@ -155,6 +155,30 @@ def test_twistd_lists_and_explains_the_plugin(spawn: Spawn) -> None:
         assert word in usage.output()
 
 
+@pytest.mark.parametrize(
+    ("front_end", "program"),
+    [
+        (CLI, "python -m txsocketserver"),
+        (TWISTD + ["socketserver"], "twistd [options] socketserver"),
+    ],
+)
+def test_version_is_ours_and_usage_names_the_program(
+    spawn: Spawn, front_end: list[str], program: str
+) -> None:
+    import twisted
+    import txsocketserver
+
+    version = spawn(*front_end, "--version")
+    assert version.finish() == 0
+    first_line = version.output().splitlines()[0]
+    assert first_line.startswith(f"txsocketserver {txsocketserver.__version__} "), first_line
+    assert f"Twisted {twisted.version.public()}" in first_line
+    assert "Twisted version:" not in version.output()
+    usage = spawn(*front_end, "--help")
+    assert usage.finish() == 0
+    assert usage.output().startswith(f"Usage: {program} --listen ENDPOINT "), usage.output()
+
+
 def test_twistd_serves_a_handler_and_stops_on_sigterm(spawn: Spawn) -> None:
     server = spawn(
         *TWISTD, "-n", "--pidfile=", "--logfile=-", "socketserver",

@@ -18,7 +18,8 @@ VERSION = os.environ.get("WORKER_TEST_VERSION_FILE") and open(  # noqa: SIM115
 if os.environ.get("WORKER_TEST_CRASH_FILE") and os.path.exists(
     os.environ["WORKER_TEST_CRASH_FILE"]
 ):
-    raise SystemExit("crash file present: this worker dies at start")
+    # Broken code, as a reload may import: the worker cannot boot.
+    raise RuntimeError("crash file present: this worker dies at start")
 
 
 class PidHandler(socketserver.StreamRequestHandler):

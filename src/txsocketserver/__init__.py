@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_stream_api,tests.test_packaging,tests.test_layout -*-
 """Python's ``socketserver`` API, complete and faithful, running on Twisted.
 
 ``import txsocketserver as socketserver`` and code written for the stdlib runs
@@ -6,7 +7,7 @@ everything from here: the underscored modules are private.
 
 Importing the package imports neither Twisted nor ``zope.interface``: the
 socketserver names are defined without them, and Twisted is loaded when a
-server is created.  A forking server's workers, which import the
+server is created.  A forking server's children, which import the
 server and handler classes but never serve, stay small and cheap to fork
 (see ``docs/architecture.md``).  The Twisted world's names (``Endpoint``,
 ``ServerService``, ``start_server``, ``Workers``...) are imported on first use.

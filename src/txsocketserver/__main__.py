@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_twistd_cli,tests.test_async_cli -*-
 """``python -m txsocketserver``: serve a handler class without ``twistd``.
 
     python -m txsocketserver --listen tcp:8000 --handler http.server:SimpleHTTPRequestHandler
@@ -32,7 +33,14 @@ from twisted.logger import (
 from twisted.python import usage
 
 import txsocketserver
-from txsocketserver._cli import Options, build_server, build_workers, describe, describe_workers
+from txsocketserver._cli import (
+    Options,
+    build_server,
+    build_workers,
+    describe,
+    describe_workers,
+    start_log_file,
+)
 from txsocketserver._twisted.service import (
     STRAGGLER_GRACE,
     abort_requests,
@@ -41,6 +49,13 @@ from txsocketserver._twisted.service import (
 )
 
 PROG = "python -m txsocketserver"
+# Exit statuses, as Python's own command line and argparse give them.
+#: Stopped gracefully.
+EXIT_OK = 0
+#: The options are wrong (argparse's status); the message says which.
+EXIT_USAGE = 2
+#: A second SIGTERM or SIGINT stopped it at once (128 + SIGINT, as a shell reports Ctrl-C).
+EXIT_STOPPED_AT_ONCE = 128 + int(signal.SIGINT)
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 # Beyond the drain and the stragglers' grace: what closing the server may take.
 _CLOSE_MARGIN = 1.0
@@ -50,6 +65,8 @@ class MainOptions(Options):
     """The shared options, plus what only this front end has (``twistd`` has
     its own logging options and ``-r`` for the reactor)."""
 
+    # Twisted's default usage line names the interpreter's file name.
+    synopsis = f"Usage: {PROG} {Options.synopsis}"
     optParameters = [
         *Options.optParameters,
         [
@@ -79,6 +96,7 @@ class MainOptions(Options):
             raise usage.UsageError(f"--reactor {name!r}: no such reactor") from None
         except Exception as exc:
             raise usage.UsageError(f"--reactor {name!r}: {exc}") from exc
+        self["reactor"] = name  # for --print-config
 
 
 class _StopNow(BaseException):
@@ -100,10 +118,11 @@ def main(argv: list[str] | None = None) -> int:
             workers = build_workers(options)
         else:
             server = build_server(options)
+        start_log_file(options)
     except usage.UsageError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         print(f"{PROG}: try --help", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     _begin_logging(options["log-level"])
     if options["workers"] is not None:
         from txsocketserver._workers.supervisor import run_workers
@@ -142,7 +161,17 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if options["log-file"] is not None:
+        from txsocketserver import _logfiles
+
+        _logfiles.handle_sigusr1()
     print(f"{PROG}: {describe(options, server)}", file=sys.stderr, flush=True)
+    # The server listens: tell systemd (READY=1, then STATUS= and WATCHDOG=1).
+    from txsocketserver._twisted import reactor as _reactor
+    from txsocketserver._twisted import systemd
+
+    if systemd.notifier().enabled:
+        _reactor.call_in_reactor(systemd.ServerNotifications(server).start)
     try:
         try:
             server.serve_forever()
@@ -153,15 +182,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise
         if not stopping:
             server.server_close()
-            return 0
+            return EXIT_OK
         stopping[0].join(drain_timeout + STRAGGLER_GRACE + _CLOSE_MARGIN)
         if stopping[0].is_alive():
             print(f"{PROG}: handlers still running; exiting", file=sys.stderr, flush=True)
-        return 0
+        return EXIT_OK
     except (_StopNow, KeyboardInterrupt):
         server.block_on_close = False
         abort_requests(server)
-        return 130
+        return EXIT_STOPPED_AT_ONCE
 
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_twistd_cli,tests.test_async_cli,tests.test_workers -*-
 """Command-line options shared by ``twistd socketserver`` and ``python -m txsocketserver``.
 
 One :class:`Options` parser (Twisted's ``usage.Options``, which ``twistd``
@@ -8,12 +9,14 @@ runs ``serve_forever`` in the blocking world.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from twisted.logger import Logger
 from twisted.python import usage
 
 import txsocketserver
+from txsocketserver import _config
 from txsocketserver._server_classes import MODES, load_object, mode_for, server_class
 from txsocketserver._twisted.endpoints import DEFAULT_HEADER_TIMEOUT, Endpoint, listening_socket
 from txsocketserver._twisted.proxy_protocol import DEFAULT_TRUSTED_PROXIES, TrustedProxies
@@ -51,6 +54,8 @@ class Options(usage.Options):
             "kernel spreads connections over them (tcp:, tcp6:, ssl: only). Default: "
             "the workers share the supervisor's socket.",
         ],
+        # The configuration file: see txsocketserver._config.
+        *_config.CONFIG_FLAGS,
     ]
     optParameters = [
         [
@@ -145,13 +150,58 @@ class Options(usage.Options):
             "one request. Default: never.",
             float,
         ],
+        # Worker lifecycle and log files (docs/operations.md).
+        [
+            "max-worker-memory",
+            None,
+            None,
+            "With --workers: replace a worker whose resident memory exceeds this many "
+            "megabytes (Linux); it drains once its replacement is ready. Default: no limit.",
+            float,
+        ],
+        [
+            "max-worker-lifetime",
+            None,
+            None,
+            "With --workers: replace each worker after it has served this many seconds, "
+            "plus a random 0..--max-worker-lifetime-jitter; it drains once its "
+            "replacement is ready. Default: never.",
+            float,
+        ],
+        [
+            "max-worker-lifetime-jitter",
+            None,
+            None,
+            "With --max-worker-lifetime: the most seconds added at random to each worker's "
+            "lifetime, so that workers are not all replaced at once. Default: a tenth of "
+            "the lifetime.",
+            float,
+        ],
+        [
+            "log-file",
+            None,
+            None,
+            "Append standard output and standard error (the log, and with --workers every "
+            "worker's output) to this file instead; SIGUSR1 reopens it (logrotate).",
+        ],
+        *_config.CONFIG_PARAMETERS,
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listens"] = []
 
+    def opt_version(self) -> None:
+        """Print the version of txsocketserver (and of the Twisted and Python
+        it runs on) and exit."""
+        print(version_line())
+        raise SystemExit(0)
+
     def opt_listen(self, description: str) -> None:
+        if self.pop("listens-preset", False):
+            # From --config or the environment: the command line's replace them.
+            self["listens"] = []
+            self["listener-options"] = []
         self["listens"].append(description)
 
     opt_listen.__doc__ = _LISTEN_HELP
@@ -173,10 +223,14 @@ class Options(usage.Options):
         one-line message, on every Twisted version.
         """
         try:
-            super().parseOptions(options)
+            # The --config file and the environment first (txsocketserver._config).
+            _config.parse(self, options)
         except usage.UsageError as error:
             if getattr(self, "parent", None) is None:
                 raise  # python -m txsocketserver reports it itself
+            if isinstance(error, _config.ConfigError):
+                print(f"twistd socketserver: {error}", file=sys.stderr)
+                raise SystemExit(2) from None
             raise SystemExit(f"twistd socketserver: {error}") from None
 
     def postOptions(self) -> None:
@@ -247,6 +301,8 @@ class Options(usage.Options):
                     ("--reuse-port", self["reuse-port"]),
                     ("--max-requests", self["max-requests"]),
                     ("--worker-timeout", self["worker-timeout"] is not None),
+                    ("--max-worker-memory", self["max-worker-memory"] is not None),
+                    ("--max-worker-lifetime", self["max-worker-lifetime"] is not None),
                 )
                 if given
             ]
@@ -259,6 +315,25 @@ class Options(usage.Options):
             raise usage.UsageError("--max-requests and --max-requests-jitter must not be negative")
         if self["worker-timeout"] is not None and not self["worker-timeout"] > 0:
             raise usage.UsageError("--worker-timeout must be positive")
+        for name in ("max-worker-memory", "max-worker-lifetime"):
+            if self[name] is not None and self[name] <= 0:
+                raise usage.UsageError(f"--{name} must be positive")
+        jitter = self["max-worker-lifetime-jitter"]
+        if jitter is not None and jitter < 0:
+            raise usage.UsageError("--max-worker-lifetime-jitter must not be negative")
+
+
+def version_line() -> str:
+    """What ``--version`` prints: ours first, then what runs it."""
+    import platform
+
+    from twisted import version as twisted_version
+
+    return (
+        f"txsocketserver {txsocketserver.__version__} "
+        f"(Twisted {twisted_version.public()}, "
+        f"{platform.python_implementation()} {platform.python_version()})"
+    )
 
 
 def build_server(options: Options) -> Any:
@@ -280,6 +355,8 @@ def build_server(options: Options) -> Any:
         server.max_threads = options["max-threads"]
     server.trusted_proxies = options["trusted_proxies"]
     server.header_timeout = options["header-timeout"]
+    for attribute, value in _config.listener_settings(options, 0).items():
+        setattr(server, attribute, value)
     return server
 
 
@@ -307,6 +384,14 @@ def build_workers(options: Options) -> Any:
             worker_timeout=options["worker-timeout"],
             trusted_proxies=options["trusted_proxies"],
             header_timeout=options["header-timeout"],
+            max_worker_memory=options["max-worker-memory"],
+            max_worker_lifetime=options["max-worker-lifetime"],
+            max_worker_lifetime_jitter=options["max-worker-lifetime-jitter"],
+            log_file=options["log-file"],
+            listener_settings=[
+                _config.listener_settings(options, index)
+                for index in range(len(options["listens"]))
+            ],
         )
     except (OSError, ValueError, TypeError) as exc:
         raise usage.UsageError(f"cannot listen: {exc}") from exc
@@ -365,13 +450,68 @@ def makeService(options: Options) -> Any:
     """
     from txsocketserver._twisted.service import ServerService, _log
 
+    start_log_file(options)
     if options["workers"] is not None:
         workers = build_workers(options)
         _log.info("{description}", description=describe_workers(options, workers))
         return workers
     server = build_server(options)
     _log.info("{description}", description=describe(options, server))
-    return ServerService(server, drain_timeout=options["drain-timeout"])
+    service = ServerService(server, drain_timeout=options["drain-timeout"])
+    return with_process_services(service, server, options)
+
+
+def start_log_file(options: Options) -> None:
+    """With ``--log-file``: standard output and standard error go to it from now on.
+
+    Error handling:
+        ``usage.UsageError`` if the file cannot be opened for appending.
+    """
+    if options["log-file"] is None:
+        return
+    from txsocketserver import _logfiles
+
+    try:
+        _logfiles.log_to_file(options["log-file"])
+    except OSError as exc:
+        raise usage.UsageError(f"--log-file {options['log-file']!r}: {exc.strerror}") from exc
+
+
+def with_process_services(service: Any, server: Any, options: Options) -> Any:
+    """*service*, plus (under ``twistd``) SIGUSR1 for ``--log-file`` and systemd's
+    notifications, when they are wanted; a single server only (``Workers``
+    does both itself)."""
+    from txsocketserver._twisted import systemd
+
+    if options["log-file"] is None and not systemd.notifier().enabled:
+        return service
+    from twisted.application.service import MultiService, Service
+
+    from txsocketserver import _logfiles
+
+    notifications = systemd.ServerNotifications(server)
+
+    class ProcessServices(Service):
+        def startService(self) -> None:
+            Service.startService(self)
+            from twisted.internet import reactor
+
+            def running() -> None:
+                # After twistd's own SIGUSR1 handler (it rotates --logfile): ours chains to it.
+                if options["log-file"] is not None:
+                    _logfiles.handle_sigusr1()
+                notifications.start()
+
+            reactor.callWhenRunning(running)
+
+        def stopService(self) -> None:
+            notifications.stop()
+            Service.stopService(self)
+
+    both = MultiService()
+    service.setServiceParent(both)
+    ProcessServices().setServiceParent(both)
+    return both
 
 
 def describe(options: Options, server: Any) -> str:

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_server_classes -*-
 """The classes a front end serves with, from what its options name.
 
 ``--handler``/``--server`` name classes as ``package.module:Class``
@@ -56,8 +57,13 @@ def load_object(spec: str, option: str) -> Any:
 
 
 def mode_for(handler_class: type, mode: str | None) -> str | None:
-    """The ``--mode`` to build the server with: async handler classes run on
-    the reactor, as a plain (sync) server's handlers."""
+    """The ``--mode`` to build the server with: ``"async"`` for an async
+    handler class (whatever was asked, if it fits), else *mode* as given.
+
+    Error handling:
+        ``usage.UsageError`` for ``--mode async`` with a handler class that is
+        not async, or a mode other than async for one that is.
+    """
     from txsocketserver._async import is_async_handler
 
     if not is_async_handler(handler_class):
@@ -72,7 +78,7 @@ def mode_for(handler_class: type, mode: str | None) -> str | None:
             f"--mode {mode}: {handler_class.__name__} is an async handler class, which runs "
             "on the reactor thread (leave --mode out, or say --mode async)"
         )
-    return "sync"
+    return "async"
 
 
 def server_class(spec: str | None, mode: str | None) -> type:
@@ -84,6 +90,8 @@ def server_class(spec: str | None, mode: str | None) -> type:
     """
     mixins: dict[str, type | None] = {
         "sync": None,
+        # The async strategy comes from the handler class, not from a mix-in.
+        "async": None,
         "threading": txsocketserver.ThreadingMixIn,
         "forking": txsocketserver.ForkingMixIn,
     }
@@ -113,7 +121,7 @@ def server_class(spec: str | None, mode: str | None) -> type:
             "threading": txsocketserver.ThreadingTCPServer,
             "forking": txsocketserver.ForkingTCPServer,
         }[mode]
-    # A class made here: a forking server's workers get it by value.
+    # A class made here: a forking server's children get it by value.
     return type(f"{wanted.__name__.removesuffix('MixIn')}{base.__name__}", (wanted, base), {})
 
 

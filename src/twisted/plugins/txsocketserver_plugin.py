@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_twistd_cli -*-
 """The ``twistd socketserver`` plugin: serve a socketserver handler class.
 
 ``twistd -n socketserver --listen tcp:8000 --handler http.server:SimpleHTTPRequestHandler``

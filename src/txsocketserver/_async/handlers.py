@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_async -*-
 """The async request handler classes (no Twisted here: see ``txsocketserver._async``).
 
 Each is the stdlib handler of the same name with ``setup``/``handle``/

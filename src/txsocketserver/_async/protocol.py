@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_async -*-
 """``Connection``: the Twisted protocol of one async stream connection.
 
 It owns the connection's reader and writer, is the transport's push producer

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_async -*-
 """``AsyncServing``: how a server with an async handler class serves.
 
 Picked by ``TCPServer.__init__`` when the handler class is async; everything
@@ -50,8 +51,8 @@ _READY = "ready"
 _WAKE = "wake"
 
 
-class ServerFactory(Factory):
-    """The server as a Twisted factory: one :class:`Connection` per connection.
+class ConnectionFactory(Factory):
+    """An async server's Twisted factory: one :class:`Connection` per connection.
 
     Args:
         serving: the server's async strategy.
@@ -165,7 +166,7 @@ class AsyncEndpointListener(EndpointListener):
         # wraps, as for blocking handlers (see EndpointListener).
         endpoint = self.endpoint.resolve(reactor)
         inner = proxy_protocol_endpoint(endpoint)
-        factory = ServerFactory(self._serving, self._proxy_policy if inner else None)
+        factory = ConnectionFactory(self._serving, self._proxy_policy if inner else None)
         port = await (inner or endpoint).listen(factory)
         self._listening(port)
         self._serving.port = port
@@ -190,7 +191,7 @@ class AsyncServing:
     def __init__(self, server: Any) -> None:
         self.server = server
         self.reactor = _reactor.get_reactor()
-        self.factory = ServerFactory(self)
+        self.factory = ConnectionFactory(self)
         self.datagram = server.socket_type == socket.SOCK_DGRAM
         self.family = server.address_family
         self._unix = self.family == getattr(socket, "AF_UNIX", None)

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_async -*-
 """The awaitable streams of an async handler: ``rfile``, ``wfile`` and ``request``.
 
 All of it runs on the reactor thread.  The :class:`~txsocketserver._async.protocol.Connection`

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_async -*-
 """``HandlerTask``: runs one handler coroutine on the reactor thread.
 
 What ``Deferred.fromCoroutine`` does, with four differences that handlers need:

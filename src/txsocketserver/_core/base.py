@@ -1,9 +1,10 @@
+# -*- test-case-name: tests.test_stream_hooks,tests.test_stream_lifecycle,tests.test_limits -*-
 """``BaseServer``: the ``socketserver`` template method, driven by the reactor.
 
 The loop has the stdlib's shape and calls the same hooks in the same order on
 the same thread (the caller of ``serve_forever``/``handle_request``).  What
 changes is how it waits: instead of ``select()`` on the socket it waits on an
-:class:`~txsocketserver._twisted.readiness.IRequestReadiness`, which the reactor feeds.
+:class:`~txsocketserver._twisted.interfaces.IRequestReadiness`, which the reactor feeds.
 That gives two things the stdlib lacks: ``shutdown()`` wakes the loop at once
 instead of waiting out ``poll_interval``, and the same server can be fed by a
 Twisted endpoint instead of a socket.
@@ -54,11 +55,12 @@ def _refuse_reactor_thread(call: str) -> None:
 
 
 def run_request(server: Any, request: Any, client_address: Any) -> bool:
-    """Run one request away from the serving thread, as the stdlib's workers do.
+    """Run one request away from the serving thread, as the stdlib's request threads
+    and children do.
 
     ``finish_request``, then ``handle_error`` if it raised an ``Exception``, and
     ``shutdown_request`` always.  Returns whether the handler succeeded.  Both
-    mixins' workers (a pool thread, a worker process) run this.
+    mixins run this where the request runs: a pool thread, a forked child.
     """
     try:
         server.finish_request(request, client_address)
@@ -408,8 +410,8 @@ class BaseServer:
         condition a graceful stop waits on for the requests in flight.
 
         Made on first use, not in ``__init__``: a forking server's template
-        builds the workers' server object, and importing ``threading`` there
-        would make every worker run its at-fork hook (about 140 page copies
+        builds the children's server object, and importing ``threading`` there
+        would make every child run its at-fork hook (about 140 page copies
         and 0.3 ms of CPU per request).
         """
         if self.__is_shut_down is None:

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_datagram -*-
 """Datagram servers: one handler per datagram, on the same serving loop as streams.
 
 How a datagram is served

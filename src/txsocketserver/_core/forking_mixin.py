@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_forking,tests.test_forking_fidelity -*-
 """``ForkingMixIn``: every request in a process of its own.
 
 The mixin keeps the stdlib's public shape (``max_children``,

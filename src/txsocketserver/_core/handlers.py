@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_stream_builtin_handlers,tests.test_stream_api -*-
 """Request handler classes: one instance per connection (stream) or datagram.
 
 A handler is plain blocking code.  It never learns whether its server runs on a

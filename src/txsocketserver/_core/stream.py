@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_stream_basic,tests.test_stream_errors -*-
 """Stream servers: ``TCPServer`` and ``UnixStreamServer``, hook for hook the stdlib's.
 
 Each hook does the stdlib's work through two strategies the server picks once,

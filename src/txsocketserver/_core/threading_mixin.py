@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_stream_threading,tests.test_threading_fidelity -*-
 """``ThreadingMixIn``: each request on a thread of a Twisted ``ThreadPool``.
 
 Differences from the stdlib, all in the caller's favour:
@@ -56,7 +57,7 @@ def _register_exit_hook() -> None:
     """
     global _registered_at_exit
     # Imported here, not with the module: a process that only defines the
-    # classes (a forking worker) must not carry threading's at-fork hook.
+    # classes (a forking server's child) must not carry threading's at-fork hook.
     import threading
 
     with _registering:

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_forking -*-
 """ForkingMixIn's machinery: the server process's dispatcher, the template and its workers.
 
 ``dispatcher`` runs in the server process (it needs Twisted's

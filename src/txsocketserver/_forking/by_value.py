@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_forking_fidelity -*-
 """Rebuilding classes and functions carried by value, in a forking server's
 template, without importing cloudpickle.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_forking,tests.test_forking_fidelity -*-
 """``ProcessDispatcher``: the server process's side of ``ForkingMixIn``.
 
 See ``docs/architecture.md`` for the design.  This module runs only in the server

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_forking,tests.test_forking_fidelity,tests.test_layout -*-
 """The process side of ``ForkingMixIn``: the wire format and the worker template.
 
 The whole path of a forked request is in ``docs/architecture.md``; what

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_twisted_compat -*-
 """Twisted's private API, read in this one place.
 
 Serving ``tcp:``, ``tcp6:``, ``unix:`` and ``ssl:`` descriptions on a socket

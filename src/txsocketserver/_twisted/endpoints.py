@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_endpoints -*-
 """Twisted endpoints as server addresses: :class:`Endpoint`, and the listener Twisted feeds.
 
 :func:`listening_socket` tells which endpoints are nothing but a listening
@@ -125,7 +126,7 @@ class Endpoint:
             assert self.description is not None
             # Imported here: it loads pyOpenSSL and cryptography (some 18 MB),
             # which every process importing txsocketserver would pay for,
-            # forking workers included.
+            # forking servers' children included.
             from twisted.internet.endpoints import serverFromString
 
             try:
@@ -218,7 +219,8 @@ def proxy_protocol_endpoint(endpoint: IStreamServerEndpoint) -> IStreamServerEnd
     and read the header ourselves (``TransportSocketProtocol`` with a
     ``ProxyHeaderPolicy``).  This reads two private attributes of Twisted's
     ``_WrapperServerEndpoint``, which ``proxyEndpoint`` has returned since
-    Twisted 16; ``tests/test_proxy_protocol.py`` fails if that changes.
+    Twisted 16; ``tests/test_twisted_compat.py::test_haproxy_endpoints_are_unwrapped``
+    fails if that changes.
     """
     from txsocketserver._twisted import compat
 

@@ -1,27 +1,11 @@
-"""The roles behind the socketserver classes, each filled by small strategy objects.
+# -*- test-case-name: tests.test_layout -*-
+"""The roles behind the socketserver classes, as ``zope.interface`` interfaces.
 
-A server picks its strategies once, when it is made (or, for a mixin, when it
-first needs one), and its hooks talk to them only through these interfaces:
-
-* :class:`IListener`: how a stream server gets its connections (its own
-  socket, or a Twisted endpoint).
-* :class:`IConnectionSecurity`: what a connection needs around its handler
-  (nothing, or TLS on an ``ssl:`` description).
-* :class:`IRequestReadiness`: how the serving thread learns that a request
-  can be taken without blocking.
-* :class:`IRequestDispatcher`: where a request runs (a pool thread; a worker
-  process, with the more that :class:`IProcessDispatcher` says).  Inline needs
-  no object: it is ``BaseServer.process_request`` itself, as in the stdlib.
-* :class:`IAsyncServing`: how a server with an async handler class serves,
-  the reactor taking its requests and running its handlers' coroutines.
-* :class:`IServerControl`: what a service (``_twisted.service``) may ask of a
-  server, beyond the public socketserver API.
-
-The Twisted-free classes that fill a role (``BaseServer`` for
-:class:`IServerControl`, ``PlainConnections`` for :class:`IConnectionSecurity`)
-cannot import ``zope.interface`` and declare nothing; ``tests/test_layout.py``
-verifies them against their interface like the declared ones.  See
-``docs/architecture.md`` for the whole design.
+Which roles there are, which strategies fill each and when a server picks
+them is told once, in ``docs/architecture.md`` ("The roles").  The
+Twisted-free strategies cannot import ``zope.interface`` and declare nothing;
+``tests/test_layout.py`` verifies every strategy, declared or not, against
+its role.
 """
 
 from __future__ import annotations
@@ -136,12 +120,12 @@ class IThreadDispatcher(IRequestDispatcher):
 
 
 class IProcessDispatcher(IRequestDispatcher):
-    """Runs each request in a worker process (``ForkingMixIn``'s strategy)."""
+    """Runs each request in a child process (``ForkingMixIn``'s strategy)."""
 
     def warm_up(server: Any) -> None:
         """Serving starts: check that the server's and the handler's classes
-        can be carried to a worker (``TypeError`` saying why not), and start
-        the worker processes now rather than at the first request."""
+        can be carried to a child (``TypeError`` saying why not), and start
+        the child processes now rather than at the first request."""
 
     def wait_below(limit: int) -> None:
         """Block until fewer than *limit* requests run (``max_children``)."""
@@ -150,7 +134,7 @@ class IProcessDispatcher(IRequestDispatcher):
         """Block until no request runs; whether that happened in time."""
 
     def running_pids() -> set[int]:
-        """The pids of the workers running requests now (``active_children``)."""
+        """The pids of the children running requests now (``active_children``)."""
 
 
 class IAsyncServing(Interface):

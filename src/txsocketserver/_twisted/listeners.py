@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_listeners,tests.test_endpoints -*-
 """How a server gets its requests: the :class:`IListener` a server picks once, when it is made.
 
 A socket address, or an endpoint that is nothing but a listening socket

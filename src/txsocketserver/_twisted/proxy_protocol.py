@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_proxy_protocol -*-
 """The PROXY protocol (HAProxy's, versions 1 and 2): the header, and whom to believe.
 
 A load balancer that speaks the PROXY protocol starts each connection it opens

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_proxy_protocol,tests.test_haproxy_interop -*-
 """The PROXY header stage of a connection: what any protocol behind ``haproxy:`` reads first.
 
 Both the blocking handlers' protocol (``transport_socket``) and the async

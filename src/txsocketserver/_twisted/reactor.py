@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_reactor -*-
 """The bridge between blocking callers and the one Twisted reactor.
 
 Theory of operation
@@ -29,7 +30,7 @@ Which thread owns what:
   runs on the reactor thread, so a slow ``get_request`` (a TLS handshake) or
   ``verify_request`` cannot stall other servers sharing the reactor.
 * Handlers run in the serving thread (synchronous servers), in pool threads
-  (``ThreadingMixIn``) or in worker processes (``ForkingMixIn``).
+  (``ThreadingMixIn``) or in child processes (``ForkingMixIn``).
 
 A blocking call made *on* the reactor thread would wait for work that only the
 reactor thread can do: :func:`refuse_reactor_thread` turns that deadlock into a

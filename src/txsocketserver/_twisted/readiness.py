@@ -1,16 +1,18 @@
+# -*- test-case-name: tests.test_readiness -*-
 """How a serving thread learns that a request can be taken without blocking.
 
 The listening (or datagram) socket is handed to the reactor as a reader.  When
 the kernel reports it readable, the reactor thread stops watching it and drops
 a token into the serving thread's queue; the serving thread then runs the
 stdlib hooks (``get_request`` → ``verify_request`` → ``process_request``) and,
-when it next waits, first asks the kernel directly (a zero-timeout poll) whether
-more requests are queued, so a burst is drained without one reactor round trip
-per request.  Only when nothing is pending does it re-arm the reactor watcher.
-That first look may wait briefly (``LINGER``) in the kernel: a client that has
-just been answered usually sends its next request within microseconds, and
-catching it there saves two thread hand-offs (serving thread → reactor →
-serving thread) per request, which dominate the cost of a small request.
+when it next waits, first asks the kernel directly (a ``poll`` that waits at
+most ``LINGER``, 1 ms) whether more requests are queued or about to be, so a
+burst is drained without one reactor round trip per request.  Only when
+nothing comes does it re-arm the reactor watcher.  The look waits briefly
+rather than not at all because a client that has just been answered usually
+sends its next request within microseconds, and catching it there saves two
+thread hand-offs (serving thread → reactor → serving thread) per request,
+which dominate the cost of a small request.
 
 While a synchronous server runs a handler nobody watches the socket: new
 connections wait in the kernel backlog and datagrams in the socket buffer, as

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_service -*-
 """Servers as Twisted services, and the graceful stop they share with the CLI.
 
 Theory of operation
@@ -43,6 +44,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from txsocketserver._twisted import reactor as _reactor
+from txsocketserver._twisted import systemd
 
 #: Seconds ``stopService`` lets requests in flight finish before closing them.
 DEFAULT_DRAIN_TIMEOUT = 30.0
@@ -128,6 +130,8 @@ def stop_gracefully(
         stragglers were cut off.
     """
     _reactor.refuse_reactor_thread("stop_gracefully")
+    # The stop begins here, for every front end: systemd hears it first.
+    systemd.notify_stopping()
     deadline = time.monotonic() + drain_timeout
     stopper = threading.Thread(target=server.shutdown, name="txsocketserver-shutdown", daemon=True)
     loop_running = serving is not None and serving.is_alive()

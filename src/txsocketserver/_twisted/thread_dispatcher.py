@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_stream_threading,tests.test_threading_fidelity -*-
 """``ThreadDispatcher``: the requests of a ``ThreadingMixIn`` server on a Twisted ``ThreadPool``.
 
 Imported by ``ThreadingMixIn`` when its server first dispatches a request

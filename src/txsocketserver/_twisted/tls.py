@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_tls -*-
 """TLS for ``ssl:`` endpoint descriptions, done in the handler's own thread.
 
 Theory of operation

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_transport_socket -*-
 """A blocking socket facade over a Twisted transport.
 
 Theory of operation

@@ -1,6 +1,7 @@
+# -*- test-case-name: tests.test_workers -*-
 """Workers: several processes serving the same listening sockets, supervised.
 
-``listeners`` makes the supervisor's sockets from ``--listen`` descriptions,
+``bound_sockets`` makes the supervisor's sockets from ``--listen`` descriptions,
 ``supervisor`` holds the :class:`~txsocketserver.Workers` service (start,
 replace, reload, recycle, stop the workers), and ``worker`` is the worker
 process's entry point.  Operators' view: ``docs/operations.md``.

@@ -1,10 +1,11 @@
+# -*- test-case-name: tests.test_workers -*-
 """The supervisor: N worker processes serving the same listening sockets.
 
 Theory of operation
 ===================
 
 The supervisor runs no user code.  It binds the listening sockets
-(``listeners``), then keeps ``workers`` worker processes serving them, each
+(``bound_sockets``), then keeps ``workers`` worker processes serving them, each
 started with ``reactor.spawnProcess`` (a fresh interpreter running
 ``worker``), the sockets passed as fds 3, 4, ... (``childFDs``) and a
 *control pipe* after them, on which the worker reports ``ready``, ``beat``
@@ -19,20 +20,36 @@ Every event (a worker ready, exited, retiring, timed out; a signal) ends in
   stopping), new ones are started, after a back-off if workers have been
   dying before they got ready (0.25 s, doubling, at most 16 s; reset once a
   worker gets ready or on reload).
-* Once ``workers`` workers of the current generation are ready, workers of
-  older generations are told to stop (SIGTERM: they drain their requests in
-  flight within ``drain_timeout`` and exit), as are extra workers after
-  SIGTTOU, those that are not ready yet first, then the oldest.
+* Workers of older generations are told to stop (SIGTERM: they drain their
+  requests in flight within ``drain_timeout`` and exit) one for each worker
+  of the current generation that gets ready beyond ``workers``: a reload is
+  rolling, an old worker drains only once a new one serves.  So are extra
+  workers after SIGTTOU, those that are not ready yet first, then the
+  oldest.
+* A worker over ``max_worker_memory`` or past its ``max_worker_lifetime``
+  is *retiring*: it serves on, but no longer counts, so a replacement
+  starts; once that one is ready, the retiring worker drains like an old
+  generation's.
 
 So a reload or a recycled worker never leaves the sockets without a serving
 process, and nothing is ever refused: the sockets stay open in the supervisor
-throughout.  A worker that stops beating for ``worker_timeout`` seconds is
-logged, sent SIGABRT (its threads' tracebacks go to stderr) and, if it still
-lives a moment later, SIGKILL; it is replaced at once, as a worker that
-exits for any other reason is.
+throughout.
+
+``worker_timeout`` (S) is judged where the facts are.  A worker whose
+reactor turns checks its own serving loops every ``beat_interval(S)``
+seconds; one that has not turned for S seconds makes the worker log the
+stacks of all its threads and report ``stuck``, and the supervisor kills
+it.  Otherwise it reports ``beat``; a worker from which nothing arrives for
+S plus one beat interval has a stuck reactor: the supervisor sends SIGABRT
+(``faulthandler`` writes its threads' stacks to its stderr, then it dies)
+and, if it still lives ``KILL_GRACE`` later, SIGKILL.  Either way a stall of
+S seconds is acted on within one beat interval (at most 0.25 s) of its S-th
+second, and a worker whose loops and reactor turned within the last S
+seconds is never killed.  The replacement starts at once, as for a worker
+that exits for any other reason.
 
 Stopping (:meth:`Workers.stopService`, SIGTERM/SIGINT) refuses new
-connections in every process at once (``Listener.stop_listening``), sends
+connections in every process at once (``BoundSocket.stop_listening``), sends
 SIGTERM to every worker, and kills those still running ``drain_timeout``
 plus a grace period later.  Everything here runs on the reactor thread.
 """
@@ -45,7 +62,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from twisted.application.service import Service
@@ -54,9 +71,10 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from txsocketserver._twisted import systemd
 from txsocketserver._twisted.service import DEFAULT_DRAIN_TIMEOUT
-from txsocketserver._workers.listeners import Listener, make_listener
-from txsocketserver._workers.worker import FIRST_LISTEN_FD
+from txsocketserver._workers.bound_sockets import BoundSocket, bind_socket
+from txsocketserver._workers.worker import EXIT_MEANINGS, FIRST_LISTEN_FD
 
 _log = Logger(namespace="txsocketserver.workers")
 
@@ -68,6 +86,26 @@ START_TIMEOUT = 60.0
 #: Seconds between SIGABRT and SIGKILL for a stuck worker, and added to the
 #: drain timeout before the supervisor kills workers that do not stop.
 KILL_GRACE = 3.0
+#: Seconds between looks at memory and lifetimes.
+CHECK_INTERVAL = 0.5
+
+
+def beat_interval(worker_timeout: float) -> float:
+    """Seconds between a worker's looks at its own progress (and its reports).
+
+    Also the margin of ``worker_timeout``: a stall is acted on at most this
+    long after it has lasted ``worker_timeout`` seconds.
+    """
+    return min(0.25, worker_timeout / 10)
+
+
+def resident_memory(pid: int) -> int | None:
+    """Resident memory of process *pid* in bytes (Linux: ``/proc``), or None."""
+    try:
+        with open(f"/proc/{pid}/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def class_spec(obj: str | type) -> str:
@@ -93,7 +131,12 @@ class _WorkerProcess(ProcessProtocol):
         self.started = time.monotonic()
         self.last_beat = self.started
         self.ready = False
+        self.ready_at: float | None = None
         self.stopping = False  # told to stop, retiring, or killed
+        # Over --max-worker-memory or --max-worker-lifetime: replaced, then drained.
+        self.retiring: str | None = None
+        self.lifetime: float | None = None  # from ready, with its jitter
+        self._silence: Any = None  # fires when the worker's reactor looks stuck
         self.ended = False
         self.pid: int | None = None
         self._buffer = b""
@@ -109,12 +152,16 @@ class _WorkerProcess(ProcessProtocol):
         *lines, self._buffer = self._buffer.split(b"\n")
         for line in lines:
             self.last_beat = time.monotonic()
+            self.supervisor._heard_from(self)
             if line == b"ready":
                 self.ready = True
+                self.ready_at = self.last_beat
                 self.supervisor._worker_ready(self)
             elif line == b"retire":
                 self.expect_exit()
                 self.supervisor._worker_retiring(self)
+            elif line.startswith(b"stuck"):
+                self.supervisor._worker_stuck(self, line[len(b"stuck") :].strip().decode())
 
     def signal(self, signum: int) -> None:
         if self.ended or self.transport is None:
@@ -147,6 +194,8 @@ class _WorkerProcess(ProcessProtocol):
         self.ended = True
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
+        if self._silence is not None and self._silence.active():
+            self._silence.cancel()
         self.supervisor._worker_ended(self, reason.value)
 
 
@@ -183,11 +232,30 @@ class Workers(Service):
         worker_timeout: replace a worker whose reactor or serving loop has
             not made progress for this many seconds (``None``: never); a
             synchronous worker running one request longer than this counts
-            as stuck.
+            as stuck.  The stacks of its threads are logged first.
+        max_worker_memory: replace a worker whose resident memory exceeds
+            this many megabytes (10**6 bytes; Linux): it drains once its
+            replacement is ready.
+        max_worker_lifetime: replace a worker this many seconds after it got
+            ready, plus a random 0..*max_worker_lifetime_jitter* (default: a
+            tenth of the lifetime), the same way.
+        listener_settings: per *listen* description, server attributes
+            (``trusted_proxies``, ``header_timeout``, ``max_threads``) that
+            its servers set for themselves (a ``[[listener]]`` table).
+        log_file: the path of ``--log-file``, which the workers' output
+            goes to too; SIGUSR1 makes the supervisor and every worker
+            reopen it.
         trusted_proxies, header_timeout: set on each worker's servers, for
             ``haproxy:`` listeners (``None``: the server class's defaults).
         handle_signals: in ``startService``, take SIGHUP (reload), SIGTTIN
-            and SIGTTOU (one worker more, or fewer); main thread only.
+            and SIGTTOU (one worker more, or fewer), SIGUSR1 (reopen the log
+            files, the workers' too); main thread only.
+
+    Under systemd (``NOTIFY_SOCKET`` set) the service sends ``READY=1`` (with
+    ``MAINPID``) once its first workers are ready, ``RELOADING=1`` and then
+    ``READY=1`` around a reload, ``STOPPING=1`` when it stops, a ``STATUS=``
+    line with the workers' counts, and ``WATCHDOG=1`` while at least one
+    worker serves (see ``docs/operations.md``).
 
     Error handling:
         ``ValueError`` for a description workers cannot serve or an unknown
@@ -214,6 +282,11 @@ class Workers(Service):
         trusted_proxies: Sequence[str] | None = None,
         header_timeout: float | None = None,
         handle_signals: bool = True,
+        max_worker_memory: float | None = None,
+        max_worker_lifetime: float | None = None,
+        max_worker_lifetime_jitter: float | None = None,
+        log_file: str | None = None,
+        listener_settings: Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
         from txsocketserver._server_classes import MODES
 
@@ -233,13 +306,33 @@ class Workers(Service):
         self.trusted_proxies = None if trusted_proxies is None else list(trusted_proxies)
         self.header_timeout = header_timeout
         self.handle_signals = handle_signals
+        for name, value in (
+            ("max_worker_memory", max_worker_memory),
+            ("max_worker_lifetime", max_worker_lifetime),
+        ):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive")
+        if max_worker_lifetime_jitter is not None and max_worker_lifetime_jitter < 0:
+            raise ValueError("max_worker_lifetime_jitter must not be negative")
+        if max_worker_memory is not None and resident_memory(os.getpid()) is None:
+            raise ValueError("max_worker_memory reads /proc/PID/statm, which this system lacks")
+        self.max_worker_memory = max_worker_memory
+        self.max_worker_lifetime = max_worker_lifetime
+        if max_worker_lifetime_jitter is None and max_worker_lifetime is not None:
+            max_worker_lifetime_jitter = max_worker_lifetime / 10
+        self.max_worker_lifetime_jitter = max_worker_lifetime_jitter or 0.0
+        self.log_file = log_file
+        self._replaced = 0  # workers replaced (died, stuck, retired) since the start
+        self._announced = False  # READY=1 sent for the current generation
+        self._started_once = False  # READY=1 ever sent
+        self._heartbeat = systemd.Heartbeat(self._health, self._status)
         descriptions = [listen] if isinstance(listen, str) else list(listen)
         if not descriptions:
             raise ValueError("workers need at least one listen description")
-        self.listeners: list[Listener] = []
+        self.listeners: list[BoundSocket] = []
         try:
             for description in descriptions:
-                self.listeners.append(make_listener(description, reuse_port=reuse_port))
+                self.listeners.append(bind_socket(description, reuse_port=reuse_port))
             if mode == "forking":
                 for listener in self.listeners:
                     if listener.proxy is not None or listener.tls is not None:
@@ -252,6 +345,11 @@ class Workers(Service):
             for listener in self.listeners:
                 listener.close()
             raise
+        settings = list(listener_settings or [])
+        self._listener_settings = {
+            id(listener): dict(settings[index]) if index < len(settings) else {}
+            for index, listener in enumerate(self.listeners)
+        }
         self._generation = 0
         self._processes: list[_WorkerProcess] = []
         self._failures = 0  # workers in a row that died before getting ready
@@ -323,10 +421,19 @@ class Workers(Service):
             }
             for signum, action in handlers.items():
                 self._old_signals[signum] = signal.signal(signum, self._on_signal(action))
+            from txsocketserver import _logfiles
+
+            self._old_signals[signal.SIGUSR1] = signal.getsignal(signal.SIGUSR1)
+            _logfiles.handle_sigusr1(also=self._reopen_workers_logs)
         self._checker = LoopingCall(self._check_workers)
-        interval = 1.0 if not self.worker_timeout else min(1.0, self.worker_timeout / 4)
-        self._checker.start(interval, now=False)
+        self._checker.start(CHECK_INTERVAL, now=False)
+        self._heartbeat.start()
         self._reconcile()
+
+    def _reopen_workers_logs(self) -> None:
+        # In the signal handler (main thread): signalling is all it does.
+        for process in self._processes:
+            process.signal(signal.SIGUSR1)
 
     def _on_signal(self, action: Any) -> Any:
         def handler(signum: int, frame: Any) -> None:
@@ -347,6 +454,8 @@ class Workers(Service):
         self._generation += 1
         self._failures = 0
         self._next_start = 0.0
+        self._announced = False
+        systemd.notifier().reloading()
         self._reconcile()
 
     def add_worker(self) -> None:
@@ -369,6 +478,8 @@ class Workers(Service):
         if self._stopping is not None:
             return self._stopping
         self._stopping = Deferred()
+        systemd.notify_stopping()
+        self._heartbeat.stop()
         for signum, old in self._old_signals.items():
             signal.signal(signum, old)
         self._old_signals = {}
@@ -406,14 +517,18 @@ class Workers(Service):
         if self._stopping is not None or not self.running:
             return
         current = [
-            p for p in self._processes if p.generation == self._generation and not p.stopping
+            p
+            for p in self._processes
+            if p.generation == self._generation and not p.stopping and p.retiring is None
         ]
         ready = [p for p in current if p.ready]
-        if len(ready) >= self.workers:
-            for process in self._processes:
-                if process.generation < self._generation and not process.stopping:
-                    _log.info("stopping {worker} (replaced)", worker=process)
-                    process.terminate()
+        # Old generations' and retiring workers drain one for each new worker
+        # ready beyond the number wanted: never fewer serving than before.
+        outgoing = [p for p in self._processes if p not in current and not p.stopping]
+        surplus = len(ready) + len(outgoing) - self.workers
+        for process in sorted(outgoing, key=lambda p: (p.ready, p.started))[: max(0, surplus)]:
+            _log.info("stopping {worker} (replaced)", worker=process)
+            process.terminate()
         extra = len(current) - self.workers
         if extra > 0:
             for process in sorted(current, key=lambda p: (p.ready, p.started))[:extra]:
@@ -443,13 +558,17 @@ class Workers(Service):
             "max_threads": self.max_threads,
             "drain_timeout": self.drain_timeout,
             "worker_timeout": self.worker_timeout,
-            "heartbeat": self.worker_timeout / 4 if self.worker_timeout else None,
+            "heartbeat": beat_interval(self.worker_timeout) if self.worker_timeout else None,
+            "log_file": self.log_file,
             "max_requests": max_requests,
             "trusted_proxies": self.trusted_proxies,
             "header_timeout": self.header_timeout,
             "control_fd": control_fd,
             "sys_path": [os.getcwd() if entry == "" else entry for entry in sys.path],
-            "listeners": [listener.worker_spec() for listener in self._ordered_listeners()],
+            "listeners": [
+                {**listener.worker_spec(), "settings": self._listener_settings[id(listener)]}
+                for listener in self._ordered_listeners()
+            ],
         }
         assert self._devnull is not None  # startService opened it
         child_fds: dict[int, int | str] = {
@@ -462,10 +581,16 @@ class Workers(Service):
         for index, listener in enumerate(listeners):
             child_fds[FIRST_LISTEN_FD + index] = listener.sock.fileno()
         env = dict(os.environ)
+        for name in systemd.ENVIRONMENT:
+            env.pop(name, None)  # only the supervisor speaks to systemd
         env["LISTEN_FDS"] = str(len(listeners))
         env["LISTEN_FDNAMES"] = ":".join(f"listener{i}" for i in range(len(listeners)))
         env.pop("LISTEN_PID", None)
         process = _WorkerProcess(self, self._generation, control_fd)
+        if self.max_worker_lifetime is not None:
+            process.lifetime = self.max_worker_lifetime + random.uniform(
+                0, self.max_worker_lifetime_jitter
+            )
         argv = [sys.executable, "-m", "txsocketserver._workers.worker", json.dumps(spec)]
         self._reactor.spawnProcess(
             process, sys.executable, argv, env=env, path=os.getcwd(), childFDs=child_fds
@@ -475,7 +600,7 @@ class Workers(Service):
         self._processes.append(process)
         _log.info("started {worker}", worker=process)
 
-    def _ordered_listeners(self) -> list[Listener]:
+    def _ordered_listeners(self) -> list[BoundSocket]:
         # Inherited sockets first, in order, so that listener i of the spec is
         # fd FIRST_LISTEN_FD + i; the reuse_port ones, bound by workers, after.
         return [x for x in self.listeners if x.inherited] + [
@@ -489,6 +614,55 @@ class Workers(Service):
         _log.info("{worker} ready", worker=process)
         self._reconcile()
         self._notify_ready()
+        if not self._announced and self._stopping is None and self._all_ready():
+            self._announced = self._started_once = True
+            self._heartbeat.ready()
+        self._heartbeat.send_status()
+
+    def _heard_from(self, process: _WorkerProcess) -> None:
+        """A line from *process*: its reactor turns; re-arm the deadline for silence."""
+        if not self.worker_timeout or process.stopping:
+            return
+        # A worker reports every beat interval while its reactor turns: after
+        # that much more silence, it has been stuck for worker_timeout.
+        silence = self.worker_timeout + beat_interval(self.worker_timeout)
+        if process._silence is not None and process._silence.active():
+            process._silence.reset(silence)
+        else:
+            process._silence = self._reactor.callLater(silence, self._worker_silent, process)
+
+    def _worker_stuck(self, process: _WorkerProcess, seconds: str) -> None:
+        """The worker says a serving loop made no progress for ``worker_timeout``."""
+        if process.stopping or self._stopping is not None:
+            return
+        _log.error(
+            "{worker} made no progress for {seconds}s (--worker-timeout {timeout}; its "
+            "threads' stacks are logged above); killing it and starting another",
+            worker=process,
+            seconds=seconds,
+            timeout=self.worker_timeout,
+        )
+        self._replace_stuck(process, signal.SIGKILL)
+
+    def _worker_silent(self, process: _WorkerProcess) -> None:
+        """Nothing from the worker for ``worker_timeout`` plus a beat: its reactor is stuck."""
+        if process.stopping or process.ended or self._stopping is not None:
+            return
+        _log.error(
+            "{worker} missed its heartbeat for {timeout}s (its reactor is stuck in a "
+            "blocking call?); SIGABRT writes its threads' stacks to its stderr; "
+            "killing it and starting another",
+            worker=process,
+            timeout=self.worker_timeout,
+        )
+        self._replace_stuck(process, signal.SIGABRT)
+        self._reactor.callLater(KILL_GRACE, process.signal, signal.SIGKILL)
+
+    def _replace_stuck(self, process: _WorkerProcess, signum: int) -> None:
+        process.stopping = True
+        self._replaced += 1
+        process.signal(signum)
+        self._reconcile()
 
     def _worker_retiring(self, process: _WorkerProcess) -> None:
         _log.info("{worker} reached --max-requests; replacing it", worker=process)
@@ -499,6 +673,8 @@ class Workers(Service):
         status = getattr(how, "exitCode", None)
         killed_by = getattr(how, "signal", None)
         outcome = f"signal {signal.Signals(killed_by).name}" if killed_by else f"status {status}"
+        if not killed_by and status in EXIT_MEANINGS:
+            outcome += f": {EXIT_MEANINGS[status]}"
         if process.stopping or self._stopping is not None:
             _log.info("{worker} exited ({outcome})", worker=process, outcome=outcome)
         elif not process.ready:
@@ -512,6 +688,7 @@ class Workers(Service):
                 backoff=backoff,
             )
         else:
+            self._replaced += 1
             _log.warn("{worker} died ({outcome}); replacing it", worker=process, outcome=outcome)
         self._maybe_stopped()
         self._reconcile()
@@ -528,17 +705,41 @@ class Workers(Service):
                     process.stopping = True
                     process.signal(signal.SIGKILL)
                 continue
-            if self.worker_timeout and now - process.last_beat > self.worker_timeout:
-                _log.error(
-                    "{worker} missed its heartbeat for {timeout}s (stuck in a blocking call?); "
-                    "killing it",
-                    worker=process,
-                    timeout=self.worker_timeout,
-                )
-                process.stopping = True
-                process.signal(signal.SIGABRT)
-                self._reactor.callLater(KILL_GRACE, process.signal, signal.SIGKILL)
+            if process.retiring is not None:
+                continue
+            if self.max_worker_memory is not None and process.pid is not None:
+                rss = resident_memory(process.pid)
+                if rss is not None and rss > self.max_worker_memory * 1e6:
+                    self._retire(process, f"uses {rss / 1e6:.0f} MB, over --max-worker-memory")
+                    continue
+            assert process.ready_at is not None  # set with ready
+            if process.lifetime is not None and now - process.ready_at >= process.lifetime:
+                self._retire(process, f"has served {now - process.ready_at:.1f}s, its lifetime")
         self._reconcile()
+
+    def _retire(self, process: _WorkerProcess, why: str) -> None:
+        process.retiring = why
+        self._replaced += 1
+        _log.info("{worker} {why}: replacing it (it drains once its successor is ready)",
+                  worker=process, why=why)  # fmt: skip
+
+    # -- what systemd is told ----------------------------------------------------------
+
+    def _health(self) -> str | None:
+        """None while at least one worker serves, else why not (the watchdog's view)."""
+        if not self._started_once or any(p.ready and not p.stopping for p in self._processes):
+            return None  # starting: systemd's start timeout covers that
+        return "no worker is ready"
+
+    def _status(self) -> str:
+        """The ``STATUS=`` line: the workers' live counts."""
+        ready = sum(1 for p in self._processes if p.ready and not p.stopping)
+        starting = sum(1 for p in self._processes if not p.ready and not p.stopping)
+        stopping = sum(1 for p in self._processes if p.stopping)
+        return (
+            f"{ready} of {self.workers} workers ready, {starting} starting, {stopping} "
+            f"stopping; generation {self._generation}; {self._replaced} replaced"
+        )
 
 
 def run_workers(

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_workers -*-
 """A worker process: serve the handler on the listening sockets the supervisor handed over.
 
 Started by the supervisor (:mod:`txsocketserver._workers.supervisor`) with
@@ -18,10 +19,12 @@ receives:
   (``adoptStreamPort``).  With ``--reuse-port`` the worker binds its own
   ``SO_REUSEPORT`` socket instead.
 * The *control pipe*, the fd after the listeners, on which it writes one line
-  per event: ``ready`` once every server serves, ``beat`` every
-  ``heartbeat`` seconds while the reactor and every serving loop make
-  progress, ``retire`` when ``max_requests`` is reached (it then drains and
-  exits by itself).
+  per event: ``ready`` once every server serves (its serving loop has gone
+  round once: it listens and answers), ``beat`` every ``heartbeat`` seconds
+  while every serving loop made progress within ``worker_timeout`` (else
+  ``stuck SECONDS``, once, after logging the stacks of all its threads),
+  ``retire`` when ``max_requests`` is reached (it then drains and exits by
+  itself).
 * The *supervisor pipe*, the fd after that, which the worker only reads: end
   of file means the supervisor is gone (killed, say), and the worker then
   drains and exits instead of serving on unsupervised.
@@ -30,7 +33,8 @@ It runs the reactor in its main thread and each server as a
 ``ServerService``; SIGTERM (from the supervisor) stops the reactor, whose
 shutdown drains every server (``drain_timeout``), and the worker exits 0.
 SIGHUP, SIGTTIN and SIGTTOU are the supervisor's: a worker ignores them (a
-terminal sends them to the whole process group).
+terminal sends them to the whole process group).  SIGUSR1 reopens the log
+files (``--log-file``, see :mod:`txsocketserver._logfiles`).
 """
 
 from __future__ import annotations
@@ -46,6 +50,15 @@ from typing import Any
 #: First fd of the listening sockets, as systemd numbers them.
 FIRST_LISTEN_FD = 3
 
+# A worker's exit statuses, which the supervisor reads (gunicorn's numbers).
+#: It stopped as asked: SIGTERM, ``max_requests`` reached, its supervisor gone.
+WORKER_STOPPED = 0
+#: It never served: the handler or server class cannot be imported (a reload
+#: with broken code), or a listening socket cannot be served.  The output says why.
+WORKER_BOOT_ERROR = 3
+#: What the supervisor's log says of a status beside its number.
+EXIT_MEANINGS = {WORKER_BOOT_ERROR: "boot error"}
+
 
 def main(argv: list[str] | None = None) -> None:
     """Run one worker until SIGTERM; exits the process."""
@@ -55,6 +68,11 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["LISTEN_PID"] = str(os.getpid())
     for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(signum, signal.SIG_IGN)
+    from txsocketserver import _logfiles
+
+    if spec.get("log_file"):
+        _logfiles.log_to_file(spec["log_file"])
+    _logfiles.handle_sigusr1()
     import faulthandler
 
     # A worker the supervisor finds stuck gets SIGABRT first: the tracebacks
@@ -78,12 +96,25 @@ def main(argv: list[str] | None = None) -> None:
         # The handler or server class cannot be imported (a reload with
         # broken code): say why; the supervisor retries after a back-off.
         print(f"worker {os.getpid()}: cannot start: {error}", file=sys.stderr, flush=True)
-        os._exit(3)
+        os._exit(WORKER_BOOT_ERROR)
     reactor.callWhenRunning(worker.start)
     reactor.run()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(worker.exit_status)
+
+
+def thread_stacks() -> str:
+    """The stack of every thread of this process, innermost call last, named."""
+    import threading
+    import traceback
+
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    parts = []
+    for ident, frame in sys._current_frames().items():
+        stack = "".join(traceback.format_stack(frame))
+        parts.append(f"Thread {names.get(ident, '?')} ({ident}):\n{stack}")
+    return "\n".join(parts)
 
 
 def _adopt(fd: int) -> socket.socket:
@@ -118,12 +149,13 @@ class _Worker:
         self._spec = spec
         self._reactor = reactor
         self._control = spec["control_fd"]
-        self.exit_status = 0
+        self.exit_status = WORKER_STOPPED
         self._services: list[Any] = []
         self._servers: list[Any] = []
         self._ticks: dict[int, float] = {}
         self._requests = 0
         self._retiring = False
+        self._stuck = False
         self._handler = load_object(spec["handler"], "--handler")
         self._server_class = server_class(spec["server"], mode_for(self._handler, spec["mode"]))
 
@@ -143,7 +175,7 @@ class _Worker:
             for server in self._servers:
                 server.server_close()
             self._servers = []
-            self.exit_status = 3
+            self.exit_status = WORKER_BOOT_ERROR
             self._reactor.stop()
             return
         started = [
@@ -155,17 +187,30 @@ class _Worker:
 
         def serving(services: list[Any]) -> None:
             self._services = services
-            self._send(b"ready")
-            if self._spec["heartbeat"]:
-                from twisted.internet.task import LoopingCall
+            since = time.monotonic()
 
-                LoopingCall(self._beat).start(self._spec["heartbeat"])
+            # Ready once every serving loop has gone round (service_actions
+            # ran after its first wait on the socket): it takes connections.
+            def answering() -> None:
+                if all(tick > since for tick in self._ticks.values()):
+                    self._serving()
+                else:
+                    self._reactor.callLater(0.01, answering)
+
+            answering()
 
         def failed(failure: Any) -> None:
-            self.exit_status = 3
+            self.exit_status = WORKER_BOOT_ERROR
             self._reactor.stop()
 
         gatherResults(started, consumeErrors=True).addCallbacks(serving, failed)
+
+    def _serving(self) -> None:
+        self._send(b"ready")
+        if self._spec["heartbeat"]:
+            from twisted.internet.task import LoopingCall
+
+            LoopingCall(self._beat).start(self._spec["heartbeat"])
 
     @property
     def _poll(self) -> float:
@@ -204,6 +249,9 @@ class _Worker:
             server.trusted_proxies = tuple(self._spec["trusted_proxies"])
         if self._spec["header_timeout"] is not None:
             server.header_timeout = self._spec["header_timeout"]
+        for attribute, value in listener.get("settings", {}).items():
+            # A [[listener]] table's own options (txsocketserver._config.PER_LISTENER).
+            setattr(server, attribute, tuple(value) if isinstance(value, list) else value)
         self._watch(server)
         return server
 
@@ -222,11 +270,12 @@ class _Worker:
             service_actions()
 
         server.service_actions = ticking_service_actions
-        if not self._spec["max_requests"]:
-            return
         verify_request = server.verify_request
 
         def counting_verify_request(request: Any, client_address: Any) -> bool:
+            # The loop takes a request: progress, up to this moment (a request
+            # that then runs for worker_timeout is a stall of that long).
+            self._ticks[key] = time.monotonic()
             self._requests += 1
             if self._requests == self._spec["max_requests"]:
                 # From the serving thread, shutdown() returns at once and the
@@ -239,10 +288,27 @@ class _Worker:
 
     def _beat(self) -> None:
         # A serving loop stuck in a handler (a synchronous server), or a loop
-        # that died, stops the beat: the supervisor then replaces the worker.
-        stale = time.monotonic() - self._spec["worker_timeout"] / 2
-        if all(tick >= stale for tick in self._ticks.values()):
+        # that died, for worker_timeout: say so once, with every thread's
+        # stack, and the supervisor replaces the worker.  The beat itself
+        # tells it that this reactor turns.
+        if self._stuck:
+            return
+        stalled = time.monotonic() - min(self._ticks.values())
+        if stalled < self._spec["worker_timeout"]:
             self._send(b"beat")
+            return
+        self._stuck = True
+        from twisted.logger import Logger
+
+        Logger(namespace="txsocketserver.workers").error(
+            "worker {pid}: a serving loop made no progress for {seconds:.2f}s "
+            "(--worker-timeout {timeout}); the stacks of its threads:\n{stacks}",
+            pid=os.getpid(),
+            seconds=stalled,
+            timeout=self._spec["worker_timeout"],
+            stacks=thread_stacks(),
+        )
+        self._send(b"stuck %.2f" % stalled)
 
     def _retire(self) -> None:
         if self._retiring:

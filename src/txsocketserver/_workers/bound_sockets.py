@@ -1,12 +1,13 @@
-"""The supervisor's listening sockets, made from ``--listen`` descriptions.
+# -*- test-case-name: tests.test_workers -*-
+"""The sockets the supervisor binds from ``--listen`` descriptions and hands down.
 
 The supervisor binds every socket itself, before any worker starts, and keeps
 it open for its whole life: workers come and go (crash, reload, recycling)
 while the kernel keeps queueing connections, so no client is refused.  Each
-description becomes a :class:`Listener`:
+description becomes a :class:`BoundSocket`:
 
 * ``tcp:``, ``tcp6:``, ``unix:`` and ``ssl:``: a socket bound and listened to
-  as the stream server would (``_endpoints.listening_socket`` says how);
+  as the stream server would (``_twisted.endpoints.listening_socket`` says how);
   workers serve it on the socket path, ``ssl:`` doing TLS in the worker.
 * ``systemd:``: the socket systemd handed to the supervisor, passed on.
 * ``haproxy:`` + one of the above: the same socket; workers read the PROXY
@@ -31,7 +32,7 @@ _PROXY_PREFIX = "haproxy:"
 
 
 @dataclass
-class Listener:
+class BoundSocket:
     """One listening socket of the supervisor, and how workers serve it.
 
     Attributes:
@@ -101,7 +102,7 @@ class Listener:
             remove_socket_file(path)
 
 
-def make_listener(description: str, *, reuse_port: bool = False) -> Listener:
+def bind_socket(description: str, *, reuse_port: bool = False) -> BoundSocket:
     """Bind (and, unless *reuse_port*, listen on) the socket *description* names.
 
     Error handling:
@@ -122,7 +123,7 @@ def make_listener(description: str, *, reuse_port: bool = False) -> Listener:
         if reuse_port:
             raise ValueError(f"{description!r}: --reuse-port binds sockets, systemd passes one")
         sock = socket.socket(fileno=resolved.fileno)
-        return Listener(description, sock, inherited=True, proxy=proxy)
+        return BoundSocket(description, sock, inherited=True, proxy=proxy)
     listening = listening_socket(endpoint)
     if listening is None:
         raise ValueError(
@@ -150,7 +151,7 @@ def make_listener(description: str, *, reuse_port: bool = False) -> Listener:
     except BaseException:
         sock.close()
         raise
-    return Listener(
+    return BoundSocket(
         description,
         sock,
         inherited=not reuse_port,
