@@ -36,7 +36,15 @@ def test_a_known_v1_line_with_a_bare_lf_is_refused_at_once() -> None:
 
 
 @pytest.mark.parametrize(
-    "option", ["--header-timeout", "--drain-timeout", "--worker-timeout"]
+    "option",
+    [
+        "--header-timeout",
+        "--drain-timeout",
+        "--worker-timeout",
+        "--max-worker-memory",
+        "--max-worker-lifetime",
+        "--max-worker-lifetime-jitter",
+    ],
 )
 def test_a_nan_timeout_is_a_usage_error(option: str) -> None:
     # Found by fuzz_cli_options: nan compares false with everything, so it

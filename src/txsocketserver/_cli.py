@@ -316,10 +316,10 @@ class Options(usage.Options):
         if self["worker-timeout"] is not None and not self["worker-timeout"] > 0:
             raise usage.UsageError("--worker-timeout must be positive")
         for name in ("max-worker-memory", "max-worker-lifetime"):
-            if self[name] is not None and self[name] <= 0:
+            if self[name] is not None and not self[name] > 0:
                 raise usage.UsageError(f"--{name} must be positive")
         jitter = self["max-worker-lifetime-jitter"]
-        if jitter is not None and jitter < 0:
+        if jitter is not None and not jitter >= 0:
             raise usage.UsageError("--max-worker-lifetime-jitter must not be negative")
 
 

@@ -34,7 +34,8 @@ HANDLER = ["--handler", "socketserver:StreamRequestHandler"]
 OPTIONS = ["--listen", "--trusted-proxies", "--header-timeout", "--drain-timeout",
            "--graceful-timeout", "--workers", "--max-requests", "--max-requests-jitter",
            "--worker-timeout", "--mode", "--max-threads", "--reuse-port",
-           "-l", "-w", "-m"]  # fmt: skip
+           "-l", "-w", "-m", "--max-worker-memory", "--max-worker-lifetime",
+           "--max-worker-lifetime-jitter"]  # fmt: skip
 VALUES = ["8000", "0", "-1", "1.5", "nan", "inf", "1e999", "tcp:0", "tcp:0:interface=127.0.0.1",
           "haproxy:tcp:0", "unix:/tmp/fuzz.sock", "ssl:0", "10.0.0.0/8", "fd00::/8", "*",
           "127.0.0.1,::1", ",", " , 10.0.0.1 ", "::ffff:10.0.0.5", "10.0.0.0/33",
@@ -71,6 +72,10 @@ def check_parsed(options: Options) -> None:
     assert options["max-threads"] is None or options["max-threads"] >= 1
     assert options["worker-timeout"] is None or options["worker-timeout"] > 0
     assert options["endpoint"] is not None
+    for name in ("max-worker-memory", "max-worker-lifetime"):
+        assert options.get(name) is None or options[name] > 0, (name, options[name])
+    jitter = options.get("max-worker-lifetime-jitter")
+    assert jitter is None or jitter >= 0, jitter
 
 
 if __name__ == "__main__":
