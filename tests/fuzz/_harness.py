@@ -38,9 +38,11 @@ def instrumented(*packages: str) -> Iterator[None]:
         yield
 
 
-def guard_imports() -> None:
-    """Make ``load_object`` (``package.module:Name`` options) import only
-    :data:`IMPORTABLE` modules; any other name fails as a module that is not there."""
+@contextlib.contextmanager
+def guarded_imports() -> Iterator[None]:
+    """Inside, ``load_object`` (``package.module:Name`` options) imports only
+    :data:`IMPORTABLE` modules; any other name fails as a module that is not
+    there.  Undone on leaving: the replay in the normal suite shares the process."""
     from txsocketserver import _server_classes
 
     def import_module(name: str, package: str | None = None) -> types.ModuleType:
@@ -48,9 +50,14 @@ def guard_imports() -> None:
             raise ModuleNotFoundError(f"fuzzing imports no {name!r}", name=name)
         return importlib.import_module(name, package)
 
-    _server_classes.importlib = types.SimpleNamespace(  # type: ignore[attr-defined]
+    real = _server_classes.importlib
+    _server_classes.importlib = types.SimpleNamespace(  # type: ignore[assignment]
         import_module=import_module
     )
+    try:
+        yield
+    finally:
+        _server_classes.importlib = real
 
 
 def fuzz(check: Callable[[bytes], None]) -> None:

@@ -7,7 +7,7 @@ values of every TOML type and ``[[listener]]`` tables) and read through
 ``Options().parseOptions(["--config", FILE, "--handler", ...])`` with an
 empty environment; ``--handler`` and ``server`` can import only the
 stdlib's ``socketserver``/``http.server`` and ``txsocketserver``
-(``_harness.guard_imports``).  Invariants after a parse that succeeds: the
+(``_harness.guarded_imports``).  Invariants after a parse that succeeds: the
 same as ``fuzz_cli_options`` (listeners present, timeouts and counts in
 range), and what each ``[[listener]]`` table sets is in range too.
 
@@ -27,7 +27,7 @@ import shutil
 import sys
 import tempfile
 
-from _harness import FuzzInput, fuzz, guard_imports, instrumented
+from _harness import FuzzInput, fuzz, guarded_imports, instrumented
 from fuzz_cli_options import check_parsed
 from twisted.python import usage
 
@@ -36,11 +36,6 @@ AVAILABLE = importlib.util.find_spec("txsocketserver._config") is not None
 with instrumented("txsocketserver"):
     from txsocketserver._cli import Options
 
-guard_imports()
-for _name in list(os.environ):
-    # The configuration reads TXSOCKETSERVER_*, PORT and WEB_CONCURRENCY too.
-    if _name.startswith("TXSOCKETSERVER_") or _name in ("PORT", "WEB_CONCURRENCY"):
-        del os.environ[_name]
 
 _DIRECTORY = tempfile.mkdtemp(prefix="txss-fuzz-config-")
 atexit.register(shutil.rmtree, _DIRECTORY, True)
@@ -99,10 +94,20 @@ def check(data: bytes) -> None:
     with open(FILE, "wb") as file:
         file.write(document(data))
     options = Options()
+    # The configuration reads TXSOCKETSERVER_*, PORT and WEB_CONCURRENCY too:
+    # none of this process's, only the file's.
+    hidden = {
+        name: os.environ.pop(name)
+        for name in list(os.environ)
+        if name.startswith("TXSOCKETSERVER_") or name in ("PORT", "WEB_CONCURRENCY")
+    }
     try:
-        options.parseOptions(COMMAND_LINE)
+        with guarded_imports():
+            options.parseOptions(COMMAND_LINE)
     except usage.UsageError:
         return
+    finally:
+        os.environ.update(hidden)
     check_parsed(options)
     from txsocketserver import _config
 
