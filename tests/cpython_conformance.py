@@ -1,9 +1,11 @@
 """Run one test of CPython's own ``test.test_socketserver`` against txsocketserver.
 
-Used by ``test_cpython_conformance.py``, one process per test::
+Used by ``test_cpython_conformance.py``, one process per test, or the whole
+module in one process as regrtest runs it::
 
     python cpython_conformance.py list REPORT
     python cpython_conformance.py run TEST_ID REPORT
+    python cpython_conformance.py module REPORT
 
 ``test.test_socketserver`` comes from the running interpreter's installed
 ``test`` package (never a copy of it).  While that module is imported, and only
@@ -11,15 +13,22 @@ then, ``sys.modules["socketserver"]`` is txsocketserver: the classes the module
 defines at import time (``ForkingErrorTestServer`` and the like) derive from
 ours, and ``socketserver.X`` in its test bodies is ours.  REPORT receives JSON:
 the test ids (``list``), or the outcome of the test and what shows that our
-code ran (``run``).
+code ran (``run``); for ``run`` and ``module``, also what regrtest's
+``--fail-env-changed`` checks would say (``saved_test_environment``,
+``threading_helper.threading_cleanup`` inside the tests, ``reap_children``)
+and, stricter, whether any thread outlived a test at all.
 """
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import importlib
 import io
 import json
+import os
 import sys
+import threading
 import unittest
 
 import cloudpickle
@@ -30,10 +39,11 @@ import test.support  # noqa: F401
 import test.support.os_helper  # noqa: F401
 import test.support.socket_helper  # noqa: F401
 import test.support.threading_helper  # noqa: F401
+from test import support
+from test.libregrtest.save_env import saved_test_environment
 
 import txsocketserver
 from txsocketserver._core import base as _base
-from txsocketserver._twisted import reactor as _reactor
 
 MODULE = "test.test_socketserver"
 
@@ -75,24 +85,71 @@ def main() -> None:
     tests = {test.id(): test for test in _flatten(suite)}
     if command == "list":
         report = {"tests": sorted(tests)}
-    else:
+    elif command == "run":
         test_id = sys.argv[2]
-        # Our reactor thread lives as long as the process, as the interpreter's
-        # own machinery does: start it before the test, so that the thread
-        # count threading_helper.reap_threads compares with includes it.
-        _reactor.running_reactor()
         constructed = count_servers()
         stream = io.StringIO()
-        result = unittest.TextTestRunner(stream=stream, verbosity=2).run(tests[test_id])
+        with checked_environment() as environment:
+            result = unittest.TextTestRunner(stream=stream, verbosity=2).run(tests[test_id])
         report = {
             "outcome": _outcome(result),
             "output": stream.getvalue(),
             "servers_constructed": constructed[0],
             "module_socketserver": module.socketserver.__name__,
             "stdlib_socketserver_loaded": "socketserver" in sys.modules,
+            **environment,
         }
+    else:
+        report = {"tests": {}}
+        with checked_environment() as environment:
+            for test_id, test in sorted(tests.items()):
+                stream = io.StringIO()
+                with checked_environment() as test_environment:
+                    result = unittest.TextTestRunner(stream=stream, verbosity=2).run(test)
+                report["tests"][test_id] = {
+                    "outcome": _outcome(result),
+                    "output": stream.getvalue(),
+                    **test_environment,
+                }
+        report.update(environment)
     with open(sys.argv[-1], "w") as f:
         json.dump(report, f)
+
+
+class _SavedEnvironmentButFiles(saved_test_environment):
+    """regrtest's checks but the one of the files in the working directory,
+    which :func:`checked_environment` reports by name instead (the two tests
+    expected to fail leave the files their handlers wrote)."""
+
+    resources = tuple(r for r in saved_test_environment.resources if r != "files")
+
+
+@contextlib.contextmanager
+def checked_environment():
+    """What regrtest (``--fail-env-changed``) checks around a test module,
+    around the body; the dict it yields is filled in on the way out.
+
+    ``environment_altered``: ``saved_test_environment`` found a change (threads
+    in ``threading._dangling`` among them), or ``threading_cleanup`` (run by
+    the tests' own ``reap_threads``) or ``reap_children`` reported one.
+    ``files_left``: files the body left in the working directory.
+    ``threads_left``: threads alive after the body that were not before it,
+    counted at once (``threading_cleanup`` waits up to a second on 3.11+).
+    """
+    found: dict[str, object] = {}
+    altered_before, support.environment_altered = support.environment_altered, False
+    threads_before = _thread._count()
+    files_before = set(os.listdir())
+    with _SavedEnvironmentButFiles(MODULE, 0, False, pgo=False):
+        yield found
+    found["files_left"] = sorted(set(os.listdir()) - files_before)
+    threads_left = _thread._count() - threads_before
+    names = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    support.reap_children()
+    found["environment_altered"] = support.environment_altered
+    found["threads_left"] = threads_left
+    found["threads_alive"] = names
+    support.environment_altered = altered_before or support.environment_altered
 
 
 def _flatten(suite):

@@ -6,7 +6,10 @@ txsocketserver (see ``cpython_conformance.py``).  Each of its tests runs in a
 process of its own, bounded by a timeout, and must pass, except those named
 in ``EXPECTED_TO_FAIL`` with the reason; for every test the report must show
 that txsocketserver's servers were the ones built, and that the stdlib's
-``socketserver`` was never loaded.
+``socketserver`` was never loaded.  Every test, and the whole module run in
+one process as regrtest runs it, must leave the environment as regrtest's
+``--fail-env-changed`` wants it (``saved_test_environment``,
+``threading_cleanup``, ``reap_children``), and no thread behind at all.
 """
 
 from __future__ import annotations
@@ -50,17 +53,28 @@ WRITTEN_UNDER_ANOTHER_NAME = {
 }
 
 
-def _run(*args: str, report: str) -> dict:
-    subprocess.run(
+def _run(*args: str, report: str, timeout: float = TEST_TIMEOUT) -> dict:
+    done = subprocess.run(
         [sys.executable, RUNNER, *args, report],
         cwd=os.path.dirname(report),
-        timeout=TEST_TIMEOUT,
+        timeout=timeout,
         check=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
     with open(report) as f:
-        return json.load(f)
+        found = json.load(f)
+    found["process_output"] = done.stdout.decode(errors="replace")
+    return found
+
+
+def _assert_clean(found: dict, test_id: str) -> None:
+    """What regrtest's environment checks, and a thread count, say of a test."""
+    detail = found.get("output", "") + found["process_output"]
+    assert not found["environment_altered"], detail
+    assert found["threads_left"] == 0, found["threads_alive"]
+    expected_files = 1 if test_id in WRITTEN_UNDER_ANOTHER_NAME else 0
+    assert len(found["files_left"]) == expected_files, found["files_left"]
 
 
 def _test_ids() -> list[str]:
@@ -87,6 +101,7 @@ def test_the_interpreters_test_module_is_found():
 @pytest.mark.parametrize("test_id", TEST_IDS, ids=[t.rpartition(".")[2] for t in TEST_IDS])
 def test_cpython(test_id, tmp_path):
     report = _run("run", test_id, report=str(tmp_path / "report.json"))
+    _assert_clean(report, test_id)
     assert report["module_socketserver"] == "txsocketserver"
     assert not report["stdlib_socketserver_loaded"]
     if test_id in EXPECTED_TO_FAIL:
@@ -97,3 +112,20 @@ def test_cpython(test_id, tmp_path):
         return
     assert report["outcome"] == "passed", report["output"]
     assert report["servers_constructed"] > 0, "no txsocketserver server was built"
+
+
+@pytest.mark.timeout(4 * TEST_TIMEOUT + 10)
+def test_cpython_module_in_one_process_leaves_the_environment_clean(tmp_path):
+    # regrtest runs a test module in one process: only the first test there
+    # starts from a process that never served, and a thread the package kept
+    # would show in every later test's threading_cleanup.
+    assert TEST_IDS, "this interpreter has no test.test_socketserver"
+    found = _run("module", report=str(tmp_path / "report.json"), timeout=4 * TEST_TIMEOUT)
+    assert set(found["tests"]) == set(TEST_IDS)
+    for test_id, outcome in found["tests"].items():
+        outcome["process_output"] = ""
+        _assert_clean(outcome, test_id)
+        expected = "failed" if test_id in EXPECTED_TO_FAIL else "passed"
+        assert outcome["outcome"] == expected, (test_id, outcome["output"])
+    assert not found["environment_altered"], found["process_output"]
+    assert found["threads_left"] == 0, found["threads_alive"]

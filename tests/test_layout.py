@@ -114,7 +114,7 @@ def test_each_strategy_provides_its_role() -> None:
 
     import txsocketserver as ss
     from txsocketserver._async.serving import AsyncServing
-    from txsocketserver._core.stream import PlainConnections
+    from txsocketserver._core.stream import PlainConnections, ServingThread
     from txsocketserver._forking.dispatcher import ProcessDispatcher
     from txsocketserver._twisted import interfaces
     from txsocketserver._twisted.endpoints import EndpointListener
@@ -130,11 +130,12 @@ def test_each_strategy_provides_its_role() -> None:
         (interfaces.IRequestReadiness, SocketReadiness),
         (interfaces.IThreadDispatcher, ThreadDispatcher),
         (interfaces.IProcessDispatcher, ProcessDispatcher),
-        (interfaces.IAsyncServing, AsyncServing),
+        (interfaces.IServing, AsyncServing),
     ]:
         assert verifyClass(role, strategy)
     # Twisted-free classes declare nothing (no zope.interface there), but fit.
     assert verifyClass(interfaces.IConnectionSecurity, PlainConnections, tentative=True)
+    assert verifyObject(interfaces.IServing, ServingThread(), tentative=True)
     assert verifyClass(interfaces.IServerControl, ss.BaseServer, tentative=True)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     assert verifyObject(interfaces.IConnectionSecurity, TLSSecurity(context))
@@ -298,3 +299,63 @@ def test_every_strategy_of_every_role_provides_it() -> None:
         assert any(expected in found for found in strategies.values()), (
             f"{expected} fills no role now; if it moved or was renamed, update this test"
         )
+
+
+# -- the layering: _core below _twisted below _async ---------------------------------
+
+# The parts in their layers, lowest first: a part may import the ones below it.
+LAYERS = ("_core", "_twisted", "_async")
+
+
+def runtime_imports(path: pathlib.Path) -> list[tuple[str, bool]]:
+    """``(module, is_type_only)`` for every import in *path*, function bodies
+    included; ``is_type_only`` for those under ``if TYPE_CHECKING:``."""
+    found: list[tuple[str, bool]] = []
+
+    def visit(node: ast.AST, type_only: bool) -> None:
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            for child in node.body:
+                visit(child, True)
+            for child in node.orelse:
+                visit(child, type_only)
+            return
+        if isinstance(node, ast.Import):
+            found.extend((alias.name, type_only) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.append((node.module, type_only))
+        for child in ast.iter_child_nodes(node):
+            visit(child, type_only)
+
+    visit(ast.parse(path.read_text()), False)
+    return found
+
+
+def test_one_import_runs_against_the_layering() -> None:
+    # The core reaches the Twisted side through _core.base.twisted_side()
+    # alone (plus the roles' names, for the type checker, in base.py); the
+    # Twisted side never imports _async: an async handler class names its
+    # serving itself (AsyncBaseRequestHandler._serving_strategy).
+    against: list[str] = []
+    for path in PACKAGE.rglob("*.py"):
+        part = path.relative_to(PACKAGE).parts[0]
+        if part not in LAYERS:
+            continue
+        for module, type_only in runtime_imports(path):
+            bits = module.split(".")
+            if bits[0] != "txsocketserver" or len(bits) < 2 or bits[1] not in LAYERS:
+                continue
+            if LAYERS.index(bits[1]) > LAYERS.index(part):
+                name = f"{path.relative_to(PACKAGE)} -> {module}"
+                against.append(name + (" (type only)" if type_only else ""))
+    assert sorted(against) == [
+        "_core/base.py -> txsocketserver._twisted",
+        "_core/base.py -> txsocketserver._twisted (type only)",
+    ]
+
+
+def test_the_core_tests_no_mode() -> None:
+    # Async is a strategy (IServing), not a flag the core's hooks test.
+    import re
+
+    for path in (PACKAGE / "_core").glob("*.py"):
+        assert not re.search(r"\b_async\b", path.read_text()), path.name

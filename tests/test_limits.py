@@ -1,6 +1,6 @@
 """``max_connections`` and ``idle_timeout`` on blocking servers: sync, threading, forking.
 
-Ours only: the stdlib has neither (the async servers' limits are in test_async).
+Ours only: the stdlib has neither (the async servers' limits are in test_async_serving.py).
 """
 
 from __future__ import annotations

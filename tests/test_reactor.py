@@ -2,13 +2,16 @@
 
 What servers make of it (a blocking call refused on the reactor thread, servers
 made one after another sharing the reactor) is tested in
-``test_stream_lifecycle.py`` and ``test_service.py``; here are the bridge's own
-promises, with the reactor of the blocking world that the suite shares.
+``test_stream_lifecycle.py`` and ``test_service.py``, and the reactor thread's
+life (it exists only while held) in ``test_reactor_lifecycle.py``; here are the
+bridge's own promises, with the reactor of the blocking world held for this
+module's tests.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 
 import pytest
 from twisted.internet.defer import Deferred
@@ -21,10 +24,22 @@ class Boom(Exception):
     pass
 
 
+class _ModuleHold:
+    """What holds the reactor for this module's tests."""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def held() -> Iterator[None]:
+    owner = _ModuleHold()
+    bridge.hold(owner)
+    yield
+    bridge.release(owner)
+
+
 def test_the_blocking_world_runs_one_reactor_in_a_daemon_thread() -> None:
-    reactor = bridge.running_reactor()
+    reactor = bridge.hold(_ModuleHold())
     assert reactor.running
-    assert bridge.running_reactor() is reactor
+    assert bridge.get_reactor() is reactor
     assert not bridge.in_reactor_thread()
     runs = bridge.call_in_reactor(threading.current_thread)
     assert runs is not threading.current_thread()

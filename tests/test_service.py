@@ -145,7 +145,6 @@ def test_straggler_closed_after_drain_timeout(mode: str, server_class: type) -> 
         assert recv_all(client) == b""
 
 
-
 class StdlibStyleThreadingServer(txsocketserver.ThreadingTCPServer):
     """Overrides the public hook with a whole body of its own, no super()."""
 
@@ -170,6 +169,7 @@ def test_stop_does_not_wait_for_finished_requests_of_an_overridden_hook() -> Non
     began = time.monotonic()
     on_reactor(service.stopService)
     assert time.monotonic() - began < 3.0
+
 
 def test_start_server_listens_on_unbound_endpoint_server() -> None:
     server = txsocketserver.ThreadingTCPServer(

@@ -49,12 +49,19 @@ WAIT = 10.0
 Handler = Callable[[TransportSocket, SocketAddress], None]
 
 
-@pytest.fixture(scope="module")
-def reactor() -> Any:
-    """The package's shared background reactor, started if nobody runs it."""
-    from txsocketserver._twisted.reactor import running_reactor
+class _ModuleHold:
+    """What holds the reactor for this module's tests."""
 
-    return running_reactor()
+
+@pytest.fixture(scope="module")
+def reactor() -> Iterator[Any]:
+    """The package's shared background reactor, started if nobody runs it,
+    and held while this module's tests run."""
+    from txsocketserver._twisted import reactor as _reactor
+
+    owner = _ModuleHold()
+    yield _reactor.hold(owner)
+    _reactor.release(owner)
 
 
 @pytest.fixture(autouse=True)

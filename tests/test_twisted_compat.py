@@ -8,7 +8,6 @@ import socket
 
 import pytest
 from twisted.internet import endpoints, reactor
-from twisted.internet.error import ConnectionDone
 
 from txsocketserver._twisted import compat
 from txsocketserver._twisted.endpoints import Endpoint, listening_socket
@@ -100,6 +99,33 @@ def test_a_ports_accept_batch_can_be_capped() -> None:
         call_in_reactor(port.stopListening)
 
 
+def test_a_thread_pools_counts_come_from_its_teams_statistics() -> None:
+    # If Twisted renames ThreadPool._team or its statistics, the pool gauges
+    # (ThreadingMixIn.pool_threads) would stop reading.
+    import threading
+
+    from twisted.python.threadpool import ThreadPool
+
+    pool = ThreadPool(0, 1, name="compat-test")
+    pool.start()
+    release = threading.Event()
+    running = threading.Event()
+    try:
+        assert compat.thread_pool_counts(pool) == (0, 0, 0)
+
+        def work() -> None:
+            running.set()
+            release.wait(5)
+
+        pool.callInThread(work)
+        assert running.wait(5)
+        pool.callInThread(lambda: None)
+        assert compat.thread_pool_counts(pool) == (1, 0, 1)
+    finally:
+        release.set()
+        pool.stop()
+
+
 def test_half_close_is_found_through_wrappers_that_keep_the_bytes() -> None:
     from twisted.internet.testing import StringTransport
     from twisted.protocols import policies, tls
@@ -120,64 +146,260 @@ def test_half_close_is_found_through_wrappers_that_keep_the_bytes() -> None:
     assert found is None or found.__self__ is secure
 
 
-def test_an_accepted_connections_transport_sends_at_once_and_reads_through_a_multiplexer() -> None:
-    # If Twisted renames its transport buffers or _disconnectSelectable, an
-    # accepted async connection would lose bytes or never end: fail here.
-    import queue
+def test_a_stream_servers_transport_takes_the_adopted_arguments() -> None:
+    # If tcp.Server/unix.Server change their constructor, an accepted async
+    # connection could not be adopted.
+    import inspect
 
-    from twisted.internet.interfaces import IHalfCloseableProtocol
+    for unix in (False, True):
+        kind = compat.stream_server_transport(unix)
+        parameters = list(inspect.signature(kind.__init__).parameters)[1:7]
+        assert parameters == ["sock", "protocol", "client", "server", "sessionno", "reactor"]
+
+
+def test_what_a_transport_holds_queued_is_read_from_its_buffers() -> None:
+    # If Twisted renames _tempDataBuffer or _writeDisconnected, a write could
+    # overtake queued bytes, or go out after a half-close.
     from twisted.internet.protocol import Protocol
-    from zope.interface import implementer
 
     from txsocketserver._twisted.reactor import call_in_reactor
 
-    events: queue.SimpleQueue[tuple[object, ...]] = queue.SimpleQueue()
-
-    @implementer(IHalfCloseableProtocol)
-    class Recorder(Protocol):
-        def dataReceived(self, data: bytes) -> None:
-            events.put(("data", data))
-
-        def readConnectionLost(self) -> None:
-            events.put(("eof",))
-            self.transport.write(b"after eof")
-            self.transport.loseConnection()
-
-        def writeConnectionLost(self) -> None:
-            pass
-
-        def connectionLost(self, reason: object) -> None:
-            events.put(("lost", type(reason.value)))
-
     ours, theirs = socket.socketpair()
-    theirs.settimeout(10)
-    protocol = Recorder()
-
-    def connect() -> tuple[compat.ReadMultiplexer, bytes]:
-        multiplexer = compat.ReadMultiplexer.for_reactor(reactor)
-        assert multiplexer is not None, "Linux reactors have epoll and _disconnectSelectable"
-        ours.setblocking(False)
-        transport = compat.adopted_transport(
-            ours, protocol, "peer", 1, reactor, unix=True, multiplexer=multiplexer
-        )
-        protocol.makeConnection(transport)
-        transport.write(b"at once")
-        # Before the reactor turns: the bytes are in the peer's socket already.
-        return multiplexer, theirs.recv(100, socket.MSG_DONTWAIT)
-
     try:
-        multiplexer, sent = call_in_reactor(connect)
-        assert sent == b"at once"
-        theirs.sendall(b"hello")
-        assert events.get(timeout=10) == ("data", b"hello")
-        theirs.shutdown(socket.SHUT_WR)
-        assert events.get(timeout=10) == ("eof",)
-        assert theirs.recv(100) == b"after eof"
-        assert theirs.recv(100) == b""
-        assert events.get(timeout=10) == ("lost", ConnectionDone)
-        assert events.empty(), "the EOF was read once"
-        call_in_reactor(multiplexer.retire)
-        assert multiplexer._epoll.closed
+        ours.setblocking(False)
+
+        def check() -> list[bool]:
+            kind = compat.stream_server_transport(True)
+            transport = kind(ours, Protocol(), "peer", None, 1, reactor)
+            seen = [compat.nothing_queued(transport), compat.can_send_now(transport)]
+            transport._tempDataBuffer.append(b"queued")
+            transport._tempDataLen += 6
+            seen += [compat.nothing_queued(transport), compat.can_send_now(transport)]
+            transport._tempDataBuffer.clear()
+            transport._tempDataLen = 0
+            transport._writeDisconnected = True
+            seen += [compat.nothing_queued(transport), compat.can_send_now(transport)]
+            transport.stopReading()
+            return seen
+
+        assert call_in_reactor(check) == [True, True, False, False, True, False]
     finally:
-        theirs.close()
         ours.close()
+        theirs.close()
+
+
+def test_the_reactor_disconnects_a_selectable_as_the_multiplexer_does() -> None:
+    # If Twisted renames _disconnectSelectable, the read multiplexer is not
+    # used (ReadMultiplexer.for_reactor says None) rather than failing.
+    disconnect = compat.disconnector(reactor)
+    assert disconnect is not None and disconnect.__name__ == "_disconnectSelectable"
+    assert list(__import__("inspect").signature(disconnect).parameters)[:3] == [
+        "selectable",
+        "why",
+        "isRead",
+    ]
+
+
+# -- the blocking world's reactor thread: each in a fresh interpreter, where the
+# global reactor may be run, stopped and inspected without another thread's.
+
+
+def run_isolated(code: str) -> None:
+    """Run *code* in a new interpreter; it must print ``ok`` as its last line."""
+    import subprocess
+    import sys
+    import textwrap
+
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        timeout=60,
+    )
+    output = done.stdout.decode() + done.stderr.decode()
+    assert done.returncode == 0 and done.stdout.decode().splitlines()[-1:] == ["ok"], output
+
+
+def test_a_stopped_reactor_is_made_runnable_again() -> None:
+    # reactor_was_stopped reads _startedBefore and _started; make_runnable_again
+    # resets the first and re-adds the shutdown triggers a stop consumed:
+    # the second run's stop() must still end the loop (crash) and disconnect
+    # what is registered (disconnectAll).
+    run_isolated(
+        """
+        import socket
+        from twisted.internet import reactor
+        from txsocketserver._twisted import compat
+
+        assert not compat.reactor_was_stopped(reactor)
+        reactor.callWhenRunning(reactor.stop)
+        reactor.run()
+        assert compat.reactor_was_stopped(reactor)
+        compat.make_runnable_again(reactor)
+        assert not compat.reactor_was_stopped(reactor)
+
+        ours, theirs = socket.socketpair()
+        lost = []
+
+        class Reader:
+            def fileno(self):
+                return ours.fileno()
+
+            def logPrefix(self):
+                return "test"
+
+            def doRead(self):
+                pass
+
+            def connectionLost(self, reason):
+                lost.append(reason)
+
+        reactor.addReader(Reader())
+        reactor.callWhenRunning(reactor.stop)
+        reactor.run()
+        assert lost, "disconnectAll ran at the second stop"
+        assert compat.reactor_was_stopped(reactor)
+        ours.close()
+        theirs.close()
+        print("ok")
+        """
+    )
+
+
+def test_reactor_work_tells_idle_closing_and_busy() -> None:
+    # _internalReaders (the waker is not work), reapProcessHandlers (a child
+    # not yet reaped is), the reactor's pool (a busy thread is), a
+    # descriptor's disconnecting flag and a delayed call due (closing, not
+    # busy; a call due later is not work).
+    run_isolated(
+        """
+        import socket, sys, threading
+        from twisted.internet import protocol, reactor, threads
+        from txsocketserver._twisted import compat
+
+        assert compat.reactor_work(reactor) == compat.IDLE
+        ours, theirs = socket.socketpair()
+
+        class Reader:
+            disconnecting = False
+            def fileno(self):
+                return ours.fileno()
+            def logPrefix(self):
+                return "test"
+            def doRead(self):
+                pass
+            def connectionLost(self, reason):
+                pass
+
+        reader = Reader()
+        reactor.addReader(reader)
+        assert compat.reactor_work(reactor) == compat.BUSY
+        reader.disconnecting = True
+        assert compat.reactor_work(reactor) == compat.CLOSING
+        reactor.removeReader(reader)
+        assert compat.reactor_work(reactor) == compat.IDLE
+        due = reactor.callLater(0, lambda: None)
+        assert compat.reactor_work(reactor) == compat.CLOSING
+        due.cancel()
+        later = reactor.callLater(60, lambda: None)
+        assert compat.reactor_work(reactor) == compat.IDLE
+        later.cancel()
+        ours.close()
+        theirs.close()
+
+        seen = {}
+        release = threading.Event()
+
+        class Child(protocol.ProcessProtocol):
+            def processEnded(self, reason):
+                seen["after_child"] = compat.reactor_work(reactor)
+                in_pool = threads.deferToThread(release.wait, 10)
+                seen["pool_busy"] = compat.reactor_work(reactor)
+                release.set()
+                in_pool.addCallback(lambda _: reactor.stop())
+
+        def start():
+            reactor.spawnProcess(
+                Child(), sys.executable, [sys.executable, "-c", "import sys; sys.stdin.read()"],
+                childFDs={0: "w", 1: 1, 2: 2},
+            )
+            seen["child"] = compat.reactor_work(reactor)
+            reactor.callLater(0.05, lambda: [t.closeStdin() for t in
+                              list(__import__("twisted.internet.process").internet.process.reapProcessHandlers.values())])
+
+        reactor.callWhenRunning(start)
+        reactor.run()
+        assert seen == {"child": compat.BUSY, "after_child": compat.IDLE,
+                        "pool_busy": compat.BUSY}, seen
+        print("ok")
+        """
+    )
+
+
+def test_the_reactor_thread_pool_is_stopped_and_made_again() -> None:
+    # ReactorBase._stopThreadPool: joins the pool's threads and forgets it;
+    # the next deferToThread makes a new one.
+    run_isolated(
+        """
+        import threading
+        from twisted.internet import reactor, threads
+        from txsocketserver._twisted import compat
+
+        seen = []
+
+        def first(_):
+            pool = reactor.threadpool
+            compat.stop_reactor_thread_pool(reactor)
+            seen.append(reactor.threadpool is None and not any(t.is_alive() for t in pool.threads))
+            return threads.deferToThread(lambda: 2)
+
+        def main():
+            d = threads.deferToThread(lambda: 1).addCallback(first)
+            d.addCallback(seen.append).addBoth(lambda _: reactor.stop())
+
+        compat.stop_reactor_thread_pool(reactor)  # none made yet: nothing to do
+        reactor.callWhenRunning(main)
+        reactor.run()
+        assert seen == [True, 2], seen
+        print("ok")
+        """
+    )
+
+
+def test_the_io_thread_is_read_and_set() -> None:
+    import threading
+
+    from twisted.python import threadable
+
+    before = compat.io_thread()
+    try:
+        compat.set_io_thread(threading.get_ident())
+        assert threadable.isInIOThread()
+        assert compat.io_thread() == threading.get_ident()
+        compat.set_io_thread(None)
+        assert not threadable.isInIOThread()
+    finally:
+        compat.set_io_thread(before)
+
+
+def test_a_ports_listen_backlog_is_widened() -> None:
+    # Port.socket of Twisted's TCP port: listen() again changes the backlog
+    # (Linux's TCP_INFO tells the accept queue's limit as tcpi_sacked).
+    run_isolated(
+        """
+        import socket, struct
+        from twisted.internet import protocol, reactor
+        from txsocketserver._twisted import compat
+
+        def limit(sock):
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+            return struct.unpack_from("I", info, 28)[0]
+
+        port = reactor.listenTCP(0, protocol.Factory(), backlog=7, interface="127.0.0.1")
+        assert limit(port.socket) == 7
+        assert compat.widen_listen_backlog(port, 300)
+        assert limit(port.socket) == 300
+        assert not compat.widen_listen_backlog(object(), 300)
+        port.stopListening()
+        print("ok")
+        """
+    )

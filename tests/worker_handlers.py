@@ -11,9 +11,14 @@ from http.server import BaseHTTPRequestHandler
 import txsocketserver
 
 #: Read once per import: a reload (new workers, fresh interpreters) sees a new value.
-VERSION = os.environ.get("WORKER_TEST_VERSION_FILE") and open(  # noqa: SIM115
-    os.environ["WORKER_TEST_VERSION_FILE"]
-).read().strip()
+VERSION = (
+    os.environ.get("WORKER_TEST_VERSION_FILE")
+    and open(  # noqa: SIM115
+        os.environ["WORKER_TEST_VERSION_FILE"]
+    )
+    .read()
+    .strip()
+)
 
 if os.environ.get("WORKER_TEST_CRASH_FILE") and os.path.exists(
     os.environ["WORKER_TEST_CRASH_FILE"]

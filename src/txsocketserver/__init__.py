@@ -31,6 +31,7 @@ from txsocketserver._core.handlers import (
     DatagramRequestHandler,
     StreamRequestHandler,
 )
+from txsocketserver._core.lifecycle import ConnectionRecord, LifecycleObserver
 from txsocketserver._core.stream import TCPServer, UnixStreamServer
 from txsocketserver._core.threading_mixin import ThreadingMixIn
 
@@ -123,6 +124,9 @@ __all__ = [
     "AsyncBaseRequestHandler",
     "AsyncStreamRequestHandler",
     "AsyncDatagramRequestHandler",
+    # Beyond socketserver: observing every request's lifecycle.
+    "ConnectionRecord",
+    "LifecycleObserver",
     # Beyond socketserver: the Twisted world.
     "Endpoint",
     "ServerService",

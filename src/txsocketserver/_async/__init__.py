@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_async -*-
+# -*- test-case-name: tests.test_async_handlers -*-
 """Async handlers: ``async def handle`` on the reactor, no thread per connection.
 
 How a server with an async handler class serves (who accepts, the request's

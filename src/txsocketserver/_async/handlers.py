@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_async -*-
+# -*- test-case-name: tests.test_async_handlers -*-
 """The async request handler classes (no Twisted here: see ``txsocketserver._async``).
 
 Each is the stdlib handler of the same name with ``setup``/``handle``/
@@ -39,12 +39,19 @@ class AsyncBaseRequestHandler:
     blocking_warning: float | None = 0.1
 
     def __init__(self, request: Any, client_address: Any, server: Any) -> None:
+        global _newest
         self.request = request
         self.client_address = client_address
         self.server = server
-        serving = getattr(server, "_async", None)
-        if serving is not None:
-            serving.handler_created(self)
+        _newest = self
+
+    @classmethod
+    def _serving_strategy(cls, server: Any) -> Any:
+        """How a server with this handler class serves (asked once, when the
+        server is made): on the reactor, by ``AsyncServing``."""
+        from txsocketserver._async.serving import serving_for
+
+        return serving_for(server)
 
     async def setup(self) -> None:
         """Called before ``handle()``."""
@@ -119,6 +126,21 @@ class AsyncDatagramRequestHandler(AsyncBaseRequestHandler):
 
     async def finish(self) -> None:
         DatagramRequestHandler.finish(self)  # type: ignore[arg-type]
+
+
+# The async handler made last: read back by made_by() (reactor thread).
+_newest: AsyncBaseRequestHandler | None = None
+
+
+def made_by(finish_request: Any, request: Any, client_address: Any) -> Any:
+    """The async handler that ``finish_request(request, client_address)``
+    made, or ``None``: the hook instantiates the handler class and returns
+    nothing.  Reactor thread only."""
+    global _newest
+    _newest = None
+    finish_request(request, client_address)
+    handler, _newest = _newest, None
+    return handler
 
 
 def is_async_handler(handler_class: Any) -> bool:

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_async -*-
+# -*- test-case-name: tests.test_async_protocol -*-
 """``Connection``: the Twisted protocol of one async stream connection.
 
 It owns the connection's reader and writer, is the transport's push producer
@@ -20,13 +20,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txsocketserver._async.streams import AsyncReader, AsyncSocket, AsyncWriter
+from txsocketserver._core import lifecycle
 from txsocketserver._twisted import compat
+from txsocketserver._twisted.addresses import socket_address, socket_family, underlying_socket
 from txsocketserver._twisted.proxy_protocol import ProxyHeader
-from txsocketserver._twisted.proxy_stage import ProxyHeaderPolicy, ProxyHeaderStage
-from txsocketserver._twisted.transport_socket import (
-    socket_address,
-    socket_family,
-    underlying_socket,
+from txsocketserver._twisted.proxy_stage import (
+    ProxyHeaderPolicy,
+    ProxyHeaderStage,
+    begin_header_stage,
 )
 
 _monotonic = time.monotonic
@@ -74,11 +75,19 @@ class Connection(Protocol):
         self.producing = False
         # Set once the request's handling is over (shutdown_request done).
         self.request_over = False
+        #: The connection's lifecycle record (``None``: not observed).
+        self.record: lifecycle.ConnectionRecord | None = None
 
     # -- IProtocol -------------------------------------------------------------------
 
     def connectionMade(self) -> None:
         transport = self.transport
+        server = self.serving.server
+        if server._observers:
+            peer = self.client_address
+            if peer is None:
+                peer = socket_address(transport.getPeer())
+            self.record = lifecycle.accepted(server, peer, self.client_address)
         self.writer = AsyncWriter(self)
         transport.registerProducer(self, True)
         #: Registered as the transport's producer (until the writer is done).
@@ -94,14 +103,9 @@ class Connection(Protocol):
         if self._proxy is None:
             self._start()
             return
-        self._stage = ProxyHeaderStage(
-            transport,
-            socket_address(transport.getPeer()),
-            self._proxy,
-            self.serving.reactor,
-            self._proxied_by,
+        self._stage = begin_header_stage(
+            transport, self._proxy, self.serving.reactor, self._proxied_by, self.record
         )
-        self._stage.begin()
 
     def _proxied_by(self, header: ProxyHeader) -> None:
         if header.family is not None:
@@ -122,6 +126,12 @@ class Connection(Protocol):
         self.request = AsyncSocket(
             self, family=family, peer=self.client_address, host=self._host, os_socket=os_socket
         )
+        record = self.record
+        if record is not None:
+            record.client_address = self.client_address
+            record.bytes_received = record.bytes_sent = 0
+            if ISSLTransport.providedBy(transport):
+                lifecycle.add_detail(record, "tls", True)
         self.serving.connection_started(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -129,16 +139,16 @@ class Connection(Protocol):
             data = self._stage.feed(data)
             if not data:
                 return
-        # Only while idle_timeout applies: otherwise connection_started()
-        # makes the reader's feed() this connection's dataReceived (one call
-        # less for every chunk read).
+        # Only while idle_timeout applies or the connection is observed:
+        # otherwise connection_started() makes the reader's feed() this
+        # connection's dataReceived (one call less for every chunk read).
         self.last_activity = _monotonic()
+        if self.record is not None:
+            self.record.bytes_received += len(data)  # type: ignore[operator]
         self.reader.feed(data)
 
     def readConnectionLost(self) -> None:
-        if self._stage is not None and self._stage.active:
-            self._stage.peer_ended("closed")
-            self.transport.loseConnection()
+        if self._stage is not None and self._stage.read_lost():
             return
         self.reader.feed_eof()
 
@@ -146,11 +156,21 @@ class Connection(Protocol):
         """Only after our own half-close: nothing to do."""
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._stage is not None and self._stage.active:
-            clean = isinstance(reason.value, ConnectionDone)
-            self._stage.peer_ended("closed" if clean else "was reset")
+        if self._stage is not None:
+            self._stage.connection_lost(reason)
         self.lost = True
         reset = not self._clean_end(reason)
+        record = self.record
+        if record is not None:
+            if type(reason.value).__module__.startswith("OpenSSL"):
+                # Twisted's TLS reports a failed handshake (or a TLS error) so.
+                lifecycle.refused(record, lifecycle.TLS_HANDSHAKE)
+            elif reset and not self.request_over:
+                lifecycle.reset(record)
+            if record.started is None:
+                # It never reached a handler (refused, or gone in its
+                # header stage): its lifecycle ends here.
+                lifecycle.ended(record)
         # The writer first: a handler woken by the reader finds it lost.
         if self.writer is not None:
             self.writer._lost_now(reset)
@@ -211,6 +231,8 @@ class Connection(Protocol):
 
     def ended(self) -> None:
         """The request's handling is over: release the connection once it is lost too."""
+        if self.request_over:
+            return
         self.request_over = True
         if self.lost:
             self.release()

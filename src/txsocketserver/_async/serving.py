@@ -1,9 +1,11 @@
-# -*- test-case-name: tests.test_async -*-
-"""``AsyncServing``: how a server with an async handler class serves.
+# -*- test-case-name: tests.test_async_serving,tests.test_lifecycle -*-
+"""``AsyncServing``: how a server with an async handler class serves (its ``IServing``).
 
-Picked by ``TCPServer.__init__`` when the handler class is async; everything
-here runs on the reactor thread unless a docstring says otherwise.  See
-``txsocketserver._async`` for the theory of operation.
+The handler class names it (``AsyncBaseRequestHandler._serving_strategy``)
+when the server is made; everything here runs on the reactor thread unless a
+docstring says otherwise.  Each request goes through the server's one
+lifecycle, ``BaseServer._serve_request``, as on a serving thread.  See
+``docs/architecture.md`` for the path of a request.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from txsocketserver._async.handlers import made_by
 from txsocketserver._async.protocol import Connection
 from txsocketserver._async.task import HandlerTask
+from txsocketserver._core import lifecycle
 from txsocketserver._core.base import _RESOURCE_BACKOFF, _RESOURCE_ERRNOS, log_warning
-from txsocketserver._twisted import compat
 from txsocketserver._twisted import reactor as _reactor
+from txsocketserver._twisted.adopted_transport import ReadMultiplexer, adopted_transport
 from txsocketserver._twisted.endpoints import Endpoint, EndpointListener, proxy_protocol_endpoint
-from txsocketserver._twisted.interfaces import IAsyncServing, IRequestReadiness
+from txsocketserver._twisted.interfaces import IRequestReadiness, IServing
 from txsocketserver._twisted.proxy_stage import ProxyHeaderPolicy
 from txsocketserver._twisted.thread_dispatcher import DaemonThread
 
@@ -123,12 +127,15 @@ class _SocketAcceptor:
                 if exc.errno in _RESOURCE_ERRNOS:
                     # Out of fds: the request stays queued; look again shortly
                     # instead of spinning on a socket that stays readable.
+                    serving.server._accept_failed(exc)
                     self.disarm()
                     serving.reactor.callLater(_RESOURCE_BACKOFF, serving.update_accepting)
                     return
                 if exc.errno == errno.ECONNABORTED:
                     continue
                 return
+            if serving.server._accept_failures:
+                serving.server._accept_recovered()
             serving.accepted(request, client_address)
 
     def connectionLost(self, reason: Failure) -> None:
@@ -179,44 +186,63 @@ def _set_reading(port: Any, reading: bool) -> None:
         method()
 
 
-@implementer(IAsyncServing)
+def serving_for(server: Any) -> AsyncServing:
+    """The serving of *server*, whose handler class is async: for its
+    connections, or for its datagrams."""
+    if server.socket_type == socket.SOCK_DGRAM:
+        return AsyncDatagramServing(server)
+    return AsyncServing(server)
+
+
+@implementer(IServing)
 class AsyncServing:
-    """The async strategy of one server.
+    """The serving of a stream server with an async handler class: the
+    reactor takes its connections and runs their handlers' coroutines.
 
     Args:
-        server: a ``TCPServer`` (or subclass, datagram servers included) whose
-            ``RequestHandlerClass`` is an async handler class.
+        server: a ``TCPServer`` (or subclass) whose ``RequestHandlerClass``
+            is an async handler class.
     """
+
+    # A request's handling ends when its handler's coroutines have, after
+    # process_request returned: the strategy then ends it (handler_ended).
+    server_settings: dict[str, Any] = {"_requests_finish_elsewhere": True}
+    # An ssl: description's TLS is Twisted's, on the reactor.
+    tls_in_request = False
 
     def __init__(self, server: Any) -> None:
         self.server = server
         self.reactor = _reactor.get_reactor()
         self.factory = ConnectionFactory(self)
-        self.datagram = server.socket_type == socket.SOCK_DGRAM
         self.family = server.address_family
         self._unix = self.family == getattr(socket, "AF_UNIX", None)
         self.port: Any = None  # an endpoint's listening port
         self.connections: set[Connection] = set()
         self.tasks: set[HandlerTask] = set()
-        # Set while one handle_request() call is being served.
-        self.once = False
         self._acceptor: _SocketAcceptor | None = None
         self._notify: Callable[[str], None] | None = None
         self._budget: int | None = None  # requests still to take; None: any number
         self._serving = False
         self._reading = False
-        self._created: Any = None
         self._sessions = 0
         self._pool: ThreadPool | None = None
         self._closed = False
         # Reads accepted connections once there are many (None: none can be).
-        self._multiplexer: compat.ReadMultiplexer | None = None
+        self._multiplexer: ReadMultiplexer | None = None
         self._multiplexer_made = False
 
     # -- the serving loop's side (serving thread) -------------------------------------------
 
-    def readiness(self) -> AsyncReadiness:
-        return AsyncReadiness(self, 1 if self.once else None)
+    def readiness(self, server: Any, once: bool) -> AsyncReadiness:
+        """While a serving call lasts, the reactor accepts (*once*: one request)."""
+        return AsyncReadiness(self, 1 if once else None)
+
+    def take_request(self, server: Any) -> None:
+        """Nothing: the reactor has taken the request already."""
+
+    def endpoint_listener(self, endpoint: Any, *, backlog: int, server: Any) -> Any:
+        """An endpoint's port feeding this serving's factory."""
+        return AsyncEndpointListener(endpoint, backlog=backlog, server=server, serving=self)
 
     # -- accepting --------------------------------------------------------------------------
 
@@ -232,7 +258,8 @@ class AsyncServing:
         self.update_accepting()
 
     def _active(self) -> int:
-        return len(self.tasks) if self.datagram else len(self.connections)
+        """What ``max_connections`` counts."""
+        return len(self.connections)
 
     def update_accepting(self) -> None:
         """Accept while serving, under ``max_connections``, within the budget."""
@@ -260,10 +287,6 @@ class AsyncServing:
 
     def accepted(self, request: Any, client_address: Any) -> None:
         """A request that ``get_request()`` returned from the server's own socket."""
-        if self.datagram:
-            self._consume_budget()
-            self.run_request(request, client_address)
-            return
         try:
             self._adopt(request, client_address)
         except Exception:
@@ -271,7 +294,7 @@ class AsyncServing:
             self.server.handle_error(request, client_address)
 
     def _adopt(self, sock: socket.socket, client_address: Any) -> None:
-        """Make a Twisted transport of an accepted socket (see ``compat.adopted_transport``)."""
+        """Make a Twisted transport of an accepted socket (see ``adopted_transport``)."""
         protocol = Connection(self, client_address, sock)
         protocol.factory = self.factory
         self._sessions += 1
@@ -279,9 +302,9 @@ class AsyncServing:
         if len(self.connections) >= MULTIPLEX_AT:
             if not self._multiplexer_made:
                 self._multiplexer_made = True
-                self._multiplexer = compat.ReadMultiplexer.for_reactor(self.reactor)
+                self._multiplexer = ReadMultiplexer.for_reactor(self.reactor)
             multiplexer = self._multiplexer
-        transport = compat.adopted_transport(
+        transport = adopted_transport(
             sock,
             protocol,
             client_address,
@@ -309,13 +332,16 @@ class AsyncServing:
         if idle is not None:
             connection.last_activity = time.monotonic()
             connection.idle_timer = self.reactor.callLater(idle, self._check_idle, connection)
-        else:
+        elif connection.record is None:
             connection.dataReceived = connection.reader.feed  # type: ignore[method-assign]
         self._consume_budget()
         # Only a cap makes the number of connections matter for accepting.
         if self.server.max_connections is not None:
             self.update_accepting()
-        self.run_request(connection.request, connection.client_address, connection)
+        self.run_request(connection.request, connection.client_address, connection.record)
+        if connection.task is None:
+            # Refused, or process_request failed: no handler runs.
+            connection.ended()
 
     def connection_lost(self, connection: Connection) -> None:
         self.connections.discard(connection)
@@ -333,6 +359,8 @@ class AsyncServing:
             )
             return
         connection.idle_timer = None
+        if connection.record is not None:
+            lifecycle.timed_out(connection.record)
         log_warning(
             "%s: closing the connection from %r: no progress either way for %.1f s (idle_timeout)",
             type(self.server).__name__,
@@ -345,34 +373,28 @@ class AsyncServing:
         else:
             connection.transport.loseConnection()
 
-    def run_request(self, request: Any, client_address: Any, connection: Any = None) -> None:
-        """``verify_request`` → ``process_request``, as the serving loop would."""
+    def run_request(self, request: Any, client_address: Any, record: Any = None) -> None:
+        """Run the request through the server's lifecycle
+        (``BaseServer._serve_request``), as the serving thread would.
+
+        *record*: its lifecycle record, if observed.  A ``verify_request``
+        that raises goes to ``handle_error`` here (on the serving thread it
+        would leave ``serve_forever``; nothing above the reactor would see it).
+        """
         server = self.server
         try:
-            if not server.verify_request(request, client_address):
-                server.shutdown_request(request)
-                return
+            server._serve_request(request, client_address, record)
         except Exception:
+            if record is not None:
+                lifecycle.failed(record)
             server.handle_error(request, client_address)
             server.shutdown_request(request)
-            return
-        server._request_started(request)
-        try:
-            server.process_request(request, client_address)
-        except Exception:
-            server.handle_error(request, client_address)
-            self._request_done(request, None)
+            if record is not None:
+                lifecycle.ended(record)
 
-    def handler_created(self, handler: Any) -> None:
-        """Called by ``AsyncBaseRequestHandler.__init__`` (inside ``finish_request``)."""
-        self._created = handler
-
-    def process_request(self, request: Any, client_address: Any) -> None:
+    def process_request(self, server: Any, request: Any, client_address: Any) -> None:
         """Make the handler (``finish_request``) and start its coroutine."""
-        server = self.server
-        self._created = None
-        server.finish_request(request, client_address)
-        handler, self._created = self._created, None
+        handler = made_by(server.finish_request, request, client_address)
         if handler is None:
             raise TypeError(
                 f"{type(server).__name__}.finish_request() made no async request handler "
@@ -392,27 +414,28 @@ class AsyncServing:
 
     def handler_failed(self, task: HandlerTask) -> None:
         """The handler raised (inside the ``except``: the exception is current)."""
-        self.server.handle_error(task.handler.request, task.handler.client_address)
+        request = task.handler.request
+        self.server._request_failed(request)
+        self.server.handle_error(request, task.handler.client_address)
 
     def handler_ended(self, task: HandlerTask) -> None:
-        self._request_done(task.handler.request, task)
-
-    def _request_done(self, request: Any, task: HandlerTask | None) -> None:
+        """The handler's coroutines have ended: so has the request's handling."""
+        request = task.handler.request
         server = self.server
         try:
             server.shutdown_request(request)
         except Exception:
+            server._request_failed(request)
             server.handle_error(request, getattr(request, "_peer", None))
         finally:
             server._request_finished(request)
-            if task is not None:
-                self.tasks.discard(task)
-            if self.datagram:
-                self.update_accepting()
-            else:
-                connection = getattr(request, "_connection", None)
-                if connection is not None:
-                    connection.ended()
+            self.tasks.discard(task)
+            self._request_over(request)
+
+    def _request_over(self, request: Any) -> None:
+        connection = getattr(request, "_connection", None)
+        if connection is not None:
+            connection.ended()
 
     # -- to_thread --------------------------------------------------------------------------
 
@@ -447,6 +470,7 @@ class AsyncServing:
         if not reactor.running:
             self._retire_multiplexer()
             self._stop_pool()
+            _reactor.release(self)
             return
         done = threading.Event()
 
@@ -463,6 +487,7 @@ class AsyncServing:
             reactor.callFromThread(cancel_all)
             done.wait(CLOSE_TIMEOUT)
         self._stop_pool()
+        _reactor.release(self)
 
     def _retire_multiplexer(self) -> None:
         if self._multiplexer is not None:
@@ -482,6 +507,25 @@ class AsyncServing:
             ).start()
 
 
+class AsyncDatagramServing(AsyncServing):
+    """The serving of a datagram server with an async handler class: the
+    reactor reads each datagram (``get_request()``) and runs its handler."""
+
+    def _active(self) -> int:
+        return len(self.tasks)
+
+    def accepted(self, request: Any, client_address: Any) -> None:
+        """A datagram that ``get_request()`` read."""
+        self._consume_budget()
+        server = self.server
+        record = server._accepted_record(request, client_address) if server._observers else None
+        self.run_request(request, client_address, record)
+
+    def _request_over(self, request: Any) -> None:
+        # One handler fewer: under max_connections, reading may resume.
+        self.update_accepting()
+
+
 @implementer(IRequestReadiness)
 class AsyncReadiness:
     """The serving loop of an async server: the reactor takes the requests.
@@ -496,6 +540,8 @@ class AsyncReadiness:
         self._serving = serving
         self._tokens: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._closed = False
+        # The server's async strategy holds the reactor until it is closed.
+        _reactor.hold(serving)
         _reactor.call_in_reactor(serving.start_accepting, budget, self._tokens.put)
 
     def wait(self, timeout: float | None) -> bool:

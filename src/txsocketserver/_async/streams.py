@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_async -*-
+# -*- test-case-name: tests.test_async_streams -*-
 """The awaitable streams of an async handler: ``rfile``, ``wfile`` and ``request``.
 
 All of it runs on the reactor thread.  The :class:`~txsocketserver._async.protocol.Connection`
@@ -25,7 +25,7 @@ Writer
 (``HandlerTask`` calls ``flush()``), or as soon as ``FLUSH_AT`` bytes are
 waiting; a write outside a step goes at once.  The transport of a connection
 the server accepted itself sends it then and there when its buffer is empty
-(``compat.adopted_transport``): a reply costs one ``send()``, and the bytes of
+(``_twisted.adopted_transport``): a reply costs one ``send()``, and the bytes of
 one reply leave together, with no Nagle stall between them.  When the transport's
 buffer is full Twisted pauses its producer (us): ``drain()`` then waits until it
 resumes.  Bytes written while paused are counted; past ``max_buffer`` the
@@ -107,8 +107,7 @@ class Wait:
             timer.cancel()
         task = self.task
         if task is not None:
-            task._awaiting = None
-            task._step(None)
+            task.resume()
         elif self.deferred is not None and not self.deferred.called:
             self.deferred.callback(None)
 
@@ -159,8 +158,7 @@ class AsyncReader:
             if task is not None and waiter.timer is None:
                 # Wait.fire(), inlined for the common case: once per line.
                 waiter.done = True
-                task._awaiting = None
-                task._step(None)
+                task.resume()
             else:
                 waiter.fire()
         # Not while a read waits for more: it needs more than the limit holds.
@@ -410,6 +408,8 @@ class AsyncWriter:
         connection = self._connection
         if connection.idle_timer is not None:
             connection.last_activity = _monotonic()
+        if connection.record is not None:
+            connection.record.bytes_sent += len(data)
         if self._paused:
             self._queued += len(data)
             if self._queued > self.max_buffer:

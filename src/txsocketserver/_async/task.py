@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_async -*-
+# -*- test-case-name: tests.test_async_task -*-
 """``HandlerTask``: runs one handler coroutine on the reactor thread.
 
 What ``Deferred.fromCoroutine`` does, with four differences that handlers need:
@@ -85,7 +85,7 @@ class HandlerTask:
         return f"{type(handler).__qualname__} (client {handler.client_address!r})"
 
     def start(self) -> None:
-        self._step(None)
+        self.resume()
 
     def cancel(self) -> None:
         """Cancel the handler at its current ``await`` (reactor thread).
@@ -107,9 +107,12 @@ class HandlerTask:
             # CancelledError; the handler sees Twisted's, as at every await.
             awaiting.remove_done_callback(self._future_done)
             awaiting.cancel()
-        self._step(CancelledError())
+        self.resume(CancelledError())
 
-    def _step(self, error: BaseException | None) -> None:
+    def resume(self, error: BaseException | None = None) -> None:
+        """What the task awaited is done: run the coroutine on, raising
+        *error* at its ``await`` if given (reactor thread)."""
+        self._awaiting = None
         coroutine = self._coroutine
         writer = self._writer
         while True:
@@ -178,14 +181,8 @@ class HandlerTask:
         if self._stepping:
             self._early = result
         else:
-            self._awaiting = None
-            self._step(None)
+            self.resume()
         return result
-
-    def resume(self) -> None:
-        """What the task awaits is done: run the coroutine on."""
-        self._awaiting = None
-        self._step(None)
 
     def _future_done(self, future: Any) -> None:
         self.resume()

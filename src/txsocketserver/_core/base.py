@@ -20,13 +20,24 @@ import sys
 import time
 from collections.abc import Iterator
 
+from txsocketserver._core import lifecycle
+
 TYPE_CHECKING = False  # not typing's: see txsocketserver._core
 if TYPE_CHECKING:
     from typing import Any
 
     from typing_extensions import Self
 
-    from txsocketserver._twisted.interfaces import IRequestReadiness
+    from txsocketserver._core.lifecycle import LifecycleObserver
+
+    # The roles the core's strategies fill, for the type checker only: the
+    # other core modules take them from here, so that the core names the
+    # Twisted side in two places (this one and twisted_side()).
+    from txsocketserver._twisted import interfaces
+
+    IProcessDispatcher = interfaces.IProcessDispatcher
+    IRequestReadiness = interfaces.IRequestReadiness
+    IThreadDispatcher = interfaces.IThreadDispatcher
 
 # accept() failing for lack of resources leaves the request queued, so the
 # socket stays readable; pausing briefly stops the loop from spinning on it
@@ -47,11 +58,20 @@ def log_warning(message: str, *args: Any) -> None:
     logging.getLogger("txsocketserver").warning(message, *args)
 
 
+def twisted_side() -> Any:
+    """``txsocketserver._twisted.strategies``: all the core asks of the Twisted side.
+
+    The core's one import of a part above it, made when a server is made or
+    first serves, never when the package is imported (see ``txsocketserver._core``).
+    """
+    from txsocketserver._twisted import strategies
+
+    return strategies
+
+
 def _refuse_reactor_thread(call: str) -> None:
     """``RuntimeError`` if *call* (a blocking API) is made on the reactor thread."""
-    from txsocketserver._twisted.reactor import refuse_reactor_thread
-
-    refuse_reactor_thread(call)
+    twisted_side().refuse_reactor_thread(call)
 
 
 def run_request(server: Any, request: Any, client_address: Any) -> bool:
@@ -66,6 +86,7 @@ def run_request(server: Any, request: Any, client_address: Any) -> bool:
         server.finish_request(request, client_address)
         return True
     except Exception:
+        server._request_failed(request)
         server.handle_error(request, client_address)
         return False
     finally:
@@ -124,6 +145,17 @@ class BaseServer:
     # Private: whether the class can serve an async handler class (the socket servers).
     _serves_async_handlers = False
 
+    # Private: get_request() failures for lack of resources (EMFILE...) in the
+    # current episode, and when it began; 0 once a request is taken again.
+    _accept_failures = 0
+    _accept_failing_since = 0.0
+
+    # Private: the lifecycle observers (see add_observer), a tuple replaced
+    # whole so that any thread may read it without a lock; empty: none.
+    _observers: tuple[Any, ...] = ()
+    # A forked request's copy of the server tells nobody: its parent does.
+    _serving_process_only: tuple[str, ...] = ("_observers",)
+
     def __init__(self, server_address: Any, RequestHandlerClass: Any) -> None:
         """Constructor.  May be extended, do not override.
 
@@ -150,6 +182,8 @@ class BaseServer:
         # Requests between verify_request() and the end of their handling, so
         # that a graceful stop can wait for them and close the stragglers.
         self.__in_flight: dict[int, Any] = {}
+        # The lifecycle records of the observed requests in flight (see add_observer).
+        self.__records: dict[int, Any] = {}
         # The hot path (every request) takes the plain lock, whose C-level
         # context manager costs a fraction of the Condition's, and notifies
         # only when a drain is waiting: a few microseconds per small request.
@@ -228,7 +262,10 @@ class BaseServer:
         """Handle one request, waiting at most ``timeout`` seconds for it.
 
         The timeout is the smaller of ``self.timeout`` and the socket's own;
-        ``handle_timeout()`` is called when it passes with no request.
+        ``handle_timeout()`` is called when it passes with no request.  With
+        an async handler class: accept one request and start its handler on
+        the reactor, then return (as a threading server returns once the
+        request runs on its thread).
         """
         _refuse_reactor_thread("handle_request")
         timeout = self._socket_timeout()
@@ -237,7 +274,7 @@ class BaseServer:
         elif self.timeout is not None:
             timeout = min(timeout, self.timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self.__watching() as readiness:
+        with self.__watching(once=True) as readiness:
             while True:
                 if readiness.wait(timeout):
                     return self._handle_request_noblock()
@@ -255,17 +292,36 @@ class BaseServer:
             request, client_address = self.get_request()
         except OSError as exc:
             if exc.errno in _RESOURCE_ERRNOS:
+                self._accept_failed(exc)
                 time.sleep(_RESOURCE_BACKOFF)
             return
+        if self._accept_failures:
+            self._accept_recovered()
+        record = self._accepted_record(request, client_address) if self._observers else None
         if self.idle_timeout is not None and hasattr(request, "settimeout"):
             request.settimeout(self.idle_timeout)
+        self._serve_request(request, client_address, record)
+
+    def _serve_request(self, request: Any, client_address: Any, record: Any = None) -> None:
+        """``verify_request`` → ``process_request``, and ``handle_error`` for
+        what that raises: the one lifecycle of a request, whichever strategy
+        took it (the serving thread here, the reactor for async handlers).
+
+        *record*: its lifecycle record, if observed.  As in the stdlib, what
+        ``verify_request`` raises propagates.
+        """
         if not self.verify_request(request, client_address):
+            if record is not None:
+                lifecycle.refused(record, lifecycle.VERIFY_REQUEST)
             self.shutdown_request(request)
+            if record is not None:
+                lifecycle.ended(record)
             return
-        self._request_started(request)
+        self._request_started(request, record)
         try:
             self.process_request(request, client_address)
         except Exception:
+            self._request_failed(request)
             self.handle_error(request, client_address)
             self.shutdown_request(request)
             self._request_finished(request)
@@ -278,9 +334,9 @@ class BaseServer:
                 self._request_finished(request)
 
     @contextlib.contextmanager
-    def __watching(self) -> Iterator[IRequestReadiness]:
-        """A readiness for the duration of one serving call."""
-        readiness = self._request_readiness()
+    def __watching(self, once: bool = False) -> Iterator[IRequestReadiness]:
+        """A readiness for the duration of one serving call (*once*: ``handle_request``)."""
+        readiness = self._request_readiness(once)
         self.__serving_thread = _thread.get_ident()
         self.__readiness = readiness
         try:
@@ -290,13 +346,21 @@ class BaseServer:
             self.__serving_thread = None
             readiness.close()
 
-    def _request_readiness(self) -> IRequestReadiness:
-        """Make what tells the serving loop that a request is ready (private hook)."""
-        # Imported here, where serving begins: it imports Twisted, which a
-        # process that only defines or runs handlers never needs.
-        from txsocketserver._twisted.readiness import SocketReadiness
+    def _accepted_record(self, request: Any, client_address: Any) -> Any:
+        """The lifecycle record of a request ``get_request()`` returned (only
+        called with an observer attached): the one its listener made at
+        accept (an endpoint's connection), or a new one."""
+        record = getattr(request, "lifecycle_record", None)
+        if record is None:
+            record = lifecycle.accepted(self, client_address, client_address)
+        return record
 
-        return SocketReadiness(self.fileno())
+    def _request_readiness(self, once: bool = False) -> IRequestReadiness:
+        """Make what tells the serving loop that a request is ready (private
+        hook); *once*: for one ``handle_request()`` call."""
+        # Loaded here, where serving begins: the Twisted side, which a
+        # process that only defines or runs handlers never needs.
+        return twisted_side().socket_readiness(self.fileno())  # type: ignore[no-any-return]
 
     def _socket_timeout(self) -> float | None:
         sock = getattr(self, "socket", None)
@@ -360,6 +424,49 @@ class BaseServer:
         )
         traceback.print_exc()
         print("-" * 40, file=sys.stderr)
+
+    # -- the request lifecycle's observers ------------------------------------------
+
+    def add_observer(self, observer: LifecycleObserver) -> None:
+        """Have *observer* told of every request's lifecycle from now on.
+
+        *observer* has the methods of :class:`txsocketserver.LifecycleObserver`
+        (``accepted``, ``refused``, ``started``, ``ended``), each called with a
+        :class:`txsocketserver.ConnectionRecord`, on whichever thread the
+        step happens: it must be quick and thread-safe.  Connections already
+        accepted are not reported to it.  An observer that raises is logged
+        once; serving goes on.  See ``docs/architecture.md``, "The request
+        lifecycle", for when each call happens on each kind of server.
+
+        Example::
+
+            class Count(txsocketserver.LifecycleObserver):
+                def ended(self, record):
+                    print(record.client_address, record.outcome)
+
+            server.add_observer(Count())
+        """
+        self._observers = (*self._observers, observer)
+
+    @property
+    def requests_in_flight(self) -> int:
+        """The number of requests between ``verify_request`` and the end of
+        their handling now (ours, read-only; any thread: a gauge for metrics).
+
+        A forking server's request leaves this count once it is handed to its
+        child: ``active_children`` counts those.
+        """
+        return len(self.__in_flight)
+
+    def remove_observer(self, observer: LifecycleObserver) -> None:
+        """Stop telling *observer* (records already made still tell it their end).
+
+        Error handling:
+            ``ValueError`` if *observer* is not attached.
+        """
+        observers = list(self._observers)
+        observers.remove(observer)
+        self._observers = tuple(observers)
 
     def __enter__(self) -> Self:
         return self
@@ -425,9 +532,13 @@ class BaseServer:
 
     # -- requests in flight (graceful stop) ---------------------------------------
 
-    def _request_started(self, request: Any) -> None:
+    def _request_started(self, request: Any, record: Any = None) -> None:
+        """The request passed ``verify_request`` (*record*: its lifecycle record, if observed)."""
         with self.__in_flight_lock:
             self.__in_flight[id(request)] = request
+        if record is not None:
+            self.__records[id(request)] = record
+            lifecycle.started(record)
 
     def _request_finished(self, request: Any) -> None:
         """The request's handling is over (called once, wherever it ran)."""
@@ -436,6 +547,57 @@ class BaseServer:
                 self.__cap_waiters or (not self.__in_flight and self.__drain_waiters)
             ):
                 self.__in_flight_changed.notify_all()
+        if self.__records:
+            record = self.__records.pop(id(request), None)
+            if record is not None:
+                lifecycle.ended(record)
+
+    def _request_failed(self, request: Any) -> None:
+        """``handle_error`` is about to be called for *request* (inside the
+        ``except``): its lifecycle record, if any, gets the outcome."""
+        if self.__records:
+            record = self.__records.get(id(request))
+            if record is not None:
+                lifecycle.failed(record)
+
+    def _request_refused(self, request: Any, reason: str) -> None:
+        """*request* will not be served after all, for *reason* (a
+        ``lifecycle`` constant): a failed TLS handshake."""
+        if self.__records:
+            record = self.__records.get(id(request))
+            if record is not None:
+                lifecycle.refused(record, reason)
+
+    def _accept_failed(self, error: OSError) -> None:
+        """``get_request()`` failed for lack of resources (*error*): the first
+        failure of an episode is logged, the others counted (any one thread)."""
+        self._accept_failures += 1
+        if self._accept_failures == 1:
+            self._accept_failing_since = time.monotonic()
+            log_warning(
+                "%s at %r cannot accept: %s. Retrying every %d ms; new clients wait "
+                "in the backlog meanwhile. Logged once until it works again.",
+                type(self).__name__,
+                self.server_address,
+                error,
+                _RESOURCE_BACKOFF * 1000,
+            )
+
+    def _accept_recovered(self) -> None:
+        """A request was taken after resource failures: log the episode's count."""
+        log_warning(
+            "%s at %r accepts again, after %d failed attempts over %.1f s.",
+            type(self).__name__,
+            self.server_address,
+            self._accept_failures,
+            time.monotonic() - self._accept_failing_since,
+        )
+        self._accept_failures = 0
+
+    def _take_record(self, request: Any) -> Any:
+        """Take over the lifecycle record of *request* (``None`` if it has
+        none): its end is then the taker's to report (a forked request's)."""
+        return self.__records.pop(id(request), None) if self.__records else None
 
     def __at_connection_cap(self, timeout: float) -> bool:
         """At ``max_connections``: wait (at most *timeout*) for a request to end

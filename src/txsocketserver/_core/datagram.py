@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import socket
 
+from txsocketserver._core import lifecycle
 from txsocketserver._core.base import log_warning
 from txsocketserver._core.stream import TCPServer
 
@@ -115,6 +116,12 @@ class UDPServer(TCPServer):
                 client_address,
                 self.max_packet_size,
             )
+
+    def _accepted_record(self, request: Any, client_address: Any) -> Any:
+        record = lifecycle.accepted(self, client_address, client_address)
+        if record is not None and isinstance(request, tuple) and request:
+            record.bytes_received = len(request[0])
+        return record
 
     def server_activate(self) -> None:
         """No ``listen()`` for datagram sockets."""

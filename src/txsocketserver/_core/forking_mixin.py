@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 
+from txsocketserver._core import lifecycle
 from txsocketserver._core.base import run_request
 from txsocketserver._forking.template import flush_stdio
 
@@ -22,7 +23,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from txsocketserver._twisted.interfaces import IProcessDispatcher
+    from txsocketserver._core.base import IProcessDispatcher
 
 
 class ForkingMixIn:
@@ -76,6 +77,18 @@ class ForkingMixIn:
             if blocking:
                 workers.wait_idle(None)
         self._update_active_children()
+        self._report_exits()
+
+    def _report_exits(self) -> None:
+        """End the lifecycle records of the requests whose child has exited."""
+        workers = self._forking_dispatcher
+        if workers is None:
+            return
+        for record, code in workers.take_exits():
+            if record.details is None:
+                record.details = {}
+            record.details["exit_code"] = code
+            lifecycle.ended(record, None if code == 0 else lifecycle.ERROR)
 
     def handle_timeout(self) -> None:
         """Wait for zombies after self.timeout seconds of inactivity.
@@ -108,7 +121,11 @@ class ForkingMixIn:
         if self.max_connections is not None:  # type: ignore[attr-defined]
             limit = min(limit, self.max_connections)  # type: ignore[attr-defined]
         workers.wait_below(limit)
-        workers.dispatch(self._process_request_in_child, request, client_address)
+        tag = workers.dispatch(self._process_request_in_child, request, client_address)
+        record = self._take_record(request)  # type: ignore[attr-defined]
+        if record is not None:
+            # Its end is the child's exit, which the template reports.
+            workers.report_exit(tag, record)
         self.close_request(request)  # type: ignore[attr-defined]
 
     def _process_request_in_child(self, request: Any, client_address: Any) -> None:
@@ -125,9 +142,12 @@ class ForkingMixIn:
         stop the template process."""
         super().server_close()  # type: ignore[misc]
         self.collect_children(blocking=self.block_on_close)
+        self._report_exits()
         workers, self._forking_dispatcher = self._forking_dispatcher, None
         if workers is not None:
             workers.close(wait=self.block_on_close)
+            for record, code in workers.take_exits(everything=True):
+                lifecycle.ended(record, None if code == 0 else lifecycle.ERROR)
 
     def _forking_workers(self) -> IProcessDispatcher:
         if self._forking_dispatcher is None:
@@ -146,11 +166,11 @@ class ForkingMixIn:
             active.intersection_update(pids)
             active.update(pids)
 
-    def _request_readiness(self) -> Any:
+    def _request_readiness(self, once: bool = False) -> Any:
         # Serving begins: refuse classes that cannot be carried to a worker,
         # and start the template now rather than on the first request.
         self._forking_workers().warm_up(self)
-        return super()._request_readiness()  # type: ignore[misc]
+        return super()._request_readiness(once)  # type: ignore[misc]
 
     def _after_serving_step(self) -> None:
         super()._after_serving_step()  # type: ignore[misc]

@@ -1,25 +1,28 @@
 # -*- test-case-name: tests.test_stream_basic,tests.test_stream_errors -*-
 """Stream servers: ``TCPServer`` and ``UnixStreamServer``, hook for hook the stdlib's.
 
-Each hook does the stdlib's work through two strategies the server picks once,
-when it is made: its *listener* (its own socket, made, bound and accepted
+Each hook does the stdlib's work through three strategies the server is given
+once, when it is made (``_twisted.strategies.strategies_for``): its *serving*
+(the serving thread takes the requests, or the reactor does, for an async
+handler class), its *listener* (its own socket, made, bound and accepted
 exactly as the stdlib does; or a Twisted endpoint) and its *connection
-security* (nothing, or TLS for an ``ssl:`` description).  Both live on the
-Twisted side (``txsocketserver._twisted.listeners``); this module is part of
-the Twisted-free core.  See ``docs/architecture.md``.
+security* (nothing, or TLS for an ``ssl:`` description).  The hooks delegate
+to them and test no mode.  This module is part of the Twisted-free core.  See
+``docs/architecture.md``.
 """
 
 from __future__ import annotations
 
 import socket
 
-from txsocketserver._core.base import BaseServer
+from txsocketserver._core import lifecycle
+from txsocketserver._core.base import BaseServer, twisted_side
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from txsocketserver._twisted.interfaces import IAsyncServing, IRequestReadiness
+    from txsocketserver._core.base import IRequestReadiness
 
 
 class PlainConnections:
@@ -40,6 +43,40 @@ class PlainConnections:
 
 
 _PLAIN = PlainConnections()
+
+
+class ServingThread:
+    """The serving of a server with a plain handler class: the serving thread
+    takes each request and runs it through ``BaseServer``'s template method.
+
+    Stateless, and a class attribute of every stream server, so that the
+    server object a forking server's child rebuilds has it without importing
+    anything.  Its methods are ``BaseServer``'s own, so delegating to them
+    costs the hooks nothing.
+    """
+
+    take_request = staticmethod(BaseServer._handle_request_noblock)
+    process_request = staticmethod(BaseServer.process_request)
+    # What the server sets when it is given this serving: nothing.
+    server_settings: dict[str, Any] = {}
+    # An ssl: description's TLS is done in the request's own thread.
+    tls_in_request = True
+
+    def readiness(self, server: Any, once: bool) -> IRequestReadiness:
+        return server._listener.readiness()  # type: ignore[no-any-return]
+
+    def endpoint_listener(self, endpoint: Any, *, backlog: int, server: Any) -> Any:
+        """Connections accepted by Twisted, queued for the serving thread."""
+        return twisted_side().endpoint_listener(endpoint, backlog=backlog, server=server)
+
+    def to_thread(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("to_thread() is for servers with an async handler class")
+
+    def close(self) -> None:
+        pass
+
+
+_SERVING_THREAD = ServingThread()
 
 
 class RequestProcessListener:
@@ -73,11 +110,10 @@ class RequestProcessListener:
 def _check_handler_class(server: Any, handler_class: Any) -> bool:
     """Whether *handler_class* is async (served on the reactor); ``TypeError``
     for a handler the server cannot run."""
-    from txsocketserver._async.handlers import is_async_handler
     from txsocketserver._core.forking_mixin import ForkingMixIn
     from txsocketserver._core.threading_mixin import ThreadingMixIn
 
-    if is_async_handler(handler_class):
+    if getattr(handler_class, "_txsocketserver_async", False):
         kind = server.socket_type
         for mixin in (ThreadingMixIn, ForkingMixIn):
             if isinstance(server, mixin):
@@ -145,9 +181,11 @@ class TCPServer(BaseServer):
     # Private: how connections arrive (an IListener); a forked request's copy
     # of the server gets a RequestProcessListener instead.
     _listener: Any
-    _serving_process_only: tuple[str, ...] = ("_listener",)
+    _serving_process_only: tuple[str, ...] = ("_listener", "_serving")
     # Private: what each connection needs around its handler (TLS for ssl:).
     _security: Any = _PLAIN
+    # Private: who takes the requests and runs them (an IServing).
+    _serving: Any = _SERVING_THREAD
 
     def __init__(
         self,
@@ -157,17 +195,15 @@ class TCPServer(BaseServer):
     ) -> None:
         """Constructor.  May be extended, do not override."""
         BaseServer.__init__(self, server_address, RequestHandlerClass)
-        # How an async handler class is served (see txsocketserver._async); None for the others.
-        self._async: IAsyncServing | None = None
-        if _check_handler_class(self, RequestHandlerClass):
-            from txsocketserver._async.serving import AsyncServing
-
-            self._async = AsyncServing(self)
+        _check_handler_class(self, RequestHandlerClass)
         # Here, not at import: the Twisted side loads when a server is made,
-        # never in a process that only defines the class (a forking worker).
-        from txsocketserver._twisted.listeners import listener_for
-
-        self._listener = listener_for(self)
+        # never in a process that only defines the class (a forking child).
+        chosen = twisted_side().strategies_for(self)
+        for name, value in chosen.settings.items():
+            setattr(self, name, value)
+        self._serving = chosen.serving
+        self._listener = chosen.listener
+        self._security = chosen.security
         if bind_and_activate:
             try:
                 self.server_bind()
@@ -196,8 +232,7 @@ class TCPServer(BaseServer):
         Twisted removes them; a plain path is left, as the stdlib leaves it.
         """
         self._stop_watching()
-        if self._async is not None:
-            self._async.close()
+        self._serving.close()
         self._listener.close()
 
     def fileno(self) -> int:
@@ -225,8 +260,17 @@ class TCPServer(BaseServer):
         thread that runs the request, bounded by the handler class's
         ``timeout``; a client that leaves or stalls during it is not an error.
         """
-        if self._security.establish(request, self.RequestHandlerClass):
+        try:
+            established = self._security.establish(request, self.RequestHandlerClass)
+        except Exception:
+            # A client that does not speak TLS: handle_error reports it.
+            if self._observers:
+                self._request_refused(request, lifecycle.TLS_HANDSHAKE)
+            raise
+        if established:
             super().finish_request(request, client_address)
+        elif self._observers:
+            self._request_refused(request, lifecycle.TLS_HANDSHAKE)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Handle an error raised by a handler (see ``BaseServer.handle_error``).
@@ -246,25 +290,9 @@ class TCPServer(BaseServer):
             return
         super().handle_error(request, client_address)
 
-    def handle_request(self) -> None:
-        """Handle one request, waiting at most ``timeout`` seconds for it.
-
-        With an async handler class: accept one request and start its
-        handler on the reactor, then return (as a threading server returns
-        once the request runs on its thread).
-        """
-        if self._async is None:
-            return super().handle_request()
-        self._async.once = True
-        try:
-            return super().handle_request()
-        finally:
-            self._async.once = False
-
     def _handle_request_noblock(self) -> None:
-        if self._async is None:
-            super()._handle_request_noblock()
-        # Otherwise the reactor has taken the request already (see _async).
+        # With an async handler class the reactor has taken the request already.
+        self._serving.take_request(self)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Call ``finish_request``, then ``shutdown_request``.
@@ -273,9 +301,7 @@ class TCPServer(BaseServer):
         makes the handler, whose coroutines then run; ``shutdown_request``
         follows when they have ended.
         """
-        if self._async is None:
-            return super().process_request(request, client_address)
-        self._async.process_request(request, client_address)
+        self._serving.process_request(self, request, client_address)
 
     def to_thread(self, function: Any, *args: Any, **kwargs: Any) -> Any:
         """Ours, for async handlers: ``await self.server.to_thread(fn, *args)``.
@@ -288,9 +314,7 @@ class TCPServer(BaseServer):
             The function's exception is raised at the ``await``; ``TypeError``
             for a server whose handler class is not async.
         """
-        if self._async is None:
-            raise TypeError("to_thread() is for servers with an async handler class")
-        return self._async.to_thread(function, *args, **kwargs)
+        return self._serving.to_thread(function, *args, **kwargs)
 
     def shutdown_request(self, request: Any) -> None:
         """Called to shutdown and close an individual request."""
@@ -312,10 +336,8 @@ class TCPServer(BaseServer):
     def _rebuilt_in_request_process(self) -> None:
         self._listener = RequestProcessListener(self)
 
-    def _request_readiness(self) -> IRequestReadiness:
-        if self._async is not None:
-            return self._async.readiness()
-        return self._listener.readiness()
+    def _request_readiness(self, once: bool = False) -> IRequestReadiness:
+        return self._serving.readiness(self, once)  # type: ignore[no-any-return]
 
     def _start_listening(self) -> Any:
         return self._listener.start_listening()

@@ -25,13 +25,13 @@ import _thread
 import sys
 import weakref
 
-from txsocketserver._core.base import run_request
+from txsocketserver._core.base import run_request, twisted_side
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from txsocketserver._twisted.interfaces import IThreadDispatcher
+    from txsocketserver._core.base import IThreadDispatcher
 
 
 # Servers whose requests run on non-daemon threads in the stdlib's sense,
@@ -146,9 +146,8 @@ class ThreadingMixIn:
         # Made on first use so that daemon_threads/max_threads set on the
         # instance after construction still apply.
         if self._thread_dispatcher is None:
-            from txsocketserver._twisted.thread_dispatcher import RequestThreads, ThreadDispatcher
-
-            self._thread_dispatcher = ThreadDispatcher(
+            twisted = twisted_side()
+            self._thread_dispatcher = twisted.thread_dispatcher(
                 name=f"{type(self).__name__}-{id(self):x}",
                 max_threads=self.max_threads,
                 idle_thread_timeout=self.idle_thread_timeout,
@@ -159,11 +158,20 @@ class ThreadingMixIn:
             if self.block_on_close:
                 # As the stdlib's list, it holds non-daemon threads only.
                 self._threads = (
-                    RequestThreads()
+                    twisted.request_threads()
                     if self.daemon_threads
                     else self._thread_dispatcher.request_threads
                 )
         return self._thread_dispatcher
+
+    def pool_threads(self) -> tuple[int, int, int]:
+        """Ours: ``(busy, idle, waiting)``, the pool threads running a request
+        and waiting for one, and the requests waiting for a thread (at
+        ``max_threads``).  Any thread; a gauge for metrics."""
+        dispatcher = self._thread_dispatcher
+        if dispatcher is None:
+            return (0, 0, 0)
+        return dispatcher.counts()
 
     def _after_serving_step(self) -> None:
         super()._after_serving_step()  # type: ignore[misc]

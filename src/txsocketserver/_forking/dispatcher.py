@@ -284,10 +284,14 @@ class ProcessDispatcher:
         # then the pickle and its fds.  Holding the values keeps their
         # identities from being reused by new objects.
         self._state_cache: tuple[Any, ...] | None = None
+        # tag -> what report_exit() was given, until the child exits; then
+        # (that, exit code or None) in _exits until take_exits().
+        self._watched: dict[int, Any] = {}
+        self._exits: list[tuple[Any, int | None]] = []
 
     # -- IRequestDispatcher --------------------------------------------------------
 
-    def dispatch(self, function: Callable[..., object], *args: Any) -> None:
+    def dispatch(self, function: Callable[..., object], *args: Any) -> Any:
         server = function.__self__  # type: ignore[attr-defined]
         try:
             attributes = self.child_state(server)
@@ -334,7 +338,7 @@ class ProcessDispatcher:
                     template.candidate = key
                     full_body, full_fds = dumps_with_fds(full)
                     send_message(template.channel, tag, full_body, full_fds)
-                return
+                return tag
             except OSError:
                 with self._changed:
                     self._running.pop(tag, None)
@@ -343,6 +347,26 @@ class ProcessDispatcher:
                 self._retire(template)
                 if attempt == 2:
                     raise
+        raise AssertionError("unreachable")
+
+    def report_exit(self, tag: int, what: Any) -> None:
+        """Have :meth:`take_exits` return *what* once the request *tag* has ended."""
+        with self._lock:
+            if tag in self._running:
+                self._watched[tag] = what
+            else:
+                self._exits.append((what, None))
+
+    def take_exits(self, everything: bool = False) -> list[tuple[Any, int | None]]:
+        """``(what, exit code)`` of the watched requests that have ended since
+        the last call (the code is ``None`` when their template died first);
+        with *everything*, the ones still running too (code ``None``)."""
+        with self._lock:
+            exits, self._exits = self._exits, []
+            if everything:
+                exits += [(what, None) for what in self._watched.values()]
+                self._watched.clear()
+        return exits
 
     def _state_pickle(self, server_class: type, stable: dict[str, Any]) -> tuple[bytes, list[int]]:
         """The pickle of the state to install, and its fds: remade only when it may differ.
@@ -393,6 +417,12 @@ class ProcessDispatcher:
                     pass
 
     def close(self, wait: bool) -> None:
+        try:
+            self._close(wait)
+        finally:
+            _reactor.release(self)
+
+    def _close(self, wait: bool) -> None:
         with self._lock:
             self._closed = True
             template, self._template = self._template, None
@@ -506,6 +536,8 @@ class ProcessDispatcher:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         template = _Template(parent_end)
         template.protocol = _TemplateProtocol(self, template)
+        # The template needs the reactor (its pipes, its reaping) until close().
+        _reactor.hold(self)
         try:
             _reactor.call_in_reactor(_spawn_template, template.protocol, child_end.fileno())
             send_message(parent_end, SPEC_TAG, spec, [])
@@ -607,7 +639,14 @@ class ProcessDispatcher:
                 elif kind == b"E":
                     self._running.pop(int(tag), None)
                     template.tags.discard(int(tag))
+                    if self._watched:
+                        self._exit_of(int(tag), int(value))
         self._changed.notify_all()
+
+    def _exit_of(self, tag: int, code: int | None) -> None:
+        what = self._watched.pop(tag, None)
+        if what is not None:
+            self._exits.append((what, code))
 
     # -- reports, on the reactor thread ----------------------------------------------------
 
@@ -621,6 +660,8 @@ class ProcessDispatcher:
             # Workers it had not reaped yet are no longer ours to count.
             for tag in template.tags:
                 self._running.pop(tag, None)
+                if self._watched:
+                    self._exit_of(tag, None)
             template.tags.clear()
             self._templates.discard(template)
             if not template.ready and not template.retired:

@@ -110,6 +110,22 @@ def cap_accept_batch(port: Any, free: int) -> None:
         port.numberAccepts = max(1, min(number, free))
 
 
+def thread_pool_counts(pool: Any) -> tuple[int, int, int]:
+    """``(busy, idle, backlogged)`` of a ``ThreadPool``: its threads running
+    work, its threads waiting for work, and the work waiting for a thread.
+
+    ``working`` and ``waiters`` are public but build a list each; the backlog
+    is only in the statistics of the pool's private ``_team``, which hold all
+    three in one call.
+    """
+    statistics = pool._team.statistics()
+    return (
+        statistics.busyWorkerCount,
+        statistics.idleWorkerCount,
+        statistics.backloggedWorkCount,
+    )
+
+
 def half_close(transport: Any) -> Any:
     """The ``loseWriteConnection`` that half-closes the bytes a protocol writes
     to *transport*, or ``None`` if it cannot.
@@ -135,242 +151,184 @@ def half_close(transport: Any) -> Any:
     return None
 
 
-def _adopted_class(transport_class: Any) -> Any:
-    """*transport_class* (``tcp.Server`` or ``unix.Server``) as the transport
-    of a connection the server accepted itself.
-
-    Three differences, all for speed and none visible to the protocol:
-
-    * **Writes go at once.**  Twisted's ``write()`` always queues and sends on
-      the reactor's next turn: for a request-reply protocol that is an
-      ``epoll_ctl`` to watch for writability, a reactor turn to learn it and
-      another ``epoll_ctl`` to stop, for every reply.  Here ``write()`` tries
-      ``send()`` first when Twisted holds no bytes (nor, on Unix, descriptors
-      to pass with them), as asyncio's transports do, and queues only what the
-      kernel did not take; an error other than "would block" is left to
-      Twisted's own write path, which meets it again and closes the connection
-      as always.  The async writer calls ``write()`` once per handler step with
-      what the step wrote, so the bytes of one reply leave together.
-    * **Reads come through a** :class:`ReadMultiplexer` when one is given:
-      ``startReading``/``stopReading`` register with it instead of the reactor.
-    * **A close with nothing left to send happens at once**, as Twisted's own
-      ``loseConnection`` does once the write side is shut, instead of waiting
-      a reactor turn for writability to find nothing to write.
-    """
-
-    from twisted.internet.error import ConnectionDone
-    from twisted.python.failure import Failure
-
-    # One for every close, as the reactor's _disconnectSelectable keeps one.
-    closed = Failure(ConnectionDone())
-
-    class Adopted(transport_class):  # type: ignore[misc, valid-type]
-        def __init__(self, *args: Any, multiplexer: ReadMultiplexer | None) -> None:
-            self._multiplexer = multiplexer
-            self._read_fd: int | None = None  # while the multiplexer reads it
-            super().__init__(*args)
-
-        def startReading(self) -> None:
-            if self._multiplexer is None:
-                super().startReading()
-            else:
-                self._multiplexer.add(self)
-
-        def stopReading(self) -> None:
-            if self._multiplexer is None:
-                super().stopReading()
-            else:
-                self._multiplexer.remove(self)
-
-        def _holds_nothing(self) -> bool:
-            """Whether Twisted has no bytes (nor, on Unix, descriptors) queued."""
-            return not (
-                self.dataBuffer or self._tempDataBuffer or getattr(self, "_sendmsgQueue", None)
-            )
-
-        def write(self, data: bytes) -> None:
-            if not self.connected or self._writeDisconnected or not self._holds_nothing():
-                super().write(data)
-                return
-            try:
-                sent = self.socket.send(data)
-            except OSError:
-                sent = 0
-            if sent < len(data):
-                super().write(data[sent:])
-
-        def loseConnection(self) -> None:
-            if (
-                self.connected
-                and not self.disconnecting
-                and self.producer is None
-                and self._holds_nothing()
-            ):
-                self.stopReading()
-                self.stopWriting()
-                self.connectionLost(closed)
-                return
-            super().loseConnection()
-
-    Adopted.__name__ = Adopted.__qualname__ = f"Adopted{transport_class.__name__}"
-    return Adopted
-
-
-_ADOPTED: dict[bool, Any] = {}
-
-
-def adopted_transport(
-    sock: Any,
-    protocol: Any,
-    client_address: Any,
-    session: int,
-    reactor: Any,
-    *,
-    unix: bool,
-    multiplexer: ReadMultiplexer | None = None,
-) -> Any:
-    """A transport for *sock*, a connection the server accepted itself, to
-    give *protocol* (``makeConnection``).
-
-    What ``IReactorSocket.adoptStreamConnection`` does, minus its ``dup()``
-    and ``getpeername()`` (the address is known already, and a client that
-    reset before this point would make its ``getpeername`` fail and leak the
-    dup), plus what ``_adopted_class`` says.  ``tcp.Server`` and
-    ``unix.Server`` take exactly these arguments since Twisted 8; a port of
-    ``None`` is what ``adoptStreamConnection`` passes too.
-    """
-    kind = _ADOPTED.get(unix)
-    if kind is None:
-        from twisted.internet import tcp
+def stream_server_transport(unix: bool) -> Any:
+    """The transport class of a connection a TCP (or, *unix*, Unix) port
+    accepted: ``tcp.Server``/``unix.Server``, which take ``(socket, protocol,
+    client_address, server, session_number, reactor)`` since Twisted 8 (a
+    server of ``None`` is what ``adoptStreamConnection`` passes too).  The
+    ``tcp`` and ``unix`` modules are not Twisted's public API."""
+    if unix:
         from twisted.internet import unix as unix_module
 
-        kind = _ADOPTED[unix] = _adopted_class(unix_module.Server if unix else tcp.Server)
-    return kind(sock, protocol, client_address, None, session, reactor, multiplexer=multiplexer)
+        return unix_module.Server
+    from twisted.internet import tcp
+
+    return tcp.Server
 
 
-class ReadMultiplexer:
-    """The read readiness of many connections, watched by the reactor as one
-    descriptor: an ``epoll`` set of their sockets.
+def nothing_queued(transport: Any) -> bool:
+    """Whether a ``tcp``/``unix`` transport holds no bytes (nor, on Unix,
+    descriptors) to send: its ``dataBuffer``, the private ``_tempDataBuffer``
+    and ``_sendmsgQueue``.  Written to serve as a method of a transport class
+    (``adopted_transport``): one call on every write."""
+    return not (
+        transport.dataBuffer
+        or transport._tempDataBuffer
+        or getattr(transport, "_sendmsgQueue", None)
+    )
 
-    Twisted's reactor wraps each event of each descriptor in a logging
-    context (``log.callWithLogger``) before ``doRead`` is called; with many
-    busy connections that costs more than the read.  Here the reactor sees
-    one event for the set, and every connection ready in it is read in one
-    pass, calling the transport's own ``doRead`` and disconnecting it as the
-    reactor would (``_disconnectSelectable``).  Writes still go through the
-    reactor (only a full send buffer needs them).  Linux only
-    (:meth:`for_reactor` says ``None`` elsewhere).
 
-    Made by a server's async strategy for its accepted connections and
-    closed with it (:meth:`retire`).  Reactor thread only.
+def can_send_now(transport: Any) -> bool:
+    """Whether a ``write()`` on a ``tcp``/``unix`` transport may go to the
+    socket at once: connected, its write side not shut (the private
+    ``_writeDisconnected``), nothing queued before it (:func:`nothing_queued`).
+    Written to serve as a method of a transport class: one call per write."""
+    return bool(
+        transport.connected
+        and not transport._writeDisconnected
+        and not (
+            transport.dataBuffer
+            or transport._tempDataBuffer
+            or getattr(transport, "_sendmsgQueue", None)
+        )
+    )
+
+
+def disconnector(reactor: Any) -> Any:
+    """The reactor's ``_disconnectSelectable(selectable, why, isRead)``, which
+    ends a transport whose ``doRead`` returned a reason as the reactor itself
+    would; ``None`` for a reactor without it."""
+    return getattr(reactor, "_disconnectSelectable", None)
+
+
+def widen_listen_backlog(port: Any, backlog: int) -> bool:
+    """Let the kernel queue up to *backlog* connections for *port* (a
+    listening port of Twisted's: TCP or UNIX), by calling ``listen()`` again
+    on its socket, ``Port.socket``; return whether it could.  Twisted takes
+    the backlog only when the port is made (``listenTCP(backlog=50)``)."""
+    import socket
+
+    sock = getattr(port, "socket", None)
+    if not isinstance(sock, socket.socket) or sock.fileno() == -1:
+        return False
+    sock.listen(backlog)
+    return True
+
+
+# -- the blocking world's reactor thread (``_twisted.reactor``) ------------------------------
+#
+# The thread runs the global reactor with ``run()`` and ends with ``crash()``,
+# which leaves a reactor that ``run()`` starts again (trial runs and crashes
+# it for every test).  Only a ``stop()`` makes a reactor refuse to run again.
+
+
+def reactor_was_stopped(reactor: Any) -> bool:
+    """Whether *reactor* ran and was stopped (``run()`` would raise
+    ``ReactorNotRestartable``): reads ``ReactorBase._startedBefore`` and
+    ``_started``."""
+    return bool(getattr(reactor, "_startedBefore", False)) and not getattr(
+        reactor, "_started", False
+    )
+
+
+def make_runnable_again(reactor: Any) -> None:
+    """Let a reactor that ran and was stopped (``react()``, ``reactor.run()``
+    then ``stop()``) be run again, by the blocking world's thread.
+
+    Twisted refuses a second ``run()`` for what a stop used up: the flag
+    ``_startedBefore``, and the two shutdown triggers ``ReactorBase.__init__``
+    adds (``crash`` and ``disconnectAll``, consumed by the shutdown event),
+    which a later ``stop()`` needs to end the loop.  The rest of a stopped
+    reactor (its waker, its delayed calls, the ``during startup`` trigger that
+    ``crash()`` re-adds) is as after a ``crash()``.
     """
+    if not reactor_was_stopped(reactor):
+        return
+    reactor._startedBefore = False
+    reactor.addSystemEventTrigger("during", "shutdown", reactor.crash)
+    reactor.addSystemEventTrigger("during", "shutdown", reactor.disconnectAll)
 
-    def __init__(self, reactor: Any) -> None:
-        import select
 
-        self._reactor = reactor
-        self._epoll = select.epoll()
-        self._in = select.EPOLLIN
-        self._transports: dict[int, Any] = {}
-        self._retiring = False
-        reactor.addReader(self)
+#: What :func:`reactor_work` says.
+IDLE, CLOSING, BUSY = "idle", "closing", "busy"
 
-    @classmethod
-    def for_reactor(cls, reactor: Any) -> ReadMultiplexer | None:
-        """A multiplexer on *reactor*, or ``None`` where there cannot be one
-        (no ``epoll``, or a reactor without ``_disconnectSelectable``)."""
-        import select
 
-        if not hasattr(select, "epoll") or not hasattr(reactor, "_disconnectSelectable"):
-            return None
-        return cls(reactor)
+def reactor_work(reactor: Any) -> str:
+    """What *reactor* still has in hand, asked on its thread.
 
-    # -- IReadDescriptor -----------------------------------------------------------------
+    ``IDLE``: no descriptor but its own (``ReactorBase._internalReaders``:
+    the waker), no child process to reap (``process.reapProcessHandlers``),
+    no busy thread in its pool, no delayed call due.  ``CLOSING``: only
+    descriptors that are closing (``disconnecting``: a transport sending its
+    last bytes, a port going away) or delayed calls due now (a port's
+    ``connectionLost``).  ``BUSY``: anything else.
+    """
+    from twisted.internet import process
 
-    def fileno(self) -> int:
-        return self._epoll.fileno()
+    internal = getattr(reactor, "_internalReaders", None) or {reactor.waker}
+    selectables = [s for s in {*reactor.getReaders(), *reactor.getWriters()} if s not in internal]
+    pool = getattr(reactor, "threadpool", None)
+    if process.reapProcessHandlers or (pool is not None and pool.working):
+        return BUSY
+    if not all(getattr(s, "disconnecting", False) for s in selectables):
+        return BUSY
+    now = reactor.seconds()
+    if selectables or any(call.getTime() <= now for call in reactor.getDelayedCalls()):
+        return CLOSING
+    return IDLE
 
-    def logPrefix(self) -> str:
-        return "txsocketserver"
 
-    def doRead(self) -> None:
-        transports = self._transports
-        disconnect = self._reactor._disconnectSelectable
-        for fd, _ in self._epoll.poll(0, max(1, len(transports))):
-            transport = transports.get(fd)
-            if transport is None:
-                continue  # stopped reading earlier in this pass
-            try:
-                why = transport.doRead()
-            except BaseException as exc:
-                from twisted.python import log
+def stop_reactor_thread_pool(reactor: Any) -> None:
+    """Stop the reactor's own thread pool, if one was made (``deferToThread``,
+    name resolution), joining its threads; the next use makes a new one.
 
-                why = exc
-                log.err()
-            if why:
-                # The reactor's disconnect removes the transport from its own
-                # sets only: take it out of ours first, or its EOF would be
-                # read again.
-                self.remove(transport)
-                disconnect(transport, why, True)
+    ``ReactorBase._stopThreadPool`` (what the shutdown event calls, and
+    trial's janitor between tests) also removes the pool's startup and
+    shutdown triggers and forgets the pool.
+    """
+    if getattr(reactor, "threadpool", None) is not None:
+        reactor._stopThreadPool()
 
-    def connectionLost(self, reason: Any) -> None:
-        """The reactor is shutting down: so is every connection read here."""
-        for transport in list(self._transports.values()):
-            self.remove(transport)
-            transport.connectionLost(reason)
-        self._close()
 
-    # -- for the transports and the server -------------------------------------------------
+def io_thread() -> Any:
+    """The thread Twisted believes runs the reactor (``threadable.ioThread``,
+    set by ``run()``; ``isInIOThread()`` compares with it)."""
+    from twisted.python import threadable
 
-    def add(self, transport: Any) -> None:
-        if transport._read_fd is not None or self._epoll.closed:
-            return
-        fd = transport.fileno()
-        stale = self._transports.get(fd)
-        if stale is not None:
-            # A closed connection's, whose descriptor the kernel gave again.
-            stale._read_fd = None
-        self._transports[fd] = transport
-        transport._read_fd = fd
-        try:
-            self._epoll.register(fd, self._in)
-        except FileExistsError:
-            self._epoll.modify(fd, self._in)
+    return threadable.ioThread
 
-    def remove(self, transport: Any) -> None:
-        fd, transport._read_fd = transport._read_fd, None
-        if fd is None or self._transports.get(fd) is not transport:
-            return
-        del self._transports[fd]
-        try:
-            self._epoll.unregister(fd)
-        except (OSError, ValueError):
-            pass  # the socket is closed already: epoll forgot it then
-        if self._retiring and not self._transports:
-            self._close()
 
-    def retire(self) -> None:
-        """Close once the last connection has stopped reading (now if none is)."""
-        self._retiring = True
-        if not self._transports:
-            self._close()
+def set_io_thread(ident: Any) -> None:
+    """Set what :func:`io_thread` returns: once the blocking world's thread
+    has ended, the thread that ran the reactor before it (or ``None``), so
+    that a new thread given the old one's identifier is not taken for it."""
+    from twisted.python import threadable
 
-    def _close(self) -> None:
-        if not self._epoll.closed:
-            self._reactor.removeReader(self)
-            self._epoll.close()
+    threadable.ioThread = ident
 
 
 __all__ = [
-    "ReadMultiplexer",
-    "TCPParameters",
-    "adopted_transport",
+    "BUSY",
+    "can_send_now",
     "cap_accept_batch",
+    "CLOSING",
+    "disconnector",
     "half_close",
+    "IDLE",
+    "io_thread",
+    "make_runnable_again",
+    "nothing_queued",
     "proxied_endpoint",
-    "UNIXParameters",
+    "reactor_was_stopped",
+    "reactor_work",
+    "set_io_thread",
     "ssl_description_options",
+    "stop_reactor_thread_pool",
+    "stream_server_transport",
     "tcp_parameters",
+    "TCPParameters",
+    "thread_pool_counts",
     "unix_parameters",
+    "UNIXParameters",
+    "widen_listen_backlog",
 ]

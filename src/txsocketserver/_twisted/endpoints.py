@@ -41,17 +41,16 @@ from twisted.internet.protocol import Factory, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txsocketserver._core import lifecycle
 from txsocketserver._twisted import reactor as _reactor
+from txsocketserver._twisted.addresses import SocketAddress, socket_address, socket_family
 from txsocketserver._twisted.interfaces import IListener, IRequestReadiness
 from txsocketserver._twisted.proxy_protocol import DEFAULT_TRUSTED_PROXIES, TrustedProxies
 from txsocketserver._twisted.transport_socket import (
     ProxyHeaderPolicy,
-    SocketAddress,
     TransportSocket,
     TransportSocketProtocol,
     bad_file_descriptor,
-    socket_address,
-    socket_family,
 )
 
 _T = TypeVar("_T")
@@ -279,6 +278,10 @@ class _TrackedProtocol(TransportSocketProtocol):
     listener: EndpointListener
 
     def connectionMade(self) -> None:
+        server = self.listener._server
+        if server is not None and server._observers:
+            peer = socket_address(self.transport.getPeer())  # type: ignore[union-attr]
+            self.record = lifecycle.accepted(server, peer)
         super().connectionMade()
         self.listener._connection_made(self)
 
@@ -321,8 +324,8 @@ class EndpointReadiness:
         self._listener = listener
         self.wakes = 0  # wake() calls not yet consumed by wait(); under the listener's lock
         # A port opened before any reactor ran (the first server of a blocking
-        # program) accepts only once one runs.
-        _reactor.running_reactor()
+        # program) accepts only once one runs; the listener holds it until closed.
+        _reactor.hold(listener)
 
     def wait(self, timeout: float | None) -> bool:
         return self._listener._wait(self, timeout)
@@ -436,6 +439,7 @@ class EndpointListener:
 
     def _listening(self, port: IListeningPort) -> None:
         self._port = port
+        self._widen_backlog()
         self._cap_accepts()
         address = port.getHost()
         self.host = socket_address(address)
@@ -545,7 +549,8 @@ class EndpointListener:
         for protocol in stale:
             protocol.evict(
                 f"no complete PROXY header within {HEADER_TIMEOUT_WHEN_FULL}s "
-                "while every slot was taken"
+                "while every slot was taken",
+                refusal=lifecycle.MAX_CONNECTIONS,
             )
         if self._accepting_paused:
             self._schedule_make_room()
@@ -619,7 +624,19 @@ class EndpointListener:
             self._changed.notify_all()
 
     def readiness(self) -> EndpointReadiness:
+        self._widen_backlog()
         return EndpointReadiness(self)
+
+    def _widen_backlog(self) -> None:
+        """With ``max_connections``, clients beyond the cap wait in the port's
+        kernel queue once this listener's is full: size it as a socket
+        server's (``listeners.listen_backlog``)."""
+        from txsocketserver._twisted import compat
+        from txsocketserver._twisted.listeners import listen_backlog
+
+        port = self._port
+        if port is not None and getattr(self._server, "max_connections", None) is not None:
+            compat.widen_listen_backlog(port, listen_backlog(self._server))
 
     def fileno(self) -> int:
         """A descriptor that is readable while a connection is queued.
@@ -629,6 +646,9 @@ class EndpointListener:
         one does, which is what a ``selectors`` loop calling
         ``handle_request()`` needs.
         """
+        if self._notify is None and not self._closed:
+            # Whoever selects on it needs Twisted to accept meanwhile.
+            _reactor.hold(self)
         with self._lock:
             if self._closed:
                 raise bad_file_descriptor("the server was closed")
@@ -658,18 +678,19 @@ class EndpointListener:
                 self._drain_notify()
         for transport_socket, _ in queued:
             transport_socket.close()
+            record = transport_socket.lifecycle_record
+            if record is not None:
+                lifecycle.refused(record, lifecycle.STOPPING)
+                lifecycle.ended(record)
         port, self._port = self._port, None
         if port is None:
             return
-        reactor = _reactor.get_reactor()
         if _reactor.in_reactor_thread():
             self._stop_port(port)
-        elif reactor.running:
-            _reactor.call_in_reactor(self._stop_port, port)
         else:
-            # Listening happened with no reactor running and nothing ran it
-            # since: only a running reactor closes a port, so start ours.
-            _reactor.running_reactor()
+            # With no reactor running (listening happened before any ran, and
+            # none runs now), call_in_reactor runs ours for the call: only a
+            # running reactor closes a port.
             _reactor.call_in_reactor(self._stop_port, port)
 
     def _stop_port(self, port: IListeningPort) -> Any:
@@ -679,7 +700,7 @@ class EndpointListener:
         if call is not None and call.active():
             call.cancel()
         for protocol in list(self._pending):
-            protocol.evict("the server is stopping", level="info")
+            protocol.evict("the server is stopping", level="info", refusal=lifecycle.STOPPING)
         return port.stopListening()
 
     def _drain_notify(self) -> None:
@@ -712,6 +733,7 @@ class EndpointListener:
         if notify is not None:
             for end in notify:
                 end.close()
+        _reactor.release(self)
 
 
 __all__ = [

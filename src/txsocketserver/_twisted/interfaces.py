@@ -97,9 +97,10 @@ class IConnectionSecurity(Interface):
 class IRequestDispatcher(Interface):
     """Runs requests somewhere other than the serving thread."""
 
-    def dispatch(function: Callable[..., object], *args: Any) -> None:
+    def dispatch(function: Callable[..., object], *args: Any) -> Any:
         """Start ``function(*args)`` (a server's ``process_request_thread`` or
-        equivalent) and return without waiting for it."""
+        equivalent) and return without waiting for it: ``None``, or what names
+        the request to the dispatcher afterwards (a process dispatcher's tag)."""
 
     def upkeep() -> None:
         """Periodic housekeeping, called from the serving loop (cheap when there
@@ -117,6 +118,10 @@ class IThreadDispatcher(IRequestDispatcher):
         "The threads running requests now, as the stdlib's _threads: a list "
         "whose join() waits for them and whose reap() forgets the ended ones."
     )
+
+    def counts() -> tuple[int, int, int]:
+        """``(busy, idle, waiting)``: threads running a request, threads
+        waiting for one, requests waiting for a thread."""
 
 
 class IProcessDispatcher(IRequestDispatcher):
@@ -136,31 +141,56 @@ class IProcessDispatcher(IRequestDispatcher):
     def running_pids() -> set[int]:
         """The pids of the children running requests now (``active_children``)."""
 
+    def report_exit(tag: int, what: Any) -> None:
+        """Have ``take_exits`` return *what* once the request that
+        ``dispatch`` returned *tag* for has ended (its child exited)."""
 
-class IAsyncServing(Interface):
-    """How a server with an async handler class serves: on the reactor.
+    def take_exits(everything: bool = False) -> list[tuple[Any, int | None]]:
+        """``(what, exit code)`` of the requests given to ``report_exit`` that
+        have ended since the last call (``None``: the template died first);
+        with *everything*, those still running too."""
 
-    Picked when the server is made (``TCPServer.__init__``, from the handler
-    class).  The reactor, not the serving thread, takes each request and runs
-    the hooks (``get_request``, ``verify_request``, ``process_request``); a
-    request's handling ends when its handler's coroutines have, so
-    ``process_request`` hands over to :meth:`process_request` here and
-    ``shutdown_request`` follows later.  See ``txsocketserver._async``.
+
+class IServing(Interface):
+    """Who takes a stream server's requests and runs them.
+
+    Chosen with the listener and the connection security when the server is
+    made (``_twisted.strategies.strategies_for``), from the handler class:
+    ``ServingThread`` (``_core.stream``) for a plain handler class, the
+    serving thread taking each request through ``BaseServer``'s template
+    method; ``AsyncServing`` (``_async.serving``) for an async one, the
+    reactor taking them and running the handlers' coroutines.  Every request
+    goes through ``BaseServer._serve_request`` either way.  The server's
+    hooks delegate to it and test no mode.
     """
 
-    once = Attribute("True while one handle_request() call is served.")
+    server_settings = Attribute(
+        "A dict of the server attributes this serving sets when the server is made."
+    )
+    tls_in_request = Attribute(
+        "Whether an ssl: description's TLS is done in the request's thread "
+        "(Python's ssl) rather than by Twisted."
+    )
 
-    def readiness() -> IRequestReadiness:
-        """For a serving call: the reactor accepts while it lasts."""
+    def readiness(server: Any, once: bool) -> IRequestReadiness:
+        """For a serving call (*once*: ``handle_request``): what its loop waits on."""
 
-    def process_request(request: Any, client_address: Any) -> None:
-        """Make the handler (``finish_request``) and start its coroutines."""
+    def take_request(server: Any) -> None:
+        """A request is ready: take it (``_handle_request_noblock``)."""
+
+    def process_request(server: Any, request: Any, client_address: Any) -> None:
+        """``TCPServer.process_request``: run the request (inline, or start
+        its handler's coroutines)."""
+
+    def endpoint_listener(endpoint: Any, *, backlog: int, server: Any) -> IListener:
+        """The listener for an endpoint that Twisted must accept on."""
 
     def to_thread(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """A Deferred of ``function(*args, **kwargs)`` run on the server's own pool."""
+        """A Deferred of ``function(*args, **kwargs)`` run on the server's own
+        pool (``TypeError`` for a plain handler class)."""
 
     def close() -> None:
-        """Stop accepting, cancel the handlers still running, wait for them."""
+        """The server closes: stop, and cancel what still runs."""
 
 
 class IServerControl(Interface):

@@ -1,13 +1,11 @@
-# -*- test-case-name: tests.test_listeners,tests.test_endpoints -*-
-"""How a server gets its requests: the :class:`IListener` a server picks once, when it is made.
+# -*- test-case-name: tests.test_listeners,tests.test_connection_cap -*-
+"""``SocketListener``: the :class:`IListener` of a server with a socket of its own.
 
 A socket address, or an endpoint that is nothing but a listening socket
-(``tcp:``, ``tcp6:``, ``unix:``, ``ssl:``), gets a :class:`SocketListener`: the
-server's own socket, bound and listened to in the stdlib's order, accepted in
-the serving thread.  Any other endpoint gets an ``EndpointListener``
-(``_twisted.endpoints``), where Twisted accepts and the handler gets a socket
-facade.  An ``ssl:`` description also picks the server's connection security
-(``_twisted.tls``).  The whole story is in ``docs/architecture.md``.
+(``tcp:``, ``tcp6:``, ``unix:``, ``ssl:``), is served on the server's own
+socket, bound and listened to in the stdlib's order, accepted by
+``get_request()``.  ``_twisted.strategies`` chooses it (or an endpoint
+listener, where Twisted accepts); ``docs/architecture.md`` tells the story.
 """
 
 from __future__ import annotations
@@ -17,16 +15,11 @@ import errno
 import os
 import socket
 import stat
-import sys
 from typing import Any
 
 from zope.interface import implementer
 
 from txsocketserver._twisted.interfaces import IListener, IRequestReadiness
-
-# The module that defines txsocketserver.Endpoint: an address can be an
-# Endpoint only if that module was imported, and a plain server never imports it.
-_ENDPOINTS_MODULE = "txsocketserver._twisted.endpoints"
 
 
 def remove_socket_file(path: str) -> None:
@@ -36,76 +29,22 @@ def remove_socket_file(path: str) -> None:
             os.remove(path)
 
 
-def _endpoint_named(server: Any) -> Any:
-    """The ``Endpoint`` the server's address names, or ``None`` for a socket
-    address (``endpoints.as_endpoint`` decides; its module is loaded only for
-    an address that could be one)."""
-    address = server.server_address
-    could_be = isinstance(address, str) and ":" in address
-    if not could_be and _ENDPOINTS_MODULE not in sys.modules:
-        return None
-    from txsocketserver._twisted import endpoints
+def listen_backlog(server: Any) -> int:
+    """How many connections the kernel may queue for *server* (the ``listen()``
+    backlog).
 
-    return endpoints.as_endpoint(address, server.address_family)
-
-
-def listener_for(server: Any) -> IListener:
-    """Pick how *server* (a ``TCPServer`` being constructed) gets its requests.
-
-    Sets what the choice decides on the server: ``socket``, and for an
-    endpoint served on a socket of its own ``server_address``,
-    ``address_family``, ``request_queue_size`` and the TLS security.
-
-    Error handling:
-        ``ValueError`` for an endpoint description Twisted cannot parse;
-        ``TypeError`` for a stream endpoint given to a datagram server.
+    ``request_queue_size``, as in the stdlib; with ``max_connections`` set, at
+    least ``socket.SOMAXCONN`` (which the kernel bounds by its own limit,
+    ``net.core.somaxconn`` on Linux).  At the cap the server stops accepting,
+    and every client beyond it waits in the kernel, holding no descriptor or
+    memory of the server's, until a connection ends; with the stdlib's 5 the
+    kernel's queue overflows at once and clients are dropped (their handshake
+    retried seconds later, or reset).
     """
-    endpoint = _endpoint_named(server)
-    if endpoint is None:
-        server.socket = socket.socket(server.address_family, server.socket_type)
-        return SocketListener(server)
-    from txsocketserver._twisted import endpoints
-
-    if server.socket_type != socket.SOCK_STREAM:
-        raise TypeError(f"{type(server).__name__} cannot serve a stream endpoint ({endpoint!r})")
-    listening = endpoints.listening_socket(endpoint)
-    if listening is not None and server._async is not None and listening.tls is not None:
-        # Async handlers run on the reactor: Twisted does their TLS there.
-        listening = None
-    if listening is None:
-        server.socket = None
-        # A PROXY-protocol endpoint's connections wait in our queue, not the
-        # kernel's: its backlog sizes that queue, as for tcp:.
-        server.request_queue_size = (
-            endpoints.endpoint_backlog(endpoint) or server.request_queue_size
-        )
-        if server._async is not None:
-            from txsocketserver._async.serving import AsyncEndpointListener
-
-            return AsyncEndpointListener(
-                endpoint, backlog=server.request_queue_size, server=server, serving=server._async
-            )
-        return endpoints.EndpointListener(
-            endpoint, backlog=server.request_queue_size, server=server
-        )
-    # An endpoint that is just a listening socket is served as one: the
-    # stdlib's hooks bind and accept it, handlers get real sockets.
-    server.server_address = listening.address
-    server.address_family = listening.family
-    server.request_queue_size = listening.backlog
-    if listening.tls is not None:
-        from txsocketserver._twisted.tls import TLSSecurity
-
-        server._security = TLSSecurity(listening.tls)
-    server.socket = socket.socket(server.address_family, server.socket_type)
-    return SocketListener(
-        server,
-        # Twisted's TCP ports always reuse the address, so their endpoints do too.
-        reuse_address=listening.family != getattr(socket, "AF_UNIX", None),
-        unix_mode=listening.unix_mode,
-        unix_lock=listening.unix_lock,
-        from_endpoint=True,
-    )
+    size: int = server.request_queue_size
+    if getattr(server, "max_connections", None) is not None:
+        size = max(size, socket.SOMAXCONN)
+    return size
 
 
 @implementer(IListener)
@@ -147,6 +86,7 @@ class SocketListener:
         # A description's socket, made with bind_and_activate=False, is bound
         # by start_server; a socket address is bound by its caller.
         self._from_endpoint = from_endpoint
+        self._backlog: int | None = None  # what activate() listened with
 
     def bind(self) -> None:
         server = self._server
@@ -175,7 +115,14 @@ class SocketListener:
             remove_socket_file(path)
 
     def activate(self) -> None:
-        self._server.socket.listen(self._server.request_queue_size)
+        self._backlog = listen_backlog(self._server)
+        self._server.socket.listen(self._backlog)
+
+    def _widen_backlog(self) -> None:
+        # max_connections may be set on the server after it listened.
+        if self._backlog is not None and listen_backlog(self._server) > self._backlog:
+            self._backlog = listen_backlog(self._server)
+            self._server.socket.listen(self._backlog)
 
     def accept(self) -> tuple[Any, Any]:
         """What ``socket.accept()`` does, without turning the listening
@@ -203,8 +150,10 @@ class SocketListener:
     def readiness(self) -> IRequestReadiness:
         from txsocketserver._twisted.readiness import SocketReadiness
 
-        # fileno() through the server: a subclass may override it.
-        return SocketReadiness(self._server.fileno())
+        self._widen_backlog()
+        # fileno() through the server: a subclass may override it.  The
+        # listener holds the reactor from the first serving call until closed.
+        return SocketReadiness(self._server.fileno(), holder=self)
 
     def start_listening(self) -> Any:
         sock = self._server.socket
@@ -226,6 +175,9 @@ class SocketListener:
             self._server.socket.close()
 
     def close(self) -> None:
+        from txsocketserver._twisted import reactor as _reactor
+
+        _reactor.release(self)
         server = self._server
         server.socket.close()
         if self._unix_bound:

@@ -1,10 +1,11 @@
-# -*- test-case-name: tests.test_proxy_protocol,tests.test_haproxy_interop -*-
+# -*- test-case-name: tests.test_proxy_protocol,tests.test_haproxy_interop,tests.test_lifecycle -*-
 """The PROXY header stage of a connection: what any protocol behind ``haproxy:`` reads first.
 
 Both the blocking handlers' protocol (``transport_socket``) and the async
-handlers' (``_async.protocol``) begin a proxied connection with one
-:class:`ProxyHeaderStage`; the parsing and the trust rule are in
-``proxy_protocol``.  The stage:
+handlers' (``_async.protocol``) begin a proxied connection with
+:func:`begin_header_stage`, and hand it their bytes (``feed``) and their
+ends (``read_lost``, ``connection_lost``) while it is active; the parsing and
+the trust rule are in ``proxy_protocol``.  The stage:
 
 * refuses at once a peer that is not a trusted proxy (its header could claim
   any address);
@@ -27,8 +28,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from txsocketserver._core import lifecycle
+from txsocketserver._twisted.addresses import socket_address
 from txsocketserver._twisted.proxy_protocol import (
     ProxyHeader,
     ProxyHeaderError,
@@ -50,6 +55,23 @@ class ProxyHeaderPolicy(NamedTuple):
     timeout: float | None
 
 
+def begin_header_stage(
+    transport: Any,
+    policy: ProxyHeaderPolicy,
+    reactor: Any,
+    on_header: Callable[[ProxyHeader], None],
+    record: lifecycle.ConnectionRecord | None = None,
+) -> ProxyHeaderStage:
+    """At a proxied connection's ``connectionMade``: its header stage, begun
+    (the peer admitted, or refused and the connection closed).  See
+    :class:`ProxyHeaderStage` for the arguments."""
+    stage = ProxyHeaderStage(
+        transport, socket_address(transport.getPeer()), policy, reactor, on_header, record
+    )
+    stage.begin()
+    return stage
+
+
 class ProxyHeaderStage:
     """The header stage of one connection.
 
@@ -62,6 +84,8 @@ class ProxyHeaderStage:
         on_header: called with the header once it is whole (for ``LOCAL``
             too, whose ``family`` is ``None``: the connection's own addresses
             stand); the stage is over by then.
+        record: the connection's lifecycle record, if observed: a refusal
+            is recorded on it, and the header's addresses.
     """
 
     def __init__(
@@ -71,8 +95,10 @@ class ProxyHeaderStage:
         policy: ProxyHeaderPolicy,
         reactor: Any,
         on_header: Callable[[ProxyHeader], None],
+        record: lifecycle.ConnectionRecord | None = None,
     ) -> None:
         self._transport = transport
+        self._record = record
         self._peer = peer
         self._policy = policy
         self._reactor = reactor
@@ -96,6 +122,8 @@ class ProxyHeaderStage:
                 peer=peer,
                 trusted=", ".join(self._policy.trusted.entries) or "none",
             )
+            if self._record is not None:
+                lifecycle.refused(self._record, lifecycle.UNTRUSTED_PROXY)
             self._transport.loseConnection()
             return False
         self._received = bytearray()
@@ -112,12 +140,20 @@ class ProxyHeaderStage:
             header = parse_header(self._received)
         except ProxyHeaderError as error:
             self._end("warn", "refused connection from {peer}: {reason}", error)
+            if self._record is not None:
+                lifecycle.refused(self._record, lifecycle.PROXY_HEADER)
             self._transport.loseConnection()
             return b""
         if header is None:
             return b""
         payload = bytes(self._received[header.length :])
         self._end()
+        record = self._record
+        if record is not None and header.family is not None:
+            record.client_address = header.source
+            lifecycle.add_detail(
+                record, "proxy", {"source": header.source, "destination": header.destination}
+            )
         if header.local:
             # The proxy speaks for itself (HAProxy's health checks): the PROXY
             # spec says to serve it with the connection's own addresses, and
@@ -129,8 +165,28 @@ class ProxyHeaderStage:
         self._on_header(header)
         return payload
 
+    def read_lost(self) -> bool:
+        """The peer half-closed (``readConnectionLost``): inside the stage
+        that ends the connection; whether it did (the protocol then has
+        nothing more to do)."""
+        if self._received is None:
+            return False
+        self.peer_ended("closed")
+        self._transport.loseConnection()
+        return True
+
+    def connection_lost(self, reason: Failure) -> None:
+        """``connectionLost``: inside the stage, the peer left in its header."""
+        if self._received is not None:
+            self.peer_ended("closed" if isinstance(reason.value, ConnectionDone) else "was reset")
+
     def peer_ended(self, how: str) -> None:
         """The peer ended the connection in the stage (*how*: "closed", "was reset")."""
+        if self._record is not None:
+            if self._received:
+                lifecycle.refused(self._record, lifecycle.PROXY_HEADER)
+            elif how != "closed":
+                self._record.outcome = lifecycle.RESET
         if self._received:
             self._end(
                 "info",
@@ -139,9 +195,13 @@ class ProxyHeaderStage:
         else:
             self._end("debug", "connection from {peer} " + how + " before sending anything")
 
-    def evict(self, reason: str, level: str = "warn") -> None:
+    def evict(
+        self, reason: str, level: str = "warn", refusal: str = lifecycle.PROXY_HEADER
+    ) -> None:
         """Close the connection, logging *reason* at *level* (a
-        ``twisted.logger`` level name)."""
+        ``twisted.logger`` level name); *refusal*: the lifecycle's reason."""
+        if self._record is not None:
+            lifecycle.refused(self._record, refusal)
         self._end(level, "closed connection from {peer}: {reason}", reason)
         self._transport.loseConnection()
 

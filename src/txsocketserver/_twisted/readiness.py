@@ -108,15 +108,19 @@ class SocketReadiness:
 
     Args:
         fd: the listening (stream) or bound (datagram) socket's file descriptor.
+        holder: what holds the reactor for it (see ``_twisted.reactor``): the
+            server's listener, which releases it when closed; by default the
+            readiness itself, for this serving call.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, holder: object = None) -> None:
         self._tokens: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._watcher = _SocketWatcher(fd, self._tokens)
         self._pending_now = _make_poller(fd)
         self._armed = False
         self._owner = threading.get_ident()
-        _reactor.running_reactor()
+        self._holder = self if holder is None else holder
+        _reactor.hold(self._holder)
 
     def wait(self, timeout: float | None) -> bool:
         if not self._armed:
@@ -145,6 +149,8 @@ class SocketReadiness:
         else:
             # Not registered with the reactor and no arm() on its way to it.
             self._watcher.disarm()
+        if self._holder is self:
+            _reactor.release(self)
 
     def _serving_thread_calls(self) -> bool:
         return threading.get_ident() == self._owner

@@ -230,6 +230,10 @@ class ServerService(Service):
         return started
 
     def _listen_then_serve(self, started: Deferred[ServerService]) -> None:
+        # Nothing in the Twisted world; on the blocking world's reactor (a
+        # service started there through call_in_reactor), keep it running
+        # until the service has stopped.
+        _reactor.hold(self)
         listening = None if self._stopped is not None else self.server._start_listening()
         if listening is None:
             listening = succeed(None)
@@ -248,6 +252,7 @@ class ServerService(Service):
 
         def failed(failure: Failure) -> Failure:
             _log.failure("{server!r} could not start", failure, server=self.server)
+            _reactor.release(self)
             return failure
 
         listening.addCallback(serve).addErrback(failed).chainDeferred(started)
@@ -280,6 +285,7 @@ class ServerService(Service):
                 )
             except BaseException:
                 reactor.callFromThread(stopped.errback, Failure())
+                reactor.callFromThread(_reactor.release, self)
                 return
             finally:
                 self.server._log_errors_to(None)
@@ -289,6 +295,7 @@ class ServerService(Service):
                 how="drained" if drained else "stragglers closed",
             )
             reactor.callFromThread(stopped.callback, None)
+            reactor.callFromThread(_reactor.release, self)
 
         threading.Thread(target=stop, name="txsocketserver-stop", daemon=True).start()
         return stopped

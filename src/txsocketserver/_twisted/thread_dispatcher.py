@@ -17,6 +17,7 @@ from typing import Any
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from txsocketserver._twisted import reactor as _reactor
 from txsocketserver._twisted.interfaces import IThreadDispatcher
 
 
@@ -106,6 +107,8 @@ class ThreadDispatcher:
         self._idle_at_last_trim = 0
         self._hold_exit = hold_exit
         self.request_threads = RequestThreads()
+        # Requests on an endpoint's connections need the reactor until they end.
+        _reactor.hold(self)
 
     def dispatch(self, function: Callable[..., object], *args: Any) -> None:
         self._pool.callInThread(self._run, function, args)
@@ -122,6 +125,11 @@ class ThreadDispatcher:
         finally:
             self.request_threads.left(thread)
 
+    def counts(self) -> tuple[int, int, int]:
+        from txsocketserver._twisted import compat
+
+        return compat.thread_pool_counts(self._pool)
+
     def upkeep(self) -> None:
         now = time.monotonic()
         if now < self._next_trim:
@@ -137,13 +145,21 @@ class ThreadDispatcher:
 
     def close(self, wait: bool) -> None:
         if wait:
-            self._pool.stop()
+            self._stop_pool()
         else:
             # stop() joins the pool's threads; let a helper do the joining so
             # the threads still end once their requests are done.  Like the
             # request threads, it holds up exit only for non-daemon requests.
             threading.Thread(
-                target=self._pool.stop,
+                target=self._stop_pool,
                 name="txsocketserver-pool-stop",
                 daemon=not self._hold_exit,
             ).start()
+        _reactor.release(self)
+
+    def _stop_pool(self) -> None:
+        self._pool.stop()
+        # The pool keeps its ended threads listed, in reference cycles that
+        # only the collector frees: until then threading._dangling counts
+        # them, where Python 3.10's threading_cleanup looks.
+        self._pool.threads.clear()

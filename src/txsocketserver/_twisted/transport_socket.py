@@ -115,24 +115,32 @@ import time
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
-    IAddress,
     IHalfCloseableProtocol,
     IPushProducer,
     ISSLTransport,
 )
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper
 from twisted.python import threadable
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txsocketserver._core import lifecycle
 from txsocketserver._twisted import compat
+from txsocketserver._twisted.addresses import (
+    SocketAddress,
+    socket_address,
+    socket_family,
+    underlying_socket,
+)
 from txsocketserver._twisted.proxy_protocol import ProxyHeader
-from txsocketserver._twisted.proxy_stage import ProxyHeaderPolicy, ProxyHeaderStage
+from txsocketserver._twisted.proxy_stage import (
+    ProxyHeaderPolicy,
+    ProxyHeaderStage,
+    begin_header_stage,
+)
 
 # Bytes buffered for the handler before the transport is asked to stop reading.
 RECEIVE_HIGH_WATER = 256 * 1024
@@ -144,11 +152,6 @@ SEND_WINDOW = 256 * 1024
 # Seconds a closed connection keeps reading, after its FIN, for the peer's FIN
 # (see TransportSocketProtocol._close); Apache's lingering close waits 2 s too.
 LINGER_TIMEOUT = 2.0
-
-#: What ``socket.accept()`` returns as the address for each family: ``(host,
-#: port)`` for IPv4, ``(host, port, flowinfo, scope_id)`` for IPv6, a path (``""``
-#: for an unnamed peer) for Unix sockets.
-SocketAddress = tuple[str, int] | tuple[str, int, int, int] | str | bytes
 
 #: ``on_connection(transport_socket, client_address)``: see TransportSocketProtocol.
 ConnectionCallback = Callable[["TransportSocket", SocketAddress], object]
@@ -176,61 +179,6 @@ def bad_file_descriptor(detail: str | None = None) -> OSError:
     """The ``OSError(EBADF)`` a closed socket raises, with *detail* appended."""
     message = os.strerror(errno.EBADF)
     return OSError(errno.EBADF, message if detail is None else f"{message}: {detail}")
-
-
-def socket_address(address: IAddress) -> SocketAddress:
-    """Convert a Twisted address to what ``socket.accept()`` would return.
-
-    Args:
-        address: from ``transport.getPeer()``/``getHost()``.
-
-    Returns:
-        ``(host, port)`` for IPv4, ``(host, port, flowinfo, scope_id)`` for IPv6,
-        the path for Unix (``""`` when unnamed; ``bytes`` for an abstract
-        address).  Any other address object is returned unchanged.
-    """
-    if isinstance(address, IPv6Address):
-        return (address.host, address.port, address.flowInfo, address.scopeID)
-    if isinstance(address, IPv4Address):
-        return (address.host, address.port)
-    if isinstance(address, UNIXAddress):
-        name = address.name
-        if not name:
-            return ""
-        if isinstance(name, bytes) and not name.startswith(b"\0"):
-            return os.fsdecode(name)
-        return name
-    return address  # type: ignore[return-value]
-
-
-def socket_family(address: IAddress) -> socket.AddressFamily:
-    """The socket family of a Twisted address (IPv4 unless IPv6 or Unix)."""
-    if isinstance(address, IPv6Address):
-        return socket.AF_INET6
-    if isinstance(address, UNIXAddress):
-        return socket.AF_UNIX
-    return socket.AF_INET
-
-
-def underlying_socket(transport: Any) -> socket.socket | None:
-    """The OS socket under ``transport``, looking through protocol wrappers.
-
-    TLS and PROXY-protocol transports are ``ProtocolWrapper`` objects whose
-    ``transport`` attribute is the TCP transport that owns the socket.
-    """
-    for _ in range(16):
-        get_handle = getattr(transport, "getHandle", None)
-        if get_handle is not None:
-            try:
-                handle = get_handle()
-            except Exception:
-                handle = None
-            if isinstance(handle, socket.socket):
-                return handle
-        if not isinstance(transport, ProtocolWrapper):
-            return None
-        transport = transport.transport
-    return None
 
 
 class _Bridge:
@@ -329,6 +277,9 @@ class TransportSocketProtocol(Protocol):
         self._proxied: ProxyHeader | None = None
         self._write_half_closed = False  # loseWriteConnection was called
         self._linger: Any = None  # the lingering close's deadline, while it runs
+        #: The connection's lifecycle record (``None``: not observed); set
+        #: before ``connectionMade`` by whoever observes it.
+        self.record: lifecycle.ConnectionRecord | None = None
 
     @property
     def awaiting_header(self) -> bool:
@@ -345,14 +296,9 @@ class TransportSocketProtocol(Protocol):
         if self._proxy is None:
             self._start()
             return
-        self._stage = ProxyHeaderStage(
-            self.transport,
-            socket_address(self.transport.getPeer()),
-            self._proxy,
-            self._reactor,
-            self._proxied_by,
+        self._stage = begin_header_stage(
+            self.transport, self._proxy, self._reactor, self._proxied_by, self.record
         )
-        self._stage.begin()
 
     def _proxied_by(self, header: ProxyHeader) -> None:
         self._proxied = header
@@ -375,18 +321,26 @@ class TransportSocketProtocol(Protocol):
             host=host,
             os_socket=underlying_socket(self.transport),
         )
+        record = self.record
+        if record is not None:
+            record.client_address = client
+            record.bytes_received = record.bytes_sent = 0
+            self.socket.lifecycle_record = record
         try:
             self._on_connection(self.socket, self.socket.getpeername())
         except Exception:
             _log.failure("on_connection raised; closing the connection")
             self.socket.close()
 
-    def evict(self, reason: str, level: str = "warn") -> None:
+    def evict(
+        self, reason: str, level: str = "warn", refusal: str = lifecycle.PROXY_HEADER
+    ) -> None:
         """Close a connection still in its header stage, logging *reason* at
-        *level* (a ``twisted.logger`` level name); reactor thread."""
+        *level* (a ``twisted.logger`` level name); reactor thread.  *refusal*:
+        the reason its lifecycle record gives."""
         if self.awaiting_header:
             assert self._stage is not None
-            self._stage.evict(reason, level)
+            self._stage.evict(reason, level, refusal)
 
     # Payload ------------------------------------------------------------------------
 
@@ -409,9 +363,7 @@ class TransportSocketProtocol(Protocol):
             self.transport.pauseProducing()
 
     def readConnectionLost(self) -> None:
-        if self._stage is not None and self._stage.active:
-            self._stage.peer_ended("closed")
-            self.transport.loseConnection()
+        if self._stage is not None and self._stage.read_lost():
             return
         with self._bridge.lock:
             self._bridge.read_eof = True
@@ -426,8 +378,12 @@ class TransportSocketProtocol(Protocol):
         pass
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._stage is not None and self._stage.active:
-            self._stage.peer_ended("closed" if reason.check(ConnectionDone) else "was reset")
+        if self._stage is not None:
+            self._stage.connection_lost(reason)
+        if self.record is not None and self.socket is None:
+            # It never reached a handler (refused, or gone in its header
+            # stage): its lifecycle ends here.
+            lifecycle.ended(self.record)
         linger, self._linger = self._linger, None
         if linger is not None and linger.active():
             linger.cancel()
@@ -567,6 +523,10 @@ class TransportSocket:
         self._timeout: float | None = socket.getdefaulttimeout()
         self._closed = False  # close() called; the connection ends when _io_refs is 0
         self._io_refs = 0  # open makefile() objects
+        #: The connection's lifecycle record, if observed: the server's
+        #: serving loop takes it over, and the handler's reads and writes
+        #: count their bytes in it.
+        self.lifecycle_record: lifecycle.ConnectionRecord | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._bridge.closed else f"laddr={self._host!r}, raddr={self._peer!r}"
@@ -742,6 +702,8 @@ class TransportSocket:
                 if not peek:
                     del received[:count]
                     self._maybe_resume_reading()
+                    if self.lifecycle_record is not None:
+                        self.lifecycle_record.bytes_received += count  # type: ignore[operator]
                 done += count
                 if target is None:
                     return data
@@ -833,6 +795,8 @@ class TransportSocket:
                     chunk = bytes(octets[sent : sent + count])
                 bridge.outgoing.append(chunk)
                 bridge.outgoing_bytes += count
+                if self.lifecycle_record is not None:
+                    self.lifecycle_record.bytes_sent += count  # type: ignore[operator]
                 sent += count
                 if not bridge.flush_requested:
                     bridge.flush_requested = True
