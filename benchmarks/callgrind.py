@@ -103,6 +103,8 @@ SCENARIOS: dict[str, Client] = {
     "async-connect-per-request-16": echo_connect_per_request,
     "datagram-sync-1": datagram,
     "datagram-threading-1": datagram,
+    "observed-async-echo-persistent-16": echo_persistent,
+    "observed-connect-per-request-threading-8": echo_connect_per_request,
 }
 
 

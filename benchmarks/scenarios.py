@@ -22,12 +22,14 @@ from servers import (
     echo_servers,
     forking_servers,
     http_servers,
+    observed_servers,
     tls_echo_servers,
 )
 
 # A scenario without a server for an implementation skips it (asyncio serves
 # only the async-* scenarios).
-IMPLEMENTATIONS = ("ours", "stdlib", "twisted", "asyncio")
+# "metrics" and "access-log" are ours observed (the observed-* scenarios only).
+IMPLEMENTATIONS = ("ours", "stdlib", "twisted", "asyncio", "metrics", "access-log")
 
 
 @dataclass(frozen=True)
@@ -157,5 +159,20 @@ SCENARIOS = _table(
             quick=n == 16,
         )
         for n in (1, 16)
+    ),
+    # The cost of observing: ours plain, with metrics, with the access log.
+    Scenario(
+        "observed-async-echo-persistent-16",
+        "16 persistent connections, one line in flight each; TCPServer with an async "
+        "handler, plain / with metrics / with the access log",
+        observed_servers(async_echo_servers()),
+        echo_load("persistent", 16),
+    ),
+    Scenario(
+        "observed-connect-per-request-threading-8",
+        "8 clients, a new connection per line; ThreadingTCPServer, plain / with "
+        "metrics / with the access log",
+        observed_servers(echo_servers("ThreadingTCPServer")),
+        echo_load("connect", 8),
     ),
 )

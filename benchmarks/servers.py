@@ -36,6 +36,8 @@ SOCKETSERVER_MODULES = {"ours": "txsocketserver", "stdlib": "socketserver"}
 class ServerHandle(NamedTuple):
     port: int
     serve: Callable[[], None]
+    # The socketserver-API server object, where there is one (observed()).
+    server: object = None
 
 
 ServerStarter = Callable[[], ServerHandle]
@@ -54,7 +56,7 @@ def listen_socketserver(module: ModuleType, server_class: str, handler: type) ->
         daemon_threads = True
 
     server = BenchServer((HOST, 0), handler)
-    return ServerHandle(server.server_address[1], server.serve_forever)
+    return ServerHandle(server.server_address[1], server.serve_forever, server)
 
 
 def listen_twisted(factory: object) -> ServerHandle:
@@ -118,7 +120,7 @@ def async_echo() -> ServerHandle:
         request_queue_size = BACKLOG
 
     server = BenchServer((HOST, 0), AsyncEchoHandler)
-    return ServerHandle(server.server_address[1], server.serve_forever)
+    return ServerHandle(server.server_address[1], server.serve_forever, server)
 
 
 def asyncio_echo() -> ServerHandle:
@@ -423,3 +425,52 @@ def tls_echo_servers() -> dict[str, ServerStarter]:
     """Line echo over TLS: ours on an ``ssl:`` endpoint, Twisted natively, and the
     stdlib wrapping accepted sockets in ``ssl`` (reference)."""
     return {"ours": ours_tls_echo, "stdlib": stdlib_tls_echo, "twisted": twisted_tls_echo}
+
+
+# --- the cost of observing (metrics, the access log) --------------------------------
+
+
+def observed(factory: ServerStarter, what: str) -> ServerStarter:
+    """*factory*'s server (ours) with ``what`` attached: ``"metrics"`` (a
+    ``txsocketserver.Metrics`` counting every request, its endpoint listening
+    on a port nobody scrapes: as an operator runs it between scrapes) or
+    ``"access-log"`` (one JSON access record per connection to a temporary file,
+    through ``twisted.logger``, as ``--access-log FILE --log-format json`` writes it)."""
+
+    def make() -> ServerHandle:
+        import tempfile
+
+        import txsocketserver
+
+        handle = factory()
+        server = handle.server
+        if what == "metrics":
+            metrics = txsocketserver.Metrics()
+            metrics.observe(server, name="bench")
+            metrics.listen_blocking(f"tcp:0:interface={HOST}")
+        else:
+            from twisted.logger import globalLogBeginner
+
+            from txsocketserver._observability.access_log import (
+                AccessLog,
+                file_observer,
+                is_access,
+            )
+
+            log = tempfile.NamedTemporaryFile("w", prefix="txss-bench-access-", delete=True)  # noqa: SIM115
+            globalLogBeginner.beginLoggingTo(
+                [file_observer(log, "json", accept=is_access)], redirectStandardIO=False
+            )
+            server.add_observer(AccessLog("bench"))  # type: ignore[attr-defined]
+        return handle
+
+    return make
+
+
+def observed_servers(servers: dict[str, ServerStarter]) -> dict[str, ServerStarter]:
+    """Ours as it is, with metrics, and with the access log."""
+    return {
+        "ours": servers["ours"],
+        "metrics": observed(servers["ours"], "metrics"),
+        "access-log": observed(servers["ours"], "access-log"),
+    }

@@ -39,6 +39,8 @@ TYPE_CHECKING = False  # not typing's: see txsocketserver._core
 if TYPE_CHECKING:
     from typing import Any
 
+    from txsocketserver._observability.health import Health
+    from txsocketserver._observability.metrics import Metrics
     from txsocketserver._twisted.endpoints import Endpoint
     from txsocketserver._twisted.service import ServerService, start_server
     from txsocketserver._workers.supervisor import Workers, run_workers, start_workers
@@ -51,6 +53,8 @@ _TWISTED_WORLD = {
     "Workers": "txsocketserver._workers.supervisor",
     "run_workers": "txsocketserver._workers.supervisor",
     "start_workers": "txsocketserver._workers.supervisor",
+    "Metrics": "txsocketserver._observability.metrics",
+    "Health": "txsocketserver._observability.health",
 }
 
 
@@ -135,4 +139,7 @@ __all__ = [
     "Workers",
     "run_workers",
     "start_workers",
+    # Beyond socketserver: metrics, liveness and readiness.
+    "Metrics",
+    "Health",
 ]

@@ -21,7 +21,9 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from types import FrameType
+from typing import Any
 
 from twisted.logger import (
     FilteringLogObserver,
@@ -41,6 +43,7 @@ from txsocketserver._cli import (
     describe_workers,
     start_log_file,
 )
+from txsocketserver._observability.cli import Observability
 from txsocketserver._twisted.service import (
     STRAGGLER_GRACE,
     abort_requests,
@@ -103,10 +106,16 @@ class _StopNow(BaseException):
     """Raised in the main thread by a second stop signal."""
 
 
-def _begin_logging(level: str) -> None:
+def _begin_logging(level: str, observability: Observability | None = None) -> None:
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
-    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    observers: list[Any]
+    if observability is None:
+        observers = [textFileLogObserver(sys.stderr)]
+    else:
+        observers = observability.log_observers()
+    # The level filters the server's own log; the access log has every record.
+    observers[0] = FilteringLogObserver(observers[0], [predicate])
+    globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         print(f"{PROG}: try --help", file=sys.stderr)
         return EXIT_USAGE
-    _begin_logging(options["log-level"])
+    observability = _observe(options, workers if options["workers"] is not None else server)
+    if observability is None:
+        return EXIT_USAGE
+    _begin_logging(options["log-level"], observability)
     if options["workers"] is not None:
         from txsocketserver._workers.supervisor import run_workers
 
@@ -136,27 +148,35 @@ def main(argv: list[str] | None = None) -> int:
         server.daemon_threads = True
 
     serving = threading.current_thread()
+    say = observability.announce
     drain_timeout = options["drain-timeout"]
     # The drain waits for serve_forever, which runs in this very thread: it
     # has to happen in another one.  A daemon, so that a second signal can
     # end the process under it.
-    stopper = threading.Thread(
-        target=stop_gracefully,
-        args=(server,),
-        kwargs={"drain_timeout": drain_timeout, "serving": serving},
-        name="txsocketserver-stop",
-        daemon=True,
-    )
+    drain_delay = options["drain-delay"]
+
+    def stop_in_phases() -> None:
+        # Phase 1 (--drain-delay): serving on, /readyz 503 since the signal;
+        # systemd hears STOPPING=1 now too (stop_gracefully's is then a no-op).
+        if drain_delay > 0:
+            from txsocketserver._twisted.systemd import notify_stopping
+
+            notify_stopping()
+            time.sleep(drain_delay)
+        stop_gracefully(server, drain_timeout=drain_timeout, serving=serving)
+
+    stopper = threading.Thread(target=stop_in_phases, name="txsocketserver-stop", daemon=True)
     stopping: list[threading.Thread] = []
 
     def stop(signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if stopping:
-            print(f"{PROG}: {name} again: stopping now", file=sys.stderr, flush=True)
+            say(f"{PROG}: {name} again: stopping now")
             raise _StopNow
         # Recorded first: a second signal may interrupt the lines below.
         stopping.append(stopper)
-        print(f"{PROG}: {name}: stopping", file=sys.stderr, flush=True)
+        observability.health.begin_stop()
+        say(f"{PROG}: {name}: stopping")
         stopper.start()
 
     signal.signal(signal.SIGTERM, stop)
@@ -165,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         from txsocketserver import _logfiles
 
         _logfiles.handle_sigusr1()
-    print(f"{PROG}: {describe(options, server)}", file=sys.stderr, flush=True)
+    say(f"{PROG}: {describe(options, server)}")
     # The server listens: tell systemd (READY=1, then STATUS= and WATCHDOG=1).
     from txsocketserver._twisted import reactor as _reactor
     from txsocketserver._twisted import systemd
@@ -183,14 +203,38 @@ def main(argv: list[str] | None = None) -> int:
         if not stopping:
             server.server_close()
             return EXIT_OK
-        stopping[0].join(drain_timeout + STRAGGLER_GRACE + _CLOSE_MARGIN)
+        stopping[0].join(drain_delay + drain_timeout + STRAGGLER_GRACE + _CLOSE_MARGIN)
         if stopping[0].is_alive():
-            print(f"{PROG}: handlers still running; exiting", file=sys.stderr, flush=True)
+            say(f"{PROG}: handlers still running; exiting")
         return EXIT_OK
     except (_StopNow, KeyboardInterrupt):
         server.block_on_close = False
         abort_requests(server)
         return EXIT_STOPPED_AT_ONCE
+
+
+def _observe(options: MainOptions, served: Any) -> Observability | None:
+    """Apply --metrics, --access-log and --log-format to *served* (the server,
+    or the --workers supervisor): None, after printing why, if the --metrics
+    endpoint cannot listen (the server is then closed)."""
+    workers = options["workers"] is not None
+    observability = Observability.from_options(options, health=served.health if workers else None)
+    try:
+        if workers:
+            observability.observe_workers(served)
+            observability.listen_now()  # before the reactor runs, in this thread
+        else:
+            observability.observe(served, options["listen"])
+            observability.listen_blocking()
+    except usage.UsageError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        if workers:
+            for listener in served.listeners:
+                listener.close()
+        else:
+            served.server_close()
+        return None
+    return observability
 
 
 if __name__ == "__main__":

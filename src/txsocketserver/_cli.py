@@ -17,6 +17,7 @@ from twisted.python import usage
 
 import txsocketserver
 from txsocketserver import _config
+from txsocketserver._observability.cli import OPTION_PARAMETERS, check_options, worker_fields
 from txsocketserver._server_classes import MODES, load_object, mode_for, server_class
 from txsocketserver._twisted.endpoints import DEFAULT_HEADER_TIMEOUT, Endpoint, listening_socket
 from txsocketserver._twisted.proxy_protocol import DEFAULT_TRUSTED_PROXIES, TrustedProxies
@@ -186,6 +187,8 @@ class Options(usage.Options):
         ],
         *_config.CONFIG_PARAMETERS,
     ]
+    # Metrics, health, access log, the stop in phases: _observability/cli.py.
+    optParameters += OPTION_PARAMETERS
 
     def __init__(self) -> None:
         super().__init__()
@@ -290,6 +293,7 @@ class Options(usage.Options):
                     )
             endpoints.append(endpoint)
         self["endpoint"] = self["address"] = endpoints[0]
+        check_options(self)
 
     def _check_workers(self) -> None:
         workers = self["workers"]
@@ -384,6 +388,8 @@ def build_workers(options: Options) -> Any:
             worker_timeout=options["worker-timeout"],
             trusted_proxies=options["trusted_proxies"],
             header_timeout=options["header-timeout"],
+            drain_delay=options["drain-delay"],
+            observability=worker_fields(options),
             max_worker_memory=options["max-worker-memory"],
             max_worker_lifetime=options["max-worker-lifetime"],
             max_worker_lifetime_jitter=options["max-worker-lifetime-jitter"],
@@ -448,17 +454,20 @@ def makeService(options: Options) -> Any:
     (so ``tcp:80`` works when started as root), and serves once the reactor runs.
     With ``--workers``, the :class:`~txsocketserver.Workers` supervisor instead.
     """
+    from txsocketserver._observability.cli import observed_service
     from txsocketserver._twisted.service import ServerService, _log
 
     start_log_file(options)
     if options["workers"] is not None:
         workers = build_workers(options)
         _log.info("{description}", description=describe_workers(options, workers))
-        return workers
+        return observed_service(options, workers, workers=workers)
     server = build_server(options)
     _log.info("{description}", description=describe(options, server))
     service = ServerService(server, drain_timeout=options["drain-timeout"])
-    return with_process_services(service, server, options)
+    return with_process_services(
+        observed_service(options, service, server=server), server, options
+    )
 
 
 def start_log_file(options: Options) -> None:

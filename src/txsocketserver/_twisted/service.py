@@ -43,6 +43,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from txsocketserver._observability.health import Health
 from txsocketserver._twisted import reactor as _reactor
 from txsocketserver._twisted import systemd
 
@@ -182,6 +183,11 @@ class ServerService(Service):
             before their connections are shut down (default 30).
         poll_interval: passed to ``serve_forever``; how often
             ``service_actions()`` runs.
+        drain_delay: seconds ``stopService`` keeps serving after the stop
+            began (``health`` no longer ready) before it stops accepting, so
+            that load balancers stop sending first (default 0).
+        health: the :class:`~txsocketserver.Health` whose stop begins when
+            ``stopService`` is called (default: a new one, ``self.health``).
 
     Resource handling:
         ``stopService`` closes the server; the service cannot be started again
@@ -201,10 +207,14 @@ class ServerService(Service):
         *,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         poll_interval: float = 0.5,
+        drain_delay: float = 0.0,
+        health: Health | None = None,
     ) -> None:
         self.server = server
         self.drain_timeout = drain_timeout
         self.poll_interval = poll_interval
+        self.drain_delay = drain_delay
+        self.health = health if health is not None else Health()
         self._serving: threading.Thread | None = None
         self._started: Deferred[ServerService] | None = None
         self._stopped: Deferred[None] | None = None
@@ -267,18 +277,25 @@ class ServerService(Service):
     def stopService(self) -> Deferred[None]:
         """Stop accepting, drain, close; the Deferred fires when that is done.
 
-        The server takes no new request; the requests in flight get
-        ``drain_timeout`` seconds to finish; the connections of those still
-        running are then shut down under them, and ``server_close()`` runs.
+        The stop begins (``health`` turns not ready) at once; the server goes
+        on serving for ``drain_delay`` seconds, then takes no new request;
+        the requests in flight get ``drain_timeout`` seconds to finish; the
+        connections of those still running are then shut down under them,
+        and ``server_close()`` runs.
         """
         Service.stopService(self)
         if self._stopped is not None:
             return self._stopped
+        self.health.begin_stop()
+        if self.drain_delay > 0:
+            systemd.notify_stopping()  # at the stop's start, not after the delay
         stopped: Deferred[None] = Deferred()
         self._stopped = stopped
         reactor = _reactor.get_reactor()
 
         def stop() -> None:
+            if self.drain_delay > 0:
+                time.sleep(self.drain_delay)  # phase 1: serving, but no longer ready
             try:
                 drained = stop_gracefully(
                     self.server, drain_timeout=self.drain_timeout, serving=self._serving

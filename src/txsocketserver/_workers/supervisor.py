@@ -71,6 +71,9 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from txsocketserver._observability.exposition import RESTART_CAUSES
+from txsocketserver._observability.health import Health
+from txsocketserver._observability.stats import merge
 from txsocketserver._twisted import systemd
 from txsocketserver._twisted.service import DEFAULT_DRAIN_TIMEOUT
 from txsocketserver._workers.bound_sockets import BoundSocket, bind_socket
@@ -141,6 +144,8 @@ class _WorkerProcess(ProcessProtocol):
         self.pid: int | None = None
         self._buffer = b""
         self._deadline: Any = None  # the kill timer of a stopping worker
+        # {server label: its stats snapshot}, the last the worker sent (--metrics).
+        self.snapshot: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"<worker {self.pid} generation {self.generation}>"
@@ -151,6 +156,10 @@ class _WorkerProcess(ProcessProtocol):
         self._buffer += data
         *lines, self._buffer = self._buffer.split(b"\n")
         for line in lines:
+            if line.startswith(b"metrics "):
+                # Sent by the reactor on a timer: not a sign of progress.
+                self.snapshot = json.loads(line[8:])
+                continue
             self.last_beat = time.monotonic()
             self.supervisor._heard_from(self)
             if line == b"ready":
@@ -247,6 +256,13 @@ class Workers(Service):
             reopen it.
         trusted_proxies, header_timeout: set on each worker's servers, for
             ``haproxy:`` listeners (``None``: the server class's defaults).
+        drain_delay: seconds ``stopService`` keeps the workers serving after
+            the stop began (``health`` no longer ready), before they stop
+            accepting and drain.
+        observability: what each worker observes: ``{"metrics": bool,
+            "access_log": path or None, "log_format": "text" or "json"}``;
+            with ``metrics``, workers send their counts, which
+            :meth:`metrics_snapshots` sums.
         handle_signals: in ``startService``, take SIGHUP (reload), SIGTTIN
             and SIGTTOU (one worker more, or fewer), SIGUSR1 (reopen the log
             files, the workers' too); main thread only.
@@ -282,6 +298,8 @@ class Workers(Service):
         trusted_proxies: Sequence[str] | None = None,
         header_timeout: float | None = None,
         handle_signals: bool = True,
+        drain_delay: float = 0.0,
+        observability: dict[str, Any] | None = None,
         max_worker_memory: float | None = None,
         max_worker_lifetime: float | None = None,
         max_worker_lifetime_jitter: float | None = None,
@@ -361,6 +379,16 @@ class Workers(Service):
         self._devnull: int | None = None
         self._reactor: Any = None  # the running reactor, from startService
         self._ready_waiters: list[Deferred[None]] = []
+        self.drain_delay = drain_delay
+        self.observability = observability or {}
+        #: The moment a stop begins, which ``stopService`` records first thing
+        #: (``/readyz`` answers 503 from then on; see :class:`~txsocketserver.Health`).
+        self.health = Health()
+        #: Workers replaced so far, by cause (see RESTART_CAUSES).
+        self.restarts = dict.fromkeys(RESTART_CAUSES, 0)
+        # The counts of workers that have exited: {server label: snapshot}.
+        self._exited_counts: dict[str, dict[str, Any]] = {}
+        self._delayed_stop: Any = None
 
     # -- what operators and tests look at ------------------------------------------
 
@@ -477,8 +505,20 @@ class Workers(Service):
         Service.stopService(self)
         if self._stopping is not None:
             return self._stopping
+        self.health.begin_stop()
         self._stopping = Deferred()
         systemd.notify_stopping()
+        if self.drain_delay > 0 and self._reactor is not None:
+            # Phase 1: the workers go on serving while load balancers, told
+            # by /readyz, stop sending; then the drain below.
+            self._delayed_stop = self._reactor.callLater(self.drain_delay, self._drain)
+            return self._stopping
+        self._drain()
+        return self._stopping
+
+    def _drain(self) -> None:
+        """Stop accepting, tell every worker to drain (the stop's second phase)."""
+        self._delayed_stop = None
         self._heartbeat.stop()
         for signum, old in self._old_signals.items():
             signal.signal(signum, old)
@@ -491,13 +531,14 @@ class Workers(Service):
             listener.stop_listening()
         for process in self._processes:
             process.terminate()
-        stopping = self._stopping
         self._notify_ready()
         self._maybe_stopped()
-        return stopping
 
     def kill_now(self) -> None:
         """Kill every worker at once (a second stop signal)."""
+        if self._delayed_stop is not None and self._delayed_stop.active():
+            self._delayed_stop.cancel()
+            self._drain()
         for process in self._processes:
             process.signal(signal.SIGKILL)
 
@@ -527,6 +568,8 @@ class Workers(Service):
         outgoing = [p for p in self._processes if p not in current and not p.stopping]
         surplus = len(ready) + len(outgoing) - self.workers
         for process in sorted(outgoing, key=lambda p: (p.ready, p.started))[: max(0, surplus)]:
+            if process.generation < self._generation and process.retiring is None:
+                self.restarts["reload"] += 1
             _log.info("stopping {worker} (replaced)", worker=process)
             process.terminate()
         extra = len(current) - self.workers
@@ -564,6 +607,7 @@ class Workers(Service):
             "trusted_proxies": self.trusted_proxies,
             "header_timeout": self.header_timeout,
             "control_fd": control_fd,
+            "observability": self.observability,
             "sys_path": [os.getcwd() if entry == "" else entry for entry in sys.path],
             "listeners": [
                 {**listener.worker_spec(), "settings": self._listener_settings[id(listener)]}
@@ -661,15 +705,18 @@ class Workers(Service):
     def _replace_stuck(self, process: _WorkerProcess, signum: int) -> None:
         process.stopping = True
         self._replaced += 1
+        self.restarts["timed_out"] += 1
         process.signal(signum)
         self._reconcile()
 
     def _worker_retiring(self, process: _WorkerProcess) -> None:
+        self.restarts["max_requests"] += 1
         _log.info("{worker} reached --max-requests; replacing it", worker=process)
         self._reconcile()
 
     def _worker_ended(self, process: _WorkerProcess, how: BaseException) -> None:
         self._processes.remove(process)
+        self._keep_counts(process)
         status = getattr(how, "exitCode", None)
         killed_by = getattr(how, "signal", None)
         outcome = f"signal {signal.Signals(killed_by).name}" if killed_by else f"status {status}"
@@ -688,6 +735,7 @@ class Workers(Service):
                 backoff=backoff,
             )
         else:
+            self.restarts["exited"] += 1
             self._replaced += 1
             _log.warn("{worker} died ({outcome}); replacing it", worker=process, outcome=outcome)
         self._maybe_stopped()
@@ -710,10 +758,12 @@ class Workers(Service):
             if self.max_worker_memory is not None and process.pid is not None:
                 rss = resident_memory(process.pid)
                 if rss is not None and rss > self.max_worker_memory * 1e6:
+                    self.restarts["max_memory"] += 1
                     self._retire(process, f"uses {rss / 1e6:.0f} MB, over --max-worker-memory")
                     continue
             assert process.ready_at is not None  # set with ready
             if process.lifetime is not None and now - process.ready_at >= process.lifetime:
+                self.restarts["max_lifetime"] += 1
                 self._retire(process, f"has served {now - process.ready_at:.1f}s, its lifetime")
         self._reconcile()
 
@@ -740,6 +790,32 @@ class Workers(Service):
             f"{ready} of {self.workers} workers ready, {starting} starting, {stopping} "
             f"stopping; generation {self._generation}; {self._replaced} replaced"
         )
+
+    # -- metrics (--metrics): the sum over the workers -------------------------------
+
+    def _keep_counts(self, process: _WorkerProcess) -> None:
+        # An exited worker's counters stay in the sum (without its gauges),
+        # so that no counter goes backwards across a reload or a crash.
+        for label, snapshot in process.snapshot.items():
+            kept = self._exited_counts.get(label)
+            self._exited_counts[label] = merge(
+                [snapshot] if kept is None else [kept, snapshot], gauges=False
+            )
+
+    def metrics_snapshots(self) -> dict[str, dict[str, Any]]:
+        """``{server label: snapshot}`` summed over every worker since the start:
+        the last counts each live worker sent, plus those of exited workers."""
+        sums: dict[str, list[dict[str, Any]]] = {
+            label: [counts] for label, counts in self._exited_counts.items()
+        }
+        for process in self._processes:
+            for label, snapshot in process.snapshot.items():
+                sums.setdefault(label, []).append(snapshot)
+        return {label: merge(snapshots) for label, snapshots in sorted(sums.items())}
+
+    def worker_counts(self) -> dict[str, Any]:
+        """Workers alive (started, not yet exited) and restarts by cause."""
+        return {"alive": len(self._processes), "restarts": dict(self.restarts)}
 
 
 def run_workers(

@@ -49,6 +49,8 @@ from typing import Any
 
 #: First fd of the listening sockets, as systemd numbers them.
 FIRST_LISTEN_FD = 3
+#: Seconds between two snapshots of a worker's counts (--metrics) to the supervisor.
+METRICS_INTERVAL = 1.0
 
 # A worker's exit statuses, which the supervisor reads (gunicorn's numbers).
 #: It stopped as asked: SIGTERM, ``max_requests`` reached, its supervisor gone.
@@ -89,7 +91,16 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.logger import globalLogBeginner, textFileLogObserver
     from twisted.python.usage import UsageError
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    observing = spec.get("observability") or {}
+    if observing:
+        from txsocketserver._observability.cli import Observability
+
+        observers = Observability(
+            access_log=observing.get("access_log"), log_format=observing["log_format"]
+        ).log_observers()
+    else:
+        observers = [textFileLogObserver(sys.stderr)]
+    globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
     try:
         worker = _Worker(spec, reactor)
     except UsageError as error:
@@ -155,6 +166,8 @@ class _Worker:
         self._ticks: dict[int, float] = {}
         self._requests = 0
         self._retiring = False
+        self._observing = spec.get("observability") or {}
+        self._stats: list[Any] = []  # each server's ServerStats (--metrics)
         self._stuck = False
         self._handler = load_object(spec["handler"], "--handler")
         self._server_class = server_class(spec["server"], mode_for(self._handler, spec["mode"]))
@@ -207,6 +220,10 @@ class _Worker:
 
     def _serving(self) -> None:
         self._send(b"ready")
+        if self._stats:
+            from twisted.internet.task import LoopingCall
+
+            LoopingCall(self._send_metrics).start(METRICS_INTERVAL)
         if self._spec["heartbeat"]:
             from twisted.internet.task import LoopingCall
 
@@ -253,7 +270,30 @@ class _Worker:
             # A [[listener]] table's own options (txsocketserver._config.PER_LISTENER).
             setattr(server, attribute, tuple(value) if isinstance(value, list) else value)
         self._watch(server)
+        self._observe(server, listener["description"])
         return server
+
+    def _observe(self, server: Any, label: str) -> None:
+        from txsocketserver._observability.metrics import attach
+
+        if self._observing.get("metrics"):
+            from txsocketserver._observability.stats import ServerStats
+
+            stats = ServerStats(label, server)
+            attach(server, stats)
+            self._stats.append(stats)
+        if self._observing.get("access_log"):
+            from txsocketserver._observability.access_log import AccessLog
+
+            attach(server, AccessLog(label))
+
+    def _send_final_metrics(self, result: Any) -> Any:
+        self._send_metrics()
+        return result
+
+    def _send_metrics(self) -> None:
+        snapshot = {stats.name: stats.snapshot() for stats in self._stats}
+        self._send(b"metrics " + json.dumps(snapshot, separators=(",", ":")).encode())
 
     def _watch(self, server: Any) -> None:
         """Note each serving loop's progress, and count requests.
@@ -327,7 +367,11 @@ class _Worker:
         from twisted.internet.defer import DeferredList
 
         self._watch_supervisor.stopping = True
-        return DeferredList([service.stopService() for service in self._services])
+        stopped = DeferredList([service.stopService() for service in self._services])
+        if self._stats:
+            # The counts of the drained requests too, before the worker exits.
+            stopped.addBoth(self._send_final_metrics)
+        return stopped
 
 
 class _SupervisorWatch:
