@@ -252,10 +252,11 @@ class Options(usage.Options):
             raise usage.UsageError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
         if self["max-threads"] is not None and self["max-threads"] < 1:
             raise usage.UsageError("--max-threads must be at least 1")
-        if self["drain-timeout"] < 0:
-            raise usage.UsageError("--drain-timeout must not be negative")
-        if self["header-timeout"] <= 0:
-            raise usage.UsageError("--header-timeout must be positive")
+        # "not >=": nan compares false both ways (a nan timeout broke every connection).
+        if not self["drain-timeout"] >= 0:
+            raise usage.UsageError("--drain-timeout must be a number, not negative")
+        if not self["header-timeout"] > 0:
+            raise usage.UsageError("--header-timeout must be a positive number")
         self["trusted_proxies"] = tuple(
             entry.strip() for entry in self["trusted-proxies"].split(",") if entry.strip()
         )
@@ -316,13 +317,13 @@ class Options(usage.Options):
             raise usage.UsageError("--workers must be at least 1")
         if self["max-requests"] < 0 or self["max-requests-jitter"] < 0:
             raise usage.UsageError("--max-requests and --max-requests-jitter must not be negative")
-        if self["worker-timeout"] is not None and self["worker-timeout"] <= 0:
+        if self["worker-timeout"] is not None and not self["worker-timeout"] > 0:
             raise usage.UsageError("--worker-timeout must be positive")
         for name in ("max-worker-memory", "max-worker-lifetime"):
-            if self[name] is not None and self[name] <= 0:
+            if self[name] is not None and not self[name] > 0:
                 raise usage.UsageError(f"--{name} must be positive")
         jitter = self["max-worker-lifetime-jitter"]
-        if jitter is not None and jitter < 0:
+        if jitter is not None and not jitter >= 0:
             raise usage.UsageError("--max-worker-lifetime-jitter must not be negative")
 
 

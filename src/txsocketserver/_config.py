@@ -570,7 +570,7 @@ def listener_value(name: str, value: Any) -> Any:
         TrustedProxies(entries)
         return entries
     if name == "header-timeout":
-        if float(value) <= 0:
+        if not float(value) > 0:  # nan too
             raise ValueError(f"{value!r}: expected a positive number of seconds")
         return float(value)
     if int(value) < 1:

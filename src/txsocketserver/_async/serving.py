@@ -88,6 +88,10 @@ class _SocketAcceptor:
         self._socket = sock
         self._fd = sock.fileno()
         self.watching = False
+        # Whether disarm() gives the socket back blocking: only if arm() found
+        # it so.  The mode belongs to the open file, which --workers share:
+        # a worker that stops must not make the others' accept() block.
+        self._was_blocking = False
 
     def fileno(self) -> int:
         return self._fd
@@ -98,6 +102,7 @@ class _SocketAcceptor:
     def arm(self) -> None:
         if not self.watching:
             self.watching = True
+            self._was_blocking = self._socket.getblocking()
             self._socket.setblocking(False)
             self._serving.reactor.addReader(self)
 
@@ -105,7 +110,7 @@ class _SocketAcceptor:
         if self.watching:
             self.watching = False
             self._serving.reactor.removeReader(self)
-            if self._socket.fileno() != -1:
+            if self._was_blocking and self._socket.fileno() != -1:
                 self._socket.setblocking(True)
 
     def doRead(self) -> None:

@@ -173,7 +173,11 @@ def parse_header(data: bytes | bytearray) -> ProxyHeader | None:
 def _parse_v1(data: bytes) -> ProxyHeader | None:
     end = data.find(b"\r\n", 0, V1_MAX_LENGTH)
     if end < 0:
-        if len(data) >= V1_MAX_LENGTH or b"\n" in data:
+        # A bare LF ends nothing, but only an UNKNOWN line may hold one (the
+        # receiver ignores what it says): fail every other line at once.
+        if len(data) >= V1_MAX_LENGTH or (
+            b"\n" in data and not data.startswith(b"PROXY UNKNOWN ")
+        ):
             raise ProxyHeaderError("PROXY v1 line not ended by CRLF within 107 bytes")
         return None
     fields = data[:end].split(b" ")
@@ -194,8 +198,12 @@ def _parse_v1(data: bytes) -> ProxyHeader | None:
         or not all(0 <= port <= 65535 for port in ports)
     ):
         raise ProxyHeaderError(f"bad PROXY v1 address in {data[:end]!r}")
+    # Written as inet_ntop() writes it, as v2's and socket.accept()'s are
+    # (str() of an IPv6Address differs for ::a.b.c.d, and before Python 3.13
+    # for ::ffff:a.b.c.d).
     source, destination = (
-        _ip_address(family, str(h), p) for h, p in zip(hosts, ports, strict=True)
+        _ip_address(family, socket.inet_ntop(family, h.packed), p)
+        for h, p in zip(hosts, ports, strict=True)
     )
     return ProxyHeader(False, family, source, destination, length)
 
