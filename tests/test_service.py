@@ -248,3 +248,60 @@ def test_a_client_gone_mid_request_is_one_line_in_the_twisted_world(
     deferred = deferred_on_reactor(service.stopService)
     assert wait_until(lambda: deferred.called)
     assert not [event for event in events if "log_failure" in event]
+
+
+def test_a_stop_serves_the_connections_an_endpoint_accepted_before_it() -> None:
+    # Behind haproxy: Twisted accepts; a busy synchronous server's next
+    # connections wait in the listener's queue, and one is still sending its
+    # PROXY header when the stop begins.  A reload of --workers stops its old
+    # workers this way while clients arrive: each of them must be served.
+    from txsocketserver._twisted.service import stop_gracefully
+
+    header = b"PROXY TCP4 192.0.2.7 127.0.0.1 4000 80\r\n"
+    release = threading.Event()
+    first_started = threading.Event()
+
+    class Echo(txsocketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            line = self.rfile.readline()
+            if line == b"first\n":
+                first_started.set()
+                assert release.wait(WAIT)
+            self.wfile.write(line)
+
+    server = txsocketserver.TCPServer(f"haproxy:tcp:0:interface={LOCALHOST}", Echo)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    listener = server._listener  # type: ignore[attr-defined]
+    address = (LOCALHOST, server.server_address[1])
+    clients = [connect(address) for _ in range(4)]
+    stopper: threading.Thread | None = None
+    try:
+        clients[0].sendall(header + b"first\n")
+        assert first_started.wait(WAIT)
+        for client, line in zip(clients[1:3], (b"second\n", b"third\n")):
+            client.sendall(header + line)
+        clients[3].sendall(header[:10])  # in its header stage
+        assert wait_until(lambda: len(listener._queue) == 2 and len(listener._pending) == 1)
+        result: list[bool] = []
+        stopper = threading.Thread(
+            target=lambda: result.append(stop_gracefully(server, drain_timeout=WAIT, serving=serving))
+        )
+        stopper.start()
+        assert wait_until(lambda: listener._port is None)  # no new connection now
+        with pytest.raises(OSError):
+            connect(address, timeout=1).close()
+        clients[3].sendall(header[10:] + b"fourth\n")
+        release.set()
+        replies = [recv_line(client) for client in clients]
+        assert replies == [b"first\n", b"second\n", b"third\n", b"fourth\n"]
+        stopper.join(WAIT)
+        assert not stopper.is_alive() and result == [True]
+    finally:
+        release.set()
+        for client in clients:
+            client.close()
+        if stopper is not None:
+            stopper.join(WAIT)
+        serving.join(WAIT)
+        server.server_close()

@@ -168,6 +168,11 @@ class AsyncEndpointListener(EndpointListener):
         self._serving.port = None
         super().stop_listening()
 
+    def stop_accepting(self) -> None:
+        # Accepted connections go to the factory at once (no queue): nothing
+        # accepted waits for a handler, so the port closes as in close().
+        self.stop_listening()
+
     async def _listen(self, reactor: Any) -> None:
         # A PROXY-protocol endpoint: our own header stage on the endpoint it
         # wraps, as for blocking handlers (see EndpointListener).

@@ -508,6 +508,12 @@ class BaseServer:
         if sock is not None and getattr(self, "socket_type", None) == socket.SOCK_STREAM:
             sock.close()
 
+    def _wait_accepted_taken(self, timeout: float) -> bool:
+        """Whether every connection accepted before ``_stop_accepting`` has
+        been taken by the serving loop (only a stream server's endpoint
+        listener holds any: a socket's kernel backlog is not ours)."""
+        return True
+
     def _log_errors_to(self, logger: Any) -> None:
         """Route ``handle_error`` to a ``twisted.logger.Logger`` (None: stderr)."""
         self.__error_log = logger

@@ -105,6 +105,7 @@ class RequestProcessListener:
         raise RuntimeError("a forked request's copy of the server does not listen or serve")
 
     bind = activate = accept = readiness = start_listening = stop_accepting = _refuse
+    wait_accepted_taken = _refuse
 
 
 def _check_handler_class(server: Any, handler_class: Any) -> bool:
@@ -345,6 +346,9 @@ class TCPServer(BaseServer):
 
     def _stop_accepting(self) -> None:
         self._listener.stop_accepting()
+
+    def _wait_accepted_taken(self, timeout: float) -> bool:
+        return bool(self._listener.wait_accepted_taken(timeout))
 
     @property
     def _stops_accepting_at_once(self) -> bool:

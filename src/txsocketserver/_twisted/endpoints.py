@@ -522,6 +522,8 @@ class EndpointListener:
         self._cap_scheduled = False
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+        # Threads in wait_accepted_taken(): the queue's changes then wake all.
+        self._draining = 0
         self._queue: collections.deque[tuple[TransportSocket, SocketAddress]] = collections.deque()
         self._port: IListeningPort | None = None
         self._accepting_paused = False  # port.stopReading() in effect; reactor thread
@@ -617,7 +619,28 @@ class EndpointListener:
         return None if self.listening or self._stopped else self.listen_deferred()
 
     def stop_accepting(self) -> None:
-        self.stop_listening()
+        """Close the port: no new connection.  The connections accepted
+        already (queued, or in their header stage) stay, for the serving loop
+        to take (:meth:`wait_accepted_taken`); :meth:`close` closes whatever
+        is left.  Any thread; waits for the port to close unless called on
+        the reactor thread."""
+        port, self._port = self._port, None
+        if port is None:
+            return
+        if _reactor.in_reactor_thread():
+            port.stopListening()
+        else:
+            _reactor.call_in_reactor(port.stopListening)
+
+    def wait_accepted_taken(self, timeout: float) -> bool:
+        with self._changed:
+            self._draining += 1
+            try:
+                return bool(
+                    self._changed.wait_for(lambda: self._closed or not self._load(), timeout)
+                )
+            finally:
+                self._draining -= 1
 
     @property
     def listening(self) -> bool:
@@ -725,7 +748,10 @@ class EndpointListener:
                 self._queue.append((transport_socket, address))
                 if self._notify is not None:
                     self._notify[1].send(b"\0")
-                self._changed.notify()
+                if self._draining:
+                    self._changed.notify_all()
+                else:
+                    self._changed.notify()
                 pause = self._load() >= self._backlog and not self._accepting_paused
                 if pause:
                     self._accepting_paused = True
@@ -748,6 +774,8 @@ class EndpointListener:
             request = self._queue.popleft()
             if self._notify is not None:
                 self._notify[0].recv(1)
+            if self._draining:
+                self._changed.notify_all()
             resume = self._resume_wanted()
         if resume:
             _reactor.call_soon(self._resume_accepting)
@@ -836,7 +864,7 @@ class EndpointListener:
                 lifecycle.refused(record, lifecycle.STOPPING)
                 lifecycle.ended(record)
         port, self._port = self._port, None
-        if port is None:
+        if port is None and not self._pending:
             return
         if _reactor.in_reactor_thread():
             self._stop_port(port)
@@ -846,15 +874,16 @@ class EndpointListener:
             # running reactor closes a port.
             _reactor.call_in_reactor(self._stop_port, port)
 
-    def _stop_port(self, port: IListeningPort) -> Any:
-        """Close the port and the connections still in their header stage
-        (no handler will ever take them); reactor thread."""
+    def _stop_port(self, port: IListeningPort | None) -> Any:
+        """Close the port (if stop_accepting has not) and the connections
+        still in their header stage (no handler will ever take them); reactor
+        thread."""
         call, self._make_room_call = self._make_room_call, None
         if call is not None and call.active():
             call.cancel()
         for protocol in list(self._pending):
             protocol.evict("the server is stopping", level="info", refusal=lifecycle.STOPPING)
-        return port.stopListening()
+        return None if port is None else port.stopListening()
 
     def _drain_notify(self) -> None:
         assert self._notify is not None

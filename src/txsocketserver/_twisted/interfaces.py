@@ -71,7 +71,16 @@ class IListener(Interface):
         or its caller binds it (a plain socket address).  Reactor thread."""
 
     def stop_accepting() -> None:
-        """Refuse new connections; the requests in flight go on.  Any thread."""
+        """Refuse new connections; the requests in flight go on, and so do the
+        connections accepted already that wait for a handler (see
+        :meth:`wait_accepted_taken`).  Any thread."""
+
+    def wait_accepted_taken(timeout: float) -> bool:
+        """After :meth:`stop_accepting`: wait until no connection this
+        listener accepted waits for a handler (queued for ``get_request``, or
+        reading its PROXY header), so that a stop serves every connection
+        accepted before it; whether that happened within *timeout* seconds.
+        Any thread but the serving thread, whose loop takes them."""
 
     def close() -> None:
         """``server_close``: stop listening and release everything."""
@@ -205,6 +214,9 @@ class IServerControl(Interface):
 
     def _stop_accepting() -> None:
         """Refuse new requests; those in flight go on.  Any thread."""
+
+    def _wait_accepted_taken(timeout: float) -> bool:
+        """As :meth:`IListener.wait_accepted_taken`."""
 
     _stops_accepting_at_once = Attribute(
         "Whether _stop_accepting() may run while the serving loop is still waiting."

@@ -136,11 +136,16 @@ def stop_gracefully(
     deadline = time.monotonic() + drain_timeout
     stopper = threading.Thread(target=server.shutdown, name="txsocketserver-shutdown", daemon=True)
     loop_running = serving is not None and serving.is_alive()
-    if loop_running:
-        stopper.start()
     if server._stops_accepting_at_once:
         server._stop_accepting()
-    elif loop_running:
+        if loop_running:
+            # What the listener accepted before the stop (queued for
+            # get_request, or reading its PROXY header) is served: the loop
+            # stops once it has taken them.
+            server._wait_accepted_taken(max(0.0, deadline - time.monotonic()))
+    if loop_running:
+        stopper.start()
+    if loop_running and not server._stops_accepting_at_once:
         # A socket server's loop may still be waiting on its socket: close it
         # only once the loop has left (a synchronous server's loop leaves when
         # the request it is running ends).
