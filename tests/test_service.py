@@ -279,13 +279,15 @@ def test_a_stop_serves_the_connections_an_endpoint_accepted_before_it() -> None:
     try:
         clients[0].sendall(header + b"first\n")
         assert first_started.wait(WAIT)
-        for client, line in zip(clients[1:3], (b"second\n", b"third\n")):
+        for client, line in zip(clients[1:3], (b"second\n", b"third\n"), strict=True):
             client.sendall(header + line)
         clients[3].sendall(header[:10])  # in its header stage
         assert wait_until(lambda: len(listener._queue) == 2 and len(listener._pending) == 1)
         result: list[bool] = []
         stopper = threading.Thread(
-            target=lambda: result.append(stop_gracefully(server, drain_timeout=WAIT, serving=serving))
+            target=lambda: result.append(
+                stop_gracefully(server, drain_timeout=WAIT, serving=serving)
+            )
         )
         stopper.start()
         assert wait_until(lambda: listener._port is None)  # no new connection now
