@@ -284,3 +284,16 @@ def test_help_answers_whatever_the_file_says(tmp_path: Path) -> None:
     result = run("--config", write(tmp_path / "bad.toml", "bogus = 1\n"), "--help")
     assert result.returncode == 0, result.stderr
     assert "--check-config" in result.stdout
+
+
+def test_twistd_knows_which_options_are_python_m_s_alone() -> None:
+    # The config file is shared by both front ends; twistd ignores the options
+    # only `python -m txsocketserver` has.  The list is written in _cli (so
+    # that _config imports neither front end): it must be exactly those.
+    from txsocketserver import _config
+    from txsocketserver.__main__ import MainOptions
+    from txsocketserver._cli import Options
+
+    only_main = set(_config.options_of(MainOptions())) - set(_config.options_of(Options()))
+    assert set(Options.other_front_end_options) == only_main
+    assert MainOptions.other_front_end_options == ()

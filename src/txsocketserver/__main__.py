@@ -71,6 +71,7 @@ class MainOptions(Options):
 
     # Twisted's default usage line names the interpreter's file name.
     synopsis = f"Usage: {PROG} {Options.synopsis}"
+    other_front_end_options = ()  # twistd's own options are not configuration
     optParameters = [
         *Options.optParameters,
         [

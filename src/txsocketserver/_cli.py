@@ -39,6 +39,9 @@ class Options(usage.Options):
     """Options of ``twistd socketserver`` and ``python -m txsocketserver``."""
 
     synopsis = "--listen ENDPOINT --handler package.module:Class [options]"
+    # Options of `python -m txsocketserver` alone (MainOptions): a --config
+    # file shared with it may hold them, and twistd ignores them.
+    other_front_end_options: tuple[str, ...] = ("log-level", "reactor")
     longdesc = (
         "Serve a socketserver request handler class (your own, or the stdlib's such "
         "as http.server:SimpleHTTPRequestHandler) with txsocketserver on any Twisted "

@@ -338,13 +338,9 @@ class Configuration:
         return f"unknown option {name!r}{hint}"
 
     def _other_front_end(self, name: str) -> bool:
-        from txsocketserver._cli import Options
-
-        if type(self.parser) is not Options:
-            return False
-        from txsocketserver.__main__ import MainOptions
-
-        return name in options_of(MainOptions())
+        # The parser says which options only the other front end has (the
+        # file is shared): this module imports neither front end.
+        return name in getattr(self.parser, "other_front_end_options", ())
 
     def read_environment(self, environ: Mapping[str, str]) -> None:
         """Read ``TXSOCKETSERVER_<OPTION>``, ``PORT`` and ``WEB_CONCURRENCY``."""

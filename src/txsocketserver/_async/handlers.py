@@ -51,7 +51,7 @@ class AsyncBaseRequestHandler:
         server is made): on the reactor, by ``AsyncServing``."""
         from txsocketserver._async.serving import serving_for
 
-        return serving_for(server)
+        return serving_for(server, made_by)
 
     async def setup(self) -> None:
         """Called before ``handle()``."""

@@ -26,7 +26,6 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from txsocketserver._async.handlers import made_by
 from txsocketserver._async.protocol import Connection
 from txsocketserver._async.task import HandlerTask
 from txsocketserver._core import lifecycle
@@ -191,12 +190,14 @@ def _set_reading(port: Any, reading: bool) -> None:
         method()
 
 
-def serving_for(server: Any) -> AsyncServing:
+def serving_for(server: Any, made_by: Callable[..., Any]) -> AsyncServing:
     """The serving of *server*, whose handler class is async: for its
-    connections, or for its datagrams."""
+    connections, or for its datagrams.  *made_by* (``handlers.made_by``,
+    given by the handler class, which this module does not import) tells
+    which handler ``finish_request`` made."""
     if server.socket_type == socket.SOCK_DGRAM:
-        return AsyncDatagramServing(server)
-    return AsyncServing(server)
+        return AsyncDatagramServing(server, made_by)
+    return AsyncServing(server, made_by)
 
 
 @implementer(IServing)
@@ -215,8 +216,9 @@ class AsyncServing:
     # An ssl: description's TLS is Twisted's, on the reactor.
     tls_in_request = False
 
-    def __init__(self, server: Any) -> None:
+    def __init__(self, server: Any, made_by: Callable[..., Any]) -> None:
         self.server = server
+        self._made_by = made_by
         self.reactor = _reactor.get_reactor()
         self.factory = ConnectionFactory(self)
         self.family = server.address_family
@@ -399,7 +401,7 @@ class AsyncServing:
 
     def process_request(self, server: Any, request: Any, client_address: Any) -> None:
         """Make the handler (``finish_request``) and start its coroutine."""
-        handler = made_by(server.finish_request, request, client_address)
+        handler = self._made_by(server.finish_request, request, client_address)
         if handler is None:
             raise TypeError(
                 f"{type(server).__name__}.finish_request() made no async request handler "

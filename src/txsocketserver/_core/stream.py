@@ -199,7 +199,7 @@ class TCPServer(BaseServer):
         _check_handler_class(self, RequestHandlerClass)
         # Here, not at import: the Twisted side loads when a server is made,
         # never in a process that only defines the class (a forking child).
-        chosen = twisted_side().strategies_for(self)
+        chosen = twisted_side().strategies_for(self, _SERVING_THREAD, _PLAIN)
         for name, value in chosen.settings.items():
             setattr(self, name, value)
         self._serving = chosen.serving

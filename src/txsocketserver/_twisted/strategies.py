@@ -54,13 +54,15 @@ def _endpoint_named(server: Any) -> Any:
     return endpoints.as_endpoint(address, server.address_family)
 
 
-def strategies_for(server: Any) -> Strategies:
+def strategies_for(server: Any, serving_thread: Any, plain: Any) -> Strategies:
     """Choose how *server* (a ``TCPServer`` being constructed) serves, gets
     its connections, and secures them.
 
     The serving: the handler class's own, if it names one (an async handler
-    class names ``AsyncServing``: the reactor takes the requests), else the
-    core's ``ServingThread``.  The listener and security: a
+    class names ``AsyncServing``: the reactor takes the requests), else
+    *serving_thread* (the core's ``ServingThread``, given by the core so that
+    this side imports nothing of it).  *plain*: the core's connection
+    security for plain connections.  The listener and security: a
     :class:`SocketListener` for a socket address or an endpoint that is just
     a listening socket (``tcp:``, ``tcp6:``, ``unix:``, and ``ssl:`` with TLS
     in the request's thread), else the serving's endpoint listener, where
@@ -70,15 +72,13 @@ def strategies_for(server: Any) -> Strategies:
         ``ValueError`` for an endpoint description Twisted cannot parse;
         ``TypeError`` for a stream endpoint given to a datagram server.
     """
-    from txsocketserver._core.stream import _PLAIN, ServingThread
-
     make_serving = getattr(server.RequestHandlerClass, "_serving_strategy", None)
-    serving = ServingThread() if make_serving is None else make_serving(server)
+    serving = serving_thread if make_serving is None else make_serving(server)
     settings: dict[str, Any] = dict(serving.server_settings)
     endpoint = _endpoint_named(server)
     if endpoint is None:
         settings["socket"] = socket.socket(server.address_family, server.socket_type)
-        return Strategies(serving, SocketListener(server), _PLAIN, settings)
+        return Strategies(serving, SocketListener(server), plain, settings)
     from txsocketserver._twisted import endpoints
 
     if server.socket_type != socket.SOCK_STREAM:
@@ -93,10 +93,10 @@ def strategies_for(server: Any) -> Strategies:
         backlog = endpoints.endpoint_backlog(endpoint) or server.request_queue_size
         settings.update(socket=None, request_queue_size=backlog)
         listener = serving.endpoint_listener(endpoint, backlog=backlog, server=server)
-        return Strategies(serving, listener, _PLAIN, settings)
+        return Strategies(serving, listener, plain, settings)
     # An endpoint that is just a listening socket is served as one: the
     # stdlib's hooks bind and accept it, handlers get real sockets.
-    security: Any = _PLAIN
+    security: Any = plain
     if listening.tls is not None:
         from txsocketserver._twisted.tls import TLSSecurity
 
