@@ -430,8 +430,9 @@ def test_the_gauges_count_requests_and_pool_threads() -> None:
         with serve_in_thread(server), connect_to(server), connect_to(server):
             assert Parked.inside.acquire(timeout=WAIT)
             assert wait_until(lambda: server.requests_in_flight == 2)
-            # One runs, one waits for the only thread.
-            assert server.pool_threads() == (1, 0, 1)
+            # One runs, one waits for the only thread (once handed to the pool:
+            # it is in flight from verify_request on).
+            assert wait_until(lambda: server.pool_threads() == (1, 0, 1))
             Parked.release.set()
             assert wait_until(lambda: server.requests_in_flight == 0)
         assert Parked.inside.acquire(timeout=WAIT)

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txsocketserver._forking.carry import Carrier, carry, check_carried, immutable
+from txsocketserver._forking.exits import ExitReports
 from txsocketserver._forking.template import (
     CHANNEL_FD,
     INSTALL_TAG,
@@ -207,10 +208,7 @@ class ProcessDispatcher:
         # then the pickle and its fds.  Holding the values keeps their
         # identities from being reused by new objects.
         self._state_cache: tuple[Any, ...] | None = None
-        # tag -> what report_exit() was given, until the child exits; then
-        # (that, exit code or None) in _exits until take_exits().
-        self._watched: dict[int, Any] = {}
-        self._exits: list[tuple[Any, int | None]] = []
+        self._exits = ExitReports()
 
     # -- IRequestDispatcher --------------------------------------------------------
 
@@ -283,21 +281,14 @@ class ProcessDispatcher:
     def report_exit(self, tag: int, what: Any) -> None:
         """Have :meth:`take_exits` return *what* once the request *tag* has ended."""
         with self._lock:
-            if tag in self._running:
-                self._watched[tag] = what
-            else:
-                self._exits.append((what, None))
+            self._exits.watch(tag, what, running=tag in self._running)
 
     def take_exits(self, everything: bool = False) -> list[tuple[Any, int | None]]:
         """``(what, exit code)`` of the watched requests that have ended since
         the last call (the code is ``None`` when their template died first);
         with *everything*, the ones still running too (code ``None``)."""
         with self._lock:
-            exits, self._exits = self._exits, []
-            if everything:
-                exits += [(what, None) for what in self._watched.values()]
-                self._watched.clear()
-        return exits
+            return self._exits.take(everything)
 
     def _state_pickle(
         self, server_class: type, stable: dict[str, Any], class_state: tuple[Any, ...]
@@ -568,14 +559,8 @@ class ProcessDispatcher:
                 elif kind == b"E":
                     self._running.pop(int(tag), None)
                     template.tags.discard(int(tag))
-                    if self._watched:
-                        self._exit_of(int(tag), int(value))
+                    self._exits.ended(int(tag), int(value))
         self._changed.notify_all()
-
-    def _exit_of(self, tag: int, code: int | None) -> None:
-        what = self._watched.pop(tag, None)
-        if what is not None:
-            self._exits.append((what, code))
 
     # -- reports, on the reactor thread ----------------------------------------------------
 
@@ -589,8 +574,7 @@ class ProcessDispatcher:
             # Children it had not reaped yet are no longer ours to count.
             for tag in template.tags:
                 self._running.pop(tag, None)
-                if self._watched:
-                    self._exit_of(tag, None)
+                self._exits.ended(tag, None)
             template.tags.clear()
             self._templates.discard(template)
             if not template.ready and not template.retired:

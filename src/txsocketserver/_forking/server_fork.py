@@ -40,6 +40,7 @@ from typing import Any
 
 from zope.interface import implementer
 
+from txsocketserver._forking.exits import ExitReports
 from txsocketserver._forking.template import flush_stdio
 from txsocketserver._twisted.interfaces import IProcessDispatcher
 
@@ -58,10 +59,7 @@ class ServerForkDispatcher:
         self._lock = threading.Lock()
         # pid -> its pidfd (-1 where there are none).
         self._children: dict[int, int] = {}
-        # pid -> what report_exit() was given, until the child is reaped; then
-        # (that, exit code or None) in _exits until take_exits().
-        self._watched: dict[int, Any] = {}
-        self._exits: list[tuple[Any, int | None]] = []
+        self._exits = ExitReports()
         warnings.filterwarnings(
             "ignore", _FORK_WARNING, DeprecationWarning, __name__.replace(".", r"\.")
         )
@@ -92,21 +90,14 @@ class ServerForkDispatcher:
     def report_exit(self, tag: int, what: Any) -> None:
         """Have :meth:`take_exits` return *what* once the child *tag* has been reaped."""
         with self._lock:
-            if tag in self._children:
-                self._watched[tag] = what
-            else:
-                self._exits.append((what, None))
+            self._exits.watch(tag, what, running=tag in self._children)
 
     def take_exits(self, everything: bool = False) -> list[tuple[Any, int | None]]:
         """``(what, exit code)`` of the watched children reaped since the last
         call; with *everything*, the ones still running too (code ``None``)."""
         self._reap(0)
         with self._lock:
-            exits, self._exits = self._exits, []
-            if everything:
-                exits += [(what, None) for what in self._watched.values()]
-                self._watched.clear()
-        return exits
+            return self._exits.take(everything)
 
     def upkeep(self) -> None:
         self._reap(0)
@@ -186,11 +177,8 @@ class ServerForkDispatcher:
                 if pidfd >= 0:
                     os.close(pidfd)
                     codes[pid] = _wait(pid, block=True)
-                if pid in self._watched:
-                    code = codes.get(pid)
-                    self._exits.append(
-                        (self._watched.pop(pid), None if code is _RUNNING else code)
-                    )
+                code = codes.get(pid)
+                self._exits.ended(pid, None if code is _RUNNING else code)
 
 
 # What _wait() says of a child that is still running.
