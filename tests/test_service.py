@@ -283,6 +283,7 @@ def test_a_stop_serves_the_connections_an_endpoint_accepted_before_it() -> None:
             client.sendall(header + line)
         clients[3].sendall(header[:10])  # in its header stage
         assert wait_until(lambda: len(listener._queue) == 2 and len(listener._pending) == 1)
+        port = listener._port
         result: list[bool] = []
         stopper = threading.Thread(
             target=lambda: result.append(
@@ -290,7 +291,7 @@ def test_a_stop_serves_the_connections_an_endpoint_accepted_before_it() -> None:
             )
         )
         stopper.start()
-        assert wait_until(lambda: listener._port is None)  # no new connection now
+        assert wait_until(lambda: not port.connected)  # the port has closed
         with pytest.raises(OSError):
             connect(address, timeout=1).close()
         clients[3].sendall(header[10:] + b"fourth\n")
