@@ -158,12 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     drain_delay = options["drain-delay"]
 
     def stop_in_phases() -> None:
-        # Phase 1 (--drain-delay): serving on, /readyz 503 since the signal;
-        # systemd hears STOPPING=1 now too (stop_gracefully's is then a no-op).
+        # Phase 1 (--drain-delay): serving on, /readyz 503 (and systemd told)
+        # since the signal.
         if drain_delay > 0:
-            from txsocketserver._twisted.systemd import notify_stopping
-
-            notify_stopping()
             time.sleep(drain_delay)
         stop_gracefully(server, drain_timeout=drain_timeout, serving=serving)
 

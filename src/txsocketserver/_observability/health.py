@@ -4,9 +4,9 @@
 :class:`Health` is what ``/livez`` and ``/readyz`` answer from.  It is also
 the one place where *a stop has begun* is recorded: the CLI's signal handler,
 a ``twistd`` shutdown and ``Workers.stopService`` call :meth:`Health.begin_stop`
-first thing, before any draining, and whoever must act at that moment (the
-readiness answer; systemd's ``STOPPING=1``) subscribes with
-:meth:`Health.when_stopping`.
+first thing, before any draining.  systemd hears ``STOPPING=1`` from it (once
+per process, whichever ``Health`` began the stop); whoever else must act at
+that moment subscribes with :meth:`Health.when_stopping`.
 """
 
 from __future__ import annotations
@@ -70,6 +70,9 @@ class Health:
                 return False
             self._stopping = True
             callbacks, self._on_stop = self._on_stop, []
+        from txsocketserver._twisted import systemd
+
+        systemd.notify_stopping()
         for callback in callbacks:
             try:
                 callback()

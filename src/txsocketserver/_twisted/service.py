@@ -45,7 +45,6 @@ from twisted.python.failure import Failure
 
 from txsocketserver._observability.health import Health
 from txsocketserver._twisted import reactor as _reactor
-from txsocketserver._twisted import systemd
 
 #: Seconds ``stopService`` lets requests in flight finish before closing them.
 DEFAULT_DRAIN_TIMEOUT = 30.0
@@ -131,8 +130,6 @@ def stop_gracefully(
         stragglers were cut off.
     """
     _reactor.refuse_reactor_thread("stop_gracefully")
-    # The stop begins here, for every front end: systemd hears it first.
-    systemd.notify_stopping()
     deadline = time.monotonic() + drain_timeout
     stopper = threading.Thread(target=server.shutdown, name="txsocketserver-shutdown", daemon=True)
     loop_running = serving is not None and serving.is_alive()
@@ -291,9 +288,7 @@ class ServerService(Service):
         Service.stopService(self)
         if self._stopped is not None:
             return self._stopped
-        self.health.begin_stop()
-        if self.drain_delay > 0:
-            systemd.notify_stopping()  # at the stop's start, not after the delay
+        self.health.begin_stop()  # /readyz answers 503, systemd hears STOPPING=1
         stopped: Deferred[None] = Deferred()
         self._stopped = stopped
         reactor = _reactor.get_reactor()

@@ -122,8 +122,8 @@ def notifier() -> Notifier:
 def notify_stopping() -> None:
     """Tell systemd that a stop has begun (``STOPPING=1``), once per process.
 
-    Called where every stop begins: :func:`~txsocketserver._twisted.service.stop_gracefully`
-    and the ``--workers`` supervisor's ``stopService``.
+    Called where every stop begins: ``Health.begin_stop``
+    (``txsocketserver._observability.health``).
     """
     global _stopping_sent
     if _stopping_sent:

@@ -513,9 +513,8 @@ class Workers(Service):
         Service.stopService(self)
         if self._stopping is not None:
             return self._stopping
-        self.health.begin_stop()
+        self.health.begin_stop()  # /readyz answers 503, systemd hears STOPPING=1
         self._stopping = Deferred()
-        systemd.notify_stopping()
         if self.drain_delay > 0 and self._reactor is not None:
             # Phase 1: the workers go on serving while load balancers, told
             # by /readyz, stop sending; then the drain below.
