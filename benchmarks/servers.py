@@ -323,9 +323,12 @@ def datagram_servers(server_class: str) -> dict[str, ServerStarter]:
 # --- line echo over TLS -------------------------------------------------------
 
 
-def _self_signed_cert() -> tuple[str, str]:
-    """A throwaway certificate and key for 127.0.0.1, in a temporary directory."""
+def self_signed_cert(directory: str | None = None, ip: str = HOST) -> tuple[str, str]:
+    """A throwaway self-signed certificate for *ip* and its key, written to
+    *directory* (default: a new temporary one): their paths.  It is its own
+    CA, so a client may verify the server with it as ``cafile``."""
     import datetime
+    import ipaddress
     import tempfile
 
     from cryptography import x509
@@ -343,10 +346,16 @@ def _self_signed_cert() -> tuple[str, str]:
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    directory = tempfile.mkdtemp(prefix="txss-bench-tls-")
+    if directory is None:
+        directory = tempfile.mkdtemp(prefix="txss-bench-tls-")
     cert_path, key_path = f"{directory}/cert.pem", f"{directory}/key.pem"
     with open(cert_path, "wb") as f:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
@@ -378,7 +387,7 @@ def ours_tls_echo() -> ServerHandle:
     class BenchServer(module.ThreadingTCPServer):
         daemon_threads = True
 
-    server = BenchServer(_tls_endpoint(*_self_signed_cert()), EchoHandler)
+    server = BenchServer(_tls_endpoint(*self_signed_cert()), EchoHandler)
     return ServerHandle(server.server_address[1], server.serve_forever)
 
 
@@ -389,7 +398,7 @@ def stdlib_tls_echo() -> ServerHandle:
 
     module = socketserver_module("stdlib")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(*_self_signed_cert())
+    context.load_cert_chain(*self_signed_cert())
 
     class EchoHandler(module.StreamRequestHandler):
         def handle(self) -> None:
@@ -422,7 +431,7 @@ def twisted_tls_echo() -> ServerHandle:
         def lineReceived(self, line: bytes) -> None:
             self.sendLine(line)
 
-    endpoint = endpoints.serverFromString(reactor, _tls_endpoint(*_self_signed_cert()))
+    endpoint = endpoints.serverFromString(reactor, _tls_endpoint(*self_signed_cert()))
     port = []
     endpoint.listen(Factory.forProtocol(Echo)).addCallback(port.append)
     return ServerHandle(port[0].getHost().port, lambda: reactor.run(installSignalHandlers=False))

@@ -44,7 +44,6 @@ Every process started here is stopped (SIGTERM, then SIGKILL) when it ends.
 from __future__ import annotations
 
 import argparse
-import datetime
 import http.client
 import ipaddress
 import json
@@ -65,6 +64,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from servers import self_signed_cert  # benchmarks/, beside this script
 
 HERE = Path(__file__).resolve().parent
 
@@ -90,43 +91,6 @@ WORKER_START = 3.0
 
 
 # -- the servers --------------------------------------------------------------------------
-
-
-def self_signed(directory: str) -> tuple[str, str]:
-    """A certificate for 127.0.0.3 and its key, written to *directory*."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "soak")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.3"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
-    Path(cert_path).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    Path(key_path).write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 class Supervisor:
@@ -618,7 +582,7 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="txss-soak-")
     logs = Path(args.logs or work)
     logs.mkdir(parents=True, exist_ok=True)
-    cert, key = self_signed(work)
+    cert, key = self_signed_cert(work, "127.0.0.3")
     docroot = os.path.join(work, "www")
     os.mkdir(docroot)
     for name, size in (("small.txt", 100), ("page.html", 12_000), ("blob.bin", 300_000)):
