@@ -27,6 +27,19 @@ def ss(request: pytest.FixtureRequest) -> ModuleType:
     return importlib.import_module("txsocketserver")
 
 
+@pytest.fixture(params=["stdlib", "tx", "tx-fork-from-server"])
+def forking_ss(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """``ss`` for the forking tests: ours again with ``fork_from = "server"``
+    (the serving process forks, as the stdlib's does): both of ours must
+    give the stdlib's result."""
+    if request.param == "stdlib":
+        return socketserver
+    tx = importlib.import_module("txsocketserver")
+    if request.param == "tx-fork-from-server":
+        monkeypatch.setattr(tx.ForkingMixIn, "fork_from", "server")
+    return tx
+
+
 @pytest.fixture
 def tx() -> ModuleType:
     """``txsocketserver`` alone, for tests of documented improvements over the stdlib."""

@@ -25,20 +25,10 @@ from support import ANY_PORT, connect_to, fd_count, recv_all, serve_in_thread
 WAIT_FORK = 20.0
 
 
-@pytest.fixture(params=["stdlib", "tx", "tx-fork-from-server"])
-def ss(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """The conftest's ``ss``, and ours again with ``fork_from = "server"``
-    (the serving process forks, as the stdlib's does): both of ours must
-    give the stdlib's result."""
-    import socketserver
-
-    import txsocketserver
-
-    if request.param == "stdlib":
-        return socketserver
-    if request.param == "tx-fork-from-server":
-        monkeypatch.setattr(txsocketserver.ForkingMixIn, "fork_from", "server")
-    return txsocketserver
+@pytest.fixture
+def ss(forking_ss: Any) -> Any:
+    """Both fork modes of ours against the stdlib (``conftest.forking_ss``)."""
+    return forking_ss
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(os.path.dirname(HERE), "src")
 
