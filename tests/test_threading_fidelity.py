@@ -56,11 +56,13 @@ def test_exceptions_escaping_a_request_reach_threading_excepthook(ss):
             assert ask(server, b"fail\n") == b""
             # The threads lived on (or new ones came): the server still serves.
             assert ask(server, b"ok\n") == b"served ok\n"
-        # server_close() waited for the requests, hooks included.
-    assert [(kind, str(value), has_tb) for kind, value, has_tb, _thread in caught] == [
-        (SystemExit, "3", True),
-        (ValueError, "handler failed", True),
-    ]
+        # server_close() waited for the requests, hooks included.  In either
+    # order: the client sees its connection closed before the request's
+    # thread reaches the hook, so the next request's may get there first.
+    reported = [(kind, str(value), has_tb) for kind, value, has_tb, _thread in caught]
+    assert sorted(reported, key=repr) == sorted(
+        [(SystemExit, "3", True), (ValueError, "handler failed", True)], key=repr
+    )
     assert all(isinstance(thread, threading.Thread) for *_, thread in caught)
     assert all(thread is not threading.current_thread() for *_, thread in caught)
 

@@ -247,8 +247,11 @@ def test_max_requests_recycles_workers(cli: Spawn) -> None:
     wait_for_workers(server, 2)
     replies = [ask(address) for _ in range(14)]
     served = collections.Counter(reply["pid"] for reply in replies)
-    # A worker takes no request after its third: 14 requests, five workers.
-    assert max(served.values()) == 3 and len(served) == 5, served
+    # A worker takes no request after its third: 14 requests, at least five
+    # workers (more when the kernel hands a connection to a fresh worker
+    # while an older one still has requests left).
+    assert max(served.values()) == 3 and len(served) >= 5, served
+    assert sum(served.values()) == 14
     assert "reached --max-requests; replacing it" in server.output()
     assert server.stop() == 0
 
