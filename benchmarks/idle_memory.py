@@ -6,7 +6,9 @@
 
 For each implementation a server process (``server.py``, the ``async-echo-*``
 servers: ours is ``TCPServer`` with an async handler, ``twisted`` a
-``LineReceiver``, ``asyncio`` ``start_server``, ``stdlib`` ``ThreadingTCPServer``)
+``LineReceiver``, ``asyncio`` ``start_server``, ``uvloop`` the same on uvloop,
+``uvloop-protocol`` a raw ``asyncio.Protocol`` on uvloop, ``ours-asyncio-uvloop``
+ours on Twisted's asyncio reactor over uvloop, ``stdlib`` ``ThreadingTCPServer``)
 is started; client processes open the connections, each sends one line and
 reads its echo (so every handler has started and is waiting for the next
 line), then all stay open and idle.  Reported: the server's RSS growth divided
@@ -108,7 +110,10 @@ def measure(impl: str, connections: int, source_index: int) -> tuple[int, float,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connections", type=int, default=10000)
-    parser.add_argument("--impls", default="ours,twisted,asyncio,stdlib")
+    parser.add_argument(
+        "--impls",
+        default="ours,twisted,asyncio,uvloop,uvloop-protocol,ours-asyncio-uvloop,stdlib",
+    )
     parser.add_argument("--max", action="store_true", help="ours, up to the fd limit")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -118,7 +123,7 @@ def main() -> None:
     for index, impl in enumerate(impls):
         held, kb, thread_count = measure(impl, wanted, index + int(time.time()) % 200 * 5)
         print(
-            f"{impl:8} {held:6d} idle connections: {kb:5.2f} KB per connection, "
+            f"{impl:19} {held:6d} idle connections: {kb:5.2f} KB per connection, "
             f"{thread_count} server threads",
             flush=True,
         )
