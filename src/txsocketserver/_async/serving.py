@@ -48,8 +48,6 @@ DEFAULT_TO_THREAD_MAX = 10
 #: Seconds ``server_close()`` waits for cancelled handlers and closing connections.
 CLOSE_TIMEOUT = 5.0
 
-# What repr() shows for an adopted transport (a string per connection would cost memory).
-_REPR = "<txsocketserver async connection>"
 _READY = "ready"
 _WAKE = "wake"
 
@@ -320,7 +318,6 @@ class AsyncServing:
             unix=self._unix,
             multiplexer=multiplexer,
         )
-        transport.repstr = _REPR
         protocol.makeConnection(transport)
 
     def _consume_budget(self) -> None:
@@ -340,7 +337,7 @@ class AsyncServing:
             connection.last_activity = time.monotonic()
             connection.idle_timer = self.reactor.callLater(idle, self._check_idle, connection)
         elif connection.record is None:
-            connection.dataReceived = connection.reader.feed  # type: ignore[method-assign]
+            connection.plain = True
         self._consume_budget()
         # Only a cap makes the number of connections matter for accepting.
         if self.server.max_connections is not None:

@@ -198,6 +198,39 @@ def can_send_now(transport: Any) -> bool:
     )
 
 
+def shared_transport_attributes(log_prefix: str, representation: str) -> dict[str, Any]:
+    """Class attributes for a subclass of ``tcp.Server``/``unix.Server`` that
+    replace what their ``__init__`` keeps per connection: ``logstr`` (the
+    log prefix, a formatted string, which ``logPrefix()`` returns), ``fileno``
+    (the socket's bound method, deleted with ``socket`` once the connection is
+    closed) and ``repstr`` (what ``__repr__`` returns).  All three are
+    attributes of Twisted's private ``tcp.Connection``; as data descriptors
+    here, Twisted's assignments and deletions of them are ignored, and a
+    transport answers ``fileno()`` from its socket (-1 once closed)."""
+
+    def ignore(transport: Any, value: Any = None) -> None:
+        pass
+
+    def closed_fileno() -> int:
+        return -1
+
+    def socket_fileno(transport: Any) -> Any:
+        try:
+            return transport.socket.fileno
+        except AttributeError:
+            return closed_fileno
+
+    def log_prefix_method(transport: Any) -> str:
+        return log_prefix
+
+    return {
+        "logstr": property(lambda transport: log_prefix, ignore, ignore),
+        "logPrefix": log_prefix_method,
+        "fileno": property(socket_fileno, ignore, ignore),
+        "repstr": representation,
+    }
+
+
 def disconnector(reactor: Any) -> Any:
     """The reactor's ``_disconnectSelectable(selectable, why, isRead)``, which
     ends a transport whose ``doRead`` returned a reason as the reactor itself
