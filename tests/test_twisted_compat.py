@@ -158,9 +158,9 @@ def test_a_stream_servers_transport_takes_the_adopted_arguments() -> None:
 
 
 def test_what_a_transport_keeps_per_connection_can_be_shared() -> None:
-    # tcp.Server.__init__ keeps logstr, fileno and repstr per connection and
-    # connectionLost deletes fileno with socket; if Twisted changes that, the
-    # adopted transport's shared replacements would miss (or break) it.
+    # tcp.Server.__init__ keeps logstr and repstr per connection (logPrefix
+    # and __repr__ return them); if Twisted changes that, the adopted
+    # transport's shared replacements would miss it.
     from twisted.internet.error import ConnectionDone
     from twisted.internet.protocol import Protocol
     from twisted.python.failure import Failure
@@ -173,26 +173,29 @@ def test_what_a_transport_keeps_per_connection_can_be_shared() -> None:
         ours.setblocking(False)
         kind = compat.stream_server_transport(unix)
         plain = kind(ours.dup(), Protocol(), ("127.0.0.1", 1), None, 7, reactor)
-        kept = sorted({"logstr", "fileno"} & set(vars(plain)))
+        kept = [name for name in ("logstr", "repstr") if name in vars(plain)]
+        plain.logstr, plain.repstr = "log", "repr"
+        seen = [kept, plain.logPrefix(), repr(plain)]
         plain.stopReading()
         plain.connectionLost(Failure(ConnectionDone()))
         shared = type("Shared", (kind,), compat.shared_transport_attributes("prefix", "<r>"))
         transport = shared(ours, Protocol(), ("127.0.0.1", 1), None, 7, reactor)
-        seen = [kept, sorted({"logstr", "fileno", "repstr"} & set(vars(transport)))]
-        seen += [transport.fileno() == ours.fileno(), transport.logPrefix(), repr(transport)]
+        seen += [sorted({"logstr", "repstr"} & set(vars(transport)))]
+        seen += [transport.logPrefix(), repr(transport), transport.fileno() == ours.fileno()]
         transport.stopReading()
         transport.connectionLost(Failure(ConnectionDone()))
-        return [*seen, transport.fileno(), hasattr(plain, "socket")]
+        return [*seen, transport.fileno()]
 
     for unix in (False, True):
         assert call_in_reactor(check, unix) == [
-            ["fileno", "logstr"],
+            ["logstr"],
+            "log",
+            "repr",
             [],
-            True,
             "prefix",
             "<r>",
+            True,
             -1,
-            False,
         ]
 
 

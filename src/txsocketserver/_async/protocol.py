@@ -52,9 +52,12 @@ class Connection(Protocol):
             the connection as this policy says (see ``proxy_stage``).
     """
 
-    # What most connections never change is a class attribute, set on the
-    # instance only where it differs: each attribute an instance holds costs
-    # every idle connection 8 bytes (see docs/async.md, "Limits and costs").
+    # What most connections never change, and nothing reads for every chunk
+    # of data, is a class attribute, set on the instance only where it
+    # differs: each attribute an instance holds costs every idle connection
+    # 8 bytes (see docs/async.md, "Limits and costs").  What is read for
+    # every chunk stays on the instance only: on CPython 3.11 a class
+    # attribute of the same name keeps its reads off the fast path.
     _proxy: ProxyHeaderPolicy | None = None
     _stage: ProxyHeaderStage | None = None
     # What getsockname() gives: the PROXY header's destination, if any.
@@ -64,23 +67,14 @@ class Connection(Protocol):
     writer: AsyncWriter | None = None
     request: AsyncSocket | None = None
     task: Any = None
-    #: Seconds a read or drain may wait (the handler's ``timeout``).
-    timeout: float | None = None
     # How an endpoint connection half-closes (None: it cannot; see half_close).
     _half_close: Any = None
     last_activity = 0.0
-    idle_timer: Any = None
     lost = False
     #: Registered as the transport's producer (until the writer is done).
     producing = False
     # Set once the request's handling is over (shutdown_request done).
     request_over = False
-    #: The connection's lifecycle record (``None``: not observed).
-    record: lifecycle.ConnectionRecord | None = None
-    # Set by the serving once the handler starts if nothing but the reader
-    # needs the bytes read (no idle_timeout, not observed; a header stage is
-    # over by then): dataReceived goes straight to it.
-    plain = False
 
     def __init__(
         self,
@@ -96,12 +90,15 @@ class Connection(Protocol):
         # The socket, for a connection the server accepted itself.
         self.adopted = adopted
         self.reader = AsyncReader(self)
-        # Read for every chunk read or written: on the instance, where
-        # CPython's attribute caches find them fastest.
+        # Set by the serving once the handler starts if nothing but the reader
+        # needs the bytes read (no idle_timeout, not observed; a header stage
+        # is over by then): dataReceived goes straight to it.
         self.plain = False
-        self.timeout = None
-        self.idle_timer = None
-        self.record = None
+        #: Seconds a read or drain may wait (the handler's ``timeout``).
+        self.timeout: float | None = None
+        self.idle_timer: Any = None
+        #: The connection's lifecycle record (``None``: not observed).
+        self.record: lifecycle.ConnectionRecord | None = None
 
     @property
     def half_close(self) -> Any:

@@ -37,10 +37,9 @@ def _adopted_class(transport_class: Any) -> Any:
       ``loseConnection`` does once the write side is shut, instead of waiting
       a reactor turn for writability to find nothing to write.
 
-    And two that only save memory (an idle connection is mostly its objects):
-    what Twisted keeps per connection for its log prefix (a string) and for
-    ``fileno`` (a bound method of the socket), 145 bytes together, are
-    shared or asked of the socket when needed; ``__repr__`` is shared too.
+    And one that only saves memory (an idle connection is mostly its
+    objects): the log prefix and ``repr`` that Twisted formats and keeps per
+    connection are shared by all (``compat.shared_transport_attributes``).
     """
 
     from twisted.internet.error import ConnectionDone
