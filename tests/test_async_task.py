@@ -155,3 +155,23 @@ def test_a_handle_that_is_not_a_coroutine_is_a_type_error_and_finish_still_runs(
     [error] = server.errors
     assert isinstance(error, TypeError) and "await" in str(error)
     assert SyncHandle.finished == [True]
+
+
+class BadTimeout(txsocketserver.AsyncStreamRequestHandler):
+    # The default setup() (the task runs it before handle(), with no
+    # coroutine around them) fails: handle() never runs, handle_error() sees why.
+    timeout = -1
+    handled: list[bool] = []
+
+    async def handle(self) -> None:
+        type(self).handled.append(True)
+
+
+def test_a_failing_default_setup_reaches_handle_error_and_handle_never_runs() -> None:
+    BadTimeout.handled = []
+    server = RecordingServer(ANY_PORT, BadTimeout)
+    with serving(server):
+        with connect_to(server) as client:
+            assert client.recv(16) == b""  # closed at once, nothing sent
+    assert [repr(e) for e in server.errors] == ["ValueError('Timeout value out of range')"]
+    assert BadTimeout.handled == []

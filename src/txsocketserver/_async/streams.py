@@ -7,11 +7,13 @@ transport's buffer fills and drains (it is the transport's push producer).
 
 Reader
 ------
-Bytes wait in one ``bytearray``.  The reads are plain coroutines: one that the
-buffer can satisfy returns without suspending (on CPython 3.11+ cheaper than
-any hand-made awaitable, whose ``StopIteration`` costs more than the read);
-otherwise it waits on a :class:`Wait` that the next ``dataReceived``, end of
-file, loss, timeout or cancellation fires.  Nothing is
+Bytes wait in one ``bytearray``.  The reads are plain coroutines (a line's,
+for ``readline`` and ``async for``, a generator-based one that yields its
+:class:`Wait` itself): one that the buffer can satisfy returns without
+suspending (on CPython 3.11+ cheaper than any hand-made awaitable, whose
+``StopIteration`` costs more than the read); otherwise it waits on a
+:class:`Wait` that the next ``dataReceived``, end of file, loss, timeout or
+cancellation fires.  Nothing is
 taken from the buffer until a read is complete, so a read interrupted by a
 timeout or a cancellation loses no byte.  Beyond ``limit`` buffered bytes the
 transport is asked to stop reading (the client then waits in TCP flow control);
@@ -41,7 +43,8 @@ import errno
 import io
 import socket
 import time
-from collections.abc import Coroutine, Generator
+import types
+from collections.abc import Awaitable, Generator
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -86,15 +89,21 @@ class Wait:
         return wait
 
     def __await__(self) -> Generator[Any, Any, None]:
+        # AsyncReader._line does the same inline (keep them alike).
         sent = yield self
         if sent is self and not self.done:
             # Sent back unchanged: not our task (which sends None) but a
             # Deferred-driven coroutine.  Wait the Deferred way.
-            if self.deferred is None:
-                self.deferred = Deferred(self._cancel_deferred)
-            yield self.deferred
+            yield self.as_deferred()
         if self.error is not None:
             raise self.error
+
+    def as_deferred(self) -> Deferred[None]:
+        """The Deferred that a coroutine driven by something else than our
+        task waits on instead."""
+        if self.deferred is None:
+            self.deferred = Deferred(self._cancel_deferred)
+        return self.deferred
 
     def fire(self, error: BaseException | None = None) -> None:
         """Wake the waiting coroutine (raising *error* at its ``await``)."""
@@ -201,7 +210,7 @@ class AsyncReader:
             await self._more("read1")
         return self._take(len(buffer) if n < 0 else n)
 
-    def readline(self, size: int = -1) -> Coroutine[Any, Any, bytes]:
+    def readline(self, size: int = -1) -> Awaitable[bytes]:
         """Read one line, ``b"\\n"`` included: at most *size* bytes if *size* >= 0.
 
         At *size* bytes, or at end of file, the partial line is returned; the
@@ -283,14 +292,18 @@ class AsyncReader:
     def __aiter__(self) -> AsyncReader:
         return self
 
-    def __anext__(self) -> Coroutine[Any, Any, bytes]:
+    def __anext__(self) -> Awaitable[bytes]:
         return self._line(-1, True)
 
     # -- plumbing -----------------------------------------------------------------------
 
-    async def _line(self, size: int, stop_at_eof: bool) -> bytes:
+    @types.coroutine
+    def _line(self, size: int, stop_at_eof: bool) -> Generator[Any, Any, bytes]:
         # readline() and async for: one coroutine for both (one await level
-        # fewer for every line than async for awaiting readline()).
+        # fewer for every line than async for awaiting readline()), and a
+        # generator-based one that waits by yielding the Wait itself, as
+        # Wait.__await__ would: one generator fewer per waiting line, alive
+        # in every idle connection (208 bytes), and one level fewer to resume.
         buffer = self._buffer
         start = 0  # where to look for b"\n" (the bytes before have none)
         while True:
@@ -305,7 +318,12 @@ class AsyncReader:
                     raise StopAsyncIteration
                 return line
             start = len(buffer)
-            await self._more("readline")
+            waiter = self._more("readline")
+            sent = yield waiter
+            if sent is waiter and not waiter.done:
+                yield waiter.as_deferred()  # driven by something else: see Wait.__await__
+            if waiter.error is not None:
+                raise waiter.error
 
     def _take(self, n: int) -> bytes:
         buffer = self._buffer
