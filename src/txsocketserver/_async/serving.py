@@ -230,7 +230,6 @@ class AsyncServing:
         self._budget: int | None = None  # requests still to take; None: any number
         self._serving = False
         self._reading = False
-        self._sessions = 0
         self._pool: ThreadPool | None = None
         self._closed = False
         # Reads accepted connections once there are many (None: none can be).
@@ -308,7 +307,6 @@ class AsyncServing:
         """Make a Twisted transport of an accepted socket (see ``adopted_transport``)."""
         protocol = Connection(self, client_address, sock)
         protocol.factory = self.factory
-        self._sessions += 1
         multiplexer = None
         if len(self.connections) >= MULTIPLEX_AT:
             if not self._multiplexer_made:
@@ -319,7 +317,9 @@ class AsyncServing:
             sock,
             protocol,
             client_address,
-            self._sessions,
+            # Twisted's session number only goes into the log prefix and
+            # repr, which adopted transports share: no int per connection.
+            0,
             self.reactor,
             unix=self._unix,
             multiplexer=multiplexer,
