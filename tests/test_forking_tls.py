@@ -337,7 +337,8 @@ def test_the_cli_forks_tls_and_reloads_on_sighup(
     assert CURL is not None
     process, port, site = cli_server
     curl = [CURL, "-sS", "--max-time", str(WAIT_FORK), "--cacert", pki.ca.cert_path,
-            "--resolve", f"localhost:{port}:{LOCALHOST}", f"https://localhost:{port}/"]  # fmt: skip
+            "--resolve", f"localhost:{port}:{LOCALHOST}",
+            f"https://localhost:{port}/"]  # fmt: skip
     good = subprocess.run(
         [*curl, "--cert", pki.client.cert_path, "--key", pki.client.key_path],
         capture_output=True,
@@ -358,3 +359,11 @@ def test_the_cli_forks_tls_and_reloads_on_sighup(
     for _ in range(3):
         assert served_serial(port, pki) == 2002
     assert process.poll() is None
+
+
+def test_the_exit_status_of_a_refused_handshake_is_named_once() -> None:
+    # The core names it without importing the ssl module: the two must agree.
+    from txsocketserver._core import forking_mixin
+    from txsocketserver._forking import tls
+
+    assert forking_mixin.EXIT_TLS_HANDSHAKE == tls.EXIT_TLS_HANDSHAKE != 1

@@ -149,6 +149,17 @@ class Material:
         "verify_client",
         "handshake_timeout",
     )
+    description: str
+    chain: bytes
+    key: bytes
+    client_ca: bytes | None
+    dh_parameters: bytes | None
+    min_version: int
+    max_version: int | None
+    ciphers: str | None
+    alpn: tuple[str, ...]
+    verify_client: str | None
+    handshake_timeout: float
 
     def __init__(self, **fields: Any) -> None:
         for name in self.__slots__:
@@ -200,7 +211,7 @@ def read_material(description: str, policy: Any) -> Material:
     return Material(
         description=description,
         chain=chain,
-        key=read(policy.private_key),
+        key=read(policy.private_key) or b"",
         client_ca=read(policy.client_ca),
         dh_parameters=read(policy.dh_parameters),
         min_version=int(policy.min_version),
@@ -356,7 +367,7 @@ def new_generation(description: str, policy: Any) -> ChildTLS:
 # -- the connection, on its way to a child ----------------------------------------------
 
 
-def reduce_for_child(fds: list[int], sock: ssl.SSLSocket) -> Any:
+def reduce_for_child(fds: list[int], sock: Any) -> Any:
     """The reduction ``_forking.template.reduce_socket`` pickles for a TLS
     connection that ``_twisted.tls.TLSSecurity`` wrapped (its ``for_child``
     gives the :class:`ChildTLS` of its listener): the plain socket's fd, and
@@ -370,7 +381,7 @@ def reduce_for_child(fds: list[int], sock: ssl.SSLSocket) -> Any:
             "a TLS connection whose handshake was done in the serving process "
             "cannot be handed to another process"
         )
-    return _wrap_in_child, (_FdSocket(reduce_fd(fds, sock)), sock.for_child())  # type: ignore[attr-defined]
+    return _wrap_in_child, (_FdSocket(reduce_fd(fds, sock)), sock.for_child())
 
 
 class _FdSocket:
@@ -387,6 +398,4 @@ class _FdSocket:
 
 def _wrap_in_child(sock: socket.socket, generation: ChildTLS) -> ssl.SSLSocket:
     """The connection in the child: TLS of *generation*, no handshake yet."""
-    return generation.context.wrap_socket(
-        sock, server_side=True, do_handshake_on_connect=False
-    )
+    return generation.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
