@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import ssl
+import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,9 @@ def _report(request: Any, client_address: Any) -> bytes:
         from cryptography import x509
 
         serial = x509.load_der_x509_certificate(der).serial_number
+    header = getattr(request, "proxy_header", None)
     reply = {
+        "authority": header.tlvs.authority if header is not None else None,
         "pid": os.getpid(),
         "client": list(client_address),
         "version": request.version(),
@@ -143,12 +147,22 @@ backend back
     assert "Traceback" not in server.output()
 
 
-def proxied_tls(address: tuple[str, int], pki: PKI, source_port: int = 40123) -> dict[str, Any]:
-    """What HAProxy does, by hand: a PROXY v1 header in clear, then TLS."""
+def v2_header(authority: bytes) -> bytes:
+    """A PROXY v2 header from 198.51.100.7:40123 with an authority (SNI) TLV."""
+    tlv = struct.pack("!BH", 0x02, len(authority)) + authority
+    addresses = socket.inet_aton("198.51.100.7") + socket.inet_aton(LOCALHOST)
+    addresses += struct.pack("!HH", 40123, 443)
+    body = addresses + tlv
+    return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x11]) + struct.pack("!H", len(body)) + body
+
+
+def proxied_tls(address: tuple[str, int], pki: PKI, header: bytes | None = None) -> dict[str, Any]:
+    """What HAProxy does, by hand: a PROXY header in clear (v1 unless
+    *header*), then TLS."""
     context = ssl.create_default_context(cafile=pki.ca.cert_path)
     context.load_cert_chain(pki.proxy.cert_path, pki.proxy.key_path)
     with connect(address) as raw:
-        raw.sendall(f"PROXY TCP4 198.51.100.7 {address[0]} {source_port} 443\r\n".encode())
+        raw.sendall(header or f"PROXY TCP4 198.51.100.7 {address[0]} 40123 443\r\n".encode())
         with context.wrap_socket(raw, server_hostname="localhost") as client:
             client.sendall(b"hi\n")
             reply: dict[str, Any] = json.loads(recv_line(client))
@@ -181,6 +195,37 @@ def test_untrusted_peers_are_refused_and_trusted_ones_served(
     assert server.stop() == 0
 
 
+def closed(sock: socket.socket) -> bool:
+    """Whether the server closes *sock* (or resets it) within WAIT, sending nothing."""
+    sock.settimeout(WAIT)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_the_header_deadline_and_handshake_timeout_hold_in_workers(
+    pki: PKI,
+    spawn: Spawn,  # noqa: F811
+) -> None:
+    server = spawn(
+        *CLI, "--workers", "2", "--mode", "async", "--handler", HANDLERS["async"],
+        "--listen", haproxy_ssl(pki.server, handshakeTimeout="0.5"),
+        "--trusted-proxies", LOCALHOST, "--header-timeout", "0.5",
+    )  # fmt: skip
+    address = server.address()
+    wait_for_workers(server, 2)
+    with connect(address) as silent:
+        assert closed(silent)  # no header: closed at the header deadline
+    assert wait_until(lambda: "PROXY header" in server.output(), WAIT), server.output()
+    with connect(address) as no_tls:
+        no_tls.sendall(b"PROXY TCP4 198.51.100.7 127.0.0.1 40123 443\r\n")
+        assert closed(no_tls)  # a header, then no handshake: closed at handshakeTimeout
+    assert wait_until(lambda: "TLS handshake" in server.output(), WAIT), server.output()
+    assert proxied_tls(address, pki)["client"] == ["198.51.100.7", 40123]
+    assert server.stop() == 0
+
+
 def test_a_reload_gives_the_next_workers_the_new_certificate(
     pki: PKI,
     spawn: Spawn,  # noqa: F811
@@ -198,6 +243,10 @@ def test_a_reload_gives_the_next_workers_the_new_certificate(
     assert reply["client"] == ["198.51.100.7", 40123]
     assert reply["peer"] == "haproxy"
     assert reply["served_serial"] == 3001
+    # A v2 header's TLVs reach the handler too.
+    tlvs = proxied_tls(address, pki, header=v2_header(b"api.example"))
+    assert tlvs["authority"] == "api.example"
+    assert tlvs["client"] == ["198.51.100.7", 40123]
     pki.ca.issue(str(tmp_path), "localhost", serial=3002, prefix="site")
     server.process.send_signal(signal.SIGHUP)
     wait_for_workers(server, 2, generation=1)
