@@ -349,19 +349,14 @@ def child_tls(token: bytes, material: Material) -> ChildTLS:
         if len(_generations) >= 4:
             _generations.pop(next(iter(_generations)))
         found = _generations[token] = ChildTLS(token, material)
+        # Made here, where it is unpickled first: in the template, when the
+        # server's state is installed, so that every child forked from it
+        # inherits the context instead of making its own.
+        try:
+            found.context  # noqa: B018
+        except (OSError, ssl.SSLError):
+            pass  # each request's child fails on it, with its traceback
     return found
-
-
-def new_generation(description: str, policy: Any) -> ChildTLS:
-    """A new :class:`ChildTLS` of *policy*, its files read and its context
-    made now (in the serving process: a bad file is caught here).
-
-    Error handling:
-        ``OSError``/``ssl.SSLError`` for files that do not load.
-    """
-    generation = ChildTLS(os.urandom(16), read_material(description, policy))
-    generation.context  # noqa: B018 (made now, to check the material)
-    return generation
 
 
 # -- the connection, on its way to a child ----------------------------------------------
