@@ -44,6 +44,12 @@ GIL on every one of its many small C calls, which with 16 busy handler
 threads made it 0.24.  The ``ssl`` module releases the GIL only around real
 I/O, like a plain socket.
 
+**Forking servers**: the wrapped socket is handed to the child before its
+handshake, and the child does the handshake with the context of
+:meth:`TLSConfig.for_child` (``_forking.tls``: the policy and the files as
+last loaded, Twisted-free), which the child's server also has as its
+connection security (:meth:`TLSSecurity.for_child`).
+
 **Connections Twisted's TLS carries** get the same facts through
 :class:`TransportTLS` (``getpeercert``, ``version``, ``cipher``,
 ``selected_alpn_protocol``), which reads them off the transport.
