@@ -48,6 +48,7 @@ class PeerHandler(txsocketserver.StreamRequestHandler):
             "der": None if der is None else hashlib.sha256(der).hexdigest(),
             "version": self.request.version(),
             "alpn": self.request.selected_alpn_protocol(),
+            "cipher": self.request.cipher()[0],
         }
         body = json.dumps(facts).encode()
         self.wfile.write(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
@@ -198,6 +199,18 @@ def test_the_childs_policy_is_the_listeners(fork_from: str, pki: PKI) -> None:
         assert ask(server.server_address, client_context(pki, None))["version"] == "TLSv1.3"
         assert wait_until(lambda: len(outcomes.outcomes) == 3, WAIT_FORK)
     assert outcomes.outcomes == ["refused:tls_handshake", "refused:tls_handshake", "ok"]
+
+
+def test_the_childs_ciphers_and_version_range_are_the_listeners(fork_from: str, pki: PKI) -> None:
+    cipher = "ECDHE-ECDSA-AES128-GCM-SHA256"
+    address = description(pki.server, maxVersion="TLSv1.2", ciphers=cipher)
+    with SERVERS[fork_from](address, PeerHandler) as server, serve_in_thread(server):
+        facts = ask(server.server_address, client_context(pki, None))
+        assert (facts["version"], facts["cipher"]) == ("TLSv1.2", cipher)
+        other = client_context(pki, None)
+        other.set_ciphers("ECDHE-ECDSA-AES256-GCM-SHA384")
+        other.maximum_version = ssl.TLSVersion.TLSv1_2
+        refused(server.server_address, other)
 
 
 @pytest.mark.skipif(CURL is None, reason="curl is not installed (.ci/run installs it)")
