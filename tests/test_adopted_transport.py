@@ -52,6 +52,10 @@ def test_an_accepted_connections_transport_sends_at_once_and_reads_through_a_mul
             ours, protocol, "peer", 1, reactor, unix=True, multiplexer=multiplexer
         )
         protocol.makeConnection(transport)
+        # Read through the multiplexer, it keeps no bound fileno method; the
+        # socket's is made when asked.
+        assert "fileno" not in vars(transport)
+        assert transport.fileno() == ours.fileno()
         transport.write(b"at once")
         # Before the reactor turns: the bytes are in the peer's socket already.
         return multiplexer, theirs.recv(100, socket.MSG_DONTWAIT)
@@ -67,6 +71,7 @@ def test_an_accepted_connections_transport_sends_at_once_and_reads_through_a_mul
         assert theirs.recv(100) == b""
         assert events.get(timeout=10) == ("lost", ConnectionDone)
         assert events.empty(), "the EOF was read once"
+        assert call_in_reactor(lambda: protocol.transport.fileno()) == -1
         call_in_reactor(multiplexer.retire)
         assert multiplexer._epoll.closed
     finally:

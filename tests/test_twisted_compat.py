@@ -230,6 +230,62 @@ def test_what_a_transport_holds_queued_is_read_from_its_buffers() -> None:
         theirs.close()
 
 
+def test_a_transport_makes_its_write_queue_only_when_it_queues() -> None:
+    # If Twisted renames _tempDataBuffer, or appends to it elsewhere than in
+    # write/writeSequence, a connection sharing the class's empty queue would
+    # fail to queue (a tuple has no append) or lose bytes.
+    import queue
+
+    from twisted.internet.protocol import Protocol
+
+    from txsocketserver._twisted.reactor import call_in_reactor
+
+    ours, theirs = socket.socketpair()
+    theirs.settimeout(10)
+    lost: queue.SimpleQueue[object] = queue.SimpleQueue()
+
+    class Recorder(Protocol):
+        def connectionLost(self, reason: object) -> None:
+            lost.put(reason)
+
+    chunk = b"x" * 65536
+    try:
+        ours.setblocking(False)
+
+        def start() -> list[object]:
+            base = compat.stream_server_transport(True)
+            kind = type("Lazy", (base,), compat.lazy_write_queue())
+            transport = kind(ours, Recorder(), "peer", None, 1, reactor)
+            compat.drop_write_queue(transport)
+            seen: list[object] = ["_tempDataBuffer" in vars(transport)]
+            seen += [compat.nothing_queued(transport), compat.can_send_now(transport)]
+            # Fill the socket's buffer, then queue through Twisted's write
+            # and writeSequence, in order.
+            while True:
+                try:
+                    ours.send(chunk)
+                except BlockingIOError:
+                    break
+            compat.own_write_queue(transport)
+            transport.write(b"queued-1;")
+            compat.own_write_queue(transport)
+            transport.writeSequence([b"queued-2;", b"queued-3."])
+            seen += [type(transport._tempDataBuffer), kind._tempDataBuffer]
+            seen += [compat.nothing_queued(transport), compat.can_send_now(transport)]
+            transport.loseConnection()
+            return seen
+
+        assert call_in_reactor(start) == [False, True, True, list, (), False, False]
+        received = b""
+        while chunk := theirs.recv(1 << 20):
+            received += chunk
+        assert received.lstrip(b"x") == b"queued-1;queued-2;queued-3."
+        assert lost.get(timeout=10) is not None
+    finally:
+        theirs.close()
+        ours.close()
+
+
 def test_the_reactor_disconnects_a_selectable_as_the_multiplexer_does() -> None:
     # If Twisted renames _disconnectSelectable, the read multiplexer is not
     # used (ReadMultiplexer.for_reactor says None) rather than failing.

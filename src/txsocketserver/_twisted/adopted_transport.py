@@ -15,9 +15,10 @@ from typing import Any
 from txsocketserver._twisted import compat
 
 
-def _adopted_class(transport_class: Any) -> Any:
+def _adopted_class(transport_class: Any, multiplexed: bool) -> Any:
     """*transport_class* (``tcp.Server`` or ``unix.Server``) as the transport
-    of a connection the server accepted itself.
+    of a connection the server accepted itself (*multiplexed*: read through
+    a :class:`ReadMultiplexer`).
 
     Three differences, all for speed and none visible to the protocol:
 
@@ -37,9 +38,15 @@ def _adopted_class(transport_class: Any) -> Any:
       ``loseConnection`` does once the write side is shut, instead of waiting
       a reactor turn for writability to find nothing to write.
 
-    And one that only saves memory (an idle connection is mostly its
-    objects): the log prefix and ``repr`` that Twisted formats and keeps per
-    connection are shared by all (``compat.shared_transport_attributes``).
+    And what only saves memory (an idle connection is mostly its objects):
+    the log prefix and ``repr`` that Twisted formats and keeps per
+    connection are shared by all (``compat.shared_transport_attributes``);
+    the write queue list is made only when bytes are queued
+    (``compat.lazy_write_queue``); and a multiplexed connection keeps no
+    bound ``fileno`` method (72 bytes): the reactor calls ``fileno()`` for
+    every event of the descriptors it watches, where a method made on each
+    call would cost more than it saves, but it does not watch these (only
+    the multiplexer's, and theirs for writes when a send buffer is full).
     """
 
     from twisted.internet.error import ConnectionDone
@@ -53,6 +60,7 @@ def _adopted_class(transport_class: Any) -> Any:
             self._multiplexer = multiplexer
             self._read_fd: int | None = None  # while the multiplexer reads it
             super().__init__(*args)
+            drop_write_queue(self)
 
         def startReading(self) -> None:
             if self._multiplexer is None:
@@ -71,6 +79,7 @@ def _adopted_class(transport_class: Any) -> Any:
 
         def write(self, data: bytes) -> None:
             if not self._can_send_now():
+                own_write_queue(self)
                 super().write(data)
                 return
             try:
@@ -78,7 +87,12 @@ def _adopted_class(transport_class: Any) -> Any:
             except OSError:
                 sent = 0
             if sent < len(data):
+                own_write_queue(self)
                 super().write(data[sent:])
+
+        def writeSequence(self, iovec: list[bytes]) -> None:
+            own_write_queue(self)
+            super().writeSequence(iovec)
 
         def loseConnection(self) -> None:
             if (
@@ -93,13 +107,41 @@ def _adopted_class(transport_class: Any) -> Any:
                 return
             super().loseConnection()
 
-    for name, value in compat.shared_transport_attributes(_LOG_PREFIX, _REPR).items():
+    drop_write_queue = compat.drop_write_queue
+    own_write_queue = compat.own_write_queue
+    shared = {
+        **compat.shared_transport_attributes(_LOG_PREFIX, _REPR),
+        **compat.lazy_write_queue(),
+    }
+    if multiplexed:
+        shared["fileno"] = property(_socket_fileno, _ignore, _ignore)
+    for name, value in shared.items():
         setattr(Adopted, name, value)
-    Adopted.__name__ = Adopted.__qualname__ = f"Adopted{transport_class.__name__}"
+    kind = f"Multiplexed{transport_class.__name__}" if multiplexed else transport_class.__name__
+    Adopted.__name__ = Adopted.__qualname__ = f"Adopted{kind}"
     return Adopted
 
 
-_ADOPTED: dict[bool, Any] = {}
+def _socket_fileno(transport: Any) -> Any:
+    # What Twisted's tcp.Connection keeps per connection (the socket's bound
+    # fileno), made when asked; once Twisted has let go of the socket
+    # (connectionLost), FileDescriptor's own: -1.
+    try:
+        return transport.socket.fileno
+    except AttributeError:
+        return _no_fileno
+
+
+def _no_fileno() -> int:
+    return -1
+
+
+def _ignore(transport: Any, value: Any = None) -> None:
+    # Twisted's __init__ sets fileno and its connectionLost deletes it.
+    pass
+
+
+_ADOPTED: dict[tuple[bool, bool], Any] = {}
 _LOG_PREFIX = "txsocketserver"
 _REPR = "<txsocketserver async connection>"
 
@@ -122,9 +164,10 @@ def adopted_transport(
     reset before this point would make its ``getpeername`` fail and leak the
     dup), plus what ``_adopted_class`` says.
     """
-    kind = _ADOPTED.get(unix)
+    key = (unix, multiplexer is not None)
+    kind = _ADOPTED.get(key)
     if kind is None:
-        kind = _ADOPTED[unix] = _adopted_class(compat.stream_server_transport(unix))
+        kind = _ADOPTED[key] = _adopted_class(compat.stream_server_transport(unix), key[1])
     return kind(sock, protocol, client_address, None, session, reactor, multiplexer=multiplexer)
 
 

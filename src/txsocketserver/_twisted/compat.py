@@ -223,6 +223,31 @@ def shared_transport_attributes(log_prefix: str, representation: str) -> dict[st
     }
 
 
+def lazy_write_queue() -> dict[str, Any]:
+    """Class attributes for a subclass of ``tcp.Server``/``unix.Server``
+    whose connections make Twisted's private write queue (``_tempDataBuffer``,
+    a list per connection, 56 bytes) only when they queue bytes: until then
+    they share an empty tuple.  The subclass calls :func:`drop_write_queue`
+    after ``__init__`` and :func:`own_write_queue` before anything of
+    Twisted's appends to the queue (``write``, ``writeSequence``); Twisted's
+    ``doWrite`` gives the connection a list of its own again once it has
+    joined the queue."""
+    return {"_tempDataBuffer": ()}
+
+
+def drop_write_queue(transport: Any) -> None:
+    """Forget the empty write queue ``__init__`` made (see :func:`lazy_write_queue`)."""
+    if not transport._tempDataBuffer:
+        del transport._tempDataBuffer
+
+
+def own_write_queue(transport: Any) -> None:
+    """Give *transport* a write queue of its own if it shares the class's
+    empty one (see :func:`lazy_write_queue`)."""
+    if type(transport._tempDataBuffer) is not list:
+        transport._tempDataBuffer = []
+
+
 def disconnector(reactor: Any) -> Any:
     """The reactor's ``_disconnectSelectable(selectable, why, isRead)``, which
     ends a transport whose ``doRead`` returned a reason as the reactor itself
@@ -356,11 +381,14 @@ __all__ = [
     "cap_accept_batch",
     "CLOSING",
     "disconnector",
+    "drop_write_queue",
     "half_close",
     "IDLE",
     "io_thread",
+    "lazy_write_queue",
     "make_runnable_again",
     "nothing_queued",
+    "own_write_queue",
     "proxied_endpoint",
     "reactor_was_stopped",
     "reactor_work",
