@@ -447,16 +447,18 @@ TEMPLATE_REAPS_ONLY_ITS_OWN = """
     ours, theirs = socket.socketpair()
     template = _forking_child._Template(ours, warm=2)
     template._fill()
-    (pid, end), _other = template.idle
-    end.close()  # end of file: this idle child exits unused
+    # The idle children's sockets come to the server's end of the channel.
+    lines, ends = _forking_child.receive_fds(theirs, 1 << 16)
+    pids = [int(line.split()[1]) for line in lines.splitlines()]
+    assert sorted(pids) == sorted(template.idle) and len(ends) == 2, (lines, ends)
+    os.close(ends[0])  # end of file: this idle child exits unused
     deadline = time.monotonic() + 20
-    while any(p == pid for p, _ in template.idle) and time.monotonic() < deadline:
+    while pids[0] in template.idle and time.monotonic() < deadline:
         time.sleep(0.01)
         template._reap()
-    assert not any(p == pid for p, _ in template.idle), "the child was reaped"
+    assert pids[0] not in template.idle, "the child was reaped"
     assert foreign.wait(20) == 5, "the foreign child was left to its owner"
-    for _pid, end in template.idle:
-        end.close()
+    os.close(ends[1])
     while template.idle and time.monotonic() < deadline:
         time.sleep(0.01)
         template._reap()
