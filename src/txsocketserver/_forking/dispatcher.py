@@ -302,13 +302,7 @@ class ProcessDispatcher:
             ``RuntimeError`` if it died before it was ready.
         """
         while True:
-            pid, end = self._idle_child(template)
-            with self._lock:
-                tag = self._next_tag
-                self._next_tag += 1
-                self._running[tag] = pid
-                self._pids[pid] = tag
-                template.tags.add(tag)
+            tag, pid, end = self._take_idle_child(template)
             try:
                 send_message(end, tag, body, fds)
             except OSError:
@@ -327,17 +321,26 @@ class ProcessDispatcher:
                 pass
             return tag
 
-    def _idle_child(self, template: _TemplateLink) -> tuple[int, socket.socket]:
-        """The oldest idle child of *template*, waiting for one if need be."""
-        with self._lock:
-            if template.idle:
-                return template.idle.pop(0)
-        self._wait_until(
-            lambda: bool(template.idle) or template.channel_ended or template.retired, None
-        )
-        with self._lock:
-            if template.idle:
-                return template.idle.pop(0)
+    def _take_idle_child(self, template: _TemplateLink) -> tuple[int, int, socket.socket]:
+        """Take the oldest idle child of *template* for a new request, waiting
+        for one if need be: the request's tag, the child's pid and socket."""
+        while True:
+            with self._lock:
+                if template.idle:
+                    # In one step with taking it: an exit reported for this
+                    # pid from now on is the request's.
+                    pid, end = template.idle.pop(0)
+                    tag = self._next_tag
+                    self._next_tag += 1
+                    self._running[tag] = pid
+                    self._pids[pid] = tag
+                    template.tags.add(tag)
+                    return tag, pid, end
+                if template.channel_ended or template.retired:
+                    break
+            self._wait_until(
+                lambda: bool(template.idle) or template.channel_ended or template.retired, None
+            )
         # Its channel has ended: it is exiting, or has exited.  Tell a
         # start-up failure (reported once the reactor has reaped it) from a
         # template killed after it was ready (start another one).

@@ -8,12 +8,14 @@ A forking server owns one *template* process, started with Twisted's
 ``reactor.spawnProcess`` (``_forking.dispatcher``).  The template is a fresh
 interpreter that imports the server's and the handler's modules once (or
 rebuilds the classes that were carried by value, ``_forking.by_value``),
-then forks a few idle *children* ahead of need (``warm_children``).  Each
-request goes to one idle child, which runs that one request and exits; the
-template forks a replacement at once.  The template never runs a request
-itself, so every child starts from the same pristine state: nothing a
-request changes reaches the parent, the template or any other request, and a
-child that crashes takes only its own request with it.
+then forks a few idle *children* ahead of need (``warm_children``), each
+waiting on a socketpair of its own, and hands the server the other end of
+each.  The server sends each request straight to one idle child, which runs
+that one request and exits; the template forks replacements, off the
+request's path.  The template never runs a request itself, so every child
+starts from the same pristine state: nothing a request changes reaches the
+parent, the template or any other request, and a child that crashes takes
+only its own request with it.
 
 File descriptors of the template (fixed numbers, set up by ``spawnProcess``):
 
@@ -22,15 +24,19 @@ File descriptors of the template (fixed numbers, set up by ``spawnProcess``):
   tracebacks of ``handle_error`` land where the stdlib's forked children
   would put them;
 * 3 (:data:`CHANNEL_FD`): one end of a Unix stream socketpair.  The parent
-  sends *messages* on it: a header (tag, body length, number of fds), the fds
-  themselves as ``SCM_RIGHTS`` ancillary data on the header, then a pickled
-  body.  Tag 0 is the start-up spec, :data:`INSTALL_TAG` a server state to
-  install (see below); any other tag is a request.  End of file
-  means the server has closed: the template reaps its running children, then
-  exits.  The template sends back, on the same socket, one short line per
-  event: ``S <tag> <pid>`` (a child started), ``E <tag> <exit code>`` (a
-  child was reaped; a negative code is the signal that killed it); the
-  server's serving thread reads them when it needs them.
+  sends *messages* on it (the format of the requests it sends the children
+  too): a header (tag, body length, number of fds), the fds themselves as
+  ``SCM_RIGHTS`` ancillary data on the header, then a body.  Tag 0 is the
+  start-up spec, :data:`INSTALL_TAG` a server state to install (see below),
+  :data:`TAKEN_TAG` the pid of an idle child the server has sent a request
+  to.  End of file means the server has closed: the template reaps its
+  children, then exits.  The template sends back, on the same socket, one
+  short line per event: ``C <pid> <state number>`` with the socket of a new
+  idle child attached (the fds of a message come in the order of its
+  lines; the state number counts the installs, so that the server drops
+  the sockets of children forked before its last install), ``E <pid> <exit
+  code>`` (a child was reaped; a negative code is the signal that killed
+  it); the server's serving thread reads them when it needs them.
 * 4 (:data:`STATUS_FD`): a pipe to the parent's ``ProcessProtocol``, on
   the reactor thread: one ``R`` line once the template is ready, then
   nothing; its end of file tells the reactor that the template is exiting.
@@ -558,7 +564,12 @@ class _Template:
                     self._install(message[1], message[2])
                 elif message[0] == TAKEN_TAG:
                     self._taken(int(message[1]))
-            self._fill()
+            # Refill once half the idle children are taken, forking them in
+            # a row: every fork makes the pages that the template writes
+            # afterwards copy-on-write again, so back-to-back forks cost
+            # fewer page copies than forks spread over the loop.
+            if len(self.idle) <= self.warm // 2:
+                self._fill()
 
     def _send_status(self) -> None:
         """Send the status lines of this turn of the loop, in one write.
