@@ -74,6 +74,8 @@ class _TemplateLink:
         # socket their request goes to), oldest first; and that state's number.
         self.idle: list[tuple[int, socket.socket]] = []
         self.generation = 0
+        # Children taken since the template was last told (see _tell_taken).
+        self.taken: list[int] = []
         # Sockets received on the channel whose C line has not been read yet.
         self.pending_ends: list[int] = []
         # Closed on purpose (server_close, or replaced after a broken pipe).
@@ -273,6 +275,7 @@ class ProcessDispatcher:
                     if template.installed is None or template.candidate == key:
                         # A state seen for the first time, or twice in a row:
                         # the idle children have the old one.
+                        self._tell_taken(template)
                         with self._lock:
                             template.drop_idle()
                             template.generation += 1
@@ -313,13 +316,29 @@ class ProcessDispatcher:
                 continue
             finally:
                 end.close()
-            try:
-                send_message(template.channel, TAKEN_TAG, b"%d" % pid, [])
-            except OSError:
-                # The template is gone; the child runs its request all the
-                # same, and its end is counted when the template's is.
-                pass
+            template.taken.append(pid)
+            if len(template.idle) <= self._warm // 2:
+                self._tell_taken(template)
             return tag
+
+    def _tell_taken(self, template: _TemplateLink) -> None:
+        """Tell *template* which of its idle children were taken.
+
+        Once half of them are, not at every request: the template forks
+        their replacements in a row, and each wake-up of the template after
+        a fork costs it page copies.  Before the server waits for an idle
+        child or installs a state, too: the template must count every child
+        taken before it.
+        """
+        if not template.taken:
+            return
+        pids, template.taken = template.taken, []
+        try:
+            send_message(template.channel, TAKEN_TAG, b" ".join(b"%d" % pid for pid in pids), [])
+        except OSError:
+            # The template is gone; the children run their requests all the
+            # same, and their ends are counted when the template's is.
+            pass
 
     def _take_idle_child(self, template: _TemplateLink) -> tuple[int, int, socket.socket]:
         """Take the oldest idle child of *template* for a new request, waiting
@@ -338,6 +357,7 @@ class ProcessDispatcher:
                     return tag, pid, end
                 if template.channel_ended or template.retired:
                     break
+            self._tell_taken(template)
             self._wait_until(
                 lambda: bool(template.idle) or template.channel_ended or template.retired, None
             )

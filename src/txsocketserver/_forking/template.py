@@ -28,8 +28,9 @@ File descriptors of the template (fixed numbers, set up by ``spawnProcess``):
   too): a header (tag, body length, number of fds), the fds themselves as
   ``SCM_RIGHTS`` ancillary data on the header, then a body.  Tag 0 is the
   start-up spec, :data:`INSTALL_TAG` a server state to install (see below),
-  :data:`TAKEN_TAG` the pid of an idle child the server has sent a request
-  to.  End of file means the server has closed: the template reaps its
+  :data:`TAKEN_TAG` the pids of idle children the server has sent a request
+  to (told once half of them are taken, for the template to fork their
+  replacements in a row).  End of file means the server has closed: the template reaps its
   children, then exits.  The template sends back, on the same socket, one
   short line per event: ``C <pid> <state number>`` with the socket of a new
   idle child attached (the fds of a message come in the order of its
@@ -99,7 +100,8 @@ SPEC_TAG = 0
 # A message that installs the server's state in the template (see
 # ``_Template._install``) rather than carrying a request.
 INSTALL_TAG = (1 << 64) - 1
-# A message saying that the server took the idle child whose pid is its body.
+# A message saying that the server took the idle children whose pids are its
+# body (separated by spaces).
 TAKEN_TAG = INSTALL_TAG - 1
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 # waitid() flags naming an exited child without reaping it (no waitid on macOS).
@@ -509,8 +511,8 @@ class _Template:
     other end to the server (a ``C`` line with the fd attached) and keeps no
     copy: the server sends a request straight to the child, closes its end
     (so a child can never be given a second request) and tells the template
-    it took that child (a :data:`TAKEN_TAG` message), which forks a
-    replacement, off the request's path.  A request thus crosses one process
+    it took that child (a :data:`TAKEN_TAG` message, once half of them are
+    taken), which forks replacements, off the request's path.  A request thus crosses one process
     boundary, as with the stdlib's fork.
     """
 
@@ -563,7 +565,7 @@ class _Template:
                 elif message[0] == INSTALL_TAG:
                     self._install(message[1], message[2])
                 elif message[0] == TAKEN_TAG:
-                    self._taken(int(message[1]))
+                    self._taken([int(pid) for pid in message[1].split()])
             # Refill once half the idle children are taken, forking them in
             # a row: every fork makes the pages that the template writes
             # afterwards copy-on-write again, so back-to-back forks cost
@@ -600,11 +602,12 @@ class _Template:
         # the idle children exit unused; the loop reaps them.
         self._uninstall()
 
-    def _taken(self, pid: int) -> None:
-        """The server took the idle child *pid* (it may have ended already)."""
-        if pid in self.idle:
-            self.idle.discard(pid)
-            self.running.add(pid)
+    def _taken(self, pids: list[int]) -> None:
+        """The server took the idle children *pids* (some may have ended already)."""
+        for pid in pids:
+            if pid in self.idle:
+                self.idle.discard(pid)
+                self.running.add(pid)
 
     def _install(self, body: bytes, fds: list[int]) -> None:
         """Build the child's server object once, here, from *body*.
