@@ -662,6 +662,11 @@ class _Template:
                 self.idle.add(pid)
                 lines.append(b"C %d %d\n" % (pid, self.generation))
                 ends.append(end)
+            # The exits reaped so far first: a new child may have the pid of
+            # one of them, and the server must hear of that exit before it
+            # can take the new child.
+            if ends:
+                self._send_status()
             # One message per MAX_FDS children (the line of each child, its
             # socket attached): the server reads the fds in the order of
             # the lines.
