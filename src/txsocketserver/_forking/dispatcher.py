@@ -665,7 +665,11 @@ class ProcessDispatcher:
                     # An idle child, its socket attached (fds come in the
                     # order of their lines); one forked for a state older
                     # than the one installed last is dropped: it exits unused.
-                    end = socket.socket(fileno=template.pending_ends.pop(0))
+                    # Family and type named: otherwise the socket object
+                    # asks the kernel for them (three system calls).
+                    end = socket.socket(
+                        socket.AF_UNIX, socket.SOCK_STREAM, 0, template.pending_ends.pop(0)
+                    )
                     if int(value) == template.generation:
                         template.idle.append((pid, end))
                     else:
