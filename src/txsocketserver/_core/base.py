@@ -4,7 +4,8 @@
 The loop has the stdlib's shape and calls the same hooks in the same order on
 the same thread (the caller of ``serve_forever``/``handle_request``).  What
 changes is how it waits: instead of ``select()`` on the socket it waits on an
-:class:`~txsocketserver._twisted.interfaces.IRequestReadiness`, which the reactor feeds.
+:class:`~txsocketserver._twisted.interfaces.IRequestReadiness` (a ``poll`` of
+the socket and a wake-up pipe; a queue the reactor feeds, for an endpoint).
 That gives two things the stdlib lacks: ``shutdown()`` wakes the loop at once
 instead of waiting out ``poll_interval``, and the same server can be fed by a
 Twisted endpoint instead of a socket.
