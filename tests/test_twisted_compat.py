@@ -99,33 +99,6 @@ def test_a_ports_accept_batch_can_be_capped() -> None:
         call_in_reactor(port.stopListening)
 
 
-def test_a_thread_pools_counts_come_from_its_teams_statistics() -> None:
-    # If Twisted renames ThreadPool._team or its statistics, the pool gauges
-    # (ThreadingMixIn.pool_threads) would stop reading.
-    import threading
-
-    from twisted.python.threadpool import ThreadPool
-
-    pool = ThreadPool(0, 1, name="compat-test")
-    pool.start()
-    release = threading.Event()
-    running = threading.Event()
-    try:
-        assert compat.thread_pool_counts(pool) == (0, 0, 0)
-
-        def work() -> None:
-            running.set()
-            release.wait(5)
-
-        pool.callInThread(work)
-        assert running.wait(5)
-        pool.callInThread(lambda: None)
-        assert compat.thread_pool_counts(pool) == (1, 0, 1)
-    finally:
-        release.set()
-        pool.stop()
-
-
 def test_half_close_is_found_through_wrappers_that_keep_the_bytes() -> None:
     from twisted.internet.testing import StringTransport
     from twisted.protocols import policies, tls

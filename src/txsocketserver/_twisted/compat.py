@@ -110,22 +110,6 @@ def cap_accept_batch(port: Any, free: int) -> None:
         port.numberAccepts = max(1, min(number, free))
 
 
-def thread_pool_counts(pool: Any) -> tuple[int, int, int]:
-    """``(busy, idle, backlogged)`` of a ``ThreadPool``: its threads running
-    work, its threads waiting for work, and the work waiting for a thread.
-
-    ``working`` and ``waiters`` are public but build a list each; the backlog
-    is only in the statistics of the pool's private ``_team``, which hold all
-    three in one call.
-    """
-    statistics = pool._team.statistics()
-    return (
-        statistics.busyWorkerCount,
-        statistics.idleWorkerCount,
-        statistics.backloggedWorkCount,
-    )
-
-
 def half_close(transport: Any) -> Any:
     """The ``loseWriteConnection`` that half-closes the bytes a protocol writes
     to *transport*, or ``None`` if it cannot.
@@ -346,7 +330,6 @@ __all__ = [
     "stream_server_transport",
     "tcp_parameters",
     "TCPParameters",
-    "thread_pool_counts",
     "unix_parameters",
     "UNIXParameters",
     "widen_listen_backlog",
