@@ -65,7 +65,8 @@ class RequestThreads(list):  # type: ignore[type-arg]
     def left(self, thread: threading.Thread) -> None:
         with self._changed:
             self.remove(thread)
-            self._changed.notify_all()
+            if not self:
+                self._changed.notify_all()  # join() waits for the list to empty
 
     def reap(self) -> None:
         """Nothing to do: threads leave the list as their requests end."""
@@ -213,13 +214,17 @@ class ThreadDispatcher:
     def _run(self, thread: threading.Thread, function: Callable[..., object], args: Any) -> None:
         # What escapes the request reaches threading.excepthook as from any
         # thread's target (not Twisted's log), and the pool thread lives on.
-        self.request_threads.entered(thread)
+        # request_threads lists non-daemon requests only, as the stdlib's _threads.
+        listed = self._hold_exit
+        if listed:
+            self.request_threads.entered(thread)
         try:
             function(*args)
         except BaseException:
             report_to_excepthook(thread)
         finally:
-            self.request_threads.left(thread)
+            if listed:
+                self.request_threads.left(thread)
 
     def counts(self) -> tuple[int, int, int]:
         with self._lock:
