@@ -56,6 +56,9 @@ class SocketReadiness:
     """
 
     def __init__(self, fd: int, holder: object = None) -> None:
+        # The hold first: if the reactor cannot start, no pipe is left open.
+        self._holder = self if holder is None else holder
+        _reactor.hold(self._holder)
         self._fd = fd
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
@@ -69,8 +72,6 @@ class SocketReadiness:
         self._watching = True
         self._closed = False
         self._owner = threading.get_ident()
-        self._holder = self if holder is None else holder
-        _reactor.hold(self._holder)
 
     def wait(self, timeout: float | None) -> bool:
         if not self._watching:
