@@ -34,6 +34,9 @@ from typing import IO
 from loads import LoadTools, Measurement, build_dir
 from scenarios import IMPLEMENTATIONS, SCENARIOS, Scenario
 
+#: The implementation ``--before SRC`` adds: ours, imported from SRC.
+BEFORE = "before"
+
 HERE = Path(__file__).resolve().parent
 SERVER_START_TIMEOUT = 30.0  # seconds to import, bind and print the port
 SERVER_STOP_TIMEOUT = 2.0  # seconds between SIGTERM and SIGKILL
@@ -72,14 +75,24 @@ class ServerProcess:
     """One ``server.py`` child: started in its own session (Ctrl-C is ours to
     handle), its stderr kept in a temporary file to explain a failure."""
 
-    def __init__(self, impl: str, scenario: str, cpus: str | None) -> None:
+    def __init__(
+        self, impl: str, scenario: str, cpus: str | None, before: str | None = None
+    ) -> None:
         self.impl = impl
         self.scenario = scenario
         self.port: int | None = None
         self.stderr: IO[bytes] = tempfile.TemporaryFile()
+        env = None
+        if impl == BEFORE:
+            # Ours, imported from another checkout's source: the same server
+            # code in this tree, the package as it was.
+            assert before is not None
+            env = {**os.environ, "PYTHONPATH": before}
+            impl = "ours"
         command = [sys.executable, str(HERE / "server.py"), "--impl", impl, "--scenario", scenario]
         self.process = subprocess.Popen(
             command + (["--cpus", cpus] if cpus else []),
+            env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.stderr,
@@ -152,10 +165,10 @@ class ServerProcess:
 
 
 def start_servers(
-    scenario: Scenario, impls: list[str], cpus: str | None
+    scenario: Scenario, impls: list[str], cpus: str | None, before: str | None = None
 ) -> dict[str, ServerProcess]:
     """Start one server per implementation in parallel; drop (and report) failures."""
-    servers = {impl: ServerProcess(impl, scenario.name, cpus) for impl in impls}
+    servers = {impl: ServerProcess(impl, scenario.name, cpus, before) for impl in impls}
     deadline = time.monotonic() + SERVER_START_TIMEOUT
     started = {}
     for impl, server in servers.items():
@@ -182,10 +195,10 @@ def run_scenario(
 ) -> None:
     """Measure ``scenario``, appending to ``results`` as each measurement ends (so
     an interrupted run still shows the rounds it completed)."""
-    impls = [impl for impl in impls if impl in scenario.servers]
+    impls = [impl for impl in impls if (impl if impl != BEFORE else "ours") in scenario.servers]
     for impl in impls:
         results.setdefault(impl, [])
-    servers = start_servers(scenario, impls, args.server_cpus)
+    servers = start_servers(scenario, impls, args.server_cpus, args.before)
     try:
         if not servers:
             return
@@ -246,7 +259,7 @@ def format_ratio(ours: list[Measurement], other: list[Measurement]) -> str:
 
 def print_table(all_results: dict[str, dict[str, list[Measurement]]], impls: list[str]) -> None:
     headers = ["scenario", *impls]
-    others = ("stdlib", "twisted", "asyncio", "metrics", "access-log")
+    others = ("stdlib", "twisted", "asyncio", "metrics", "access-log", BEFORE)
     ratios = [other for other in others if "ours" in impls and other in impls]
     headers += [f"ours/{other}" for other in ratios]
     rows = []
@@ -360,6 +373,12 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="servers on CPU 0, load clients on the other CPUs (steadier on small machines)",
     )
+    parser.add_argument(
+        "--before",
+        metavar="SRC",
+        help="also run ours from another checkout's src directory, as the implementation "
+        f"{BEFORE!r} (ours/{BEFORE}: a change's effect, within one run)",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write every measurement here")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     args = parser.parse_args()
@@ -419,7 +438,12 @@ def main() -> None:
             print(f"{scenario.name:32} {scenario.description}")
         return
     impls = [impl for impl in args.impls.split(",") if impl]
-    unknown = set(impls) - set(IMPLEMENTATIONS)
+    if args.before:
+        if not (Path(args.before) / "txsocketserver" / "__init__.py").is_file():
+            sys.exit(f"--before {args.before}: not a src directory holding txsocketserver")
+        args.before = str(Path(args.before).resolve())
+        impls.append(BEFORE)
+    unknown = set(impls) - set(IMPLEMENTATIONS) - {BEFORE}
     if unknown or not impls:
         sys.exit(f"unknown implementation(s) {sorted(unknown)}; choose from {IMPLEMENTATIONS}")
     scenarios = select_scenarios(args.only, args.quick)

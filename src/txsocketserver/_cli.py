@@ -287,12 +287,12 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--listen: {exc}") from exc
             if issubclass(self["server_class"], txsocketserver.ForkingMixIn):
                 listening = listening_socket(endpoint)
-                if listening is None or listening.tls is not None:
+                if listening is None:
                     raise usage.UsageError(
                         f"--listen {description!r}: forking servers hand each child the "
-                        "accepted OS socket, so they need a plain tcp:PORT, tcp6:PORT or "
-                        "unix:PATH; TLS and PROXY-protocol connections live in the parent "
-                        "process (use --mode threading)"
+                        "accepted OS socket, so they need tcp:PORT, tcp6:PORT, unix:PATH "
+                        "or ssl:PORT (the child does the TLS handshake); PROXY-protocol "
+                        "connections live in the parent process (use --mode threading)"
                     )
             endpoints.append(endpoint)
         self["endpoint"] = self["address"] = endpoints[0]

@@ -27,9 +27,20 @@ if TYPE_CHECKING:
 
     from txsocketserver._core.base import IProcessDispatcher
 
+# A child's exit status after its client's TLS handshake failed (a refusal,
+# not a handler error): _forking.tls.EXIT_TLS_HANDSHAKE.
+EXIT_TLS_HANDSHAKE = 3
+
 # fork_from's values.
 FORK_FROM_TEMPLATE = "template"
 FORK_FROM_SERVER = "server"
+
+
+def _end_record(record: Any, code: int | None) -> None:
+    """End the lifecycle record of a request whose child exited with *code*."""
+    if code == EXIT_TLS_HANDSHAKE:
+        lifecycle.refused(record, lifecycle.TLS_HANDSHAKE)
+    lifecycle.ended(record, None if code == 0 else lifecycle.ERROR)
 
 
 class ForkingMixIn:
@@ -74,8 +85,8 @@ class ForkingMixIn:
 
     _forking_dispatcher: IProcessDispatcher | None = None
     # The serving process's own: a forked request's server has none.  A TLS
-    # server's connection security holds its SSLContext, which no template's
-    # child needs: a TLS connection cannot reach one (docs/forking.md).
+    # server's connection security reaches the child as the TLS the child
+    # does the handshake with (its for_child(), _forking.tls), no other.
     _serving_process_only: tuple[str, ...] = ("_forking_dispatcher", "_security")
 
     def collect_children(self, *, blocking: bool = False) -> None:
@@ -104,7 +115,7 @@ class ForkingMixIn:
             if record.details is None:
                 record.details = {}
             record.details["exit_code"] = code
-            lifecycle.ended(record, None if code == 0 else lifecycle.ERROR)
+            _end_record(record, code)
 
     def handle_timeout(self) -> None:
         """Wait for zombies after self.timeout seconds of inactivity.
@@ -151,7 +162,9 @@ class ForkingMixIn:
             succeeded = run_request(self, request, client_address)
         finally:
             _template.flush_stdio()
-            os._exit(0 if succeeded else 1)
+            # An ssl: server's child says a failed handshake by its exit status.
+            exit_status = getattr(getattr(self, "_security", None), "exit_status", None)
+            os._exit(exit_status(succeeded) if exit_status else 0 if succeeded else 1)
 
     def server_close(self) -> None:
         """Close the socket, then wait for the children (``block_on_close``) and
@@ -163,7 +176,7 @@ class ForkingMixIn:
         if dispatcher is not None:
             dispatcher.close(wait=self.block_on_close)
             for record, code in dispatcher.take_exits(everything=True):
-                lifecycle.ended(record, None if code == 0 else lifecycle.ERROR)
+                _end_record(record, code)
 
     def _process_dispatcher(self) -> IProcessDispatcher:
         if self._forking_dispatcher is None:

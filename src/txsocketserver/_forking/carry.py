@@ -35,6 +35,7 @@ import cloudpickle
 
 from txsocketserver._core.base import BaseServer
 from txsocketserver._forking.template import dumps_with_fds, find_by_name, reduce_socket
+from txsocketserver._forking.tls import ChildTLS
 
 # Types whose instances pickle the same for as long as they are the same
 # object (classes and functions pickle as their names).
@@ -46,7 +47,7 @@ _IMMUTABLE_TYPES = frozenset(
 def immutable(value: Any) -> bool:
     """Whether *value* pickles the same for as long as it is the same object."""
     kind = type(value)
-    if kind in _IMMUTABLE_TYPES or isinstance(value, (socket.socket, enum.Enum, ByName)):
+    if kind in _IMMUTABLE_TYPES or isinstance(value, (socket.socket, enum.Enum, ByName, ChildTLS)):
         return True
     if kind is tuple or kind is frozenset:
         return all(immutable(item) for item in value)
@@ -214,6 +215,9 @@ _LOST = "lost"
 _KEPT = "kept"
 _BY_VALUE = "value"
 _BY_NAME = "name"
+# What the value's for_child() gives instead (an ssl: server's connection
+# security: the TLS a child does its handshake with, _forking.tls).
+_FOR_CHILD = "for child"
 
 
 class Carrier:
@@ -258,6 +262,8 @@ class Carrier:
                 how = decided[key] = self._decide(server, name, value)
             if how is _BY_VALUE:
                 state[name] = value
+            elif how is _FOR_CHILD:
+                state[name] = value.for_child()
             elif how is _BY_NAME:
                 reference = self._reference(name, value)
                 if reference is not None:
@@ -280,6 +286,8 @@ class Carrier:
 
     def _decide(self, server: Any, name: str, value: Any) -> str:
         assert self._kept_back is not None
+        if callable(getattr(type(value), "for_child", None)):
+            return _FOR_CHILD
         if name in self._kept_back:
             return _KEPT
         error = pickling_error(value)

@@ -216,6 +216,12 @@ def _run_child(function: Callable[..., object], args: tuple[Any, ...]) -> None:
             # for a child of the template (ForkingMixIn._serving_process_only).
             server._forking_dispatcher = None
             server._rebuilt_in_request_process()
+            # An ssl: server's handshake, done here, is logged on stderr
+            # (Twisted's logging belongs to the parent) and said by the exit
+            # status, as in a template's child (_forking.tls).
+            for_child = getattr(getattr(server, "_security", None), "for_child", None)
+            if for_child is not None:
+                server._security = for_child()
         function(*args)
     except BaseException:
         try:

@@ -137,13 +137,24 @@ def reduce_socket(fds: list[int], obj: socket.socket) -> Any:
         ``TypeError`` for a socket that cannot cross a process boundary.
     """
     if type(obj) is not socket.socket:
+        if getattr(obj, "for_child", None) is not None:
+            # An ssl: server's connection: its child does the handshake.
+            from txsocketserver._forking.tls import reduce_for_child
+
+            return reduce_for_child(fds, obj)
         # ssl.SSLSocket, say: its TLS state lives in this process, and
         # the bare fd would speak cleartext.
         raise TypeError(
             f"a {type(obj).__name__} cannot be handed to another process, only a "
             "plain socket.socket can; ForkingMixIn cannot serve a request that "
-            "is wrapped in TLS (an ssl: endpoint, or a get_request() that wraps)"
+            "is wrapped in TLS by a get_request() of its own (an ssl: endpoint's "
+            "connections cross: the child does their handshake)"
         )
+    return reduce_fd(fds, obj)
+
+
+def reduce_fd(fds: list[int], obj: socket.socket) -> Any:
+    """The reduction of *obj* to its fd alone (appended to *fds*)."""
     fd = obj.fileno()
     if fd < 0:
         raise TypeError(f"cannot hand a closed socket to another process: {obj!r}")

@@ -203,6 +203,23 @@ class Endpoint:
         self._tls_after_proxy = True
         return proxyEndpoint(plain)
 
+    def begin_tls_after_proxy(self, description: str) -> None:
+        """Run TLS after each connection's PROXY header, made from the ``ssl:``
+        *description*'s options: ``haproxy:ssl:`` where the socket is adopted
+        (a ``--workers`` worker serves it as ``haproxy:systemd:...``).  Call
+        before the endpoint listens.
+
+        Error handling:
+            ``ValueError`` naming the option or file that is wrong.
+        """
+        from txsocketserver._twisted import tls
+
+        config = tls.server_context(description)
+        if config is None:
+            raise ValueError(f"{description!r}: this sslmethod cannot follow a PROXY header")
+        self._tls_config = config
+        self._tls_after_proxy = True
+
     def _staged(self) -> tuple[IStreamServerEndpoint, bool]:
         """Where a listener fed by Twisted listens for this endpoint, and
         whether each connection begins with our stage (``proxy_stage``: a

@@ -54,6 +54,23 @@ def _endpoint_named(server: Any) -> Any:
     return endpoints.as_endpoint(address, server.address_family)
 
 
+def _refuse_forking_after_proxy_tls(server: Any, endpoint: Any) -> None:
+    """``haproxy:ssl:`` cannot fork: Twisted reads the header and carries the
+    TLS after it in the serving process (``ssl:`` can: ``_forking/tls.py``).
+
+    Error handling:
+        ``ValueError`` naming the description, when the server is made.
+    """
+    from txsocketserver._core.forking_mixin import ForkingMixIn
+
+    if isinstance(server, ForkingMixIn) and getattr(endpoint, "_tls_after_proxy", False):
+        raise ValueError(
+            f"{endpoint.description!r}: a forking server cannot serve haproxy:ssl: "
+            "(the PROXY header and the TLS after it are read in the serving "
+            "process); use ssl: (the child does the handshake) or ThreadingMixIn"
+        )
+
+
 def strategies_for(server: Any, serving_thread: Any, plain: Any) -> Strategies:
     """Choose how *server* (a ``TCPServer`` being constructed) serves, gets
     its connections, and secures them.
@@ -88,6 +105,7 @@ def strategies_for(server: Any, serving_thread: Any, plain: Any) -> Strategies:
         # Async handlers run on the reactor: Twisted does their TLS there.
         listening = None
     if listening is None:
+        _refuse_forking_after_proxy_tls(server, endpoint)
         # A PROXY-protocol endpoint's connections wait in our queue, not the
         # kernel's: its backlog sizes that queue, as for tcp:.
         backlog = endpoints.endpoint_backlog(endpoint) or server.request_queue_size

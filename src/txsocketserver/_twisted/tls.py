@@ -44,6 +44,12 @@ GIL on every one of its many small C calls, which with 16 busy handler
 threads made it 0.24.  The ``ssl`` module releases the GIL only around real
 I/O, like a plain socket.
 
+**Forking servers**: the wrapped socket is handed to the child before its
+handshake, and the child does the handshake with the context of
+:meth:`TLSConfig.for_child` (``_forking.tls``: the policy and the files as
+last loaded, Twisted-free), which the child's server also has as its
+connection security (:meth:`TLSSecurity.for_child`).
+
 **Connections Twisted's TLS carries** get the same facts through
 :class:`TransportTLS` (``getpeercert``, ``version``, ``cipher``,
 ``selected_alpn_protocol``), which reads them off the transport.
@@ -71,6 +77,8 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from txsocketserver._forking import tls as _child
+from txsocketserver._forking.tls import send_close_notify
 from txsocketserver._twisted import compat
 from txsocketserver._twisted.interfaces import IConnectionSecurity
 
@@ -485,6 +493,7 @@ class TLSConfig:
         self._wants_openssl = False
         try:
             self.context = ssl_context(policy)
+            self._child = self._child_generation()
         except (OSError, ssl.SSLError) as error:
             raise ValueError(self._files_error(error)) from error
         with _live_lock:
@@ -521,6 +530,15 @@ class TLSConfig:
                 self._wants_openssl = True
             return self._openssl
 
+    def _child_generation(self) -> _child.ChildTLS:
+        return _child.ChildTLS(os.urandom(16), _child.read_material(self.description, self.policy))
+
+    def for_child(self) -> _child.ChildTLS:
+        """The TLS a forking server's child uses (``_forking.tls``): made
+        from the files as this config last loaded them, so a reload reaches
+        the next child, and a reload that failed does not."""
+        return self._child
+
     def serverConnectionForTLS(self, protocol: Any) -> Any:  # noqa: N802 (Twisted's name)
         from OpenSSL import SSL
 
@@ -537,10 +555,12 @@ class TLSConfig:
         try:
             context = ssl_context(self.policy)
             fresh = openssl_context(self.policy) if self._wants_openssl else None
+            child = self._child_generation()
         except Exception as error:
             raise ValueError(self._files_error(error)) from error
         with self._lock:
             self.context = context
+            self._child = child
             if fresh is not None:
                 self._openssl = fresh
 
@@ -627,88 +647,39 @@ class TLSSecurity:
     def wrap(self, request: socket.socket) -> ssl.SSLSocket:
         """The accepted socket as the server side of TLS; no I/O happens here."""
         try:
-            return self.config.context.wrap_socket(
+            wrapped = self.config.context.wrap_socket(
                 request, server_side=True, do_handshake_on_connect=False
             )
         except BaseException:
             request.close()
             raise
+        # A forking server hands it to a child, which does the handshake.
+        wrapped.for_child = self.config.for_child  # type: ignore[attr-defined]
+        return wrapped
+
+    def for_child(self) -> _child.ChildTLS:
+        """What a forking server's child gets instead (``_forking.carry``)."""
+        return self.config.for_child()
 
     def establish(self, request: Any, handler_class: Any) -> bool:
         # handshakeTimeout bounds the handshake, or the handler class's
         # timeout if that is shorter (it will bound the handler's reads).
-        limit = self.config.policy.handshake_timeout
-        timeout = getattr(handler_class, "timeout", None)
-        if timeout is not None:
-            limit = min(limit, timeout)
+        limit = _child.handshake_limit(self.config.policy.handshake_timeout, handler_class)
         return handshake(request, limit)
 
     def end(self, request: Any) -> None:
         send_close_notify(request)
 
 
-def _peer_of(request: Any) -> Any:
-    try:
-        return request.getpeername()
-    except OSError:
-        return "a client that left"
-
-
 def handshake(request: Any, timeout: float | None = None) -> bool:
-    """Complete the TLS handshake of *request*, in the calling thread.
+    """Complete the TLS handshake of *request*, in the calling thread
+    (``_forking.tls.handshake``, its failures logged here).
 
-    *timeout* bounds the whole handshake when the socket has no timeout of
-    its own.
-
-    Returns ``False`` if it did not complete: the client left or stalled
-    (an EOF, a reset, the deadline: a TCP health check, a client that gave
-    up), or could not agree on TLS (no certificate, one from another CA, a
-    protocol version or cipher refused, not TLS at all).  The request is
-    then closed like one that never came, as Twisted does; a failure other
-    than the client leaving is logged with its reason.
+    Returns ``False`` if it did not complete: the client left, stalled or
+    could not agree on TLS; the request is then closed like one that never
+    came, as Twisted does.
     """
-    if not isinstance(request, ssl.SSLSocket):
-        return True
-    previous = request.gettimeout()
-    if previous is None and timeout is not None:
-        request.settimeout(timeout)
-    try:
-        request.do_handshake()
-    except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError):
-        return False
-    except TimeoutError:
-        _log.warn(
-            "TLS handshake with {peer} timed out after {timeout}s",
-            peer=_peer_of(request),
-            timeout=timeout,
-        )
-        return False
-    except ssl.SSLError as error:
-        _log.warn(
-            "TLS handshake with {peer} failed: {reason}",
-            peer=_peer_of(request),
-            reason=error.reason or str(error),
-        )
-        return False
-    finally:
-        if request.fileno() != -1:
-            request.settimeout(previous)
-    return True
-
-
-def send_close_notify(request: Any) -> None:
-    """Send TLS's ``close_notify`` on *request* if that needs no waiting.
-
-    ``unwrap()`` sends it, then would wait for the peer's: without blocking,
-    that wait fails at once, and the connection is being closed anyway.
-    """
-    if not isinstance(request, ssl.SSLSocket) or request.fileno() == -1:
-        return
-    try:
-        request.setblocking(False)
-        request.unwrap()
-    except (OSError, ValueError):
-        pass
+    return _child.handshake(request, timeout, _log.warn)
 
 
 # -- connections Twisted's TLS carries ------------------------------------------------------

@@ -11,7 +11,9 @@ description becomes a :class:`BoundSocket`:
   workers serve it on the socket path, ``ssl:`` doing TLS in the worker.
 * ``systemd:``: the socket systemd handed to the supervisor, passed on.
 * ``haproxy:`` + one of the above: the same socket; workers read the PROXY
-  header through Twisted's ``haproxy:`` endpoint over the adopted fd.
+  header through our header stage over the adopted fd (``haproxy:systemd:``),
+  and for ``haproxy:ssl:`` run TLS after it, as a single process does
+  (``Endpoint.begin_tls_after_proxy``).
 * With ``reuse_port`` (``tcp:``/``tcp6:``/``ssl:`` only): the supervisor binds
   but does not listen, which reserves the port (and fixes port 0 to one
   number); each worker binds and listens on its own ``SO_REUSEPORT`` socket,
@@ -130,8 +132,6 @@ def bind_socket(description: str, *, reuse_port: bool = False) -> BoundSocket:
             f"{description!r}: workers share a listening socket, so --listen must be "
             "tcp:, tcp6:, unix:, ssl: or systemd: (optionally behind haproxy:)"
         )
-    if listening.tls is not None and proxy is not None:
-        raise ValueError(f"{description!r}: TLS behind the PROXY protocol is not supported")
     unix = listening.family == getattr(socket, "AF_UNIX", None)
     if reuse_port and (unix or proxy is not None):
         raise ValueError(f"{description!r}: --reuse-port needs tcp:, tcp6: or ssl:")

@@ -353,10 +353,10 @@ class Workers(Service):
                 self.listeners.append(bind_socket(description, reuse_port=reuse_port))
             if mode == "forking":
                 for listener in self.listeners:
-                    if listener.proxy is not None or listener.tls is not None:
+                    if listener.proxy is not None:
                         raise ValueError(
                             f"{listener.description!r}: forking servers hand each child the "
-                            "accepted OS socket; TLS and PROXY-protocol connections need "
+                            "accepted OS socket; PROXY-protocol connections (haproxy:) need "
                             "mode='threading'"
                         )
         except BaseException:

@@ -241,7 +241,11 @@ class _Worker:
 
         if listener["proxy"] is not None:
             description = f"{listener['proxy']}systemd:domain={listener['domain']}:index={index}"
-            server = self._server_class(Endpoint(description), self._handler, False)
+            endpoint = Endpoint(description)
+            if listener["tls"] is not None:
+                # haproxy:ssl:: the header in clear, then TLS (bound_sockets).
+                endpoint.begin_tls_after_proxy(listener["tls"])
+            server = self._server_class(endpoint, self._handler, False)
         else:
             if listener["bind"] is not None:
                 sock = _bind_reuse_port(listener["bind"])
