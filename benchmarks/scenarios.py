@@ -29,7 +29,20 @@ from servers import (
 # A scenario without a server for an implementation skips it (asyncio serves
 # only the async-* scenarios).
 # "metrics" and "access-log" are ours observed (the observed-* scenarios only).
-IMPLEMENTATIONS = ("ours", "stdlib", "twisted", "asyncio", "metrics", "access-log")
+# "uvloop" (start_server streams on uvloop), "uvloop-protocol" (a raw
+# asyncio.Protocol on uvloop) and "ours-asyncio-uvloop" (ours on Twisted's
+# asyncio reactor over uvloop) serve the async-* scenarios only.
+IMPLEMENTATIONS = (
+    "ours",
+    "stdlib",
+    "twisted",
+    "asyncio",
+    "metrics",
+    "access-log",
+    "uvloop",
+    "uvloop-protocol",
+    "ours-asyncio-uvloop",
+)
 
 
 @dataclass(frozen=True)
@@ -115,13 +128,16 @@ SCENARIOS = _table(
         )
         for n in (1, 8)
     ),
-    Scenario(
-        "forking-local-classes-connect-per-request-8",
-        "8 clients, a new connection per line; ForkingTCPServer with its classes "
-        "defined inside a function (ours carries them by value)",
-        forking_servers("echo", local_classes=True),
-        echo_load("connect", 8),
-        quick=False,
+    *(
+        Scenario(
+            f"forking-local-classes-connect-per-request-{n}",
+            f"{n} clients, a new connection per line; ForkingTCPServer with its classes "
+            "defined inside a function (ours carries them by value)",
+            forking_servers("echo", local_classes=True),
+            echo_load("connect", n),
+            quick=False,
+        )
+        for n in (1, 8)
     ),
     Scenario(
         "forking-fork-from-server-connect-per-request-8",

@@ -130,6 +130,48 @@ def test_a_stream_servers_transport_takes_the_adopted_arguments() -> None:
         assert parameters == ["sock", "protocol", "client", "server", "sessionno", "reactor"]
 
 
+def test_what_a_transport_keeps_per_connection_can_be_shared() -> None:
+    # tcp.Server.__init__ keeps logstr and repstr per connection (logPrefix
+    # and __repr__ return them); if Twisted changes that, the adopted
+    # transport's shared replacements would miss it.
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.protocol import Protocol
+    from twisted.python.failure import Failure
+
+    from txsocketserver._twisted.reactor import call_in_reactor
+
+    def check(unix: bool) -> list[object]:
+        ours, theirs = socket.socketpair()
+        theirs.close()
+        ours.setblocking(False)
+        kind = compat.stream_server_transport(unix)
+        plain = kind(ours.dup(), Protocol(), ("127.0.0.1", 1), None, 7, reactor)
+        kept = [name for name in ("logstr", "repstr") if name in vars(plain)]
+        plain.logstr, plain.repstr = "log", "repr"
+        seen = [kept, plain.logPrefix(), repr(plain)]
+        plain.stopReading()
+        plain.connectionLost(Failure(ConnectionDone()))
+        shared = type("Shared", (kind,), compat.shared_transport_attributes("prefix", "<r>"))
+        transport = shared(ours, Protocol(), ("127.0.0.1", 1), None, 7, reactor)
+        seen += [sorted({"logstr", "repstr"} & set(vars(transport)))]
+        seen += [transport.logPrefix(), repr(transport), transport.fileno() == ours.fileno()]
+        transport.stopReading()
+        transport.connectionLost(Failure(ConnectionDone()))
+        return [*seen, transport.fileno()]
+
+    for unix in (False, True):
+        assert call_in_reactor(check, unix) == [
+            ["logstr"],
+            "log",
+            "repr",
+            [],
+            "prefix",
+            "<r>",
+            True,
+            -1,
+        ]
+
+
 def test_what_a_transport_holds_queued_is_read_from_its_buffers() -> None:
     # If Twisted renames _tempDataBuffer or _writeDisconnected, a write could
     # overtake queued bytes, or go out after a half-close.
@@ -457,6 +499,79 @@ def test_a_ports_listen_backlog_is_widened() -> None:
         assert limit(port.socket) == 300
         assert not compat.widen_listen_backlog(object(), 300)
         port.stopListening()
+        print("ok")
+        """
+    )
+
+
+@pytest.mark.skipif(
+    not hasattr(__import__("select"), "EPOLLEXCLUSIVE"), reason="EPOLLEXCLUSIVE is Linux's"
+)
+def test_a_reader_is_registered_exclusively_in_the_epoll_reactors_set() -> None:
+    # exclusive_reader reads EPollReactor's _poller, _reads and _writes: the
+    # entry of the reader's fd in the reactor's epoll set (the kernel lists
+    # it in the set's fdinfo) gets EPOLLEXCLUSIVE, a second call re-adds it,
+    # removeReader still removes it, a writer's fd and a reactor without an
+    # epoll set are left alone.
+    run_isolated(
+        """
+        import select, socket
+        from twisted.internet import epollreactor
+        epollreactor.install()
+        from twisted.internet import reactor
+        from txsocketserver._twisted import compat
+
+        def mask(fd):
+            epfd = reactor._poller.fileno()
+            for line in open(f"/proc/self/fdinfo/{epfd}"):
+                words = line.split()
+                if words[:2] == ["tfd:", str(fd)]:
+                    # The kernel adds these two to every entry.
+                    return int(words[3], 16) & ~(select.EPOLLERR | select.EPOLLHUP)
+            return None
+
+        listening = socket.socket()
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(5)
+
+        class Reader:
+            def fileno(self):
+                return listening.fileno()
+
+            def logPrefix(self):
+                return "test"
+
+            def doRead(self):
+                pass
+
+            def connectionLost(self, reason):
+                pass
+
+        reader = Reader()
+        fd = listening.fileno()
+        reactor.addReader(reader)
+        assert mask(fd) == select.EPOLLIN, mask(fd)
+        assert compat.exclusive_reader(reactor, fd)
+        assert mask(fd) == select.EPOLLIN | select.EPOLLEXCLUSIVE, mask(fd)
+        assert compat.exclusive_reader(reactor, fd)
+        assert mask(fd) == select.EPOLLIN | select.EPOLLEXCLUSIVE, mask(fd)
+        reactor.removeReader(reader)
+        assert mask(fd) is None
+        assert not compat.exclusive_reader(reactor, fd)  # not a reader any more
+
+        reactor.addReader(reader)
+        reactor.addWriter(reader)
+        assert not compat.exclusive_reader(reactor, fd)  # a writer too: left alone
+        assert mask(fd) == select.EPOLLIN | select.EPOLLOUT, mask(fd)
+        reactor.removeReader(reader)
+        reactor.removeWriter(reader)
+
+        class NotEpoll:
+            _reads = {fd}
+            _writes = set()
+
+        assert not compat.exclusive_reader(NotEpoll(), fd)
+        listening.close()
         print("ok")
         """
     )

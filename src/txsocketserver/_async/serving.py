@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import queue
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -48,8 +49,6 @@ DEFAULT_TO_THREAD_MAX = 10
 #: Seconds ``server_close()`` waits for cancelled handlers and closing connections.
 CLOSE_TIMEOUT = 5.0
 
-# What repr() shows for an adopted transport (a string per connection would cost memory).
-_REPR = "<txsocketserver async connection>"
 _READY = "ready"
 _WAKE = "wake"
 
@@ -104,6 +103,8 @@ class _SocketAcceptor:
             self._was_blocking = self._socket.getblocking()
             self._socket.setblocking(False)
             self._serving.reactor.addReader(self)
+            if self._serving.accept_sharing is not None:
+                self._serving.accept_sharing.watching(self._fd)
 
     def disarm(self) -> None:
         if self.watching:
@@ -114,6 +115,8 @@ class _SocketAcceptor:
 
     def doRead(self) -> None:
         serving = self._serving
+        if serving.accept_sharing is not None:
+            serving.accept_sharing.woken(self._fd)
         get_request = serving.server.get_request
         for _ in range(ACCEPTS_PER_READ):
             if not self.watching:
@@ -215,6 +218,11 @@ class AsyncServing:
     server_settings: dict[str, Any] = {"_requests_finish_elsewhere": True}
     # An ssl: description's TLS is Twisted's, on the reactor.
     tls_in_request = False
+    #: Told when the acceptor starts watching the server's socket
+    #: (``watching(fd)``) and each time it is woken (``woken(fd)``): a
+    #: ``--workers`` worker sets it for a socket it shares with the other
+    #: workers (``_workers.exclusive_accept``).
+    accept_sharing: Any = None
 
     def __init__(self, server: Any, made_by: Callable[..., Any]) -> None:
         self.server = server
@@ -231,7 +239,6 @@ class AsyncServing:
         self._budget: int | None = None  # requests still to take; None: any number
         self._serving = False
         self._reading = False
-        self._sessions = 0
         self._pool: ThreadPool | None = None
         self._closed = False
         # Reads accepted connections once there are many (None: none can be).
@@ -294,6 +301,11 @@ class AsyncServing:
 
     def accepted(self, request: Any, client_address: Any) -> None:
         """A request that ``get_request()`` returned from the server's own socket."""
+        if type(client_address) is tuple and type(client_address[0]) is str:
+            # Every accept makes its own copy of the client's host string:
+            # one shared copy per host instead (58 bytes of every IPv4
+            # connection, more for IPv6, kept as long as the connection).
+            client_address = (sys.intern(client_address[0]), *client_address[1:])
         try:
             self._adopt(request, client_address)
         except Exception:
@@ -304,7 +316,6 @@ class AsyncServing:
         """Make a Twisted transport of an accepted socket (see ``adopted_transport``)."""
         protocol = Connection(self, client_address, sock)
         protocol.factory = self.factory
-        self._sessions += 1
         multiplexer = None
         if len(self.connections) >= MULTIPLEX_AT:
             if not self._multiplexer_made:
@@ -315,12 +326,13 @@ class AsyncServing:
             sock,
             protocol,
             client_address,
-            self._sessions,
+            # Twisted's session number only goes into the log prefix and
+            # repr, which adopted transports share: no int per connection.
+            0,
             self.reactor,
             unix=self._unix,
             multiplexer=multiplexer,
         )
-        transport.repstr = _REPR
         protocol.makeConnection(transport)
 
     def _consume_budget(self) -> None:
@@ -340,7 +352,7 @@ class AsyncServing:
             connection.last_activity = time.monotonic()
             connection.idle_timer = self.reactor.callLater(idle, self._check_idle, connection)
         elif connection.record is None:
-            connection.dataReceived = connection.reader.feed  # type: ignore[method-assign]
+            connection.plain = True
         self._consume_budget()
         # Only a cap makes the number of connections matter for accepting.
         if self.server.max_connections is not None:
