@@ -86,7 +86,9 @@ def adopted_descriptor(endpoint: Any) -> int | None:
     return int(endpoint.fileno)
 
 
-def strategies(server: Any, serving: Any, plain: Any, settings: dict[str, Any], endpoint: Any) -> Any:
+def strategies(
+    server: Any, serving: Any, plain: Any, settings: dict[str, Any], endpoint: Any
+) -> Any:
     """The strategies of a forking *server* behind ``haproxy:`` (*endpoint*,
     an ``endpoints.Endpoint``): this module's listener on the server's own
     socket, and TLS in the child for ``haproxy:ssl:``.
@@ -95,7 +97,8 @@ def strategies(server: Any, serving: Any, plain: Any, settings: dict[str, Any], 
         ``ValueError`` when ``haproxy:`` wraps an endpoint that is not a
         listening socket (``tcp:``, ``tcp6:``, ``unix:``, ``systemd:``, ``fd:``).
     """
-    from twisted.internet import abstract, endpoints as twisted_endpoints
+    from twisted.internet import abstract
+    from twisted.internet import endpoints as twisted_endpoints
 
     from txsocketserver._twisted import compat, endpoints
     from txsocketserver._twisted.listeners import SocketListener
@@ -109,9 +112,7 @@ def strategies(server: Any, serving: Any, plain: Any, settings: dict[str, Any], 
     tcp = compat.tcp_parameters(inner)
     if adopted is not None:
         sock = socket.socket(fileno=adopted)
-        settings.update(
-            socket=sock, server_address=sock.getsockname(), address_family=sock.family
-        )
+        settings.update(socket=sock, server_address=sock.getsockname(), address_family=sock.family)
         socket_listener = None
     elif unix is not None:
         settings.update(
@@ -267,9 +268,7 @@ class ProxiedSocketListener:
 
     def wait_accepted_taken(self, timeout: float) -> bool:
         with self._changed:
-            return bool(
-                self._changed.wait_for(lambda: self._closed or not self._load(), timeout)
-            )
+            return bool(self._changed.wait_for(lambda: self._closed or not self._load(), timeout))
 
     def close(self) -> None:
         with self._changed:
