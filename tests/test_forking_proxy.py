@@ -90,8 +90,8 @@ class Steps:
     """A lifecycle observer: the refusals and the ends, as they come."""
 
     def __init__(self) -> None:
-        self.refused: list[str] = []
-        self.ended: list[str] = []
+        self.refusals: list[str] = []
+        self.outcomes: list[str] = []
         self.clients: list[Any] = []
         self._lock = threading.Lock()
 
@@ -104,11 +104,11 @@ class Steps:
 
     def refused(self, record: Any) -> None:
         with self._lock:
-            self.refused.append(record.outcome)
+            self.refusals.append(record.outcome)
 
     def ended(self, record: Any) -> None:
         with self._lock:
-            self.ended.append(record.outcome)
+            self.outcomes.append(record.outcome)
 
 
 def v1_header(client: tuple[str, int]) -> bytes:
@@ -154,9 +154,9 @@ def test_the_child_gets_the_socket_after_exactly_the_header(fork_from: str, head
         reply = ask(server.server_address, payload)
         assert reply["digest"] == hashlib.sha256(body).hexdigest()
         assert reply["client"] == ["203.0.113.9", 1234]
-        assert wait_until(lambda: len(steps.ended) == 2, WAIT)
+        assert wait_until(lambda: len(steps.outcomes) == 2, WAIT)
     assert steps.clients == [("198.51.100.7", 40123), ("203.0.113.9", 1234)]
-    assert steps.ended == ["ok", "ok"]
+    assert steps.outcomes == ["ok", "ok"]
 
 
 class CheckedServer(TemplateServer):
@@ -178,7 +178,7 @@ def test_verify_request_sees_the_real_client(events: list[dict[str, Any]]) -> No
             assert closed(refused)
         assert ask(server.server_address, v1_header(("192.0.2.67", 9)) + b"two\n")["line"]
     assert CheckedServer.seen[-2:] == [("192.0.2.66", 9), ("192.0.2.67", 9)]
-    assert "refused:verify_request" in steps.refused
+    assert "refused:verify_request" in steps.refusals
 
 
 def test_untrusted_peers_and_stalled_headers_are_refused_and_it_serves_on(
@@ -203,13 +203,13 @@ def test_untrusted_peers_and_stalled_headers_are_refused_and_it_serves_on(
             assert closed(bad)
         reply = ask(server.server_address, v2_header(("198.51.100.8", 2)) + b"two\n")
         assert reply["client"] == ["198.51.100.8", 2]
-        assert wait_until(lambda: len(steps.ended) == 4, WAIT)
-    assert steps.refused == [
+        assert wait_until(lambda: len(steps.outcomes) == 4, WAIT)
+    assert steps.refusals == [
         "refused:untrusted_proxy",
         "refused:proxy_header",
         "refused:proxy_header",
     ]
-    assert steps.ended[-1] == "ok"
+    assert steps.outcomes[-1] == "ok"
     logged = " ".join(formatEvent(e) for e in events)
     assert "not a trusted proxy" in logged
     assert "no complete PROXY header within 0.3s" in logged
@@ -295,16 +295,16 @@ backend back
                 assert reply["version"] == "TLSv1.3"
                 assert reply["peer"] == "haproxy"  # HAProxy's certificate, verified
                 assert reply["pid"] != os.getpid()
-        # A header, then a client certificate the clientCA did not sign: the
-        # child refuses the handshake, and the next connection is served.
+        # A header, then no TLS: the child's handshake fails, which is a
+        # refusal, and the next connection is served.
         steps = Steps()
         server.add_observer(steps)
         with connect(back) as no_tls:
             no_tls.sendall(v1_header(("198.51.100.7", 4)) + b"not TLS\n")
             assert closed(no_tls)
         assert proxied_tls(back, pki)["client"] == ["198.51.100.7", 40123]
-        assert wait_until(lambda: len(steps.ended) == 2, WAIT)
-    assert steps.refused == ["refused:tls_handshake"]
+        assert wait_until(lambda: len(steps.outcomes) == 2, WAIT)
+    assert steps.refusals == ["refused:tls_handshake"]
 
 
 def test_cli_forking_serves_haproxy(spawn: Spawn) -> None:  # noqa: F811
