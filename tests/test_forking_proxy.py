@@ -23,7 +23,18 @@ from typing import Any
 import pytest
 
 import txsocketserver
-from support import LOCALHOST, WAIT, connect, recv_line, serve_in_thread, wait_until
+from support import (
+    LOCALHOST,
+    WAIT,
+    connect,
+    fd_count,
+    recv_line,
+    serve_in_thread,
+    settle_resources,
+    thread_count,
+    unix_socket_path,
+    wait_until,
+)
 from test_haproxy_interop import HAPROXY, accepting, free_port, haproxy_with
 from test_twistd_cli import CLI, Spawn, spawn  # noqa: F401 - spawn: the fixture
 from test_workers import wait_for_workers
@@ -157,6 +168,25 @@ def test_the_child_gets_the_socket_after_exactly_the_header(fork_from: str, head
         assert wait_until(lambda: len(steps.outcomes) == 2, WAIT)
     assert steps.clients == [("198.51.100.7", 40123), ("203.0.113.9", 1234)]
     assert steps.outcomes == ["ok", "ok"]
+
+
+def test_a_header_split_into_pieces_and_haproxy_unix(fork_from: str) -> None:
+    baseline_fds, baseline_threads = fd_count(), thread_count()
+    with unix_socket_path() as path:
+        server = SERVERS[fork_from](f"haproxy:unix:{path}", ClientReport)
+        with server, serve_in_thread(server):
+            assert server.address_family == socket.AF_UNIX
+            for header in (v1_header, v2_header):
+                whole = header(("198.51.100.7", 9)) + b"bulk 5\nhello"
+                with connect(path, socket.AF_UNIX) as client:
+                    # However the pieces arrive, the header and not a byte more.
+                    for start in range(0, len(whole), 7):
+                        client.sendall(whole[start : start + 7])
+                    reply = json.loads(recv_line(client))
+                assert reply["client"] == ["198.51.100.7", 9]
+                assert reply["digest"] == hashlib.sha256(b"hello").hexdigest()
+        assert not os.path.exists(path)
+    settle_resources(baseline_fds, baseline_threads)
 
 
 class CheckedServer(TemplateServer):

@@ -508,7 +508,10 @@ class _Acceptor:
                     return
                 if error.errno == errno.ECONNABORTED:
                     continue
-                raise
+                # Whatever else: the reactor would stop watching the socket
+                # for good; log it and keep accepting.
+                _log.warn("accept() failed: {error}", error=error)
+                break
             if listener._accept_failures:
                 listener._accept_recovered()
             sock.setblocking(False)
