@@ -31,6 +31,7 @@ from support import (
     recv_line,
     serve_in_thread,
     settle_resources,
+    systemd_activation,
     thread_count,
     unix_socket_path,
     wait_until,
@@ -380,4 +381,55 @@ def test_cli_forking_workers_serve_haproxy_ssl(pki: PKI, spawn: Spawn, tmp_path:
     assert reply["peer"] == "haproxy"
     assert reply["version"] == "TLSv1.3"
     assert reply["pid"] not in pids
+    assert server.stop() == 0
+
+
+def test_cli_forking_refuses_what_it_cannot_hand_a_child(spawn: Spawn) -> None:  # noqa: F811
+    # systemd: without haproxy: stays Twisted's to accept: its connections
+    # are transports, which cannot cross to a child.
+    with socket.socket() as listening:
+        listening.bind((LOCALHOST, 0))
+        listening.listen()
+        fd = listening.fileno()
+        process = spawn(
+            *systemd_activation(fd, "app.socket"), "--mode", "forking",
+            "--listen", "systemd:domain=INET:index=0",
+            "--handler", "test_forking_proxy:ClientReport",
+            pass_fds=(fd,),
+        )  # fmt: skip
+        assert process.finish() != 0
+    assert "forking servers hand each child the accepted OS socket" in process.output()
+    assert "Traceback" not in process.output()
+
+
+def test_haproxy_in_front_of_twisted_tls_cannot_fork() -> None:
+    # Twisted's own haproxy: in front of an ssl: endpoint object reads the
+    # header inside TLS, in the serving process: refused when made.
+    from twisted.internet.endpoints import SSL4ServerEndpoint
+    from twisted.protocols.haproxy import proxyEndpoint
+
+    from txsocketserver._twisted.reactor import get_reactor
+
+    inner = SSL4ServerEndpoint(get_reactor(), 0, None, interface=LOCALHOST)
+    endpoint = txsocketserver.Endpoint(proxyEndpoint(inner))
+    with pytest.raises(ValueError, match="a forking server behind haproxy: needs"):
+        TemplateServer(endpoint, ClientReport)
+
+
+def test_cli_forking_serves_haproxy_over_systemd_activation(spawn: Spawn) -> None:  # noqa: F811
+    with socket.socket() as listening:
+        listening.bind((LOCALHOST, 0))
+        listening.listen()
+        fd = listening.fileno()
+        server = spawn(
+            *systemd_activation(fd, "app.socket"), "--mode", "forking",
+            "--listen", "haproxy:systemd:domain=INET:index=0",
+            "--handler", "test_forking_proxy:ClientReport",
+            pass_fds=(fd,),
+        )  # fmt: skip
+        address = listening.getsockname()
+        assert server.address() == address
+    reply = ask(address, v1_header(("198.51.100.7", 10)) + b"one\n")
+    assert reply["client"] == ["198.51.100.7", 10]
+    assert reply["pid"] != server.process.pid
     assert server.stop() == 0

@@ -19,12 +19,7 @@ import txsocketserver
 from txsocketserver import _config
 from txsocketserver._observability.cli import OPTION_PARAMETERS, check_options, worker_fields
 from txsocketserver._server_classes import MODES, load_object, mode_for, server_class
-from txsocketserver._twisted.endpoints import (
-    DEFAULT_HEADER_TIMEOUT,
-    Endpoint,
-    listening_socket,
-    proxy_protocol_endpoint,
-)
+from txsocketserver._twisted.endpoints import DEFAULT_HEADER_TIMEOUT, Endpoint, listening_socket
 from txsocketserver._twisted.proxy_protocol import DEFAULT_TRUSTED_PROXIES, TrustedProxies
 from txsocketserver._twisted.service import DEFAULT_DRAIN_TIMEOUT
 
@@ -291,8 +286,10 @@ class Options(usage.Options):
             except ValueError as exc:
                 raise usage.UsageError(f"--listen: {exc}") from exc
             if issubclass(self["server_class"], txsocketserver.ForkingMixIn):
+                from txsocketserver._twisted import proxied_sockets
+
                 listening = listening_socket(endpoint)
-                if listening is None and proxy_protocol_endpoint(endpoint.resolve()) is None:
+                if listening is None and not proxied_sockets.serves(endpoint):
                     raise usage.UsageError(
                         f"--listen {description!r}: forking servers hand each child the "
                         "accepted OS socket, so they need tcp:PORT, tcp6:PORT, unix:PATH, "

@@ -86,6 +86,24 @@ def adopted_descriptor(endpoint: Any) -> int | None:
     return int(endpoint.fileno)
 
 
+def serves(endpoint: Any) -> bool:
+    """Whether a forking server can serve *endpoint* (an ``endpoints.Endpoint``)
+    with this module: ``haproxy:`` in front of a listening socket (``tcp:``,
+    ``tcp6:``, ``unix:``, an adopted descriptor), not of TLS that Twisted
+    carries under the header."""
+    from twisted.internet import endpoints as twisted_endpoints
+
+    from txsocketserver._twisted import endpoints
+
+    inner = endpoints.proxy_protocol_endpoint(endpoint.resolve())
+    return type(inner) in (
+        twisted_endpoints.TCP4ServerEndpoint,
+        twisted_endpoints.TCP6ServerEndpoint,
+        twisted_endpoints.UNIXServerEndpoint,
+        twisted_endpoints.AdoptedStreamServerEndpoint,
+    )
+
+
 def strategies(
     server: Any, serving: Any, plain: Any, settings: dict[str, Any], endpoint: Any
 ) -> Any:
@@ -105,6 +123,12 @@ def strategies(
     from txsocketserver._twisted.strategies import Strategies
 
     inner = endpoints.proxy_protocol_endpoint(endpoint.resolve())
+    if not serves(endpoint):
+        raise ValueError(
+            f"{endpoint!r}: a forking server behind haproxy: needs it to wrap a "
+            "listening socket (tcp:, tcp6:, unix:, systemd:, fd:, or ssl: with the "
+            f"TLS after the header), not {type(inner).__name__}"
+        )
     backlog = endpoints.endpoint_backlog(endpoint) or server.request_queue_size
     options = endpoint._listener_options
     adopted = adopted_descriptor(inner)
@@ -141,11 +165,7 @@ def strategies(
             server, reuse_address=True, from_endpoint=True, options=options
         )
     else:
-        raise ValueError(
-            f"{endpoint!r}: a forking server behind haproxy: needs it to wrap a "
-            "listening socket (tcp:, tcp6:, unix:, systemd:, fd:), not "
-            f"{type(inner).__name__}"
-        )
+        assert tcp is not None, inner
     settings["request_queue_size"] = backlog
     security: Any = plain
     if endpoint._tls_config is not None:
@@ -617,4 +637,10 @@ class _HeaderReader:
             self._close()
 
 
-__all__ = ["MAX_HEADER_LENGTH", "ProxiedSocketListener", "ProxiedSocketReadiness", "strategies"]
+__all__ = [
+    "MAX_HEADER_LENGTH",
+    "ProxiedSocketListener",
+    "ProxiedSocketReadiness",
+    "serves",
+    "strategies",
+]
