@@ -6,7 +6,9 @@
 
 For each implementation a server process (``server.py``, the ``async-echo-*``
 servers: ours is ``TCPServer`` with an async handler, ``twisted`` a
-``LineReceiver``, ``asyncio`` ``start_server``, ``stdlib`` ``ThreadingTCPServer``)
+``LineReceiver``, ``asyncio`` ``start_server``, ``uvloop`` the same on uvloop,
+``uvloop-protocol`` a raw ``asyncio.Protocol`` on uvloop, ``ours-asyncio-uvloop``
+ours on Twisted's asyncio reactor over uvloop, ``stdlib`` ``ThreadingTCPServer``)
 is started; client processes open the connections, each sends one line and
 reads its echo (so every handler has started and is waiting for the next
 line), then all stay open and idle.  Reported: the server's RSS growth divided
@@ -21,6 +23,7 @@ ports of a previous run never run out the ephemeral range.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import subprocess
@@ -108,19 +111,35 @@ def measure(impl: str, connections: int, source_index: int) -> tuple[int, float,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connections", type=int, default=10000)
-    parser.add_argument("--impls", default="ours,twisted,asyncio,stdlib")
+    parser.add_argument(
+        "--impls",
+        default="ours,twisted,asyncio,uvloop,uvloop-protocol,ours-asyncio-uvloop,stdlib",
+    )
     parser.add_argument("--max", action="store_true", help="ours, up to the fd limit")
+    parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     print(f"file descriptor limit: {soft} (hard {hard})")
     impls = ["ours"] if args.max else args.impls.split(",")
     wanted = hard + 1000 if args.max else args.connections
+    results = {}
     for index, impl in enumerate(impls):
         held, kb, thread_count = measure(impl, wanted, index + int(time.time()) % 200 * 5)
+        results[impl] = {
+            "connections": held,
+            "kb_per_connection": round(kb, 3),
+            "threads": thread_count,
+        }
         print(
-            f"{impl:8} {held:6d} idle connections: {kb:5.2f} KB per connection, "
+            f"{impl:19} {held:6d} idle connections: {kb:5.2f} KB per connection, "
             f"{thread_count} server threads",
             flush=True,
+        )
+
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"python": sys.version.split()[0], "idle_connections": results}, indent=2)
+            + "\n"
         )
 
 

@@ -259,7 +259,16 @@ def format_ratio(ours: list[Measurement], other: list[Measurement]) -> str:
 
 def print_table(all_results: dict[str, dict[str, list[Measurement]]], impls: list[str]) -> None:
     headers = ["scenario", *impls]
-    others = ("stdlib", "twisted", "asyncio", "metrics", "access-log", BEFORE)
+    others = (
+        "stdlib",
+        "twisted",
+        "asyncio",
+        "metrics",
+        "access-log",
+        "uvloop",
+        "uvloop-protocol",
+        BEFORE,
+    )
     ratios = [other for other in others if "ours" in impls and other in impls]
     headers += [f"ours/{other}" for other in ratios]
     rows = []

@@ -29,7 +29,20 @@ from servers import (
 # A scenario without a server for an implementation skips it (asyncio serves
 # only the async-* scenarios).
 # "metrics" and "access-log" are ours observed (the observed-* scenarios only).
-IMPLEMENTATIONS = ("ours", "stdlib", "twisted", "asyncio", "metrics", "access-log")
+# "uvloop" (start_server streams on uvloop), "uvloop-protocol" (a raw
+# asyncio.Protocol on uvloop) and "ours-asyncio-uvloop" (ours on Twisted's
+# asyncio reactor over uvloop) serve the async-* scenarios only.
+IMPLEMENTATIONS = (
+    "ours",
+    "stdlib",
+    "twisted",
+    "asyncio",
+    "metrics",
+    "access-log",
+    "uvloop",
+    "uvloop-protocol",
+    "ours-asyncio-uvloop",
+)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from types import ModuleType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 HOST = "127.0.0.1"
 BACKLOG = 1024
@@ -123,8 +123,9 @@ def async_echo() -> ServerHandle:
     return ServerHandle(server.server_address[1], server.serve_forever, server)
 
 
-def asyncio_echo() -> ServerHandle:
-    """What an asyncio programmer would write: ``asyncio.start_server``, same line echo."""
+def asyncio_echo(run: Callable[[Any], None] | None = None) -> ServerHandle:
+    """What an asyncio programmer would write: ``asyncio.start_server``, same
+    line echo; *run* runs its coroutine (default ``asyncio.run``)."""
     import asyncio
     import socket
 
@@ -144,16 +145,75 @@ def asyncio_echo() -> ServerHandle:
         async with server:
             await server.serve_forever()
 
-    return ServerHandle(sock.getsockname()[1], lambda: asyncio.run(serve()))
+    return ServerHandle(sock.getsockname()[1], lambda: (run or asyncio.run)(serve()))
+
+
+def uvloop_echo() -> ServerHandle:
+    """The same ``start_server`` line echo on uvloop's event loop: the fastest
+    thing an asyncio programmer would pick instead."""
+    import uvloop
+
+    return asyncio_echo(run=uvloop.run)
+
+
+def uvloop_protocol_echo() -> ServerHandle:
+    """A raw ``asyncio.Protocol`` line echo on uvloop: no streams, no
+    coroutine per connection, the ceiling of Python on an event loop."""
+    import asyncio
+    import socket
+
+    import uvloop
+
+    class Echo(asyncio.Protocol):
+        __slots__ = ("transport", "pending")
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+            self.pending = b""
+
+        def data_received(self, data: bytes) -> None:
+            data = self.pending + data
+            end = data.rfind(b"\n") + 1
+            self.pending = data[end:]
+            if end:
+                self.transport.write(data[:end])  # type: ignore[attr-defined]
+
+    sock = socket.create_server((HOST, 0), backlog=BACKLOG)
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Echo, sock=sock, backlog=BACKLOG)
+        async with server:
+            await server.serve_forever()
+
+    return ServerHandle(sock.getsockname()[1], lambda: uvloop.run(serve()))
+
+
+def async_echo_on_asyncio_uvloop() -> ServerHandle:
+    """Ours on Twisted's asyncio reactor (``--reactor asyncio``), with uvloop
+    as the asyncio loop under it."""
+    import asyncio
+
+    import uvloop
+    from twisted.internet import asyncioreactor
+
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    asyncioreactor.install(loop)
+    return async_echo()
 
 
 def async_echo_servers() -> dict[str, ServerStarter]:
-    """Async echo: ours (an async handler), stdlib's ThreadingTCPServer, Twisted, asyncio."""
+    """Async echo: ours (an async handler; also on the asyncio reactor over
+    uvloop), stdlib's ThreadingTCPServer, Twisted, asyncio and uvloop."""
     return {
         "ours": async_echo,
         "stdlib": lambda: socketserver_echo("stdlib", "ThreadingTCPServer"),
         "twisted": twisted_echo,
         "asyncio": asyncio_echo,
+        "uvloop": uvloop_echo,
+        "uvloop-protocol": uvloop_protocol_echo,
+        "ours-asyncio-uvloop": async_echo_on_asyncio_uvloop,
     }
 
 

@@ -157,6 +157,48 @@ def test_a_stream_servers_transport_takes_the_adopted_arguments() -> None:
         assert parameters == ["sock", "protocol", "client", "server", "sessionno", "reactor"]
 
 
+def test_what_a_transport_keeps_per_connection_can_be_shared() -> None:
+    # tcp.Server.__init__ keeps logstr and repstr per connection (logPrefix
+    # and __repr__ return them); if Twisted changes that, the adopted
+    # transport's shared replacements would miss it.
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.protocol import Protocol
+    from twisted.python.failure import Failure
+
+    from txsocketserver._twisted.reactor import call_in_reactor
+
+    def check(unix: bool) -> list[object]:
+        ours, theirs = socket.socketpair()
+        theirs.close()
+        ours.setblocking(False)
+        kind = compat.stream_server_transport(unix)
+        plain = kind(ours.dup(), Protocol(), ("127.0.0.1", 1), None, 7, reactor)
+        kept = [name for name in ("logstr", "repstr") if name in vars(plain)]
+        plain.logstr, plain.repstr = "log", "repr"
+        seen = [kept, plain.logPrefix(), repr(plain)]
+        plain.stopReading()
+        plain.connectionLost(Failure(ConnectionDone()))
+        shared = type("Shared", (kind,), compat.shared_transport_attributes("prefix", "<r>"))
+        transport = shared(ours, Protocol(), ("127.0.0.1", 1), None, 7, reactor)
+        seen += [sorted({"logstr", "repstr"} & set(vars(transport)))]
+        seen += [transport.logPrefix(), repr(transport), transport.fileno() == ours.fileno()]
+        transport.stopReading()
+        transport.connectionLost(Failure(ConnectionDone()))
+        return [*seen, transport.fileno()]
+
+    for unix in (False, True):
+        assert call_in_reactor(check, unix) == [
+            ["logstr"],
+            "log",
+            "repr",
+            [],
+            "prefix",
+            "<r>",
+            True,
+            -1,
+        ]
+
+
 def test_what_a_transport_holds_queued_is_read_from_its_buffers() -> None:
     # If Twisted renames _tempDataBuffer or _writeDisconnected, a write could
     # overtake queued bytes, or go out after a half-close.

@@ -52,6 +52,30 @@ class Connection(Protocol):
             the connection as this policy says (see ``proxy_stage``).
     """
 
+    # What most connections never change, and nothing reads for every chunk
+    # of data, is a class attribute, set on the instance only where it
+    # differs: each attribute an instance holds costs every idle connection
+    # 8 bytes (see docs/async.md, "Limits and costs").  What is read for
+    # every chunk stays on the instance only: on CPython 3.11 a class
+    # attribute of the same name keeps its reads off the fast path.
+    _proxy: ProxyHeaderPolicy | None = None
+    _stage: ProxyHeaderStage | None = None
+    # What getsockname() gives: the PROXY header's destination, if any.
+    _host: Any = None
+    #: The PROXY header the connection began with, if any.
+    proxy_header: ProxyHeader | None = None
+    writer: AsyncWriter | None = None
+    request: AsyncSocket | None = None
+    task: Any = None
+    # How an endpoint connection half-closes (None: it cannot; see half_close).
+    _half_close: Any = None
+    last_activity = 0.0
+    lost = False
+    #: Registered as the transport's producer (until the writer is done).
+    producing = False
+    # Set once the request's handling is over (shutdown_request done).
+    request_over = False
+
     def __init__(
         self,
         serving: Any,
@@ -60,30 +84,29 @@ class Connection(Protocol):
         proxy: ProxyHeaderPolicy | None = None,
     ) -> None:
         self.serving = serving
-        self._proxy = proxy
-        self._stage: ProxyHeaderStage | None = None
-        # What getsockname() gives: the PROXY header's destination, if any.
-        self._host: Any = None
-        #: The PROXY header the connection began with, if any.
-        self.proxy_header: ProxyHeader | None = None
+        if proxy is not None:
+            self._proxy = proxy
         self.client_address = client_address
         # The socket, for a connection the server accepted itself.
         self.adopted = adopted
         self.reader = AsyncReader(self)
-        self.writer: AsyncWriter | None = None
-        self.request: AsyncSocket | None = None
-        self.task: Any = None
+        # Set by the serving once the handler starts if nothing but the reader
+        # needs the bytes read (no idle_timeout, not observed; a header stage
+        # is over by then): dataReceived goes straight to it.
+        self.plain = False
         #: Seconds a read or drain may wait (the handler's ``timeout``).
         self.timeout: float | None = None
-        self.half_close: Any = None
-        self.last_activity = 0.0
         self.idle_timer: Any = None
-        self.lost = False
-        self.producing = False
-        # Set once the request's handling is over (shutdown_request done).
-        self.request_over = False
         #: The connection's lifecycle record (``None``: not observed).
         self.record: lifecycle.ConnectionRecord | None = None
+
+    @property
+    def half_close(self) -> Any:
+        """What half-closes the connection (``None``: it cannot, as over TLS)."""
+        if self.adopted is not None:
+            # A socket the server accepted itself: a plain TCP or Unix transport.
+            return self.transport.loseWriteConnection
+        return self._half_close
 
     # -- IProtocol -------------------------------------------------------------------
 
@@ -97,16 +120,14 @@ class Connection(Protocol):
             self.record = lifecycle.accepted(server, peer, self.client_address)
         self.writer = AsyncWriter(self)
         transport.registerProducer(self, True)
-        #: Registered as the transport's producer (until the writer is done).
         self.producing = True
         adopted = self.adopted
         if adopted is not None:
             # A socket the server accepted itself: a plain TCP or Unix
             # transport, nothing to look through.
-            self.half_close = transport.loseWriteConnection
             self._start(self.serving.family, adopted)
             return
-        self.half_close = compat.half_close(transport)
+        self._half_close = compat.half_close(transport)
         if self._proxy is None:
             self._start()
             return
@@ -124,7 +145,7 @@ class Connection(Protocol):
         if self._stage is not None and self._proxy is not None and self._proxy.tls is not None:
             # TLS began on the transport since connectionMade: half-closing
             # is now the TLS layer's business.
-            self.half_close = compat.half_close(self.transport)
+            self._half_close = compat.half_close(self.transport)
         if header is not None and header.family is not None:
             self.client_address = header.source
             self._host = header.destination
@@ -152,13 +173,13 @@ class Connection(Protocol):
         self.serving.connection_started(self)
 
     def dataReceived(self, data: bytes) -> None:
+        if self.plain:
+            self.reader.feed(data)
+            return
         if self._stage is not None and self._stage.active:
             data = self._stage.feed(data)
             if not data:
                 return
-        # Only while idle_timeout applies or the connection is observed:
-        # otherwise connection_started() makes the reader's feed() this
-        # connection's dataReceived (one call less for every chunk read).
         self.last_activity = _monotonic()
         if self.record is not None:
             self.record.bytes_received += len(data)  # type: ignore[operator]
@@ -269,4 +290,3 @@ class Connection(Protocol):
         """
         self.reader = self.writer = self.request = None  # type: ignore[assignment]
         self.task = None
-        self.__dict__.pop("dataReceived", None)

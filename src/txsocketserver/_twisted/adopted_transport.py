@@ -36,6 +36,10 @@ def _adopted_class(transport_class: Any) -> Any:
     * **A close with nothing left to send happens at once**, as Twisted's own
       ``loseConnection`` does once the write side is shut, instead of waiting
       a reactor turn for writability to find nothing to write.
+
+    And one that only saves memory (an idle connection is mostly its
+    objects): the log prefix and ``repr`` that Twisted formats and keeps per
+    connection are shared by all (``compat.shared_transport_attributes``).
     """
 
     from twisted.internet.error import ConnectionDone
@@ -89,11 +93,15 @@ def _adopted_class(transport_class: Any) -> Any:
                 return
             super().loseConnection()
 
+    for name, value in compat.shared_transport_attributes(_LOG_PREFIX, _REPR).items():
+        setattr(Adopted, name, value)
     Adopted.__name__ = Adopted.__qualname__ = f"Adopted{transport_class.__name__}"
     return Adopted
 
 
 _ADOPTED: dict[bool, Any] = {}
+_LOG_PREFIX = "txsocketserver"
+_REPR = "<txsocketserver async connection>"
 
 
 def adopted_transport(

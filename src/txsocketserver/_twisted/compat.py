@@ -198,6 +198,31 @@ def can_send_now(transport: Any) -> bool:
     )
 
 
+def shared_transport_attributes(log_prefix: str, representation: str) -> dict[str, Any]:
+    """Class attributes for a subclass of ``tcp.Server``/``unix.Server`` that
+    replace two strings their ``__init__`` keeps per connection: ``logstr``
+    (the log prefix, formatted per connection, which ``logPrefix()``
+    returns) and ``repstr`` (what ``__repr__`` returns).  Both are
+    attributes of Twisted's private ``tcp.Connection``; ``logstr`` becomes a
+    data descriptor, so that Twisted's assignment of it is ignored.
+
+    (``fileno``, the socket's bound method, stays per connection: the reactor
+    calls it for every event, and a descriptor would cost more per event than
+    the 72 bytes it saves.)"""
+
+    def ignore(transport: Any, value: Any = None) -> None:
+        pass
+
+    def log_prefix_method(transport: Any) -> str:
+        return log_prefix
+
+    return {
+        "logstr": property(lambda transport: log_prefix, ignore, ignore),
+        "logPrefix": log_prefix_method,
+        "repstr": representation,
+    }
+
+
 def disconnector(reactor: Any) -> Any:
     """The reactor's ``_disconnectSelectable(selectable, why, isRead)``, which
     ends a transport whose ``doRead`` returned a reason as the reactor itself
