@@ -140,6 +140,14 @@ def ask(address: Any, payload: bytes) -> dict[str, Any]:
         return reply
 
 
+def refused(address: Any) -> bool:
+    try:
+        connect(address, timeout=1).close()
+    except OSError:
+        return True
+    return False
+
+
 def closed(sock: socket.socket) -> bool:
     """Whether the server closes *sock* (or resets it) within WAIT, sending nothing."""
     sock.settimeout(WAIT)
@@ -433,3 +441,41 @@ def test_cli_forking_serves_haproxy_over_systemd_activation(spawn: Spawn) -> Non
     assert reply["client"] == ["198.51.100.7", 10]
     assert reply["pid"] != server.process.pid
     assert server.stop() == 0
+
+
+def test_a_stop_serves_the_connections_still_in_their_header(fork_from: str) -> None:
+    # A reload of --workers stops its old workers while clients arrive: one
+    # accepted before the stop, still sending its header, is served.
+    from txsocketserver._twisted.service import stop_gracefully
+
+    server = SERVERS[fork_from](DESCRIPTION, ClientReport)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    listener = server._listener  # type: ignore[attr-defined]
+    address = server.server_address
+    stopper: threading.Thread | None = None
+    header = v1_header(("198.51.100.7", 12))
+    try:
+        assert ask(address, v1_header(("198.51.100.7", 11)) + b"one\n")["client"][1] == 11
+        with connect(address) as client:
+            client.sendall(header[:10])
+            assert wait_until(lambda: len(listener._pending) == 1, WAIT)
+            result: list[bool] = []
+            stopper = threading.Thread(
+                target=lambda: result.append(
+                    stop_gracefully(server, drain_timeout=WAIT, serving=serving)
+                )
+            )
+            stopper.start()
+            # No longer listening, in the template's copy of the socket either.
+            assert wait_until(lambda: refused(address), WAIT)
+            client.sendall(header[10:] + b"two\n")
+            reply = json.loads(recv_line(client))
+        assert reply["client"] == ["198.51.100.7", 12]
+        stopper.join(WAIT)
+        assert not stopper.is_alive() and result == [True]
+    finally:
+        if stopper is not None:
+            stopper.join(WAIT)
+        serving.join(WAIT)
+        server.server_close()

@@ -278,13 +278,22 @@ class ProxiedSocketListener:
         return ProxiedSocketReadiness(self)
 
     def stop_accepting(self) -> None:
-        """Stop accepting and close the listening socket; the connections in
-        their header stage and the queued ones stay for the serving loop."""
+        """Stop accepting; the connections in their header stage and the
+        queued ones stay for the serving loop.
+
+        The listening socket stays open until :meth:`close`: it is part of
+        the server's state that a template gets with each request.  A socket
+        of the server's own is shut down, which stops the kernel listening
+        for every process that holds it (a template's copy too); an adopted
+        one (a ``--workers`` worker's) is shared with the other workers,
+        which go on accepting from it.
+        """
         self._on_reactor(self._stop_acceptor)
         if self._socket_listener is not None:
-            self._socket_listener.stop_accepting()
-        else:
-            self._server.socket.close()
+            try:
+                self._server.socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # not every system stops listening so (it closes in close())
 
     def wait_accepted_taken(self, timeout: float) -> bool:
         with self._changed:
