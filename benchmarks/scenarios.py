@@ -128,13 +128,16 @@ SCENARIOS = _table(
         )
         for n in (1, 8)
     ),
-    Scenario(
-        "forking-local-classes-connect-per-request-8",
-        "8 clients, a new connection per line; ForkingTCPServer with its classes "
-        "defined inside a function (ours carries them by value)",
-        forking_servers("echo", local_classes=True),
-        echo_load("connect", 8),
-        quick=False,
+    *(
+        Scenario(
+            f"forking-local-classes-connect-per-request-{n}",
+            f"{n} clients, a new connection per line; ForkingTCPServer with its classes "
+            "defined inside a function (ours carries them by value)",
+            forking_servers("echo", local_classes=True),
+            echo_load("connect", n),
+            quick=False,
+        )
+        for n in (1, 8)
     ),
     Scenario(
         "forking-fork-from-server-connect-per-request-8",

@@ -317,6 +317,37 @@ def test_template_killed_from_outside_is_replaced(tx, unix_path):
         assert ask(server, b"b\n").startswith(b"b\npid ")
 
 
+def test_a_request_goes_straight_to_an_idle_child(tx, unix_path):
+    # The server holds the idle children's sockets: a request reaches one
+    # with the template stopped, crossing one process boundary.
+    with forking_server(tx, "tcp", "Echo", unix_path) as server:
+        assert ask(server, b"a\n").startswith(b"a\npid ")
+        template = server._forking_dispatcher._template
+        idle = {pid for pid, _end in list(template.idle)}
+        assert idle, "the server holds idle children"
+        os.kill(template.protocol.transport.pid, signal.SIGSTOP)
+        try:
+            reply = ask(server, b"b\n")
+        finally:
+            os.kill(template.protocol.transport.pid, signal.SIGCONT)
+        assert reply.startswith(b"b\npid ")
+        assert int(reply.split()[2]) in idle, (reply, idle)
+
+
+def test_idle_children_killed_from_outside_are_passed_over(tx, unix_path):
+    with forking_server(tx, "tcp", "Echo", unix_path) as server:
+        assert ask(server, b"a\n").startswith(b"a\npid ")
+        idle = [pid for pid, _end in list(server._forking_dispatcher._template.idle)]
+        assert idle
+        for pid in idle:
+            os.kill(pid, signal.SIGKILL)
+        wait_for_exit(idle, timeout=WAIT_FORK)
+        for payload in (b"b\n", b"c\n", b"d\n", b"e\n", b"f\n"):
+            reply = ask(server, payload)
+            assert reply.startswith(payload + b"pid "), reply
+            assert int(reply.split()[2]) not in idle
+
+
 KILLED_SERVER_SCRIPT = """
     import sys
     sys.path.insert(0, {src!r})
@@ -447,16 +478,18 @@ TEMPLATE_REAPS_ONLY_ITS_OWN = """
     ours, theirs = socket.socketpair()
     template = _forking_child._Template(ours, warm=2)
     template._fill()
-    (pid, end), _other = template.idle
-    end.close()  # end of file: this idle child exits unused
+    # The idle children's sockets come to the server's end of the channel.
+    lines, ends = _forking_child.receive_fds(theirs, 1 << 16)
+    pids = [int(line.split()[1]) for line in lines.splitlines()]
+    assert sorted(pids) == sorted(template.idle) and len(ends) == 2, (lines, ends)
+    os.close(ends[0])  # end of file: this idle child exits unused
     deadline = time.monotonic() + 20
-    while any(p == pid for p, _ in template.idle) and time.monotonic() < deadline:
+    while pids[0] in template.idle and time.monotonic() < deadline:
         time.sleep(0.01)
         template._reap()
-    assert not any(p == pid for p, _ in template.idle), "the child was reaped"
+    assert pids[0] not in template.idle, "the child was reaped"
     assert foreign.wait(20) == 5, "the foreign child was left to its owner"
-    for _pid, end in template.idle:
-        end.close()
+    os.close(ends[1])
     while template.idle and time.monotonic() < deadline:
         time.sleep(0.01)
         template._reap()

@@ -529,3 +529,76 @@ def test_a_ports_listen_backlog_is_widened() -> None:
         print("ok")
         """
     )
+
+
+@pytest.mark.skipif(
+    not hasattr(__import__("select"), "EPOLLEXCLUSIVE"), reason="EPOLLEXCLUSIVE is Linux's"
+)
+def test_a_reader_is_registered_exclusively_in_the_epoll_reactors_set() -> None:
+    # exclusive_reader reads EPollReactor's _poller, _reads and _writes: the
+    # entry of the reader's fd in the reactor's epoll set (the kernel lists
+    # it in the set's fdinfo) gets EPOLLEXCLUSIVE, a second call re-adds it,
+    # removeReader still removes it, a writer's fd and a reactor without an
+    # epoll set are left alone.
+    run_isolated(
+        """
+        import select, socket
+        from twisted.internet import epollreactor
+        epollreactor.install()
+        from twisted.internet import reactor
+        from txsocketserver._twisted import compat
+
+        def mask(fd):
+            epfd = reactor._poller.fileno()
+            for line in open(f"/proc/self/fdinfo/{epfd}"):
+                words = line.split()
+                if words[:2] == ["tfd:", str(fd)]:
+                    # The kernel adds these two to every entry.
+                    return int(words[3], 16) & ~(select.EPOLLERR | select.EPOLLHUP)
+            return None
+
+        listening = socket.socket()
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(5)
+
+        class Reader:
+            def fileno(self):
+                return listening.fileno()
+
+            def logPrefix(self):
+                return "test"
+
+            def doRead(self):
+                pass
+
+            def connectionLost(self, reason):
+                pass
+
+        reader = Reader()
+        fd = listening.fileno()
+        reactor.addReader(reader)
+        assert mask(fd) == select.EPOLLIN, mask(fd)
+        assert compat.exclusive_reader(reactor, fd)
+        assert mask(fd) == select.EPOLLIN | select.EPOLLEXCLUSIVE, mask(fd)
+        assert compat.exclusive_reader(reactor, fd)
+        assert mask(fd) == select.EPOLLIN | select.EPOLLEXCLUSIVE, mask(fd)
+        reactor.removeReader(reader)
+        assert mask(fd) is None
+        assert not compat.exclusive_reader(reactor, fd)  # not a reader any more
+
+        reactor.addReader(reader)
+        reactor.addWriter(reader)
+        assert not compat.exclusive_reader(reactor, fd)  # a writer too: left alone
+        assert mask(fd) == select.EPOLLIN | select.EPOLLOUT, mask(fd)
+        reactor.removeReader(reader)
+        reactor.removeWriter(reader)
+
+        class NotEpoll:
+            _reads = {fd}
+            _writes = set()
+
+        assert not compat.exclusive_reader(NotEpoll(), fd)
+        listening.close()
+        print("ok")
+        """
+    )

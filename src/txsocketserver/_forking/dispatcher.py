@@ -31,7 +31,9 @@ from txsocketserver._forking.template import (
     INSTALL_TAG,
     SPEC_TAG,
     STATUS_FD,
+    TAKEN_TAG,
     rebuild_server,
+    receive_fds,
     send_message,
 )
 from txsocketserver._twisted import compat
@@ -68,6 +70,14 @@ class _TemplateLink:
         self.installed: tuple[bytes, tuple[int, ...]] | None = None
         self.candidate: tuple[bytes, tuple[int, ...]] | None = None
         self.ready = False
+        # Idle children, forked for the state installed last: (pid, the
+        # socket their request goes to), oldest first; and that state's number.
+        self.idle: list[tuple[int, socket.socket]] = []
+        self.generation = 0
+        # Children taken since the template was last told (see _tell_taken).
+        self.taken: list[int] = []
+        # Sockets received on the channel whose C line has not been read yet.
+        self.pending_ends: list[int] = []
         # Closed on purpose (server_close, or replaced after a broken pipe).
         self.retired = False
         self.ended = threading.Event()
@@ -81,8 +91,18 @@ class _TemplateLink:
 
     def has_status_to_read(self) -> bool:
         """Whether a thread may read the status now, and some will come:
-        a request is in flight, so an ``E`` line (or end of file) will."""
-        return bool(self.tags and not (self.reading or self.retired or self.channel_ended))
+        a request is in flight, so an ``E`` line (or end of file) will; or
+        no idle child is left, so a ``C`` line (or end of file) will."""
+        return bool(
+            (self.tags or not self.idle)
+            and not (self.reading or self.retired or self.channel_ended)
+        )
+
+    def drop_idle(self) -> None:
+        """Close the idle children's sockets: they exit unused."""
+        for _pid, end in self.idle:
+            end.close()
+        self.idle = []
 
 
 class _TemplateProtocol(ProcessProtocol):
@@ -191,8 +211,9 @@ class ProcessDispatcher:
         self._warm = warm
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        # tag -> child pid (None until the template reports the fork).
-        self._running: dict[int, int | None] = {}
+        # tag -> the pid of the child running it, and back.
+        self._running: dict[int, int] = {}
+        self._pids: dict[int, int] = {}
         self._next_tag = SPEC_TAG + 1
         self._template: _TemplateLink | None = None
         # Every template not yet ended (the current one, retired ones).
@@ -249,34 +270,117 @@ class ProcessDispatcher:
         # pipe: retire it and hand the request to a fresh one.
         for attempt in (1, 2):
             template = self._live_template(server)
-            with self._lock:
-                tag = self._next_tag
-                self._next_tag += 1
-                self._running[tag] = None
-                template.tags.add(tag)
             try:
-                if key is None or template.installed == key:
-                    send_message(template.channel, tag, body, fds)
-                elif template.installed is None or template.candidate == key:
-                    # A state seen for the first time, or twice in a row.
-                    send_message(template.channel, INSTALL_TAG, state_body, state_fds)
-                    template.installed, template.candidate = key, None
-                    send_message(template.channel, tag, body, fds)
-                else:
-                    # A state that changes from request to request travels with it.
-                    template.candidate = key
-                    full_body, full_fds = carry(full)
-                    send_message(template.channel, tag, full_body, full_fds)
-                return tag
+                if key is not None and template.installed != key:
+                    if template.installed is None or template.candidate == key:
+                        # A state seen for the first time, or twice in a row:
+                        # the idle children have the old one.
+                        self._tell_taken(template)
+                        with self._lock:
+                            template.drop_idle()
+                            template.generation += 1
+                        send_message(template.channel, INSTALL_TAG, state_body, state_fds)
+                        template.installed, template.candidate = key, None
+                    else:
+                        # A state that changes from request to request travels with it.
+                        template.candidate = key
+                        body, fds = carry(full)
+                return self._send_request(template, body, fds)
             except OSError:
-                with self._changed:
-                    self._running.pop(tag, None)
-                    template.tags.discard(tag)
-                    self._changed.notify_all()
                 self._retire(template)
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
+
+    def _send_request(self, template: _TemplateLink, body: bytes, fds: list[int]) -> int:
+        """Send a request straight to an idle child of *template*; return its tag.
+
+        Waits for an idle child if none is left.  The child's socket is
+        closed once the request is sent: a child gets exactly one request.
+        Then the template hears that its child was taken, and forks a
+        replacement.
+
+        Error handling:
+            ``OSError`` if the template is gone (the caller starts another);
+            ``RuntimeError`` if it died before it was ready.
+        """
+        while True:
+            tag, pid, end = self._take_idle_child(template)
+            try:
+                send_message(end, tag, body, fds)
+            except OSError:
+                # That idle child died (killed from outside): the next one.
+                with self._changed:
+                    self._forget(template, tag)
+                    self._changed.notify_all()
+                continue
+            finally:
+                end.close()
+            template.taken.append(pid)
+            if len(template.idle) <= self._warm // 2:
+                self._tell_taken(template)
+            return tag
+
+    def _tell_taken(self, template: _TemplateLink) -> None:
+        """Tell *template* which of its idle children were taken.
+
+        Once half of them are, not at every request: the template forks
+        their replacements in a row, and each wake-up of the template after
+        a fork costs it page copies.  Before the server waits for an idle
+        child or installs a state, too: the template must count every child
+        taken before it.
+        """
+        if not template.taken:
+            return
+        pids, template.taken = template.taken, []
+        try:
+            send_message(template.channel, TAKEN_TAG, b" ".join(b"%d" % pid for pid in pids), [])
+        except OSError:
+            # The template is gone; the children run their requests all the
+            # same, and their ends are counted when the template's is.
+            pass
+
+    def _take_idle_child(self, template: _TemplateLink) -> tuple[int, int, socket.socket]:
+        """Take the oldest idle child of *template* for a new request, waiting
+        for one if need be: the request's tag, the child's pid and socket."""
+        while True:
+            with self._lock:
+                if template.idle:
+                    # In one step with taking it: an exit reported for this
+                    # pid from now on is the request's.
+                    pid, end = template.idle.pop(0)
+                    tag = self._next_tag
+                    self._next_tag += 1
+                    self._running[tag] = pid
+                    self._pids[pid] = tag
+                    template.tags.add(tag)
+                    return tag, pid, end
+                if template.channel_ended or template.retired:
+                    break
+            self._tell_taken(template)
+            self._wait_until(
+                lambda: bool(template.idle) or template.channel_ended or template.retired, None
+            )
+        # Its channel has ended: it is exiting, or has exited.  Tell a
+        # start-up failure (reported once the reactor has reaped it) from a
+        # template killed after it was ready (start another one).
+        if not template.ready:
+            template.ended.wait(TEMPLATE_EXIT_TIMEOUT)
+        with self._lock:
+            failure = self._startup_failure if template.ended.is_set() else None
+            if failure is not None and not template.ready:
+                self._startup_failure = None
+        if failure is not None:
+            self._retire(template)
+            raise RuntimeError(failure)
+        raise BrokenPipeError("the ForkingMixIn template process has exited")
+
+    def _forget(self, template: _TemplateLink, tag: int) -> None:
+        """Forget the request *tag* (lock held)."""
+        pid = self._running.pop(tag, None)
+        if pid is not None:
+            self._pids.pop(pid, None)
+        template.tags.discard(tag)
 
     def report_exit(self, tag: int, what: Any) -> None:
         """Have :meth:`take_exits` return *what* once the request *tag* has ended."""
@@ -410,7 +514,7 @@ class ProcessDispatcher:
             template = self._template
             if template is not None and template.has_status_to_read():
                 self._take_status(template)
-            return {pid for pid in self._running.values() if pid is not None}
+            return set(self._running.values())
 
     def child_state(self, server: Any) -> dict[str, Any]:
         """The instance attributes the child's server object gets (see
@@ -479,6 +583,10 @@ class ProcessDispatcher:
             if template.retired:
                 return
             template.retired = True
+            template.drop_idle()
+            for fd in template.pending_ends:
+                os.close(fd)
+            template.pending_ends = []
             if template.reading:
                 # Wake the reader; it closes the channel once it is done
                 # with it, so that the fd cannot be reused under it.
@@ -537,29 +645,47 @@ class ProcessDispatcher:
     def _take_status(self, template: _TemplateLink) -> None:
         """Apply the status lines that have arrived from *template*, if any
         (lock held; no waiting)."""
-        if not template.poller.poll(0):
-            return
         try:
-            data = template.channel.recv(1 << 16, _RECEIVE_NOW)
+            data, fds = receive_fds(template.channel, 1 << 16, _RECEIVE_NOW)
         except BlockingIOError:
             return
         except OSError:
-            data = b""  # gone: as good as end of file
+            data, fds = b"", []  # gone: as good as end of file
+        template.pending_ends.extend(fds)
         if data == b"":
             # The template exits (processEnded will count its requests as
             # ended), or the channel was retired under the reader.
             template.channel_ended = True
-        elif data:
+        else:
             *lines, template.partial_line = (template.partial_line + data).split(b"\n")
             for line in lines:
-                kind, tag, value = line.split()
-                if kind == b"S":
-                    if int(tag) in self._running:
-                        self._running[int(tag)] = int(value)
+                kind, pid_text, value = line.split()
+                pid = int(pid_text)
+                if kind == b"C":
+                    # An idle child, its socket attached (fds come in the
+                    # order of their lines); one forked for a state older
+                    # than the one installed last is dropped: it exits unused.
+                    # Family and type named: otherwise the socket object
+                    # asks the kernel for them (three system calls).
+                    end = socket.socket(
+                        socket.AF_UNIX, socket.SOCK_STREAM, 0, template.pending_ends.pop(0)
+                    )
+                    if int(value) == template.generation:
+                        template.idle.append((pid, end))
+                    else:
+                        end.close()
                 elif kind == b"E":
-                    self._running.pop(int(tag), None)
-                    template.tags.discard(int(tag))
-                    self._exits.ended(int(tag), int(value))
+                    tag = self._pids.get(pid)
+                    if tag is not None:
+                        self._forget(template, tag)
+                        self._exits.ended(tag, int(value))
+                    else:
+                        # An idle child that died (killed from outside).
+                        for index, (idle_pid, end) in enumerate(template.idle):
+                            if idle_pid == pid:
+                                end.close()
+                                del template.idle[index]
+                                break
         self._changed.notify_all()
 
     # -- reports, on the reactor thread ----------------------------------------------------
@@ -572,10 +698,10 @@ class ProcessDispatcher:
     def _on_template_ended(self, template: _TemplateLink, how: str) -> None:
         with self._changed:
             # Children it had not reaped yet are no longer ours to count.
-            for tag in template.tags:
-                self._running.pop(tag, None)
+            for tag in list(template.tags):
+                self._forget(template, tag)
                 self._exits.ended(tag, None)
-            template.tags.clear()
+            template.drop_idle()
             self._templates.discard(template)
             if not template.ready and not template.retired:
                 self._startup_failure = (

@@ -8,12 +8,14 @@ A forking server owns one *template* process, started with Twisted's
 ``reactor.spawnProcess`` (``_forking.dispatcher``).  The template is a fresh
 interpreter that imports the server's and the handler's modules once (or
 rebuilds the classes that were carried by value, ``_forking.by_value``),
-then forks a few idle *children* ahead of need (``warm_children``).  Each
-request goes to one idle child, which runs that one request and exits; the
-template forks a replacement at once.  The template never runs a request
-itself, so every child starts from the same pristine state: nothing a
-request changes reaches the parent, the template or any other request, and a
-child that crashes takes only its own request with it.
+then forks a few idle *children* ahead of need (``warm_children``), each
+waiting on a socketpair of its own, and hands the server the other end of
+each.  The server sends each request straight to one idle child, which runs
+that one request and exits; the template forks replacements, off the
+request's path.  The template never runs a request itself, so every child
+starts from the same pristine state: nothing a request changes reaches the
+parent, the template or any other request, and a child that crashes takes
+only its own request with it.
 
 File descriptors of the template (fixed numbers, set up by ``spawnProcess``):
 
@@ -22,15 +24,20 @@ File descriptors of the template (fixed numbers, set up by ``spawnProcess``):
   tracebacks of ``handle_error`` land where the stdlib's forked children
   would put them;
 * 3 (:data:`CHANNEL_FD`): one end of a Unix stream socketpair.  The parent
-  sends *messages* on it: a header (tag, body length, number of fds), the fds
-  themselves as ``SCM_RIGHTS`` ancillary data on the header, then a pickled
-  body.  Tag 0 is the start-up spec, :data:`INSTALL_TAG` a server state to
-  install (see below); any other tag is a request.  End of file
-  means the server has closed: the template reaps its running children, then
-  exits.  The template sends back, on the same socket, one short line per
-  event: ``S <tag> <pid>`` (a child started), ``E <tag> <exit code>`` (a
-  child was reaped; a negative code is the signal that killed it); the
-  server's serving thread reads them when it needs them.
+  sends *messages* on it (the format of the requests it sends the children
+  too): a header (tag, body length, number of fds), the fds themselves as
+  ``SCM_RIGHTS`` ancillary data on the header, then a body.  Tag 0 is the
+  start-up spec, :data:`INSTALL_TAG` a server state to install (see below),
+  :data:`TAKEN_TAG` the pids of idle children the server has sent a request
+  to (told once half of them are taken, for the template to fork their
+  replacements in a row).  End of file means the server has closed: the template reaps its
+  children, then exits.  The template sends back, on the same socket, one
+  short line per event: ``C <pid> <state number>`` with the socket of a new
+  idle child attached (the fds of a message come in the order of its
+  lines; the state number counts the installs, so that the server drops
+  the sockets of children forked before its last install), ``E <pid> <exit
+  code>`` (a child was reaped; a negative code is the signal that killed
+  it); the server's serving thread reads them when it needs them.
 * 4 (:data:`STATUS_FD`): a pipe to the parent's ``ProcessProtocol``, on
   the reactor thread: one ``R`` line once the template is ready, then
   nothing; its end of file tells the reactor that the template is exiting.
@@ -93,6 +100,9 @@ SPEC_TAG = 0
 # A message that installs the server's state in the template (see
 # ``_Template._install``) rather than carrying a request.
 INSTALL_TAG = (1 << 64) - 1
+# A message saying that the server took the idle children whose pids are its
+# body (separated by spaces).
+TAKEN_TAG = INSTALL_TAG - 1
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 # waitid() flags naming an exited child without reaping it (no waitid on macOS).
 _PEEK = os.WEXITED | os.WNOHANG | os.WNOWAIT if hasattr(os, "waitid") else None
@@ -233,6 +243,27 @@ def send_message(sock: socket.socket, tag: int, body: bytes, fds: list[int]) -> 
     sent = socket.send_fds(sock, [header, body], fds, _SEND_FLAGS)
     if sent < len(header) + len(body):
         sock.sendall((header + body)[sent:], _SEND_FLAGS)
+
+
+def receive_fds(sock: socket.socket, size: int, flags: int = 0) -> tuple[bytes, list[int]]:
+    """Receive up to *size* bytes and the fds that came with them (at most
+    :data:`MAX_FDS`), close-on-exec in this process.
+
+    ``socket.recv_fds`` would do, but before Python 3.13 it ignores *flags*.
+    """
+    data, ancillary, _flags, _address = sock.recvmsg(
+        size, _socket.CMSG_SPACE(MAX_FDS * _FD_SIZE), flags | _CLOSE_ON_EXEC
+    )
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % _FD_SIZE
+            fds.extend(struct.unpack(f"{usable // _FD_SIZE}i", payload[:usable]))
+    return data, fds
+
+
+_FD_SIZE = struct.calcsize("i")
+_CLOSE_ON_EXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
 
 def receive_message(sock: socket.socket) -> tuple[int, bytes, list[int]] | None:
@@ -485,20 +516,31 @@ def main() -> None:
 
 class _Template:
     """The template's loop: keep *warm* idle children forked ahead of need,
-    hand each request to one of them, reap them and report.
+    hand each one's socket to the server, reap them and report.
 
-    An idle child waits on a socketpair of its own; the template forwards it
-    exactly one message (header, fds, body, as received) and closes its end,
-    so a child can never be given a second request.
+    An idle child waits on a socketpair of its own.  The template sends the
+    other end to the server (a ``C`` line with the fd attached) and keeps no
+    copy: the server sends a request straight to the child, closes its end
+    (so a child can never be given a second request) and tells the template
+    it took that child (a :data:`TAKEN_TAG` message, once half of them are
+    taken), which forks replacements, off the request's path.  A request thus crosses one process
+    boundary, as with the stdlib's fork.
     """
 
     def __init__(self, channel: socket.socket, warm: int) -> None:
         self.channel: socket.socket | None = channel
         self.warm = warm
-        self.idle: list[tuple[int, socket.socket]] = []
-        self.running: dict[int, int] = {}
-        # Idle children told to exit unused (forked before an install).
+        # Children whose socket the server holds, waiting for a request.
+        self.idle: set[int] = set()
+        # Children the server took, running their request.
+        self.running: set[int] = set()
+        # Idle children of an earlier installed state: the server has closed
+        # their sockets, so they exit unused.
         self.retiring: set[int] = set()
+        # How many states have been installed: the ``C`` lines say which
+        # state their child was forked with, for the server to drop the
+        # sockets of children forked before the state it installed last.
+        self.generation = 0
         # The sockets of the installed server object.
         self.installed_sockets: list[socket.socket] = []
         # Status lines for the server, sent once per turn of the loop.
@@ -533,21 +575,20 @@ class _Template:
                     self._stop_accepting()
                 elif message[0] == INSTALL_TAG:
                     self._install(message[1], message[2])
-                else:
-                    self._hand_over(*message)
-                    # Refill once the last idle child is taken, forking
-                    # warm_children in a row: every fork makes the pages that
-                    # the template writes afterwards copy-on-write again, so
-                    # back-to-back forks cost fewer page copies than forks
-                    # spread over the loop.
-                    if not self.idle:
-                        self._fill()
+                elif message[0] == TAKEN_TAG:
+                    self._taken([int(pid) for pid in message[1].split()])
+            # Refill once half the idle children are taken, forking them in
+            # a row: every fork makes the pages that the template writes
+            # afterwards copy-on-write again, so back-to-back forks cost
+            # fewer page copies than forks spread over the loop.
+            if len(self.idle) <= self.warm // 2:
+                self._fill()
 
     def _send_status(self) -> None:
         """Send the status lines of this turn of the loop, in one write.
 
         They go back on the channel, where the server's serving thread
-        reads them when it next hands over a request or waits for a child
+        reads them when it next needs an idle child or waits for a child
         to end (not on the reactor thread: a request then costs the server
         no thread switch).  Once the server has closed the channel, nobody
         waits for them any more: the server counts what is left of this
@@ -567,10 +608,17 @@ class _Template:
         assert self.channel is not None
         self.channel.close()
         self.channel = None
-        # Idle children see end of file and exit; the loop reaps them.
-        for _pid, end in self.idle:
-            end.close()
+        # The idle children's sockets were the server's: with the channel
+        # closed, they have been closed (or dropped, unread, with it), and
+        # the idle children exit unused; the loop reaps them.
         self._uninstall()
+
+    def _taken(self, pids: list[int]) -> None:
+        """The server took the idle children *pids* (some may have ended already)."""
+        for pid in pids:
+            if pid in self.idle:
+                self.idle.discard(pid)
+                self.running.add(pid)
 
     def _install(self, body: bytes, fds: list[int]) -> None:
         """Build the child's server object once, here, from *body*.
@@ -579,7 +627,8 @@ class _Template:
         state: its child, forked from here afterwards, finds the object
         already built (a copy-on-write copy of it, of its own), instead of
         unpickling the state and building the object itself.  Idle children
-        forked before are retired unused, and replaced.
+        forked before are retired unused (the server closed their sockets
+        before it sent the state), and replaced.
         """
         global _installed_server
         self._uninstall()
@@ -598,11 +647,9 @@ class _Template:
         for fd in fds:
             if fd not in used:
                 os.close(fd)
-        for pid, end in self.idle:
-            end.close()
-            self.retiring.add(pid)
-        self.idle = []
-        self._fill()
+        self.retiring |= self.idle
+        self.idle = set()
+        self.generation += 1
 
     def _uninstall(self) -> None:
         global _installed_server
@@ -612,39 +659,50 @@ class _Template:
         self.installed_sockets = []
 
     def _fill(self) -> None:
-        while self.channel is not None and len(self.idle) < self.warm:
-            try:
-                self.idle.append(self._fork_idle_child())
-            except OSError:
-                _print_exc()
-                return
-
-    def _hand_over(self, tag: int, body: bytes, fds: list[int]) -> None:
+        """Fork idle children up to *warm*, in a row, and send the server
+        their sockets in one message."""
+        lines: list[bytes] = []
+        ends: list[socket.socket] = []
         try:
-            while True:
+            while self.channel is not None and len(self.idle) < self.warm:
                 try:
-                    pid, end = self.idle.pop(0) if self.idle else self._fork_idle_child(fds)
+                    pid, end = self._fork_idle_child(ends)
                 except OSError:
                     _print_exc()
-                    self.status.append(b"E %d 1\n" % tag)
-                    return
+                    break
+                self.idle.add(pid)
+                lines.append(b"C %d %d\n" % (pid, self.generation))
+                ends.append(end)
+            # The exits reaped so far first: a new child may have the pid of
+            # one of them, and the server must hear of that exit before it
+            # can take the new child.
+            if ends:
+                self._send_status()
+            # One message per MAX_FDS children (the line of each child, its
+            # socket attached): the server reads the fds in the order of
+            # the lines.
+            for first in range(0, len(ends), MAX_FDS):
+                if self.channel is None:
+                    break
                 try:
-                    send_message(end, tag, body, fds)
+                    socket.send_fds(
+                        self.channel,
+                        [b"".join(lines[first : first + MAX_FDS])],
+                        [end.fileno() for end in ends[first : first + MAX_FDS]],
+                        _SEND_FLAGS,
+                    )
                 except OSError:
-                    # That idle child died (killed from outside): next one.
-                    end.close()
-                    continue
-                end.close()
-                self.running[pid] = tag
-                self.status.append(b"S %d %d\n" % (tag, pid))
-                return
+                    break  # the server process is gone: the channel's end of file follows
         finally:
-            for fd in fds:
-                os.close(fd)
+            # The server holds the only copies now: closing them is how it
+            # tells an idle child to exit unused.
+            for end in ends:
+                end.close()
 
-    def _fork_idle_child(self, held_fds: list[int] | None = None) -> tuple[int, socket.socket]:
-        """Fork a child that waits for one request; *held_fds* (a request's
-        fds, open in the template right now) are closed in it."""
+    def _fork_idle_child(self, unsent: list[socket.socket]) -> tuple[int, socket.socket]:
+        """Fork a child that waits for one request on a socketpair; return its
+        pid and the other end.  *unsent* (other children's ends, not sent
+        to the server yet) are closed in it."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         flush_stdio()
         try:
@@ -655,10 +713,11 @@ class _Template:
             raise
         if pid == 0:
             # Nothing of the template's may stay open in a child.
-            for sock in (self.channel, ours, *(end for _pid, end in self.idle)):
-                if sock is not None:
-                    sock.close()
-            _run_child(theirs, (STATUS_FD, self.wake_read, self.wake_write, *(held_fds or ())))
+            if self.channel is not None:
+                self.channel.close()
+            for end in (ours, *unsent):
+                end.close()
+            _run_child(theirs, (STATUS_FD, self.wake_read, self.wake_write))
         theirs.close()
         return pid, ours
 
@@ -678,7 +737,7 @@ class _Template:
             if pid is None:
                 break
             self._reaped(pid, os.waitpid(pid, 0)[1])
-        for pid in [*self.running, *(pid for pid, _end in self.idle), *self.retiring]:
+        for pid in [*self.running, *self.idle, *self.retiring]:
             try:
                 done, status = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
@@ -705,22 +764,21 @@ class _Template:
         if found is None or found.si_pid == 0:
             return 0
         pid = found.si_pid
-        if pid in self.running or pid in self.retiring or any(p == pid for p, _ in self.idle):
+        if pid in self.running or pid in self.retiring or pid in self.idle:
             return pid
         return None
 
     def _reaped(self, pid: int, status: int) -> None:
-        if pid in self.running:
-            code = os.waitstatus_to_exitcode(status)
-            self.status.append(b"E %d %d\n" % (self.running.pop(pid), code))
-        elif pid in self.retiring:
+        # An idle child that ended is reported too: it may be one the server
+        # took, whose TAKEN message the template has not read yet (a quick
+        # request), or one killed from outside (the server drops its socket).
+        if pid in self.retiring:
             self.retiring.discard(pid)
-        else:
-            for index, (idle_pid, end) in enumerate(self.idle):
-                if idle_pid == pid:
-                    end.close()
-                    del self.idle[index]
-                    break
+            return
+        self.running.discard(pid)
+        self.idle.discard(pid)
+        code = os.waitstatus_to_exitcode(status)
+        self.status.append(b"E %d %d\n" % (pid, code))
 
 
 # The server object that ``_Template._install`` built (None if none, or if
