@@ -24,6 +24,7 @@ import pytest
 from support import LOCALHOST, WAIT, connect, wait_until
 from test_twistd_cli import CLI, TCP, Spawn, spawn  # noqa: F401 - spawn: the fixture
 from test_workers import _no_stray_workers, ask, wait_for_workers  # noqa: F401 - the fixture
+from txsocketserver._twisted.readiness import ExclusiveSocketReadiness
 from txsocketserver._workers import exclusive_accept
 
 pytestmark = pytest.mark.skipif(
@@ -130,7 +131,7 @@ def fds_at_baseline() -> Iterator[None]:
     descriptors stay open once it exists: the baseline is taken after one.
     """
     with socket.socket() as sock:
-        exclusive_accept.ExclusiveReadiness(sock.fileno()).close()
+        ExclusiveSocketReadiness(sock.fileno()).close()
     before = _open_fds()
     yield
     assert _open_fds() == before
@@ -154,7 +155,7 @@ class _ServingThread:
         self._sock = sock
         self._served = served
         self._stop = False
-        self.readiness: exclusive_accept.ExclusiveReadiness | None = None
+        self.readiness: ExclusiveSocketReadiness | None = None
         self.waiting = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name)
         self._thread.start()
@@ -168,7 +169,7 @@ class _ServingThread:
         return "epoll" in wchan or wchan == "ep_poll"
 
     def _run(self) -> None:
-        self.readiness = exclusive_accept.ExclusiveReadiness(self._sock.fileno())
+        self.readiness = ExclusiveSocketReadiness(self._sock.fileno())
         try:
             self.waiting.set()
             while not self._stop:
@@ -214,7 +215,7 @@ def test_two_serving_threads_on_one_socket_take_turns(
 
 
 def test_wake_ends_a_wait_without_a_request(listening: socket.socket) -> None:
-    readiness = exclusive_accept.ExclusiveReadiness(listening.fileno())
+    readiness = ExclusiveSocketReadiness(listening.fileno())
     try:
         readiness.wake()
         assert readiness.wait(WAIT) is False
@@ -233,7 +234,7 @@ def test_close_from_another_thread_wakes_the_serving_thread(
     waiting = threading.Event()
 
     def serve() -> None:
-        readiness = exclusive_accept.ExclusiveReadiness(listening.fileno())
+        readiness = ExclusiveSocketReadiness(listening.fileno())
         holder.append(readiness)
         waiting.set()
         try:
@@ -245,7 +246,7 @@ def test_close_from_another_thread_wakes_the_serving_thread(
         finally:
             readiness.close()
 
-    holder: list[exclusive_accept.ExclusiveReadiness] = []
+    holder: list[ExclusiveSocketReadiness] = []
     thread = threading.Thread(target=serve)
     thread.start()
     assert waiting.wait(WAIT)
@@ -258,15 +259,15 @@ def test_close_from_another_thread_wakes_the_serving_thread(
 
 def test_the_listening_socket_is_registered_exclusively(listening: socket.socket) -> None:
     # What the kernel holds (the set's fdinfo lists each entry's events).
-    readiness = exclusive_accept.ExclusiveReadiness(listening.fileno())
+    readiness = ExclusiveSocketReadiness(listening.fileno())
     try:
-        epfd = readiness._epoll.fileno()
+        epfd = readiness._poller.fileno()
         entries = {}
         for line in Path(f"/proc/self/fdinfo/{epfd}").read_text().splitlines():
             words = line.split()
             if words[:1] == ["tfd:"]:
                 entries[int(words[1])] = int(words[3], 16)
         assert entries[listening.fileno()] & select.EPOLLEXCLUSIVE
-        assert len(entries) == 2  # and the eventfd of wake()
+        assert len(entries) == 2  # and the wake-up pipe
     finally:
         readiness.close()

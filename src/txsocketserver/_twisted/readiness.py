@@ -27,6 +27,7 @@ import errno
 import os
 import select
 import threading
+from typing import Any
 
 from zope.interface import implementer
 
@@ -65,13 +66,19 @@ class SocketReadiness:
         os.set_blocking(self._wake_write, False)
         self._select = not hasattr(select, "poll")
         if not self._select:
-            self._poller = select.poll()
-            self._poller.register(fd, select.POLLIN)
-            self._poller.register(self._wake_read, select.POLLIN)
+            self._watch()
         self._lock = threading.Lock()
         self._watching = True
         self._closed = False
         self._owner = threading.get_ident()
+
+    def _watch(self) -> None:
+        self._poller: Any = select.poll()
+        self._poller.register(self._fd, select.POLLIN)
+        self._poller.register(self._wake_read, select.POLLIN)
+
+    def _unwatch(self) -> None:
+        self._poller.unregister(self._fd)
 
     def wait(self, timeout: float | None) -> bool:
         if not self._watching:
@@ -118,12 +125,13 @@ class SocketReadiness:
             if self._watching:
                 self._watching = False
                 if not self._select:
-                    self._poller.unregister(self._fd)
+                    self._unwatch()
             if not self._closed:
                 if threading.get_ident() == self._owner:
                     self._closed = True
                     os.close(self._wake_read)
                     os.close(self._wake_write)
+                    self._close_poller()
                 else:
                     try:
                         os.write(self._wake_write, b"w")
@@ -131,3 +139,82 @@ class SocketReadiness:
                         pass
         if self._holder is self:
             _reactor.release(self)
+
+    def _close_poller(self) -> None:
+        pass  # a poll object holds no descriptor
+
+
+#: ``select.EPOLLEXCLUSIVE``, where Python and the platform have it.
+EPOLLEXCLUSIVE: int | None = getattr(select, "EPOLLEXCLUSIVE", None)
+_exclusive_available: bool | None = None
+
+
+def exclusive_available() -> bool:
+    """Whether :class:`ExclusiveSocketReadiness` can be used here (Linux >= 4.5)."""
+    global _exclusive_available
+    if _exclusive_available is None:
+        _exclusive_available = EPOLLEXCLUSIVE is not None and _probe_exclusive(EPOLLEXCLUSIVE)
+    return _exclusive_available
+
+
+def _probe_exclusive(flag: int) -> bool:
+    # Kernels before 4.5 refuse the flag.
+    read, write = os.pipe()
+    try:
+        with select.epoll() as epoll:
+            epoll.register(read, select.EPOLLIN | flag)
+    except OSError:
+        return False
+    finally:
+        os.close(read)
+        os.close(write)
+    return True
+
+
+class ExclusiveSocketReadiness(SocketReadiness):
+    """The readiness of a listening socket that other processes wait on too
+    (``--workers``): the serving thread waits in ``epoll_wait`` on a set of
+    its own where the socket is registered with ``EPOLLEXCLUSIVE``, so that
+    the kernel wakes one waiting process per connection instead of all of
+    them; after each wake-up the socket is registered again, which puts this
+    process at the back of the socket's wait queue, so the next connection
+    goes to the process idle the longest (``_workers/exclusive_accept.py``
+    tells why).  Linux >= 4.5 only (:func:`exclusive_available`).
+
+    Resource handling:
+        As :class:`SocketReadiness`, plus the ``epoll`` set, closed with the pipe.
+    """
+
+    def _watch(self) -> None:
+        assert EPOLLEXCLUSIVE is not None
+        self._events = select.EPOLLIN | EPOLLEXCLUSIVE
+        self._poller = select.epoll()
+        self._poller.register(self._wake_read, select.EPOLLIN)
+        self._poller.register(self._fd, self._events)
+
+    def _unwatch(self) -> None:
+        try:
+            self._poller.unregister(self._fd)
+        except OSError:
+            pass  # the socket was closed first: the set forgot it
+
+    def _close_poller(self) -> None:
+        self._poller.close()
+
+    def wait(self, timeout: float | None) -> bool:
+        if not self._watching:
+            raise _closed_while_serving()
+        ready = False
+        for fd, _ in self._poller.poll(-1 if timeout is None else timeout):
+            if fd == self._fd:
+                ready = True
+            else:
+                self._drain()
+        if ready:
+            # To the back of the socket's wait queue.  Registering a socket
+            # that still has connections queued reports it ready at once.
+            with self._lock:
+                if self._watching:
+                    self._poller.unregister(self._fd)
+                    self._poller.register(self._fd, self._events)
+        return ready

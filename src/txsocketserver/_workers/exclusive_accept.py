@@ -25,10 +25,11 @@ entry: the kernel counts an exclusive wake-up only if a thread waits on that
 very set, so a set watched by the reactor's own ``epoll`` (nested) would wake
 every worker again.  Hence two shapes:
 
-* serving-thread servers (synchronous, threading, forking):
-  :class:`ExclusiveReadiness`, the serving thread's ``IRequestReadiness``,
-  waits on a set of its own holding the listening socket and an ``eventfd``
-  that ``wake()`` writes; the reactor is not involved in accepting at all.
+* serving-thread servers (synchronous, threading, forking): the serving
+  thread waits on the socket itself, as every such server does
+  (``_twisted/readiness.py``); in a worker it waits in
+  ``ExclusiveSocketReadiness``, a set of its own holding the listening socket
+  (exclusive) and the wake-up pipe.
 * async handlers (the reactor accepts): :class:`ExclusiveReactorReader`
   re-registers the socket in the reactor's own ``epoll`` with
   ``EPOLLEXCLUSIVE`` (``compat.exclusive_reader``), and rotates it after each
@@ -41,42 +42,14 @@ reactor) workers keep the ordinary wait: correct, not balanced.  With
 
 from __future__ import annotations
 
-import errno
-import os
-import select
-import threading
 from typing import Any
 
-#: ``select.EPOLLEXCLUSIVE``, where Python and the platform have it.
-EPOLLEXCLUSIVE: int | None = getattr(select, "EPOLLEXCLUSIVE", None)
+from txsocketserver._twisted.readiness import ExclusiveSocketReadiness, exclusive_available
 
 
 def available() -> bool:
-    """Whether exclusive wake-ups can be used here (Linux ≥ 4.5, ``os.eventfd``)."""
-    if EPOLLEXCLUSIVE is None or not hasattr(os, "eventfd"):
-        return False
-    global _AVAILABLE
-    if _AVAILABLE is None:
-        _AVAILABLE = _probe()
-    return _AVAILABLE
-
-
-_AVAILABLE: bool | None = None
-
-
-def _probe() -> bool:
-    """Register an ``eventfd`` with ``EPOLLEXCLUSIVE``: kernels before 4.5 refuse it."""
-    assert EPOLLEXCLUSIVE is not None
-    epoll = select.epoll()
-    fd = os.eventfd(0, os.EFD_CLOEXEC)
-    try:
-        epoll.register(fd, select.EPOLLIN | EPOLLEXCLUSIVE)
-    except OSError:
-        return False
-    finally:
-        epoll.close()
-        os.close(fd)
-    return True
+    """Whether exclusive wake-ups can be used here (Linux >= 4.5)."""
+    return exclusive_available()
 
 
 def share_evenly(server: Any, reactor: Any) -> bool:
@@ -95,99 +68,8 @@ def share_evenly(server: Any, reactor: Any) -> bool:
     if isinstance(serving, AsyncServing):
         serving.accept_sharing = ExclusiveReactorReader(reactor)
         return True
-    server._listener.make_readiness = ExclusiveReadiness
+    server._listener.make_readiness = ExclusiveSocketReadiness
     return True
-
-
-class ExclusiveReadiness:
-    """A serving thread's readiness (``IRequestReadiness``) on a socket shared
-    with other workers: it waits in ``epoll_wait`` on a set of its own, woken
-    exclusively, and rotates after each wake-up (see the module's docstring).
-
-    Args:
-        fd: the listening socket's descriptor.
-        holder: what holds the reactor for it (see ``_twisted.reactor``), as
-            for ``SocketReadiness``: the server's listener.
-
-    Resource handling:
-        The set and the ``eventfd`` are the serving call's: ``close()`` from
-        the serving thread closes them.  ``close()`` from another thread
-        (``server_close()`` while serving) only takes the socket out of the
-        set, before the socket closes, and wakes the serving thread, whose
-        serving call then closes them as it ends.
-    """
-
-    def __init__(self, fd: int, holder: object = None) -> None:
-        from txsocketserver._twisted import reactor as _reactor
-
-        assert EPOLLEXCLUSIVE is not None
-        self._fd = fd
-        self._flags = select.EPOLLIN | EPOLLEXCLUSIVE
-        self._epoll = select.epoll()
-        self._wakeup = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._epoll.register(self._wakeup, select.EPOLLIN)
-        self._epoll.register(fd, self._flags)
-        # Rotation (serving thread) against close() (any thread): the socket
-        # must be out of the set before its descriptor can be reused.
-        self._lock = threading.Lock()
-        self._watching = True
-        self._closed = False
-        self._owner = threading.get_ident()
-        self._holder = self if holder is None else holder
-        _reactor.hold(self._holder)
-
-    def wait(self, timeout: float | None) -> bool:
-        if not self._watching:
-            raise OSError(errno.EBADF, "the server socket was closed while serving")
-        events = self._epoll.poll(-1 if timeout is None else timeout)
-        ready = False
-        for fd, _ in events:
-            if fd == self._fd:
-                ready = True
-            else:
-                self._drain()
-        if ready:
-            self._rotate()
-        return ready
-
-    def _rotate(self) -> None:
-        # To the back of the socket's wait queue: the next connection wakes
-        # the worker that has been idle longest.  Re-adding a socket that
-        # still has connections queued reports it ready at once.
-        with self._lock:
-            if self._watching:
-                self._epoll.unregister(self._fd)
-                self._epoll.register(self._fd, self._flags)
-
-    def _drain(self) -> None:
-        try:
-            os.eventfd_read(self._wakeup)
-        except (BlockingIOError, OSError):
-            pass  # drained by an earlier look, or closed
-
-    def wake(self) -> None:
-        with self._lock:
-            if not self._closed:
-                os.eventfd_write(self._wakeup, 1)
-
-    def close(self) -> None:
-        from txsocketserver._twisted import reactor as _reactor
-
-        with self._lock:
-            if self._watching:
-                self._watching = False
-                try:
-                    self._epoll.unregister(self._fd)
-                except OSError:
-                    pass  # the socket was closed first: the set forgot it
-            if threading.get_ident() == self._owner and not self._closed:
-                self._closed = True
-                self._epoll.close()
-                os.close(self._wakeup)
-            elif not self._closed:
-                os.eventfd_write(self._wakeup, 1)
-        if self._holder is self:
-            _reactor.release(self)
 
 
 class ExclusiveReactorReader:
