@@ -140,6 +140,33 @@ def carry(obj: Any) -> tuple[bytes, list[int]]:
     return dumps_with_fds(obj, CarryingPickler)
 
 
+_ADDRESS_PARTS = frozenset({str, int})
+_PIDS = frozenset({int})
+
+
+def carry_request(volatile: dict[str, Any], name: str, args: tuple[Any, ...]) -> Any:
+    """:func:`carry` of what travels with each request, ``(None, volatile,
+    name, args)``: the same bytes, made by the C pickler alone when *args*
+    are a plain socket and an address of strs and ints and *volatile* holds
+    at most ``active_children`` (None or a set of pids), in which the
+    cloudpickle pickler would carry nothing by value.  Its making, and its
+    ``reducer_override`` for the function that rebuilds the socket, cost
+    more than the rest of the pickling.  The test is made in C, without a
+    Python call per item: it is on the path of every request."""
+    message = (None, volatile, name, args)
+    children = volatile.get("active_children")
+    if (
+        len(args) == 2
+        and type(args[0]) is socket.socket
+        and type(args[1]) is tuple
+        and _ADDRESS_PARTS.issuperset(map(type, args[1]))
+        and len(volatile) == (0 if children is None else 1)
+        and (children is None or (type(children) is set and _PIDS.issuperset(map(type, children))))
+    ):
+        return dumps_with_fds(message)
+    return carry(message)
+
+
 def pickling_error(value: Any) -> Exception | None:
     """Why *value* cannot be carried by value; None if it can."""
     try:

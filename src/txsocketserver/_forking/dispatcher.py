@@ -25,7 +25,13 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txsocketserver._forking.carry import Carrier, carry, check_carried, immutable
+from txsocketserver._forking.carry import (
+    Carrier,
+    carry,
+    carry_request,
+    check_carried,
+    immutable,
+)
 from txsocketserver._forking.exits import ExitReports
 from txsocketserver._forking.template import (
     CHANNEL_FD,
@@ -258,7 +264,7 @@ class ProcessDispatcher:
             stable = dict(attributes)
             volatile = {name: stable.pop(name) for name in _VOLATILE if name in stable}
             state_body, state_fds, inodes = self._state_pickle(type(server), stable, class_state)
-            body, fds = carry((None, volatile, function.__name__, args))
+            body, fds = carry_request(volatile, function.__name__, args)
             key: tuple[bytes, tuple[int, ...]] | None = None
             if set(state_fds).isdisjoint(fds):
                 # Sockets are told apart by inode: an fd number can be reused.
