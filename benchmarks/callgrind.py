@@ -10,6 +10,8 @@ time, dumps the counters (``vgdb ... dump``) and divides::
     .venv/bin/python benchmarks/callgrind.py                      # the default set
     .venv/bin/python benchmarks/callgrind.py --only 'connect-*' --requests 500
     .venv/bin/python benchmarks/callgrind.py --json callgrind.json
+    .venv/bin/python benchmarks/callgrind.py --only http-1 --keep dumps/   # then:
+    callgrind_annotate --inclusive=yes dumps/http-1-ours.*
 
 Every thread of the server process is counted (the reactor thread, pool threads);
 processes it starts are not (``--trace-children=no``).  So the forking scenarios
@@ -27,6 +29,7 @@ Needs Debian's ``valgrind`` (``vgdb`` comes with it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import os
@@ -216,6 +219,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument(
+        "--keep",
+        metavar="DIR",
+        help="keep callgrind's dumps (SCENARIO-IMPL.PID) in DIR, for callgrind_annotate",
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
     names = [
@@ -225,7 +233,12 @@ def main() -> None:
     ]
     impls = args.impls.split(",")
     results: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="callgrind-") as tmp:
+    with contextlib.ExitStack() as stack:
+        if args.keep:
+            tmp = args.keep
+            Path(tmp).mkdir(parents=True, exist_ok=True)
+        else:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="callgrind-"))
         for name in names:
             row = results.setdefault(name, {})
             for impl in impls:

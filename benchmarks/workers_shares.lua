@@ -1,6 +1,24 @@
 -- wrk script for workers.py: count the responses of each worker (X-Worker),
 -- and the highest connection number each reported (X-Worker-Connections).
+--
+-- Environment (read at load: wrk decides whether to delay before init runs):
+--   WORKERS_THINK_MS: milliseconds each connection waits before its next
+--                     request (unset or 0: back to back); paces the load,
+--                     as wrk has no rate option;
+--   WORKERS_CLOSE=1:  a connection per request ("Connection: close"),
+--                     else keep-alive.
 local threads = {}
+local think = tonumber(os.getenv("WORKERS_THINK_MS") or "0") or 0
+
+if think > 0 then
+   function delay()
+      return think
+   end
+end
+
+if os.getenv("WORKERS_CLOSE") == "1" then
+   wrk.headers["Connection"] = "close"
+end
 
 function setup(thread)
    table.insert(threads, thread)

@@ -106,13 +106,23 @@ def test_python_312s_fork_warning_is_the_stdlibs_not_ours(ss):
 
 
 def test_a_reactor_socket_facade_is_refused(tx, capfd):
-    # An endpoint served by Twisted (haproxy:) hands the handler a facade
-    # whose bytes the reactor thread moves: a forked child has no reactor.
+    # An endpoint served by Twisted (an endpoint object of a type of its
+    # own) hands the handler a facade whose bytes the reactor thread moves:
+    # a forked child has no reactor.  (haproxy: gives children real sockets:
+    # tests/test_forking_proxy.py.)
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+
+    from txsocketserver._twisted.reactor import get_reactor
+
+    class OwnEndpoint(TCP4ServerEndpoint):
+        pass
+
+    endpoint = tx.Endpoint(OwnEndpoint(get_reactor(), 0, interface="127.0.0.1"))
     server_class = server_fork(tx, tx.ForkingTCPServer)
-    with server_class("haproxy:tcp:0:interface=127.0.0.1", handler(tx, "Echo")) as server:
+    with server_class(endpoint, handler(tx, "Echo")) as server:
         with serve_in_thread(server):
             with connect_to(server, timeout=WAIT_FORK) as sock:
-                sock.sendall(b"PROXY TCP4 198.51.100.7 127.0.0.1 40123 80\r\nx\n")
+                sock.sendall(b"x\n")
                 sock.shutdown(socket.SHUT_WR)
                 assert recv_all(sock) == b""
     err = capfd.readouterr().err

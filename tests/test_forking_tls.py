@@ -380,10 +380,3 @@ def test_the_exit_status_of_a_refused_handshake_is_named_once() -> None:
     from txsocketserver._forking import tls
 
     assert forking_mixin.EXIT_TLS_HANDSHAKE == tls.EXIT_TLS_HANDSHAKE != 1
-
-
-def test_haproxy_ssl_cannot_fork_and_says_so_when_the_server_is_made(
-    fork_from: str, pki: PKI
-) -> None:
-    with pytest.raises(ValueError, match="a forking server cannot serve haproxy:ssl:"):
-        SERVERS[fork_from]("haproxy:" + description(pki.server), PeerHandler)

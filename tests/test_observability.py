@@ -240,6 +240,13 @@ def test_access_log_text_and_json_and_no_forged_lines(cli: Spawn, tmp_path: Path
         )  # fmt: skip
         address = server.address()
         ask(address, b"a\n")
+        # Its record is written once its pool thread has closed the
+        # connection, after the client has its reply: wait, so that the
+        # records come in the order asserted below.
+        assert wait_until(
+            lambda: access.exists() and len(access.read_text().splitlines()) == 1,  # noqa: B023
+            WAIT,
+        )
         with connect(address) as client:
             # The handler's error message (logged) is the client's line.
             client.sendall(b"fail\rFORGED line\x1b[2K\n")

@@ -96,8 +96,8 @@ def test_pool_threads_reused_tx_only(tx):
 
     def idle_threads():
         # The client has its reply a moment before the pool thread is idle
-        # again; the pool's own count (private) says when it is.
-        return server._thread_dispatcher._pool.waiters
+        # again; the pool's own count says when it is.
+        return server.pool_threads()[1]
 
     with tx.ThreadingTCPServer(ANY_PORT, Handler) as server, serve_in_thread(server):
         for n in range(20):
@@ -106,6 +106,30 @@ def test_pool_threads_reused_tx_only(tx):
     assert len(idents) == 20
     # Each request found the one idle thread, so no other was started.
     assert len(set(idents)) == 1
+
+
+def test_idle_pool_threads_retire_and_busy_ones_are_named_tx_only(tx):
+    # tx-only: the pool's threads carry the pool's name, and one idle for
+    # idle_thread_timeout ends by itself, with nobody serving meanwhile.
+    names = []
+
+    class Handler(tx.StreamRequestHandler):
+        def handle(self):
+            names.append(threading.current_thread().name)
+            self.wfile.write(self.rfile.readline())
+
+    class Server(tx.ThreadingTCPServer):
+        idle_thread_timeout = 0.05
+
+    with Server(ANY_PORT, Handler) as server, serve_in_thread(server):
+        assert request_reply(server, b"a\n") == b"a\n"
+        pool_thread = [t for t in threading.enumerate() if t.name == names[0]]
+        assert names[0].startswith(f"PoolThread-Server-{id(server):x}-")
+        assert wait_until(lambda: server.pool_threads() == (0, 0, 0))
+        assert not pool_thread or wait_until(lambda: not pool_thread[0].is_alive())
+        # The next request starts a thread again.
+        assert request_reply(server, b"b\n") == b"b\n"
+        assert len(names) == 2
 
 
 EXIT_SCRIPT = """

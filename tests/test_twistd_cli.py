@@ -245,8 +245,6 @@ def test_cli_drains_request_in_flight_on_sigterm(spawn: Spawn, mode: str) -> Non
          "Unknown endpoint type: 'bogus'"),
         (CLI, ["--handler", "http.server:BaseHTTPRequestHandler", "--server",
                "http.server:HTTPServer"], "not a txsocketserver server"),
-        (CLI, ["--listen", "haproxy:tcp:0", "--handler", "http.server:BaseHTTPRequestHandler",
-               "--mode", "forking"], "forking servers hand each child the accepted OS socket"),
         (TWISTD + ["-n", "--pidfile=", "socketserver"],
          ["--handler", "no_such_module:Handler"], "cannot import module 'no_such_module'"),
     ],

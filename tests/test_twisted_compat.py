@@ -99,33 +99,6 @@ def test_a_ports_accept_batch_can_be_capped() -> None:
         call_in_reactor(port.stopListening)
 
 
-def test_a_thread_pools_counts_come_from_its_teams_statistics() -> None:
-    # If Twisted renames ThreadPool._team or its statistics, the pool gauges
-    # (ThreadingMixIn.pool_threads) would stop reading.
-    import threading
-
-    from twisted.python.threadpool import ThreadPool
-
-    pool = ThreadPool(0, 1, name="compat-test")
-    pool.start()
-    release = threading.Event()
-    running = threading.Event()
-    try:
-        assert compat.thread_pool_counts(pool) == (0, 0, 0)
-
-        def work() -> None:
-            running.set()
-            release.wait(5)
-
-        pool.callInThread(work)
-        assert running.wait(5)
-        pool.callInThread(lambda: None)
-        assert compat.thread_pool_counts(pool) == (1, 0, 1)
-    finally:
-        release.set()
-        pool.stop()
-
-
 def test_half_close_is_found_through_wrappers_that_keep_the_bytes() -> None:
     from twisted.internet.testing import StringTransport
     from twisted.protocols import policies, tls
@@ -526,6 +499,79 @@ def test_a_ports_listen_backlog_is_widened() -> None:
         assert limit(port.socket) == 300
         assert not compat.widen_listen_backlog(object(), 300)
         port.stopListening()
+        print("ok")
+        """
+    )
+
+
+@pytest.mark.skipif(
+    not hasattr(__import__("select"), "EPOLLEXCLUSIVE"), reason="EPOLLEXCLUSIVE is Linux's"
+)
+def test_a_reader_is_registered_exclusively_in_the_epoll_reactors_set() -> None:
+    # exclusive_reader reads EPollReactor's _poller, _reads and _writes: the
+    # entry of the reader's fd in the reactor's epoll set (the kernel lists
+    # it in the set's fdinfo) gets EPOLLEXCLUSIVE, a second call re-adds it,
+    # removeReader still removes it, a writer's fd and a reactor without an
+    # epoll set are left alone.
+    run_isolated(
+        """
+        import select, socket
+        from twisted.internet import epollreactor
+        epollreactor.install()
+        from twisted.internet import reactor
+        from txsocketserver._twisted import compat
+
+        def mask(fd):
+            epfd = reactor._poller.fileno()
+            for line in open(f"/proc/self/fdinfo/{epfd}"):
+                words = line.split()
+                if words[:2] == ["tfd:", str(fd)]:
+                    # The kernel adds these two to every entry.
+                    return int(words[3], 16) & ~(select.EPOLLERR | select.EPOLLHUP)
+            return None
+
+        listening = socket.socket()
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(5)
+
+        class Reader:
+            def fileno(self):
+                return listening.fileno()
+
+            def logPrefix(self):
+                return "test"
+
+            def doRead(self):
+                pass
+
+            def connectionLost(self, reason):
+                pass
+
+        reader = Reader()
+        fd = listening.fileno()
+        reactor.addReader(reader)
+        assert mask(fd) == select.EPOLLIN, mask(fd)
+        assert compat.exclusive_reader(reactor, fd)
+        assert mask(fd) == select.EPOLLIN | select.EPOLLEXCLUSIVE, mask(fd)
+        assert compat.exclusive_reader(reactor, fd)
+        assert mask(fd) == select.EPOLLIN | select.EPOLLEXCLUSIVE, mask(fd)
+        reactor.removeReader(reader)
+        assert mask(fd) is None
+        assert not compat.exclusive_reader(reactor, fd)  # not a reader any more
+
+        reactor.addReader(reader)
+        reactor.addWriter(reader)
+        assert not compat.exclusive_reader(reactor, fd)  # a writer too: left alone
+        assert mask(fd) == select.EPOLLIN | select.EPOLLOUT, mask(fd)
+        reactor.removeReader(reader)
+        reactor.removeWriter(reader)
+
+        class NotEpoll:
+            _reads = {fd}
+            _writes = set()
+
+        assert not compat.exclusive_reader(NotEpoll(), fd)
+        listening.close()
         print("ok")
         """
     )

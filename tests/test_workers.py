@@ -485,8 +485,6 @@ def test_library_start_workers_from_a_twisted_program(cli: Spawn) -> None:
          "mode 'bogus': choose one of sync, threading, forking, async"),
         ({"workers": 0}, ValueError, "workers must be at least 1"),
         ({"listen": "bogus:1"}, ValueError, "Unknown endpoint type: 'bogus'"),
-        ({"listen": f"haproxy:{TCP}", "mode": "forking"}, ValueError,
-         "forking servers hand each child the accepted OS socket"),
         ({"listen": "tcp:0:interface=127.0.0.1", "reuse_port": True, "handler": _Local},
          TypeError, "define it at the top level of an importable module"),
     ],

@@ -3,7 +3,8 @@ in every worker, as a single process serves it: behind a real HAProxy
 (``ssl verify none send-proxy-v2``, presenting a client certificate), for
 synchronous, threading and async handlers; the trust list refuses other
 peers; a SIGHUP reload gives the next workers the new certificate; and
-``ssl:`` listeners of forking workers, whose children do the handshake.
+``ssl:`` listeners of forking workers, whose children do the handshake
+(``haproxy:ssl:`` under forking workers: ``tests/test_forking_proxy.py``).
 """
 
 from __future__ import annotations
@@ -254,7 +255,7 @@ def test_a_reload_gives_the_next_workers_the_new_certificate(
     assert server.stop() == 0
 
 
-def test_forking_workers_serve_ssl_and_refuse_haproxy_clearly(
+def test_forking_workers_serve_ssl(
     pki: PKI,
     spawn: Spawn,  # noqa: F811
 ) -> None:
@@ -273,12 +274,6 @@ def test_forking_workers_serve_ssl_and_refuse_haproxy_clearly(
     assert reply["peer"] == "haproxy"
     assert reply["pid"] not in pids  # a worker's child
     assert server.stop() == 0
-    refused = spawn(
-        *CLI, "--workers", "2", "--mode", "forking", "--handler", HANDLERS["sync"],
-        "--listen", haproxy_ssl(pki.server),
-    )  # fmt: skip
-    assert refused.finish() != 0
-    assert "PROXY-protocol connections" in refused.output()
 
 
 def test_library_haproxy_ssl_workers_bind(pki: PKI) -> None:

@@ -36,7 +36,12 @@ class PidHandler(socketserver.StreamRequestHandler):
             words = line.split()
             if words[:1] == [b"sleep"]:
                 time.sleep(float(words[1]))
-            reply = {"pid": os.getpid(), "client": list(self.client_address), "version": VERSION}
+            reply = {
+                "pid": os.getpid(),
+                "ppid": os.getppid(),  # a forking worker's: its template
+                "client": list(self.client_address),
+                "version": VERSION,
+            }
             self.wfile.write(json.dumps(reply).encode() + b"\n")
             self.wfile.flush()
 

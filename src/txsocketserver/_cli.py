@@ -286,13 +286,15 @@ class Options(usage.Options):
             except ValueError as exc:
                 raise usage.UsageError(f"--listen: {exc}") from exc
             if issubclass(self["server_class"], txsocketserver.ForkingMixIn):
+                from txsocketserver._twisted import proxied_sockets
+
                 listening = listening_socket(endpoint)
-                if listening is None:
+                if listening is None and not proxied_sockets.serves(endpoint):
                     raise usage.UsageError(
                         f"--listen {description!r}: forking servers hand each child the "
-                        "accepted OS socket, so they need tcp:PORT, tcp6:PORT, unix:PATH "
-                        "or ssl:PORT (the child does the TLS handshake); PROXY-protocol "
-                        "connections live in the parent process (use --mode threading)"
+                        "accepted OS socket, so they need tcp:PORT, tcp6:PORT, unix:PATH, "
+                        "ssl:PORT (the child does the TLS handshake) or haproxy: in front "
+                        "of one of those (the PROXY header is read first)"
                     )
             endpoints.append(endpoint)
         self["endpoint"] = self["address"] = endpoints[0]

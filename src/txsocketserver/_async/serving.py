@@ -103,6 +103,8 @@ class _SocketAcceptor:
             self._was_blocking = self._socket.getblocking()
             self._socket.setblocking(False)
             self._serving.reactor.addReader(self)
+            if self._serving.accept_sharing is not None:
+                self._serving.accept_sharing.watching(self._fd)
 
     def disarm(self) -> None:
         if self.watching:
@@ -113,6 +115,8 @@ class _SocketAcceptor:
 
     def doRead(self) -> None:
         serving = self._serving
+        if serving.accept_sharing is not None:
+            serving.accept_sharing.woken(self._fd)
         get_request = serving.server.get_request
         for _ in range(ACCEPTS_PER_READ):
             if not self.watching:
@@ -214,6 +218,11 @@ class AsyncServing:
     server_settings: dict[str, Any] = {"_requests_finish_elsewhere": True}
     # An ssl: description's TLS is Twisted's, on the reactor.
     tls_in_request = False
+    #: Told when the acceptor starts watching the server's socket
+    #: (``watching(fd)``) and each time it is woken (``woken(fd)``): a
+    #: ``--workers`` worker sets it for a socket it shares with the other
+    #: workers (``_workers.exclusive_accept``).
+    accept_sharing: Any = None
 
     def __init__(self, server: Any, made_by: Callable[..., Any]) -> None:
         self.server = server

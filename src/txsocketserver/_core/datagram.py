@@ -4,10 +4,9 @@
 How a datagram is served
 ========================
 
-The bound socket is handed to the reactor exactly like a listening socket (see
-``_twisted.readiness``): the reactor only *watches* it, and wakes the serving thread
-when a datagram is waiting.  The serving thread then runs the stdlib hooks in
-the stdlib order: ``get_request()`` reads one datagram (at most
+The serving thread waits on the bound socket exactly as on a listening socket
+(see ``_twisted.readiness``) until a datagram is waiting, then runs the stdlib
+hooks in the stdlib order: ``get_request()`` reads one datagram (at most
 ``max_packet_size`` bytes), ``verify_request()``, ``process_request()``.  The
 handler gets ``request = (data, socket)`` with the server's real socket and
 replies with ``socket.sendto`` (``DatagramRequestHandler.finish``).

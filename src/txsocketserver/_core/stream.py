@@ -344,6 +344,16 @@ class TCPServer(BaseServer):
     def _start_listening(self) -> Any:
         return self._listener.start_listening()
 
+    def _accepted_record(self, request: Any, client_address: Any) -> Any:
+        # A listener that reads a PROXY header before the request is a plain
+        # socket (a forking server's, _twisted/proxied_sockets.py) keeps the
+        # record it made at accept, which a socket cannot carry.
+        take_record = getattr(self._listener, "take_record", None)
+        record = take_record(request) if take_record is not None else None
+        if record is not None:
+            return record
+        return super()._accepted_record(request, client_address)
+
     def _stop_accepting(self) -> None:
         self._listener.stop_accepting()
 

@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_stream_threading,tests.test_threading_fidelity -*-
-"""``ThreadingMixIn``: each request on a thread of a Twisted ``ThreadPool``.
+"""``ThreadingMixIn``: each request on a thread of a pool (``_twisted.thread_dispatcher``).
 
 Differences from the stdlib, all in the caller's favour:
 
@@ -172,11 +172,6 @@ class ThreadingMixIn:
         if dispatcher is None:
             return (0, 0, 0)
         return dispatcher.counts()
-
-    def _after_serving_step(self) -> None:
-        super()._after_serving_step()  # type: ignore[misc]
-        if self._thread_dispatcher is not None:
-            self._thread_dispatcher.upkeep()
 
     def server_close(self) -> None:
         """Close the socket; with ``block_on_close`` (and non-daemon threads),

@@ -110,22 +110,6 @@ def cap_accept_batch(port: Any, free: int) -> None:
         port.numberAccepts = max(1, min(number, free))
 
 
-def thread_pool_counts(pool: Any) -> tuple[int, int, int]:
-    """``(busy, idle, backlogged)`` of a ``ThreadPool``: its threads running
-    work, its threads waiting for work, and the work waiting for a thread.
-
-    ``working`` and ``waiters`` are public but build a list each; the backlog
-    is only in the statistics of the pool's private ``_team``, which hold all
-    three in one call.
-    """
-    statistics = pool._team.statistics()
-    return (
-        statistics.busyWorkerCount,
-        statistics.idleWorkerCount,
-        statistics.backloggedWorkCount,
-    )
-
-
 def half_close(transport: Any) -> Any:
     """The ``loseWriteConnection`` that half-closes the bytes a protocol writes
     to *transport*, or ``None`` if it cannot.
@@ -350,12 +334,48 @@ def set_io_thread(ident: Any) -> None:
     threadable.ioThread = ident
 
 
+def exclusive_reader(reactor: Any, fd: int) -> bool:
+    """Register *fd*, a reader of *reactor* (and not a writer), in the
+    reactor's ``epoll`` set again, with ``EPOLLEXCLUSIVE``: its wake-ups are
+    then shared with other processes' exclusive waiters, and the new entry
+    goes to the back of the file's wait queue (``_workers.exclusive_accept``).
+
+    Twisted's ``EPollReactor`` keeps its set in ``_poller`` and its readers
+    and writers in ``_reads`` and ``_writes``; it registers a reader alone
+    with ``EPOLLIN``, modifies the entry only to add or drop a writer on the
+    same descriptor (which ``EPOLL_CTL_MOD`` would refuse on an exclusive
+    entry: we leave such a descriptor alone), and unregisters it in
+    ``removeReader``, which works on an exclusive entry too.
+
+    Returns:
+        Whether *fd* is now registered exclusively; ``False``, with nothing
+        changed, on another reactor (``asyncio``, ``poll``, ``select``) or
+        a kernel without ``EPOLLEXCLUSIVE``.
+    """
+    import select
+
+    poller = getattr(reactor, "_poller", None)
+    exclusive = getattr(select, "EPOLLEXCLUSIVE", None)
+    if exclusive is None or not hasattr(select, "epoll") or not isinstance(poller, select.epoll):
+        return False
+    if fd not in getattr(reactor, "_reads", ()) or fd in getattr(reactor, "_writes", ()):
+        return False
+    poller.unregister(fd)
+    try:
+        poller.register(fd, select.EPOLLIN | exclusive)
+    except OSError:
+        poller.register(fd, select.EPOLLIN)
+        return False
+    return True
+
+
 __all__ = [
     "BUSY",
     "can_send_now",
     "cap_accept_batch",
     "CLOSING",
     "disconnector",
+    "exclusive_reader",
     "half_close",
     "IDLE",
     "io_thread",
@@ -371,7 +391,6 @@ __all__ = [
     "stream_server_transport",
     "tcp_parameters",
     "TCPParameters",
-    "thread_pool_counts",
     "unix_parameters",
     "UNIXParameters",
     "widen_listen_backlog",

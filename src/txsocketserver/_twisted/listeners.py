@@ -64,6 +64,10 @@ class SocketListener:
     """
 
     stops_at_once = False
+    #: What makes the serving thread's readiness (``fd, holder=``) instead of
+    #: ``SocketReadiness``: a ``--workers`` worker sets it for a socket it
+    #: shares with the other workers (``_workers.exclusive_accept``).
+    make_readiness: Any = None
 
     def __init__(
         self,
@@ -161,6 +165,8 @@ class SocketListener:
         self._widen_backlog()
         # fileno() through the server: a subclass may override it.  The
         # listener holds the reactor from the first serving call until closed.
+        if self.make_readiness is not None:
+            return self.make_readiness(self._server.fileno(), holder=self)  # type: ignore[no-any-return]
         return SocketReadiness(self._server.fileno(), holder=self)
 
     def start_listening(self) -> Any:

@@ -1,156 +1,220 @@
 # -*- test-case-name: tests.test_readiness -*-
 """How a serving thread learns that a request can be taken without blocking.
 
-The listening (or datagram) socket is handed to the reactor as a reader.  When
-the kernel reports it readable, the reactor thread stops watching it and drops
-a token into the serving thread's queue; the serving thread then runs the
-stdlib hooks (``get_request`` → ``verify_request`` → ``process_request``) and,
-when it next waits, first asks the kernel directly (a ``poll`` that waits at
-most ``LINGER``, 1 ms) whether more requests are queued or about to be, so a
-burst is drained without one reactor round trip per request.  Only when
-nothing comes does it re-arm the reactor watcher.  The look waits briefly
-rather than not at all because a client that has just been answered usually
-sends its next request within microseconds, and catching it there saves two
-thread hand-offs (serving thread → reactor → serving thread) per request,
-which dominate the cost of a small request.
+The serving thread waits in ``poll()`` on two descriptors: the listening (or
+datagram) socket, and the read end of a pipe of its own, which ``wake()``
+(``shutdown()``) writes a byte to.  A request arriving at an idle server thus
+costs one system call's return, as in the stdlib's ``select``: no thread
+hand-off, no reactor turn, and a ``shutdown()`` is still seen at once instead
+of after ``poll_interval``.  The reactor is not involved in waiting; the
+listener holds it all the same (``_twisted.reactor``) for what a server may
+hand it.
 
-While a synchronous server runs a handler nobody watches the socket: new
+While a synchronous server runs a handler nobody polls the socket: new
 connections wait in the kernel backlog and datagrams in the socket buffer, as
 ``request_queue_size`` promises.
+
+The pipe and the poll object belong to one serving call.  ``close()`` from
+another thread (``server_close()`` while serving) only takes the socket out
+of the set, before it closes, and wakes the serving thread; the serving
+thread's own ``close()`` then closes the pipe.  A lock orders ``wake()``
+against that close, so a late ``wake()`` never writes to a reused descriptor.
 """
 
 from __future__ import annotations
 
 import errno
-import queue
+import os
 import select
 import threading
-from collections.abc import Callable
+from typing import Any
 
-from twisted.internet.interfaces import IReadDescriptor
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txsocketserver._twisted import reactor as _reactor
 from txsocketserver._twisted.interfaces import IRequestReadiness
 
-_READY = "ready"
-_WAKE = "wake"
-
-# Seconds the serving thread waits on the socket itself, after a request and
-# before handing the watch to the reactor.  Short, because wake() (shutdown)
-# is noticed only after it; the wait is a blocking poll, not a busy loop.
-LINGER = 0.001
+_POLLNVAL = getattr(select, "POLLNVAL", 0)
 
 
-@implementer(IReadDescriptor)
-class _SocketWatcher:
-    """Reactor-thread half: reports a readable fd once, then waits to be re-armed."""
-
-    def __init__(self, fd: int, tokens: queue.SimpleQueue[str]) -> None:
-        self._fd = fd
-        self._tokens = tokens
-        self._watching = False
-        self._closed = False
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def logPrefix(self) -> str:
-        return "txsocketserver"
-
-    def arm(self) -> None:
-        if not self._closed and not self._watching:
-            self._watching = True
-            _reactor.get_reactor().addReader(self)
-
-    def disarm(self) -> None:
-        self._closed = True
-        if self._watching:
-            self._watching = False
-            _reactor.get_reactor().removeReader(self)
-
-    def doRead(self) -> None:
-        # Level-triggered: stop watching until the serving thread has taken
-        # what is queued, or the reactor would report the same fd forever.
-        self._watching = False
-        _reactor.get_reactor().removeReader(self)
-        self._tokens.put(_READY)
-
-    def connectionLost(self, reason: Failure) -> None:
-        # The fd went bad under the reactor (closed behind our back): wake the
-        # serving thread so that its own get_request() meets the error.
-        self._watching = False
-        self._tokens.put(_READY)
-
-
-def _make_poller(fd: int) -> Callable[[float], bool]:
-    """Return a function that asks the kernel whether *fd* is or becomes
-    readable within *timeout* seconds, and raises ``OSError(EBADF)`` once *fd*
-    has been closed."""
-    if not hasattr(select, "poll"):
-        return lambda timeout: bool(select.select([fd], [], [], timeout)[0])
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-
-    def pending_now(timeout: float) -> bool:
-        events = poller.poll(timeout * 1000)
-        if events and events[0][1] & select.POLLNVAL:
-            raise OSError(errno.EBADF, "the server socket was closed while serving")
-        return bool(events)
-
-    return pending_now
+def _closed_while_serving() -> OSError:
+    return OSError(errno.EBADF, "the server socket was closed while serving")
 
 
 @implementer(IRequestReadiness)
 class SocketReadiness:
-    """Readiness of a server's own socket, watched by the reactor.
+    """Readiness of a server's own socket, polled by the serving thread.
 
     Args:
         fd: the listening (stream) or bound (datagram) socket's file descriptor.
         holder: what holds the reactor for it (see ``_twisted.reactor``): the
             server's listener, which releases it when closed; by default the
             readiness itself, for this serving call.
+
+    Resource handling:
+        Two descriptors (a pipe) for the serving call, closed by ``close()``
+        on the serving thread.
     """
 
     def __init__(self, fd: int, holder: object = None) -> None:
-        self._tokens: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self._watcher = _SocketWatcher(fd, self._tokens)
-        self._pending_now = _make_poller(fd)
-        self._armed = False
-        self._owner = threading.get_ident()
+        # The hold first: if the reactor cannot start, no pipe is left open.
         self._holder = self if holder is None else holder
         _reactor.hold(self._holder)
+        self._fd = fd
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
+        self._select = not hasattr(select, "poll")
+        if not self._select:
+            self._watch()
+        self._lock = threading.Lock()
+        self._watching = True
+        self._closed = False
+        self._owner = threading.get_ident()
+
+    def _watch(self) -> None:
+        self._poller: Any = select.poll()
+        self._poller.register(self._fd, select.POLLIN)
+        self._poller.register(self._wake_read, select.POLLIN)
+
+    def _unwatch(self) -> None:
+        self._poller.unregister(self._fd)
 
     def wait(self, timeout: float | None) -> bool:
-        if not self._armed:
-            if self._pending_now(LINGER if timeout is None else min(LINGER, timeout)):
-                return True
-            _reactor.call_soon(self._watcher.arm)
-            self._armed = True
-        try:
-            token = self._tokens.get(timeout=timeout)
-        except queue.Empty:
+        if not self._watching:
+            raise _closed_while_serving()
+        if self._select:
+            return self._select_wait(timeout)
+        ready = False
+        for fd, events in self._poller.poll(None if timeout is None else timeout * 1000):
+            if fd != self._fd:
+                self._drain()
+                return False
+            if events & _POLLNVAL:
+                raise _closed_while_serving()
+            ready = True
+        return ready
+
+    def _select_wait(self, timeout: float | None) -> bool:
+        readable = select.select([self._fd, self._wake_read], [], [], timeout)[0]
+        if self._wake_read in readable:
+            self._drain()
             return False
-        if token == _READY:
-            self._armed = False
-            return True
-        return False
+        return bool(readable)
+
+    def _drain(self) -> None:
+        try:
+            while os.read(self._wake_read, 512):
+                pass
+        except OSError:
+            pass  # empty (BlockingIOError)
 
     def wake(self) -> None:
-        self._tokens.put(_WAKE)
+        with self._lock:
+            if not self._closed:
+                try:
+                    os.write(self._wake_write, b"w")
+                except BlockingIOError:
+                    pass  # the pipe is full: a wake is pending anyway
 
     def close(self) -> None:
         # Idempotent and callable from any thread: server_close() may close
-        # the socket while another thread serves, and the reactor must forget
-        # the fd before the kernel can reuse its number.
-        if self._armed or not self._serving_thread_calls():
-            _reactor.call_in_reactor(self._watcher.disarm)
-        else:
-            # Not registered with the reactor and no arm() on its way to it.
-            self._watcher.disarm()
+        # the socket while another thread serves, and the socket must leave
+        # the set before the kernel can reuse its number.
+        with self._lock:
+            if self._watching:
+                self._watching = False
+                if not self._select:
+                    self._unwatch()
+            if not self._closed:
+                if threading.get_ident() == self._owner:
+                    self._closed = True
+                    os.close(self._wake_read)
+                    os.close(self._wake_write)
+                    self._close_poller()
+                else:
+                    try:
+                        os.write(self._wake_write, b"w")
+                    except BlockingIOError:
+                        pass
         if self._holder is self:
             _reactor.release(self)
 
-    def _serving_thread_calls(self) -> bool:
-        return threading.get_ident() == self._owner
+    def _close_poller(self) -> None:
+        pass  # a poll object holds no descriptor
+
+
+#: ``select.EPOLLEXCLUSIVE``, where Python and the platform have it.
+EPOLLEXCLUSIVE: int | None = getattr(select, "EPOLLEXCLUSIVE", None)
+_exclusive_available: bool | None = None
+
+
+def exclusive_available() -> bool:
+    """Whether :class:`ExclusiveSocketReadiness` can be used here (Linux >= 4.5)."""
+    global _exclusive_available
+    if _exclusive_available is None:
+        _exclusive_available = EPOLLEXCLUSIVE is not None and _probe_exclusive(EPOLLEXCLUSIVE)
+    return _exclusive_available
+
+
+def _probe_exclusive(flag: int) -> bool:
+    # Kernels before 4.5 refuse the flag.
+    read, write = os.pipe()
+    try:
+        with select.epoll() as epoll:
+            epoll.register(read, select.EPOLLIN | flag)
+    except OSError:
+        return False
+    finally:
+        os.close(read)
+        os.close(write)
+    return True
+
+
+class ExclusiveSocketReadiness(SocketReadiness):
+    """The readiness of a listening socket that other processes wait on too
+    (``--workers``): the serving thread waits in ``epoll_wait`` on a set of
+    its own where the socket is registered with ``EPOLLEXCLUSIVE``, so that
+    the kernel wakes one waiting process per connection instead of all of
+    them; after each wake-up the socket is registered again, which puts this
+    process at the back of the socket's wait queue, so the next connection
+    goes to the process idle the longest (``_workers/exclusive_accept.py``
+    tells why).  Linux >= 4.5 only (:func:`exclusive_available`).
+
+    Resource handling:
+        As :class:`SocketReadiness`, plus the ``epoll`` set, closed with the pipe.
+    """
+
+    def _watch(self) -> None:
+        assert EPOLLEXCLUSIVE is not None
+        self._events = select.EPOLLIN | EPOLLEXCLUSIVE
+        self._poller = select.epoll()
+        self._poller.register(self._wake_read, select.EPOLLIN)
+        self._poller.register(self._fd, self._events)
+
+    def _unwatch(self) -> None:
+        try:
+            self._poller.unregister(self._fd)
+        except OSError:
+            pass  # the socket was closed first: the set forgot it
+
+    def _close_poller(self) -> None:
+        self._poller.close()
+
+    def wait(self, timeout: float | None) -> bool:
+        if not self._watching:
+            raise _closed_while_serving()
+        ready = False
+        for fd, _ in self._poller.poll(-1 if timeout is None else timeout):
+            if fd == self._fd:
+                ready = True
+            else:
+                self._drain()
+        if ready:
+            # To the back of the socket's wait queue.  Registering a socket
+            # that still has connections queued reports it ready at once.
+            with self._lock:
+                if self._watching:
+                    self._poller.unregister(self._fd)
+                    self._poller.register(self._fd, self._events)
+        return ready

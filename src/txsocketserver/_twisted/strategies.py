@@ -54,21 +54,17 @@ def _endpoint_named(server: Any) -> Any:
     return endpoints.as_endpoint(address, server.address_family)
 
 
-def _refuse_forking_after_proxy_tls(server: Any, endpoint: Any) -> None:
-    """``haproxy:ssl:`` cannot fork: Twisted reads the header and carries the
-    TLS after it in the serving process (``ssl:`` can: ``_forking/tls.py``).
-
-    Error handling:
-        ``ValueError`` naming the description, when the server is made.
-    """
+def _forking_behind_proxy(server: Any, serving: Any, serving_thread: Any, endpoint: Any) -> bool:
+    """Whether *server* forks each request behind ``haproxy:``: its children
+    need real sockets, which ``proxied_sockets`` gives them."""
     from txsocketserver._core.forking_mixin import ForkingMixIn
+    from txsocketserver._twisted.endpoints import proxy_protocol_endpoint
 
-    if isinstance(server, ForkingMixIn) and getattr(endpoint, "_tls_after_proxy", False):
-        raise ValueError(
-            f"{endpoint.description!r}: a forking server cannot serve haproxy:ssl: "
-            "(the PROXY header and the TLS after it are read in the serving "
-            "process); use ssl: (the child does the handshake) or ThreadingMixIn"
-        )
+    return (
+        serving is serving_thread
+        and isinstance(server, ForkingMixIn)
+        and proxy_protocol_endpoint(endpoint.resolve()) is not None
+    )
 
 
 def strategies_for(server: Any, serving_thread: Any, plain: Any) -> Strategies:
@@ -104,8 +100,11 @@ def strategies_for(server: Any, serving_thread: Any, plain: Any) -> Strategies:
     if listening is not None and listening.tls is not None and not serving.tls_in_request:
         # Async handlers run on the reactor: Twisted does their TLS there.
         listening = None
+    if listening is None and _forking_behind_proxy(server, serving, serving_thread, endpoint):
+        from txsocketserver._twisted import proxied_sockets
+
+        return proxied_sockets.strategies(server, serving, plain, settings, endpoint)  # type: ignore[no-any-return]
     if listening is None:
-        _refuse_forking_after_proxy_tls(server, endpoint)
         # A PROXY-protocol endpoint's connections wait in our queue, not the
         # kernel's: its backlog sizes that queue, as for tcp:.
         backlog = endpoints.endpoint_backlog(endpoint) or server.request_queue_size

@@ -3,8 +3,9 @@
 
 ``bound_sockets`` makes the supervisor's sockets from ``--listen`` descriptions,
 ``supervisor`` holds the :class:`~txsocketserver.Workers` service (start,
-replace, reload, recycle, stop the workers), and ``worker`` is the worker
-process's entry point.  Operators' view: ``docs/operations.md``.
+replace, reload, recycle, stop the workers), ``worker`` is the worker
+process's entry point, and ``exclusive_accept`` spreads the connections of a
+shared socket evenly over the workers.  Operators' view: ``docs/operations.md``.
 
 Nothing is imported here: a worker process starts as
 ``python -m txsocketserver._workers.worker``, and must set up its

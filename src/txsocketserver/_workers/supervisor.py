@@ -351,14 +351,6 @@ class Workers(Service):
         try:
             for description in descriptions:
                 self.listeners.append(bind_socket(description, reuse_port=reuse_port))
-            if mode == "forking":
-                for listener in self.listeners:
-                    if listener.proxy is not None:
-                        raise ValueError(
-                            f"{listener.description!r}: forking servers hand each child the "
-                            "accepted OS socket; PROXY-protocol connections (haproxy:) need "
-                            "mode='threading'"
-                        )
         except BaseException:
             for listener in self.listeners:
                 listener.close()

@@ -264,6 +264,12 @@ class _Worker:
             server.socket = sock
             server.address_family = sock.family
             server.server_address = sock.getsockname()
+            if listener["bind"] is None:
+                # Shared with the other workers: one wakes per connection,
+                # in turn (Linux; elsewhere the first to wake takes it).
+                from txsocketserver._workers.exclusive_accept import share_evenly
+
+                share_evenly(server, self._reactor)
         if self._spec["max_threads"] is not None:
             server.max_threads = self._spec["max_threads"]
         if self._spec["trusted_proxies"] is not None:
