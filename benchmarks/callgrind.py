@@ -14,11 +14,14 @@ time, dumps the counters (``vgdb ... dump``) and divides::
     callgrind_annotate --inclusive=yes dumps/http-1-ours.*
 
 Every thread of the server process is counted (the reactor thread, pool threads);
-processes it starts are not (``--trace-children=no``), so forking scenarios are
-left out.  The client runs outside valgrind and sends one request at a time, so
-each count is the server's cost for a request arriving at an idle server (the
-``-1`` scenarios of ``run.py``), which is also where the per-request overhead of
-a code path shows most plainly.
+processes it starts are not (``--trace-children=no``).  So the forking scenarios
+count the server process alone: its own user-space work per request (ours: hand
+the request to an idle pre-forked child; the stdlib's: its ``os.fork`` and the
+bookkeeping around it), not the template's, the children's or the kernel's.
+The client runs outside valgrind and sends one request at a time, so each count
+is the server's cost for a request arriving at an idle server (the ``-1``
+scenarios of ``run.py``), which is also where the per-request overhead of a code
+path shows most plainly.
 
 Needs Debian's ``valgrind`` (``vgdb`` comes with it).
 """
@@ -162,6 +165,9 @@ SCENARIOS: dict[str, Client] = {
     "datagram-threading-1": datagram,
     "observed-async-echo-persistent-16": echo_persistent,
     "observed-connect-per-request-threading-8": echo_connect_per_request,
+    # The server process alone (see the module docstring).
+    "forking-connect-per-request-1": echo_connect_per_request,
+    "forking-local-classes-connect-per-request-1": echo_connect_per_request,
 }
 
 

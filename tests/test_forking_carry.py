@@ -315,3 +315,64 @@ def test_a_lock_on_a_handler_class_is_the_templates_own(tx):
             assert ask(server) == b"as defined defined NoneType False\n"
         finally:
             del type(server).lock_for_test
+
+
+def test_an_attribute_rebound_to_another_type_is_decided_again(tx):
+    # Ours only, the cost side: the decisions are taken again when the
+    # attributes' names or types change, not only the first time.
+    from txsocketserver._forking.carry import Carrier
+
+    handler_class = handler(tx, "ClassState")
+    with tx.ForkingTCPServer(ANY_PORT, handler_class, bind_and_activate=False) as server:
+        carrier = Carrier()
+        server.extra = 1
+        assert carrier.child_state(server)["extra"] == 1
+        server.extra = 2
+        assert carrier.child_state(server)["extra"] == 2
+        server.extra = threading.Lock()  # does not pickle, no module holds it
+        with pytest.warns(RuntimeWarning, match="'extra'"):
+            assert "extra" not in carrier.child_state(server)
+        server.extra = "again"
+        server.added = (1, "two")
+        state = carrier.child_state(server)
+        assert (state["extra"], state["added"]) == ("again", (1, "two"))
+        del server.added
+        assert "added" not in carrier.child_state(server)
+
+
+def test_a_method_rebound_on_a_class_is_seen(tx):
+    from txsocketserver._forking.carry import Carrier
+
+    handler_class = handler(tx, "ClassState")
+    with tx.ForkingTCPServer(ANY_PORT, handler_class, bind_and_activate=False) as server:
+        carrier = Carrier()
+        first = carrier.class_state(server)
+
+        def finish(self: Any) -> None:
+            pass
+
+        handler_class.finish = finish
+        try:
+            second = carrier.class_state(server)
+        finally:
+            del handler_class.finish
+        assert second is not first
+        assert dict(second)[handler_class]["finish"] is finish
+        assert "finish" not in dict(carrier.class_state(server)).get(handler_class, {})
+
+
+@pytest.mark.parametrize(
+    "address",
+    [("127.0.0.1", 5), ("::1", 5, 0, 0), "/run/a.sock", ("host", 5.0), (handler, 1)],
+)
+@pytest.mark.parametrize("children", [None, set(), {3, 4}, {3, "4"}])
+def test_a_requests_message_pickles_as_cloudpickle_would(address, children):
+    # The C pickler alone for plain requests, the carrying pickler
+    # otherwise: the same bytes and fds either way.
+    from txsocketserver._forking.carry import carry, carry_request
+
+    volatile = {} if children is None else {"active_children": children}
+    one, two = socket.socketpair()
+    with one, two:
+        args = (one, address)
+        assert carry_request(volatile, "method", args) == carry((None, volatile, "method", args))

@@ -140,6 +140,33 @@ def carry(obj: Any) -> tuple[bytes, list[int]]:
     return dumps_with_fds(obj, CarryingPickler)
 
 
+_ADDRESS_PARTS = frozenset({str, int})
+_PIDS = frozenset({int})
+
+
+def carry_request(volatile: dict[str, Any], name: str, args: tuple[Any, ...]) -> Any:
+    """:func:`carry` of what travels with each request, ``(None, volatile,
+    name, args)``: the same bytes, made by the C pickler alone when *args*
+    are a plain socket and an address of strs and ints and *volatile* holds
+    at most ``active_children`` (None or a set of pids), in which the
+    cloudpickle pickler would carry nothing by value.  Its making, and its
+    ``reducer_override`` for the function that rebuilds the socket, cost
+    more than the rest of the pickling.  The test is made in C, without a
+    Python call per item: it is on the path of every request."""
+    message = (None, volatile, name, args)
+    children = volatile.get("active_children")
+    if (
+        len(args) == 2
+        and type(args[0]) is socket.socket
+        and type(args[1]) is tuple
+        and _ADDRESS_PARTS.issuperset(map(type, args[1]))
+        and len(volatile) == (0 if children is None else 1)
+        and (children is None or (type(children) is set and _PIDS.issuperset(map(type, children))))
+    ):
+        return dumps_with_fds(message)
+    return carry(message)
+
+
 def pickling_error(value: Any) -> Exception | None:
     """Why *value* cannot be carried by value; None if it can."""
     try:
@@ -232,13 +259,20 @@ class Carrier:
         self._decided: dict[tuple[str, type], str] = {}
         self._references: dict[str, ByName] = {}
         self._kept_back: frozenset[str] | None = None
+        # The instance attributes' names and types last seen, and the names
+        # of those that travel, if all of them travel by value.
+        self._last_names: tuple[str, ...] = ()
+        self._last_kinds: tuple[type, ...] = ()
+        self._by_value: tuple[str, ...] | None = None
         self._classes: dict[type, _ClassEntries] = {}
         self._class_state: tuple[tuple[type, dict[str, Any]], ...] | None = None
         # The server and handler classes last seen, the classes of their
-        # MROs, every one's dict values then, and those with copies to check.
+        # MROs, their dicts, a copy of each as last looked at, and the
+        # classes with copies of entries to check.
         self._pair: tuple[Any, Any] | None = None
         self._mro: tuple[type, ...] = ()
-        self._seen: tuple[tuple[Any, ...], ...] | None = None
+        self._dicts: tuple[types.MappingProxyType[str, Any], ...] = ()
+        self._seen: tuple[dict[str, Any], ...] = ()
         self._with_copies: list[_ClassEntries] = []
 
     def child_state(self, server: Any) -> dict[str, Any]:
@@ -250,12 +284,22 @@ class Carrier:
         :class:`ByName`).  Any other is left out, with a ``RuntimeWarning``
         the first time, naming it.
         """
+        attributes = vars(server)
+        # The fast path: the same names with values of the same types as
+        # last time, so the same decisions, every one of them by value or
+        # not at all: the attributes by value, taken in C.
+        names = tuple(attributes)
+        kinds = tuple(map(type, attributes.values()))
+        if names == self._last_names and kinds == self._last_kinds and self._by_value is not None:
+            by_value = self._by_value
+            return dict(zip(by_value, map(attributes.__getitem__, by_value), strict=True))
         state = {}
         decided = self._decided
         if self._kept_back is None:
             self._kept_back = serving_process_only(type(server))
         kept_back = self._kept_back
-        for name, value in vars(server).items():
+        plain = True
+        for name, value in attributes.items():
             key = (name, type(value))
             how = decided.get(key)
             if how is None:
@@ -263,8 +307,10 @@ class Carrier:
             if how is _BY_VALUE:
                 state[name] = value
             elif how is _FOR_CHILD:
+                plain = False
                 state[name] = value.for_child()
             elif how is _BY_NAME:
+                plain = False
                 reference = self._reference(name, value)
                 if reference is not None:
                     state[name] = reference
@@ -272,6 +318,8 @@ class Carrier:
                     state[name] = value
             elif how is _KEPT or name in kept_back:
                 continue
+        self._last_names, self._last_kinds = names, kinds
+        self._by_value = tuple(state) if plain else None
         return state
 
     def _reference(self, name: str, value: Any) -> ByName | None:
@@ -331,20 +379,21 @@ class Carrier:
                     found.update(dict.fromkeys(klass.__mro__))
             self._pair = pair
             self._mro = tuple(klass for klass in found if klass.__module__ != "builtins")
-            self._seen = None
-        # The fast path, on every request: every class's dict, as one tuple
-        # of tuples made and compared in C (identity first), and the copies
-        # of the mutable entries that travel.
-        seen = tuple(map(tuple, map(_values, map(vars, self._mro))))
+            self._dicts = tuple(map(vars, self._mro))
+        # The fast path, on every request: every class's dict compared with
+        # a copy of it as last looked at, in C (identity first, nothing
+        # allocated: a tuple of its values made each time cost twice as
+        # much, with the collections of the young generation it brought),
+        # and the copies of the mutable entries that travel.
         last = self._class_state
         try:
-            same = last is not None and seen == self._seen
+            same = last is not None and all(map(operator.eq, self._dicts, self._seen))
         except Exception:
             same = False  # an entry whose == raises: look at each class
         if last is not None and same:
             if all(entries.copies_still_equal() for entries in self._with_copies):
                 return last
-        self._seen = seen
+        self._seen = tuple(map(dict, self._dicts))
         changed = False
         state = []
         for klass in self._mro:
@@ -398,8 +447,6 @@ class Carrier:
         self._classes[klass] = _ClassEntries(names, values, entries, copies)
         return entries, True
 
-
-_values = operator.methodcaller("values")
 
 # A value that could not be copied: never equal, so pickled every time.
 _NO_COPY = object()

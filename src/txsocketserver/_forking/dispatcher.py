@@ -9,6 +9,7 @@ template and the children never import.
 
 from __future__ import annotations
 
+import operator
 import os
 import select
 import socket
@@ -24,7 +25,13 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txsocketserver._forking.carry import Carrier, carry, check_carried, immutable
+from txsocketserver._forking.carry import (
+    Carrier,
+    carry,
+    carry_request,
+    check_carried,
+    immutable,
+)
 from txsocketserver._forking.exits import ExitReports
 from txsocketserver._forking.template import (
     CHANNEL_FD,
@@ -56,6 +63,11 @@ _TEMPLATE_COMMAND = (
     f"import sys; sys.path.insert(0, {_PACKAGE_ROOT!r}); "
     "from txsocketserver._forking.template import main; main()"
 )
+
+
+def _socket_key(sock: socket.socket) -> tuple[int, float | None]:
+    """What, besides its identity, a socket's pickle depends on."""
+    return sock.fileno(), sock.gettimeout()
 
 
 class _TemplateLink:
@@ -226,8 +238,9 @@ class ProcessDispatcher:
         self._carried: tuple[type, Any] | None = None
         # The last state pickled, while its values are all immutable (see
         # _state_pickle): class, names, values, sockets' fds and timeouts,
-        # then the pickle and its fds.  Holding the values keeps their
-        # identities from being reused by new objects.
+        # class state, the sockets, then the pickle, its fds and their
+        # inodes.  Holding the values keeps their identities from being
+        # reused by new objects.
         self._state_cache: tuple[Any, ...] | None = None
         self._exits = ExitReports()
 
@@ -248,14 +261,14 @@ class ProcessDispatcher:
             )
             # What changes with every request travels with it; the rest is
             # installed in the template once (see _Template._install there).
-            volatile = {name: attributes[name] for name in _VOLATILE if name in attributes}
-            stable = {name: value for name, value in attributes.items() if name not in volatile}
-            state_body, state_fds = self._state_pickle(type(server), stable, class_state)
-            body, fds = carry((None, volatile, function.__name__, args))
+            stable = dict(attributes)
+            volatile = {name: stable.pop(name) for name in _VOLATILE if name in stable}
+            state_body, state_fds, inodes = self._state_pickle(type(server), stable, class_state)
+            body, fds = carry_request(volatile, function.__name__, args)
             key: tuple[bytes, tuple[int, ...]] | None = None
             if set(state_fds).isdisjoint(fds):
                 # Sockets are told apart by inode: an fd number can be reused.
-                key = (state_body, tuple(os.fstat(fd).st_ino for fd in state_fds))
+                key = (state_body, inodes)
             else:
                 # A socket both in the state and in the request (a datagram
                 # server's) must be one object in the child: one pickle.
@@ -396,47 +409,49 @@ class ProcessDispatcher:
 
     def _state_pickle(
         self, server_class: type, stable: dict[str, Any], class_state: tuple[Any, ...]
-    ) -> tuple[bytes, list[int]]:
-        """The pickle of the state to install, and its fds: remade only when it may differ.
+    ) -> tuple[bytes, list[int], tuple[int, ...]]:
+        """The pickle of the state to install, its fds and their inodes:
+        remade only when it may differ.
 
         A state made of the very same objects as last time, all immutable,
-        pickles the same (a socket: while its fd and timeout stay the same),
-        so its last pickle serves again; the class state is the same tuple
-        for as long as it has not changed (``Carrier.class_state``).  A
-        state holding anything mutable (a list, a user object) is pickled
-        anew for every request: a change made inside it must reach the next
-        request, as after ``os.fork``.
+        pickles the same (a socket: while its fd and timeout stay the same,
+        and so does its inode), so its last pickle serves again; the class
+        state is the same tuple for as long as it has not changed
+        (``Carrier.class_state``).  A state holding anything mutable (a list,
+        a user object) is pickled anew for every request: a change made
+        inside it must reach the next request, as after ``os.fork``.
         """
+        names = tuple(stable)
         values = tuple(stable.values())
-        sockets = tuple(
-            (value.fileno(), value.gettimeout())
-            for value in values
-            if isinstance(value, socket.socket)
-        )
         cached = self._state_cache
+        # In C where it can be (no generator): on the path of every request.
         if (
             cached is not None
             and cached[0] is server_class
-            and cached[1] == tuple(stable)
-            and all(old is new for old, new in zip(cached[2], values, strict=True))
-            and cached[3] == sockets
             and cached[4] is class_state
+            and cached[1] == names
+            and all(map(operator.is_, cached[2], values))
+            and cached[3] == tuple(map(_socket_key, cached[5]))
         ):
-            return cached[5], cached[6]
+            return cached[6], cached[7], cached[8]
         body, fds = carry((rebuild_server, (server_class, stable, class_state)))
+        inodes = tuple(os.fstat(fd).st_ino for fd in fds)
         if all(immutable(value) for value in values):
+            sockets = tuple(value for value in values if isinstance(value, socket.socket))
             self._state_cache = (
                 server_class,
-                tuple(stable),
+                names,
                 values,
-                sockets,
+                tuple(map(_socket_key, sockets)),
                 class_state,
+                sockets,
                 body,
                 fds,
+                inodes,
             )
         else:
             self._state_cache = None
-        return body, fds
+        return body, fds, inodes
 
     def wait_idle(self, timeout: float | None) -> bool:
         return self._wait_until(lambda: not self._running, timeout)
