@@ -133,8 +133,14 @@ def v2_header(client: tuple[str, int]) -> bytes:
     return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x11]) + struct.pack("!H", 12) + addresses
 
 
+FIRST_REQUEST_WAIT = 30.0
+
+
 def ask(address: Any, payload: bytes) -> dict[str, Any]:
     with connect(address) as client:
+        # A server's first request waits for its template, a fresh
+        # interpreter, which a loaded machine can take seconds to start.
+        client.settimeout(FIRST_REQUEST_WAIT)
         client.sendall(payload)
         reply: dict[str, Any] = json.loads(recv_line(client))
         return reply
