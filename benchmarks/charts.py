@@ -26,6 +26,8 @@ DEFAULT_OUT = HERE.parent / "docs" / "benchmarks"
 COMPARISONS = {
     "stdlib": "txsocketserver / socketserver (stdlib): above 1 is faster than the stdlib",
     "twisted": "txsocketserver / native Twisted: above 1 is faster than Twisted",
+    "uvloop": "txsocketserver / asyncio streams on uvloop: above 1 is faster than uvloop",
+    "before": "txsocketserver / itself before (run.py --before): above 1 is faster than it was",
 }
 
 

@@ -390,8 +390,9 @@ class BenchmarkTable(GeneratedRst):
         relative, path = self.env.relfn2path(self.arguments[0])
         self.env.note_dependency(relative)
         run = json.loads(Path(path).read_text())
-        impls = [i for i in ("ours", "stdlib", "twisted") if i in run["settings"]["impls"]]
-        others = [o for o in ("stdlib", "twisted") if o in impls and "ours" in impls]
+        shown = ("ours", "stdlib", "twisted", "uvloop", "before")
+        impls = [i for i in shown if i in run["settings"]["impls"]]
+        others = [o for o in shown[1:] if o in impls and "ours" in impls]
         ratios = {o: {r[0]: r[1:] for r in charts.ratio_summary(run, o)} for o in others}
         header = ["scenario", *(f"{i} (req/s)" for i in impls), *(f"ours/{o}" for o in others)]
         rows = []
